@@ -1,0 +1,141 @@
+"""Plain values shared by the grammar, the job service, the queue and the worker.
+
+Nothing here touches the database, a platform or torch: these are the words the rest of Easel speaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobKind(StrEnum):
+    """What a job asks the model to do."""
+
+    IMAGINE = "imagine"  # text to image
+    EDIT = "edit"  # image to image: start from an attached picture
+    INPAINT = "inpaint"  # repaint the white pixels of a mask
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life. Only QUEUED and RUNNING ever change again."""
+
+    QUEUED = "queued"  # accepted and stored; waiting for the worker
+    RUNNING = "running"  # claimed by a worker; back to QUEUED if that worker dies
+    SUCCEEDED = "succeeded"  # every image stored
+    FAILED = "failed"  # gave up; `error` says why in words a user can act on
+    CANCELLED = "cancelled"  # stopped by its owner before it finished
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+# Sampler names users may type, mapped to diffusers schedulers in generation/samplers.py.
+# The names follow what AUTOMATIC1111 and ComfyUI users already know, lower-cased.
+SAMPLERS: tuple[str, ...] = (
+    "euler",
+    "euler_a",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "heun",
+    "lms",
+    "pndm",
+    "unipc",
+)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides the pixels of a job, apart from the input images.
+
+    `seed` is None when the user asked for none; the job service picks one before the job is stored,
+    so every stored job has a seed and image i of a job always uses `seed + i`.
+    """
+
+    kind: JobKind
+    prompt: str
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg: float = 7.0
+    n: int = 1
+    sampler: str = "euler"
+    model: str = "tiny"
+    seed: int | None = None
+    strength: float | None = None  # edit and inpaint only: how much of the input to repaint
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ)."""
+        return (self.kind, self.model, self.width, self.height, self.steps, self.sampler, self.cfg,
+                self.strength)
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each image: the base seed, then the next ones."""
+        if self.seed is None:
+            raise ValueError("image_seeds() needs a seed; the job service assigns one before queuing")
+        return [self.seed + i for i in range(self.n)]
+
+
+@dataclass(frozen=True)
+class GenerateCommand:
+    """/imagine, /edit or /inpaint: the images themselves come from the adapter (attachments).
+
+    `size_from_input` is True for /edit and /inpaint when the user gave neither --size nor --ar: the
+    job service then fits the size to the attached image's aspect ratio (see grammar.fit_size).
+    """
+
+    params: GenerationParams
+    size_from_input: bool = False
+
+
+@dataclass(frozen=True)
+class QuotaCommand:
+    """/quota: how much the user has left today."""
+
+
+@dataclass(frozen=True)
+class JobCommand:
+    """/job <id>: one job's parameters, seeds and status."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    """/cancel [id]: cancel one job, or the user's newest unfinished job when no id is given."""
+
+    job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class HelpCommand:
+    """/help: the commands with examples."""
+
+
+Command = GenerateCommand | QuotaCommand | JobCommand | CancelCommand | HelpCommand
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who sent a command, in platform-neutral terms, and where the answer goes.
+
+    `reply_to` is whatever the adapter needs to answer later (a channel and message id, a chat id,
+    an interaction token...). It is stored with the job so results can be delivered after a restart.
+    """
+
+    platform: str
+    user_id: str
+    display_name: str = ""
+    reply_to: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputImages:
+    """Validated PNG bytes of the attached image and mask, as the job service stores them."""
+
+    image: bytes | None = None
+    mask: bytes | None = None

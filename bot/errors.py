@@ -1,0 +1,64 @@
+"""The one exception root for everything a user may be told.
+
+Every error here carries a message written for the person who typed the command: it says what was
+wrong and what to change. Adapters show `str(error)` as it is; anything that is not an `EaselError`
+is a bug and is logged, and the user gets a generic apology instead.
+"""
+
+
+class EaselError(Exception):
+    """A problem the user (or operator) can fix; the message says how."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidCommand(EaselError):
+    """The command text breaks the grammar or a configured limit."""
+
+    code = "invalid_command"
+
+
+class InvalidImage(EaselError):
+    """An attached image or mask cannot be used."""
+
+    code = "invalid_image"
+
+
+class QuotaExceeded(EaselError):
+    """The user has used up a quota window."""
+
+    code = "quota_exceeded"
+
+
+class QueueFull(EaselError):
+    """The user (or everyone) already has as many jobs waiting as allowed."""
+
+    code = "queue_full"
+
+
+class NotFound(EaselError):
+    """A job or image id that does not exist, or is not the user's."""
+
+    code = "not_found"
+
+
+class Refused(EaselError):
+    """The request is understood but not allowed (banned user, not the owner, ...)."""
+
+    code = "refused"
+
+
+class ConfigError(EaselError):
+    """The configuration file or environment holds a bad key or value."""
+
+    code = "config_error"
+
+
+class GenerationFailed(EaselError):
+    """The worker could not produce the images; the message says what to lower or retry."""
+
+    code = "generation_failed"
