@@ -1,0 +1,209 @@
+"""`easel`: the command line. Every command builds the same core (bot/bootstrap.py) and, where it
+generates, runs the same worker as `easel serve`.
+
+Errors a user can fix print one line (`error: ...`) and exit with status 2; anything else is a bug:
+one line plus `--debug` for the traceback, status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from adapters.console import ConsoleChat, describe_job, read_attachment
+from bot.bootstrap import Core, open_core
+from bot.config import load_settings
+from bot.database import upgrade_database
+from bot.domain import InputImages, JobKind
+from bot.errors import EaselError
+
+log = logging.getLogger("easel")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easel", description="Stable Diffusion for chats: Discord, Telegram, HTTP and this console.",
+        epilog='example: easel imagine "a lighthouse at dusk --no fog --seed 42 --n 2" -o out/')
+    parser.add_argument("--config", type=Path,
+                        help="TOML config file (default: $EASEL_CONFIG, else ./easel.toml if present)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def generation_command(name: str, help_text: str, files: list[str]) -> None:
+        sub = commands.add_parser(name, help=help_text)
+        for file in files:
+            sub.add_argument(file, help=f"path of the {file} file")
+        sub.add_argument("text", help="the prompt with any flags, e.g. \"a castle --seed 5 --steps 30\"")
+        sub.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
+
+    generation_command("imagine", "generate images from a prompt", [])
+    generation_command("edit", "redraw an image guided by a prompt (img2img)", ["image"])
+    generation_command("inpaint", "repaint the white pixels of a mask", ["image", "mask"])
+    commands.add_parser("chat", help="a console chat that takes the same commands as Discord or Telegram")
+    jobs = commands.add_parser("jobs", help="list recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    job = commands.add_parser("job", help="show one job: parameters, seeds, status, timings, errors")
+    job.add_argument("job_id")
+    worker = commands.add_parser("worker", help="run the generation worker alone")
+    worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    db = commands.add_parser("db", help="database maintenance")
+    db.add_subparsers(dest="db_command", required=True).add_parser("upgrade", help="apply migrations")
+    config = commands.add_parser("config", help="configuration")
+    check = config.add_subparsers(dest="config_command", required=True).add_parser(
+        "check", help="validate a config file and name every bad key")
+    check.add_argument("file", type=Path, nargs="?")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except EaselError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"internal error: {type(error).__name__}: {error} (run with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        settings = load_settings(args.file or args.config)
+        print(f"{args.file or args.config or 'configuration'} is valid: database {settings.database_url}, "
+              f"models {', '.join(sorted(settings.models))}")
+        return 0
+    settings = load_settings(args.config)
+    if args.command == "db":
+        upgrade_database(settings.database_url)
+        print(f"database {settings.database_url} is up to date")
+        return 0
+    handler = COMMANDS[args.command]
+    return asyncio.run(_with_core(settings, lambda core: handler(core, args)))
+
+
+async def _with_core(settings: Any, body: Callable[[Core], Awaitable[int]]) -> int:
+    core = await open_core(settings)
+    try:
+        return await body(core)
+    finally:
+        await core.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(core: Core):
+    """A worker serving the queue in the background while the body runs."""
+    from generation.worker import build_worker  # torch loads only for commands that generate
+
+    worker = build_worker(core)
+    task = asyncio.create_task(worker.run(), name="easel-worker")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await task
+
+
+async def _generate(core: Core, args: argparse.Namespace) -> int:
+    kind = JobKind(args.command)
+    command = core.parser.parse(f"/{kind.value} {args.text}")
+    files = [getattr(args, name) for name in ("image", "mask") if hasattr(args, name)]
+    chat = ConsoleChat(core, sys.stdout, output_dir=args.out)
+    inputs = InputImages(
+        image=read_attachment(str(files[0]), "image") if files else None,
+        mask=read_attachment(str(files[1]), "mask") if len(files) > 1 else None,
+    )
+    async with running_worker(core):
+        job = await chat.generate(command, inputs)
+    return 0 if job.status.value == "succeeded" else 1
+
+
+async def _chat(core: Core, args: argparse.Namespace) -> int:
+    chat = ConsoleChat(core, sys.stdout)
+    chat.say("Easel console chat. Type /help for commands, /quit or Ctrl+D to leave.")
+    async with running_worker(core):
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "> ")
+            except EOFError:
+                break
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip():
+                await chat.handle(line)
+    return 0
+
+
+async def _jobs(core: Core, args: argparse.Namespace) -> int:
+    jobs = await core.service.list_jobs(limit=args.limit)
+    if not jobs:
+        print("no jobs yet; try: easel imagine \"a red circle\"")
+        return 0
+    print(f"{'id':<9} {'status':<10} {'kind':<8} {'images':>6}  {'created (UTC)':<19}  {'owner':<14} prompt")
+    for job in jobs:
+        owner = f"{job.display_name or job.user_id}"[:14]
+        print(f"{job.id:<9} {job.status.value:<10} {job.params.kind.value:<8} {job.params.n:>6}  "
+              f"{job.created_at:%Y-%m-%d %H:%M:%S}  {owner:<14} {job.params.prompt[:60]}")
+    return 0
+
+
+async def _job(core: Core, args: argparse.Namespace) -> int:
+    print(describe_job(await core.service.get_job(args.job_id)))
+    return 0
+
+
+async def _worker(core: Core, args: argparse.Namespace) -> int:
+    from generation.worker import build_worker
+
+    worker = build_worker(core)
+    _stop_on_signals(worker.stop)
+    stats = await worker.run(burst=args.burst)
+    print(f"worker stopped: {stats.succeeded} job(s) done, {stats.failed} failed, "
+          f"{stats.cancelled} cancelled, {stats.images} image(s)")
+    return 0
+
+
+async def _serve(core: Core, args: argparse.Namespace) -> int:
+    from generation.worker import build_worker
+
+    worker = build_worker(core)
+    _stop_on_signals(worker.stop)
+    print(f"Easel serving: database {core.settings.database_url}; Ctrl+C to stop", flush=True)
+    await worker.run()
+    return 0
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """First Ctrl+C: finish the batch in hand, then stop. Second: stop now (the job is requeued later)."""
+    loop = asyncio.get_running_loop()
+
+    def first_signal() -> None:
+        print("stopping after the current batch (Ctrl+C again to stop now)", file=sys.stderr, flush=True)
+        stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, first_signal)
+
+
+COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
+    "imagine": _generate, "edit": _generate, "inpaint": _generate, "chat": _chat,
+    "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve,
+}

@@ -1,0 +1,183 @@
+"""The console adapter: `easel chat` and the one-shot `easel imagine/edit/inpaint` commands.
+
+It does what every chat adapter does, with the terminal as the platform: turn what the user typed
+(and the files they named, the console's attachments) into a command, hand it to the job service,
+and render the job's events: queue position, a progress bar, and where each image was saved.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from bot.bootstrap import Core
+from bot.domain import (
+    CancelCommand,
+    GenerateCommand,
+    HelpCommand,
+    InputImages,
+    JobCommand,
+    JobKind,
+    QuotaCommand,
+    Requester,
+)
+from bot.errors import EaselError, InvalidCommand, InvalidImage
+from bot.views import JobView
+
+PLATFORM = "console"
+
+# How many file names each command takes before its prompt: the console's attachments.
+ATTACHMENTS = {"edit": 1, "inpaint": 2}
+
+
+def console_requester() -> Requester:
+    user = getpass.getuser()
+    return Requester(platform=PLATFORM, user_id=user, display_name=user)
+
+
+def read_attachment(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise InvalidImage(f"the {what} file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidImage(f"the {what} path {path!r} is a folder, not an image file") from None
+    except OSError as e:
+        raise InvalidImage(f"cannot read the {what} file {path!r}: {e.strerror}") from None
+
+
+def split_attachments(text: str) -> tuple[str, list[str]]:
+    """'/edit photo.png make it winter' -> ('/edit make it winter', ['photo.png'])."""
+    words = text.strip().split(maxsplit=3)
+    command = words[0].lstrip("/").split("@")[0].lower() if words else ""
+    count = ATTACHMENTS.get(command, 0)
+    if count == 0:
+        return text, []
+    if len(words) < count + 1:
+        usage = "/edit <image> <prompt>" if count == 1 else "/inpaint <image> <mask> <prompt>"
+        raise InvalidCommand(f"usage: {usage}")
+    paths = words[1:count + 1]
+    rest = text.strip().split(maxsplit=count + 1)[count + 1:] if len(words) > count + 1 else []
+    return " ".join([words[0], *rest]), paths
+
+
+class ConsoleChat:
+    """One console user's conversation. `handle` answers one line; output goes to `out`."""
+
+    def __init__(self, core: Core, out: TextIO, requester: Requester | None = None,
+                 output_dir: Path | None = None, progress: bool = True) -> None:
+        self.core = core
+        self.out = out
+        self.requester = requester or console_requester()
+        self.output_dir = output_dir
+        self.progress = progress
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    async def handle(self, line: str) -> JobView | None:
+        """Answer one line; returns the finished job for generation commands. Errors are shown, not raised."""
+        try:
+            return await self._handle(line)
+        except EaselError as error:
+            self.say(f"error: {error.message}")
+            return None
+
+    async def _handle(self, line: str) -> JobView | None:
+        text, paths = split_attachments(line)
+        command = self.core.parser.parse(text)
+        if isinstance(command, GenerateCommand):
+            inputs = InputImages(
+                image=read_attachment(paths[0], "image") if paths else None,
+                mask=read_attachment(paths[1], "mask") if len(paths) > 1 else None,
+            )
+            return await self.generate(command, inputs)
+        if isinstance(command, QuotaCommand):
+            quota = await self.core.service.quota(self.requester)
+            self.say(f"{quota.remaining} of {quota.limit} images left today; "
+                     f"resets at {quota.resets_at:%Y-%m-%d %H:%M} UTC")
+        elif isinstance(command, JobCommand):
+            self.say(describe_job(await self.core.service.get_job(command.job_id)))
+        elif isinstance(command, CancelCommand):
+            job = await self.core.service.cancel(self.requester, command.job_id)
+            self.say(f"Job {job.id} cancelled.")
+        elif isinstance(command, HelpCommand):
+            self.say(self.core.parser.help_text())
+        return None
+
+    async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
+        result = await self.core.service.submit(self.requester, command, inputs)
+        job = result.job
+        self.say(f"Job {job.id} queued (position {result.position}); seeds {_seeds(job)}")
+        bar: tqdm | None = None
+        try:
+            async for event in self.core.bus.watch(job.id):
+                if event.kind == "progress" and self.progress:
+                    if bar is None:
+                        bar = tqdm(total=event.payload["total"], desc=f"job {job.id}", unit="step",
+                                   file=self.out, leave=False)
+                    bar.update(event.payload["step"] - bar.n)
+                elif event.kind == "failed":
+                    self.say(f"Job {job.id} failed: {event.payload.get('error', 'unknown error')}")
+                elif event.kind == "cancelled":
+                    self.say(f"Job {job.id} was cancelled.")
+        finally:
+            if bar is not None:
+                bar.close()
+        job = await self.core.service.get_job(job.id)
+        for image in job.images:
+            path = self._deliver(job, image.index, Path(image.path))
+            self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}")
+        await self.core.service.mark_delivered(job.id)
+        return job
+
+    def _deliver(self, job: JobView, index: int, stored: Path) -> Path:
+        if self.output_dir is None:
+            return stored
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        target = self.output_dir / f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png"
+        shutil.copyfile(stored, target)
+        return target
+
+
+def _seeds(job: JobView) -> str:
+    return ", ".join(str(seed) for seed in job.seeds)
+
+
+def describe_job(job: JobView) -> str:
+    """Every detail of a job, for `/job ID` and `easel job ID`."""
+    p = job.params
+    lines = [
+        f"Job {job.id}: {job.status.value}",
+        f"  kind      {p.kind.value}",
+        f"  owner     {job.display_name or job.user_id} ({job.platform})",
+        f"  prompt    {p.prompt}",
+    ]
+    if p.negative:
+        lines.append(f"  negative  {p.negative}")
+    lines += [
+        f"  model     {p.model}   sampler {p.sampler}   steps {p.steps}   cfg {p.cfg:g}",
+        f"  size      {p.width}x{p.height}   images {p.n}   seeds {_seeds(job)}",
+    ]
+    if p.kind is not JobKind.IMAGINE:
+        lines.append(f"  strength  {p.strength:g}   input {job.init_image_sha}"
+                     + (f"   mask {job.mask_image_sha}" if job.mask_image_sha else ""))
+    timing = f"  created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC"
+    if job.queue_wait_s is not None:
+        timing += f"   waited {job.queue_wait_s:.1f} s"
+    if job.generation_s is not None:
+        timing += f"   generated in {job.generation_s:.1f} s (batch of {job.batch_size} images)"
+    lines.append(timing)
+    lines.append(f"  attempts  {job.attempts}")
+    if job.status.value == "running":
+        lines.append(f"  progress  step {job.progress_step}/{job.progress_total}")
+    if job.error:
+        lines.append(f"  error     {job.error}")
+    for image in job.images:
+        flags = f"   safety: {', '.join(image.safety_flags)}" if image.safety_flags else ""
+        lines.append(f"  image {image.index + 1}   seed {image.seed}   {image.path}{flags}")
+    return "\n".join(lines)

@@ -1,0 +1,444 @@
+"""The command grammar every chat adapter shares: slash-command text in, a typed Command out.
+
+    >>> parser = CommandParser.from_settings(load_settings())
+    >>> parser.parse("/imagine a castle (-blurry) at night --seed 4 —steps 30")
+    GenerateCommand(params=GenerationParams(kind=<JobKind.IMAGINE: 'imagine'>, prompt='a castle at night',
+    negative='blurry', ..., steps=30, ..., seed=4, ...), size_from_input=False)
+
+Prompts are free text (apostrophes, unbalanced quotes, prompt weighting like `(red:1.2)`), so the
+tokenizer is a plain whitespace split rather than shlex: a word that starts with `--` (or the long dash
+a phone turns `--` into) is a flag, everything else is prompt. All checks happen here, once, before
+anything is queued; each failure is an InvalidCommand whose one-line message names the flag and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from typing import TypeVar
+
+from bot.config import LimitsConfig, ModelConfig, Settings
+from bot.domain import (
+    SAMPLERS,
+    CancelCommand,
+    Command,
+    GenerateCommand,
+    GenerationParams,
+    HelpCommand,
+    JobCommand,
+    JobKind,
+    QuotaCommand,
+)
+from bot.errors import ConfigError, InvalidCommand
+
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "cancel", "help")
+FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
+MAX_SEED = 2**32 - 1
+MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
+_Default = TypeVar("_Default", int, float, None)
+
+# `--seed`, and `—seed` / `–seed` as iOS and Android autocorrect it; a letter must follow, so that a
+# dash used as punctuation ("a cat — sleeping", "1990–2000") stays prompt text.
+_FLAG = re.compile(r"(?:--|[—–])-*(?P<name>[^\W\d_][^=]*)(?:=(?P<value>.*))?")
+# `(-bad hands -extra fingers)`: a negative group, as users already write them inside the prompt.
+_NEGATIVE_GROUP = re.compile(r"\(\s*[-—–][^()]*\)")
+_NEGATIVE_ITEM_START = re.compile(r"(?:^|\s)[-—–]+\s*")
+_SIZE = re.compile(r"(\d+)[xX×](\d+)")
+_ASPECT = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
+
+
+class CommandParser:
+    """Turns the text of a slash command into a Command, enforcing the configured limits."""
+
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        models: Mapping[str, ModelConfig],
+        default_model: str,
+        default_sampler: str,
+    ) -> None:
+        self.limits = limits
+        self.models = dict(models)
+        self.default_model = default_model
+        self.default_sampler = default_sampler.lower()
+        _check_configuration(limits, self.models, default_model, self.default_sampler)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CommandParser:
+        return cls(settings.limits, settings.models, settings.generation.default_model,
+                   settings.generation.default_sampler)
+
+    def parse(self, text: str) -> Command:
+        """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
+        name, _bot, rest = split_command(text)
+        if name in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+            return self.parse_generation(JobKind(name), rest)
+        args = rest.split()
+        if name == "quota":
+            if args:
+                raise InvalidCommand(f"/quota takes nothing after it (got {_shown(rest)})")
+            return QuotaCommand()
+        if name == "job":
+            if len(args) != 1:
+                raise InvalidCommand("/job needs exactly one job id, e.g. /job 42 (the id is in the reply "
+                                     "to your /imagine)")
+            return JobCommand(job_id=args[0])
+        if name == "cancel":
+            if len(args) > 1:
+                raise InvalidCommand("/cancel takes one job id, or none to cancel your newest job")
+            return CancelCommand(job_id=args[0] if args else None)
+        if name == "help":
+            return HelpCommand()
+        raise InvalidCommand(f"unknown command /{_shown(name)}{_did_you_mean(name, COMMANDS, '/')}; "
+                             f"the commands are {_listed(COMMANDS, '/')}")
+
+    def parse_generation(self, kind: JobKind, text: str) -> GenerateCommand:
+        """Parse the prompt and flags of /imagine, /edit or /inpaint (the text after the command name)."""
+        kind = JobKind(kind)
+        # 1. Split the words into prompt text and flag values.
+        prompt_words, flags = _read_flags(text.split())
+        # 2. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
+        prompt, negatives = _take_negative_groups(" ".join(prompt_words))
+        if "no" in flags:
+            negatives.append(flags["no"])
+        negative = ", ".join(negatives)
+        # 3. Check the text, then each flag against the limits.
+        limits = self.limits
+        self._check_text(kind, prompt, negative)
+        if "strength" in flags and kind is JobKind.IMAGINE:
+            raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
+                                 "repaint); /imagine starts from noise, so leave it out")
+        model = self._model(flags.get("model"))
+        width, height = self._size(flags, self.models[model])
+        default_strength = None if kind is JobKind.IMAGINE else limits.default_strength
+        params = GenerationParams(
+            kind=kind,
+            prompt=prompt,
+            negative=negative,
+            width=width,
+            height=height,
+            steps=_whole_number(flags, "steps", limits.min_steps, limits.max_steps, limits.default_steps),
+            cfg=_number(flags, "cfg", limits.min_cfg, limits.max_cfg, limits.default_cfg),
+            n=_whole_number(flags, "n", 1, limits.max_n, limits.default_n),
+            sampler=self._sampler(flags.get("sampler")),
+            model=model,
+            seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
+            strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
+        )
+        size_given = "size" in flags or "ar" in flags
+        return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given)
+
+    def help_text(self) -> str:
+        """The /help answer: every command and flag, with the allowed ranges and a few examples."""
+        limits = self.limits
+        model = self.models[self.default_model]
+        models = ", ".join(f"{name} ({m.default_width}x{m.default_height})"
+                           for name, m in self.models.items())
+        return "\n".join([
+            "Commands:",
+            "  /imagine <prompt> [flags]  make images from text",
+            "  /edit <prompt> [flags]  repaint an attached picture",
+            "  /inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
+            "  /quota  how many images you have left today",
+            "  /job <id>  a job's settings, seeds and status",
+            "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
+            "  /help  this message",
+            "Flags (put them after the prompt; --flag=value works too):",
+            "  --no <words>  what to keep out of the image, up to the next flag; or write "
+            "(-bad hands -blur) inside the prompt",
+            f"  --seed N  0 to {MAX_SEED} (default: random); the same seed and settings repeat a picture",
+            f"  --steps N  {limits.min_steps} to {limits.max_steps} (default {limits.default_steps}); "
+            "more is slower and finer",
+            f"  --cfg X  {_num(limits.min_cfg)} to {_num(limits.max_cfg)} "
+            f"(default {_num(limits.default_cfg)}); higher follows the prompt more closely",
+            f"  --ar W:H  aspect ratio from 1:{MAX_ASPECT:g} to {MAX_ASPECT:g}:1, e.g. 16:9 "
+            f"(about {model.default_width * model.default_height} pixels)",
+            f"  --size WxH  multiples of 8, each side {limits.min_side} to {limits.max_side}, at most "
+            f"{limits.max_pixels} pixels (default {model.default_width}x{model.default_height}); "
+            "not with --ar",
+            f"  --n N  images, 1 to {limits.max_n} (default {limits.default_n})",
+            f"  --sampler NAME  {', '.join(SAMPLERS)} (default {self.default_sampler})",
+            f"  --model NAME  {models} (default {self.default_model})",
+            f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
+            f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
+            "Examples:",
+            "  /imagine a lighthouse at dusk, oil painting --ar 16:9 --seed 42",
+            "  /imagine a castle (-blurry -text) at night --steps 30 --n 2",
+            "  /edit the same street in winter --strength 0.6   (attach a picture)",
+        ])
+
+    # -- checks, one concern each ------------------------------------------------------------------
+
+    def _check_text(self, kind: JobKind, prompt: str, negative: str) -> None:
+        limit = self.limits.max_prompt_chars
+        if not prompt:
+            raise InvalidCommand(f"/{kind} needs a prompt describing the picture, e.g. /{kind} a red fox in "
+                                 "the snow")
+        if len(prompt) > limit:
+            raise InvalidCommand(f"the prompt is {len(prompt)} characters; the limit is {limit}")
+        if len(negative) > limit:
+            raise InvalidCommand(f"the negative prompt (--no and (-...) groups) is {len(negative)} "
+                                 f"characters; the limit is {limit}")
+
+    def _model(self, value: str | None) -> str:
+        if value is None:
+            return self.default_model
+        by_lower = {name.lower(): name for name in self.models}
+        if value.lower() not in by_lower:
+            raise InvalidCommand(f"--model must be one of {', '.join(self.models)}; "
+                                 f"got {_shown(value)}{_did_you_mean(value.lower(), list(by_lower))}")
+        return by_lower[value.lower()]
+
+    def _sampler(self, value: str | None) -> str:
+        if value is None:
+            return self.default_sampler
+        if value.lower() not in SAMPLERS:
+            raise InvalidCommand(f"--sampler must be one of {', '.join(SAMPLERS)}; "
+                                 f"got {_shown(value)}{_did_you_mean(value.lower(), SAMPLERS)}")
+        return value.lower()
+
+    def _size(self, flags: Mapping[str, str], model: ModelConfig) -> tuple[int, int]:
+        if "size" in flags and "ar" in flags:
+            raise InvalidCommand("give --ar or --size, not both: --ar picks the shape at the model's usual "
+                                 "size, --size sets exact pixels")
+        if "size" in flags:
+            return self._exact_size(flags["size"])
+        if "ar" in flags:
+            aspect_w, aspect_h = _aspect(flags["ar"])
+            return fit_size(aspect_w, aspect_h, model.default_width * model.default_height, self.limits)
+        return model.default_width, model.default_height
+
+    def _exact_size(self, value: str) -> tuple[int, int]:
+        limits = self.limits
+        match = _SIZE.fullmatch(value)
+        if match is None:
+            raise InvalidCommand(f"--size must be WIDTHxHEIGHT in pixels, e.g. --size 512x768 "
+                                 f"(got {_shown(value)})")
+        width, height = int(match[1]), int(match[2])
+        if width % 8 or height % 8:
+            raise InvalidCommand(f"--size sides must be multiples of 8 (got {width}x{height}); "
+                                 f"try {_round8(width)}x{_round8(height)}")
+        if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
+            raise InvalidCommand(f"--size sides must each be from {limits.min_side} to {limits.max_side} "
+                                 f"(got {width}x{height})")
+        if width * height > limits.max_pixels:
+            raise InvalidCommand(f"--size may have at most {limits.max_pixels} pixels (got {width}x{height} "
+                                 f"= {width * height}); use a smaller size or --ar")
+        return width, height
+
+
+def split_command(text: str) -> tuple[str, str | None, str]:
+    """Split `/imagine@easelbot a cat` into ("imagine", "easelbot", "a cat").
+
+    The command name is lower-cased; the bot name is returned as typed (None when absent) so the
+    Telegram adapter can ignore commands addressed to other bots.
+    """
+    head, *rest = text.split(maxsplit=1) or [""]  # split() also takes a newline after the name
+    if not head.startswith("/"):
+        raise InvalidCommand(f"commands start with a slash: {_listed(COMMANDS, '/')}")
+    name, at, bot = head[1:].partition("@")
+    return name.lower(), (bot or None) if at else None, rest[0].strip() if rest else ""
+
+
+def fit_size(aspect_w: float, aspect_h: float, area: int, limits: LimitsConfig) -> tuple[int, int]:
+    """Width/height with the given aspect ratio and about `area` pixels, multiples of 8, within
+    min_side/max_side/max_pixels.
+
+    Where the limits cannot hold the ratio (a very long strip), the sides are clamped and the shape
+    gives way. `fit_size(16, 9, 512 * 512, LimitsConfig())` is `(680, 384)`.
+    """
+    if not (aspect_w > 0 and aspect_h > 0 and area > 0):
+        raise ValueError(f"fit_size needs a positive aspect and area (got {aspect_w}:{aspect_h}, {area})")
+    low, high = _side_range(limits)
+    ratio = aspect_w / aspect_h
+    area = min(area, limits.max_pixels)
+    width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    scale = min(1.0, high / max(width, height))  # shrink to fit the longest side...
+    scale = max(scale, low / min(width, height))  # ...but never below the shortest allowed side
+    width = min(max(_round8(width * scale), low), high)
+    height = min(max(_round8(height * scale), low), high)
+    while width * height > limits.max_pixels and max(width, height) > low:  # rounding may overshoot
+        if width >= height:
+            width -= 8
+        else:
+            height -= 8
+    return width, height
+
+
+# -- tokenizing -------------------------------------------------------------------------------------
+
+
+def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate prompt words from flags. `--no` takes the words up to the next flag; the rest one word."""
+    prompt: list[str] = []
+    flags: dict[str, str] = {}
+    position = 0
+    while position < len(words):
+        word = words[position]
+        position += 1
+        flag = _flag(word)
+        if flag is None:
+            prompt.append(word)
+            continue
+        name, inline_value = flag
+        if name in flags:
+            raise InvalidCommand(f"--{name} was given twice; give it once")
+        taken = _value_words(name, inline_value, words[position:])
+        position += len(taken)
+        value = " ".join(part for part in (inline_value, *taken) if part)
+        if not value:
+            raise InvalidCommand(f"--{name} needs a value after it, e.g. {_EXAMPLES[name]}")
+        flags[name] = value
+    return prompt, flags
+
+
+def _flag(word: str) -> tuple[str, str | None] | None:
+    """(name, value after `=` or None) when `word` is a known flag, None when it is prompt text."""
+    match = _FLAG.fullmatch(word)
+    if match is None:
+        if word.startswith("-") and word[1:].lower() in FLAGS:
+            raise InvalidCommand(f"flags start with two dashes: write -{word} (got {word})")
+        return None
+    name = match["name"].lower()
+    if name not in FLAGS:
+        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS, '--')}; "
+                             f"the flags are {_listed(FLAGS, '--')}")
+    return name, match["value"]
+
+
+def _value_words(name: str, inline_value: str | None, following: list[str]) -> list[str]:
+    """The words after a flag that belong to its value."""
+    if name == "no":
+        taken: list[str] = []
+        for word in following:
+            if _flag(word) is not None:
+                break
+            taken.append(word)
+        return taken
+    if inline_value is not None or not following or _flag(following[0]) is not None:
+        return []
+    return following[:1]
+
+
+def _take_negative_groups(prompt: str) -> tuple[str, list[str]]:
+    """Take `(-bad hands -extra fingers)` groups out of the prompt: ("a castle", ["bad hands", ...])."""
+    negatives: list[str] = []
+    for group in _NEGATIVE_GROUP.findall(prompt):
+        items = (item.strip(" ,") for item in _NEGATIVE_ITEM_START.split(group[1:-1].strip()))
+        negatives.extend(item for item in items if item)
+    return " ".join(_NEGATIVE_GROUP.sub(" ", prompt).split()), negatives
+
+
+# -- value checks -----------------------------------------------------------------------------------
+
+
+def _whole_number(flags: Mapping[str, str], name: str, low: int, high: int,
+                  default: _Default) -> int | _Default:
+    value = flags.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise InvalidCommand(f"--{name} must be a whole number from {low} to {high} (got {_shown(value)})")
+    return number
+
+
+def _number(flags: Mapping[str, str], name: str, low: float, high: float,
+            default: _Default) -> float | _Default:
+    value = flags.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not low <= number <= high:  # also false for nan
+        raise InvalidCommand(f"--{name} must be a number from {_num(low)} to {_num(high)} "
+                             f"(got {_shown(value)})")
+    return number
+
+
+def _aspect(value: str) -> tuple[float, float]:
+    match = _ASPECT.fullmatch(value)
+    aspect_w, aspect_h = (float(match[1]), float(match[2])) if match else (0.0, 0.0)
+    if not (aspect_w > 0 and aspect_h > 0 and math.isfinite(aspect_w / aspect_h)):
+        raise InvalidCommand(f"--ar must be two positive numbers as W:H, e.g. --ar 16:9 "
+                             f"(got {_shown(value)})")
+    if not 1 / MAX_ASPECT <= aspect_w / aspect_h <= MAX_ASPECT:
+        raise InvalidCommand(f"--ar must be a ratio from 1:{MAX_ASPECT:g} to {MAX_ASPECT:g}:1 "
+                             f"(got {_shown(value)})")
+    return aspect_w, aspect_h
+
+
+def _check_configuration(limits: LimitsConfig, models: Mapping[str, ModelConfig], default_model: str,
+                         default_sampler: str) -> None:
+    """Refuse, at start-up, limits and models under which no command could ever pass."""
+    if default_model not in models:
+        raise ConfigError(f"generation.default_model = {default_model!r} is not one of the [models.*] "
+                          f"tables: {', '.join(models) or '(none)'}")
+    if default_sampler not in SAMPLERS:
+        raise ConfigError(f"generation.default_sampler = {default_sampler!r} is not one of "
+                          f"{', '.join(SAMPLERS)}")
+    low, high = _side_range(limits)
+    if low * low > limits.max_pixels:
+        raise ConfigError(f"limits.max_pixels = {limits.max_pixels} is below the smallest image, "
+                          f"{low}x{low} (limits.min_side)")
+    for name, model in models.items():
+        width, height = model.default_width, model.default_height
+        if width % 8 or height % 8 or not (low <= width <= high and low <= height <= high) \
+                or width * height > limits.max_pixels:
+            raise ConfigError(f"models.{name}: default size {width}x{height} must be multiples of 8 within "
+                              f"limits.min_side/max_side/max_pixels ({low} to {high}, {limits.max_pixels})")
+
+
+def _side_range(limits: LimitsConfig) -> tuple[int, int]:
+    """The smallest and largest multiples of 8 allowed as a side."""
+    low, high = -(-limits.min_side // 8) * 8, limits.max_side // 8 * 8
+    if low > high:
+        raise ConfigError(f"limits.min_side = {limits.min_side} to max_side = {limits.max_side} holds no "
+                          "multiple of 8; widen the range")
+    return low, high
+
+
+# -- message helpers --------------------------------------------------------------------------------
+
+_EXAMPLES = {
+    "no": "--no blurry, text",
+    "seed": "--seed 42",
+    "steps": "--steps 30",
+    "cfg": "--cfg 7.5",
+    "ar": "--ar 16:9",
+    "size": "--size 512x768",
+    "n": "--n 2",
+    "sampler": "--sampler euler_a",
+    "model": "--model <name from /help>",
+    "strength": "--strength 0.6",
+}
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...] | list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _listed(names: tuple[str, ...], prefix: str) -> str:
+    return ", ".join(prefix + name for name in names)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """The user's input as quoted back in an error, cut short so the message stays one line."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _round8(value: float) -> int:
+    return max(8, round(value / 8) * 8)

@@ -1,0 +1,183 @@
+"""Database tables (SQLAlchemy 2 declarative). Alembic migrations in alembic/ are the only way the
+schema is created; tests/test_migrations.py checks the two agree.
+
+The `jobs` table is the queue: a job is durable from the moment `submit` commits, so nothing accepted
+is lost if a process dies. `job_events` is an outbox: the worker writes events in the same transaction
+as the state change they describe, and each adapter reads the events of its platform.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on every backend (SQLite stores no zone and returns naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: Easel stores aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so later migrations (SQLite batch mode included) can refer to them.
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id", name="uq_users_platform_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    platform_user_id: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[str] = mapped_column(String(32), default="user")  # user, moderator, owner
+    banned_until: Mapped[datetime | None] = mapped_column(default=None)
+    ban_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Round-robin fairness: the user whose job ran longest ago goes next (NULL = never served).
+    last_served_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime]
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_status_user_seq", "status", "user_id", "seq"),
+        Index("ix_jobs_user_created", "user_id", "created_at"),
+        Index("ix_jobs_platform_delivery", "platform", "status", "delivered_at"),
+    )
+
+    # Submission order, for FIFO within one user; `id` is the short public id users type.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(16), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative: Mapped[str] = mapped_column(Text, default="")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    cfg: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    sampler: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(128))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    strength: Mapped[float | None] = mapped_column(Float, default=None)
+    init_image_sha: Mapped[str | None] = mapped_column(String(64), default=None)
+    mask_image_sha: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Where the answer goes: the owning adapter's own address for it (channel, chat, token...).
+    platform: Mapped[str] = mapped_column(String(32))
+    reply_to: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128), default=None)  # "host:pid" while running
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    batch_size: Mapped[int | None] = mapped_column(Integer, default=None)  # images in its diffusers call
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(lazy="joined")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="job", order_by="Image.index", lazy="selectin", cascade="all, delete-orphan"
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_images_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    safety_flags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="images")
+
+
+class QuotaUsage(Base):
+    """Images reserved or spent by one user on one UTC day."""
+
+    __tablename__ = "quota_usage"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SafetyFlag(Base):
+    """One safety decision: who, about what, why, and what was done."""
+
+    __tablename__ = "safety_flags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    subject: Mapped[str] = mapped_column(String(128))  # "prompt" or "image:<sha256>"
+    category: Mapped[str] = mapped_column(String(64))
+    reason_code: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))  # prompt_check, image_check, moderator
+    action: Mapped[str] = mapped_column(String(32))  # block, flag, spoiler, withhold
+    created_at: Mapped[datetime]
+
+
+class JobEvent(Base):
+    """Outbox of job events; adapters read their platform's rows in id order."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_platform_id", "platform", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))  # queued, started, progress, done, failed, cancelled
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime]

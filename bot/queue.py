@@ -1,0 +1,201 @@
+"""The worker's side of the queue: claim a fair batch, report progress, finish, recover.
+
+Scheduling is round-robin by user, not FIFO: the next job is the oldest waiting job of the user who
+was served longest ago, so one user's backlog of fifty jobs never delays another user's first one.
+A batch is then filled with waiting jobs that can share the same diffusers call (equal
+`GenerationParams.batch_key()`), other users' first jobs before anyone's second.
+
+Every claim records the worker ("host:pid") and a heartbeat. A job left `running` by a worker that
+died goes back to the queue when any worker starts or polls (`requeue_abandoned`), and fails with a
+clear reason once it has been attempted `queue.max_attempts` times.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Select, select, update
+
+from bot.config import Settings
+from bot.database import Database
+from bot.domain import JobStatus
+from bot.events import EventBus
+from bot.models import Image, Job, User
+from bot.service import finish_job, utcnow
+from bot.store import ImageStore, StoredImage
+from bot.views import JobView, job_view, params_of
+
+
+def this_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_local_process_dead(worker_id: str) -> bool:
+    """True when `worker_id` names a process on this host that no longer runs."""
+    host, _, pid = worker_id.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's worker: only its heartbeat can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    requeued: list[str]
+    failed: list[str]
+
+
+class JobQueue:
+    # How long a running job may go without a heartbeat before another host's worker may take it back.
+    LEASE = timedelta(minutes=5)
+
+    def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.bus = bus
+
+    async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
+        """Mark up to `max_images` images' worth of compatible jobs running and return them."""
+        now = utcnow()
+        async with self.db.unit_of_work() as uow:
+            session = uow.session
+            head = await session.scalar(self._fair_heads().limit(1))
+            if head is None:
+                return []
+            batch = [head]
+            images = head.n
+            # Fill with compatible jobs: other users' first jobs in fair order, then anyone's.
+            for query in (self._fair_heads(), select(Job).where(Job.status == JobStatus.QUEUED.value)
+                          .order_by(Job.seq)):
+                for job in (await session.scalars(query.limit(200))).unique():
+                    if images >= max_images:
+                        break
+                    if job in batch or job.n + images > max_images:
+                        continue
+                    if _batch_key(job) == _batch_key(head):
+                        batch.append(job)
+                        images += job.n
+            for job in batch:
+                job.status = JobStatus.RUNNING.value
+                job.attempts += 1
+                job.worker = worker_id
+                job.started_at = job.heartbeat_at = now
+                job.progress_step, job.progress_total = 0, job.steps
+                job.batch_size = images
+                job.user.last_served_at = now
+                self.bus.stage(uow, job, "started", {"batch_size": images})
+            await uow.commit()
+            views = [job_view(job, self.store.path_of) for job in batch]
+        self.bus.notify()
+        return views
+
+    @staticmethod
+    def _fair_heads() -> Select[tuple[Job]]:
+        """Each user's oldest waiting job, the least recently served user first."""
+        oldest = (select(Job.seq).where(Job.status == JobStatus.QUEUED.value, Job.user_id == User.id)
+                  .order_by(Job.seq).limit(1).correlate(User).scalar_subquery())
+        return (select(Job).join(User, Job.user_id == User.id)
+                .where(Job.seq == oldest)
+                .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq)
+                .with_for_update(skip_locked=True, of=Job))
+
+    async def report_progress(self, job_ids: Sequence[str], step: int, total: int) -> set[str]:
+        """Record step i/n for running jobs (also the heartbeat). Returns the ids no longer running
+        (cancelled by their owner), so the worker can stop spending time on them."""
+        now = utcnow()
+        async with self.db.unit_of_work() as uow:
+            jobs = (await uow.session.scalars(select(Job).where(Job.id.in_(job_ids)))).unique().all()
+            gone = set()
+            for job in jobs:
+                if job.status != JobStatus.RUNNING.value:
+                    gone.add(job.id)
+                    continue
+                job.progress_step, job.progress_total, job.heartbeat_at = step, total, now
+                self.bus.stage(uow, job, "progress", {"step": step, "total": total})
+            await uow.commit()
+        self.bus.notify()
+        return gone
+
+    async def heartbeat(self, job_ids: Sequence[str]) -> None:
+        async with self.db.unit_of_work() as uow:
+            await uow.session.execute(update(Job).where(Job.id.in_(job_ids),
+                                                        Job.status == JobStatus.RUNNING.value)
+                                      .values(heartbeat_at=utcnow()))
+            await uow.commit()
+
+    async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]]) -> bool:
+        """Store the image rows and mark the job done. False if it was cancelled meanwhile."""
+        now = utcnow()
+        async with self.db.unit_of_work() as uow:
+            job = await uow.session.scalar(select(Job).where(Job.id == job_id))
+            if job is None or job.status != JobStatus.RUNNING.value:
+                return False
+            for index, (seed, stored) in enumerate(images):
+                job.images.append(Image(index=index, seed=seed, sha256=stored.sha256, width=stored.width,
+                                        height=stored.height, size_bytes=stored.size_bytes,
+                                        safety_flags=[], created_at=now))
+            job.progress_step = job.progress_total
+            await uow.session.flush()
+            payload = {"images": [{"index": i.index, "seed": i.seed, "sha256": i.sha256,
+                                   "path": str(self.store.path_of(i.sha256)), "width": i.width,
+                                   "height": i.height} for i in job.images]}
+            await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED, payload=payload)
+            await uow.commit()
+        self.bus.notify()
+        return True
+
+    async def fail(self, job_id: str, error: str) -> None:
+        async with self.db.unit_of_work() as uow:
+            job = await uow.session.scalar(select(Job).where(Job.id == job_id))
+            if job is None or job.status != JobStatus.RUNNING.value:
+                return
+            await finish_job(uow, self.bus, job, JobStatus.FAILED, error=error)
+            await uow.commit()
+        self.bus.notify()
+
+    async def requeue_abandoned(
+        self, is_dead: Callable[[str], bool] = is_local_process_dead, now: datetime | None = None
+    ) -> RecoveryReport:
+        """Give jobs of dead workers back to the queue, or fail those tried too often."""
+        now = now or utcnow()
+        report = RecoveryReport([], [])
+        max_attempts = self.settings.queue.max_attempts
+        async with self.db.unit_of_work() as uow:
+            running = (await uow.session.scalars(
+                select(Job).where(Job.status == JobStatus.RUNNING.value))).unique().all()
+            for job in running:
+                stale = job.heartbeat_at is None or now - job.heartbeat_at > self.LEASE
+                if not (stale or (job.worker and is_dead(job.worker))):
+                    continue
+                if job.attempts >= max_attempts:
+                    await finish_job(uow, self.bus, job, JobStatus.FAILED, error=(
+                        f"The worker stopped {job.attempts} times while running this job, so it was not "
+                        f"retried again. Try fewer images (--n) or a smaller --size."))
+                    report.failed.append(job.id)
+                else:
+                    job.status, job.worker, job.progress_step = JobStatus.QUEUED.value, None, 0
+                    self.bus.stage(uow, job, "queued", {"position": 1, "requeued": True})
+                    report.requeued.append(job.id)
+            await uow.commit()
+        if report.requeued or report.failed:
+            self.bus.notify()
+        return report
+
+    async def has_waiting(self) -> bool:
+        async with self.db.unit_of_work(write=False) as uow:
+            return (await uow.session.scalar(
+                select(Job.seq).where(Job.status == JobStatus.QUEUED.value).limit(1))) is not None
+
+
+def _batch_key(job: Job) -> tuple[object, ...]:
+    return params_of(job).batch_key()

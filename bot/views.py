@@ -1,0 +1,101 @@
+"""Read-only views of jobs and quotas: what adapters show and what the worker receives.
+
+They are plain frozen dataclasses built from rows inside a unit of work, so nothing outside `bot/`
+ever holds a live ORM object or a session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bot.domain import GenerationParams, JobKind, JobStatus
+from bot.models import Image, Job
+
+
+@dataclass(frozen=True)
+class ImageView:
+    index: int
+    seed: int
+    sha256: str
+    path: str
+    width: int
+    height: int
+    size_bytes: int
+    safety_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    status: JobStatus
+    params: GenerationParams
+    platform: str
+    user_id: str  # the platform's user id
+    display_name: str
+    reply_to: dict[str, Any]
+    attempts: int
+    progress_step: int
+    progress_total: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    delivered_at: datetime | None = None
+    batch_size: int | None = None
+    error: str | None = None
+    init_image_sha: str | None = None
+    mask_image_sha: str | None = None
+    images: tuple[ImageView, ...] = ()
+    safety_flags: tuple[str, ...] = field(default=())
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.params.image_seeds()
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        return (self.started_at - self.created_at).total_seconds() if self.started_at else None
+
+    @property
+    def generation_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    used: int
+    limit: int
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def params_of(job: Job) -> GenerationParams:
+    return GenerationParams(
+        kind=JobKind(job.kind), prompt=job.prompt, negative=job.negative, width=job.width,
+        height=job.height, steps=job.steps, cfg=job.cfg, n=job.n, sampler=job.sampler, model=job.model,
+        seed=job.seed, strength=job.strength,
+    )
+
+
+def image_view(image: Image, path: str) -> ImageView:
+    return ImageView(image.index, image.seed, image.sha256, path, image.width, image.height,
+                     image.size_bytes, tuple(image.safety_flags or ()))
+
+
+def job_view(job: Job, image_path: Any) -> JobView:
+    """`image_path` maps a sha256 to the file's path (the image store's `path_of`)."""
+    return JobView(
+        id=job.id, status=JobStatus(job.status), params=params_of(job), platform=job.platform,
+        user_id=job.user.platform_user_id, display_name=job.user.display_name,
+        reply_to=dict(job.reply_to or {}), attempts=job.attempts, progress_step=job.progress_step,
+        progress_total=job.progress_total, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, delivered_at=job.delivered_at, batch_size=job.batch_size,
+        error=job.error, init_image_sha=job.init_image_sha, mask_image_sha=job.mask_image_sha,
+        images=tuple(image_view(image, str(image_path(image.sha256))) for image in job.images),
+    )

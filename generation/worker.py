@@ -1,0 +1,176 @@
+"""The generation worker: claim a fair batch, run it as one diffusers call, store, publish. Repeat.
+
+    worker = Worker(queue, generator, store, settings)
+    await worker.run()            # serve forever (until stop())
+    await worker.run(burst=True)  # drain the queue, then return: tests and `easel worker --burst`
+
+A job that raises never kills the worker: the batch is retried one job at a time so one bad job
+cannot fail its neighbours, and each job that still fails gets a message saying what went wrong.
+Final writes are shielded from cancellation, so a shutdown never loses a finished image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from bot.config import Settings
+from bot.errors import EaselError
+from bot.queue import JobQueue, this_worker_id
+from bot.store import ImageStore
+from bot.views import JobView
+from generation.pipelines import GenerationTask
+
+log = logging.getLogger("easel.worker")
+
+StepCallback = Callable[[int, int], None]
+
+
+class Generator(Protocol):
+    def generate(self, tasks: list[GenerationTask],
+                 on_step: StepCallback | None = None) -> list[list[Image.Image]]: ...
+
+
+class BatchCancelled(Exception):
+    """Raised from the step callback when every job of the running batch was cancelled."""
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    images: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    busy_seconds: float = 0.0
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, generator: Generator, store: ImageStore, settings: Settings,
+                 worker_id: str | None = None) -> None:
+        self.queue = queue
+        self.generator = generator
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_id or this_worker_id()
+        self.stats = WorkerStats()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from run()."""
+        self._stop.set()
+
+    async def run(self, *, burst: bool = False) -> WorkerStats:
+        poll_s = self.settings.generation.poll_interval_ms / 1000
+        await self._recover()
+        last_recovery = time.monotonic()
+        while not self._stop.is_set():
+            batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
+            if not batch:
+                if burst:
+                    break
+                if time.monotonic() - last_recovery > 30:  # another host's worker may have died
+                    await self._recover()
+                    last_recovery = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=poll_s)
+                continue
+            started = time.monotonic()
+            await self._run_batch(batch)
+            self.stats.batches += 1
+            self.stats.busy_seconds += time.monotonic() - started
+        return self.stats
+
+    async def _recover(self) -> None:
+        report = await self.queue.requeue_abandoned()
+        if report.requeued:
+            log.warning("requeued %d job(s) left running by a stopped worker: %s",
+                        len(report.requeued), ", ".join(report.requeued))
+        if report.failed:
+            log.warning("failed %d job(s) that stopped a worker too often: %s",
+                        len(report.failed), ", ".join(report.failed))
+
+    async def _run_batch(self, batch: Sequence[JobView]) -> None:
+        try:
+            results = await self._generate(batch)
+        except BatchCancelled:
+            self.stats.cancelled += len(batch)
+            return
+        except Exception as error:
+            if len(batch) > 1 and not isinstance(error, EaselError):
+                log.warning("batch of %d failed (%r); retrying its jobs one at a time", len(batch), error)
+                for job in batch:
+                    await self._run_batch([job])
+                return
+            for job in batch:
+                await self._fail(job, error)
+            return
+        for job, images in zip(batch, results, strict=True):
+            await asyncio.shield(self._finish(job, images))
+
+    async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
+        tasks = [self._task_for(job) for job in batch]
+        on_step = self._progress_reporter([job.id for job in batch])
+        return await asyncio.to_thread(self.generator.generate, tasks, on_step)
+
+    def _task_for(self, job: JobView) -> GenerationTask:
+        def load(sha: str | None, mode: str) -> Image.Image | None:
+            if sha is None:
+                return None
+            with Image.open(self.store.path_of(sha)) as image:
+                return image.convert(mode)
+
+        return GenerationTask(params=job.params, init_image=load(job.init_image_sha, "RGB"),
+                              mask_image=load(job.mask_image_sha, "L"))
+
+    def _progress_reporter(self, job_ids: list[str]) -> StepCallback:
+        """A step callback for the generation thread: throttled progress writes, cancellation checks."""
+        loop = asyncio.get_running_loop()
+        every_s = self.settings.generation.progress_every_s
+        last_sent = [0.0]
+        lock = threading.Lock()
+
+        def on_step(step: int, total: int) -> None:
+            with lock:
+                now = time.monotonic()
+                if step < total and now - last_sent[0] < every_s:
+                    return
+                last_sent[0] = now
+            future = asyncio.run_coroutine_threadsafe(self.queue.report_progress(job_ids, step, total), loop)
+            gone = future.result()
+            if gone and gone.issuperset(job_ids):
+                raise BatchCancelled()
+
+        return on_step
+
+    async def _finish(self, job: JobView, images: list[Image.Image]) -> None:
+        try:
+            stored = []
+            for seed, image in zip(job.params.image_seeds(), images, strict=True):
+                saved = await asyncio.to_thread(self.store.save_generated, image, job.params, seed)
+                stored.append((seed, saved))
+            if await self.queue.complete(job.id, stored):
+                self.stats.succeeded += 1
+                self.stats.images += len(stored)
+            else:
+                self.stats.cancelled += 1
+        except Exception as error:
+            await self._fail(job, error)
+
+    async def _fail(self, job: JobView, error: BaseException) -> None:
+        if isinstance(error, EaselError):
+            message = error.message
+        else:
+            log.exception("job %s failed", job.id, exc_info=error)
+            message = (f"Generation failed with an internal error ({type(error).__name__}); "
+                       "it has been logged. Try again, or with other settings.")
+        self.stats.failed += 1
+        await asyncio.shield(self.queue.fail(job.id, message))
