@@ -33,7 +33,12 @@ class DatabaseConfig(Section):
 
 
 class StorageConfig(Section):
-    data_dir: Path = Path("data")
+    data_dir: Path = Path("data")  # the SQLite database, images/ and the built-in models live here
+    models_dir: Path | None = None  # where built-in models are built and cached; default data_dir/models
+
+    @property
+    def model_cache(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
 
 class LimitsConfig(Section):

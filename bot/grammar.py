@@ -1,9 +1,11 @@
 """The command grammar every chat adapter shares: slash-command text in, a typed Command out.
 
-    >>> parser = CommandParser.from_settings(load_settings())
-    >>> parser.parse("/imagine a castle (-blurry) at night --seed 4 —steps 30")
-    GenerateCommand(params=GenerationParams(kind=<JobKind.IMAGINE: 'imagine'>, prompt='a castle at night',
-    negative='blurry', ..., steps=30, ..., seed=4, ...), size_from_input=False)
+Example:
+
+    parser = CommandParser.from_settings(load_settings())
+    command = parser.parse("/imagine a castle (-blurry) at night --seed 4 —steps 30")
+    # GenerateCommand(params=GenerationParams(kind=JobKind.IMAGINE, prompt="a castle at night",
+    #                                         negative="blurry", steps=30, seed=4, ...))
 
 Prompts are free text (apostrophes, unbalanced quotes, prompt weighting like `(red:1.2)`), so the
 tokenizer is a plain whitespace split rather than shlex: a word that starts with `--` (or the long dash

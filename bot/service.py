@@ -73,7 +73,7 @@ class JobService:
                 steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
                 seed=params.seed, strength=params.strength, init_image_sha=image_sha,
                 mask_image_sha=mask_sha, platform=requester.platform, reply_to=dict(requester.reply_to),
-                attempts=0, progress_step=0, progress_total=0, created_at=now,
+                attempts=0, progress_step=0, progress_total=0, created_at=now, images=[],
             )
             uow.session.add(job)
             await uow.session.flush()

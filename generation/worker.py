@@ -22,6 +22,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from bot.bootstrap import Core
 from bot.config import Settings
 from bot.errors import EaselError
 from bot.queue import JobQueue, this_worker_id
@@ -174,3 +175,14 @@ class Worker:
                        "it has been logged. Try again, or with other settings.")
         self.stats.failed += 1
         await asyncio.shield(self.queue.fail(job.id, message))
+
+
+def build_worker(core: Core, generator: Generator | None = None) -> Worker:
+    """The worker `easel serve` and `easel worker` run: diffusers on the configured device."""
+    if generator is None:
+        from generation.pipelines import DiffusersGenerator
+
+        gen = core.settings.generation
+        generator = DiffusersGenerator(core.settings.models, device=gen.device, dtype=gen.dtype,
+                                       cache_dir=core.settings.storage.model_cache)
+    return Worker(core.queue, generator, core.store, core.settings)

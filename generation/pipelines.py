@@ -1,0 +1,330 @@
+"""Stable Diffusion 1.x through diffusers: load models, run batches of jobs, survive out-of-memory.
+
+The worker hands `DiffusersGenerator.generate` a list of tasks that share `params.batch_key()`; they
+become ONE diffusers call, with one CPU random generator per image seeded with that image's seed, so
+any image can be reproduced alone from its seed.
+
+Example:
+    >>> generator = DiffusersGenerator({"tiny": ModelConfig(source="builtin:tiny")}, cache_dir=tmp)
+    >>> params = GenerationParams(JobKind.IMAGINE, "a red fox", width=64, height=64, n=2, seed=7)
+    >>> [[first, second]] = generator.generate([GenerationTask(params)])
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from diffusers.utils import deprecation_utils
+
+from bot.config import ModelConfig
+from bot.domain import SAMPLERS, GenerationParams, JobKind
+from bot.errors import ConfigError, GenerationFailed
+from generation.builtin import ensure_builtin
+from generation.samplers import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("data") / "models"
+BUILTIN_PREFIX = "builtin:"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# diffusers renamed `torch_dtype` to `dtype` (huggingface/diffusers#14205); releases before that
+# ignore `dtype`, and later ones warn about `torch_dtype`.
+DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+PIPELINE_CLASSES: dict[JobKind, type[DiffusionPipeline]] = {
+    JobKind.IMAGINE: StableDiffusionPipeline,
+    JobKind.EDIT: StableDiffusionImg2ImgPipeline,
+    JobKind.INPAINT: StableDiffusionInpaintPipeline,
+}
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationTask:
+    """One job handed to the generator. Image i of the job uses seed `params.seed + i`."""
+
+    params: GenerationParams
+    init_image: PIL.Image.Image | None = None  # edit and inpaint: RGB, already params.width x height
+    mask_image: PIL.Image.Image | None = None  # inpaint: mode "L", white = repaint
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Turn `generation.device` and `generation.dtype` into torch values.
+
+    "auto" means CUDA when present, else CPU; the "auto" dtype is float16 on CUDA and float32 elsewhere.
+    """
+    # 1. Device
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"generation.device = {device!r} is not a device; use auto, cpu, cuda, "
+                          f"cuda:1 or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"generation.device = {device!r} but torch sees no CUDA device; use auto or cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"generation.device = {device!r} but there are only "
+                          f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"generation.device = {device!r} but MPS is not available here; use auto or cpu")
+
+    # 2. Dtype
+    if dtype == "auto":
+        return resolved, torch.float16 if resolved.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"generation.dtype = {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return resolved, DTYPES[dtype]
+
+
+def load_pipeline(
+    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x model onto `device`.
+
+    `source` is "builtin:NAME" (built under `cache_dir` on first use), a local diffusers folder, a
+    single-file checkpoint ending in .safetensors or .ckpt, or a Hugging Face hub id (downloaded into
+    the usual Hugging Face cache). Raises GenerationFailed, naming the source, when it cannot be loaded.
+    """
+    # 1. Find the weights
+    path = Path(source).expanduser()
+    try:
+        if source.startswith(BUILTIN_PREFIX):
+            folder = ensure_builtin(source.removeprefix(BUILTIN_PREFIX), Path(cache_dir))
+            pipe = StableDiffusionPipeline.from_pretrained(folder, **{DTYPE_KEYWORD: dtype})
+        elif source.endswith(SINGLE_FILE_SUFFIXES):
+            if not path.is_file():
+                raise GenerationFailed(f"model file {source} does not exist; fix the model's `source` "
+                                       f"in the [models.*] table of the configuration")
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **{DTYPE_KEYWORD: dtype})
+        elif path.is_dir() or _looks_like_local_path(source):
+            if not path.is_dir():
+                raise GenerationFailed(f"model folder {source} does not exist; fix the model's `source` "
+                                       f"in the [models.*] table of the configuration")
+            pipe = StableDiffusionPipeline.from_pretrained(path, **{DTYPE_KEYWORD: dtype})
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(source, **{DTYPE_KEYWORD: dtype})
+    except (OSError, ValueError) as error:  # missing files, no network, not a Stable Diffusion model
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GenerationFailed(f"could not load model {source!r}: {reason}") from error
+
+    # 2. Place it
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Hub ids are "name" or "owner/name"; anything else with a path shape is meant to be local."""
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+
+
+class DiffusersGenerator:
+    """Runs batches of generation tasks on one device; models are loaded on first use and kept.
+
+    One call runs at a time (a lock guards the cached pipelines and their schedulers), which is what
+    one accelerator can do anyway. txt2img, img2img and inpaint share one set of weights per model.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelConfig],
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+    ) -> None:
+        self.models = dict(models)
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        self.cache_dir = Path(cache_dir)
+        self._pipelines: dict[tuple[str, JobKind], DiffusionPipeline] = {}
+        self._scheduler_configs: dict[str, Mapping[str, Any]] = {}  # as each model was saved
+        self._lock = threading.Lock()
+
+    def warm(self, model_name: str) -> None:
+        """Load `model_name` now, so the first job does not wait for it."""
+        self._check_model(model_name)
+        with self._lock:
+            self._pipeline(model_name, JobKind.IMAGINE)
+
+    def generate(
+        self, tasks: list[GenerationTask], on_step: StepCallback | None = None
+    ) -> list[list[PIL.Image.Image]]:
+        """Run `tasks` as one diffusers call and return, per task, its `params.n` RGB images.
+
+        `on_step(step, total)` is called after each denoising step; `total` is the number of steps
+        actually run (fewer than `steps` for edit and inpaint with strength < 1). If the device runs
+        out of memory, the tasks are retried once, one call per task (progress then restarts for
+        each); if one task alone still does not fit, GenerationFailed says what to lower.
+        """
+        # 1. Check inputs
+        self._check_tasks(tasks)
+        params = tasks[0].params
+
+        with self._lock:
+            # 2. Pipeline for this model and kind (loaded on first use)
+            pipe = self._pipeline(params.model, params.kind)
+
+            # 3. All tasks in one call
+            try:
+                return self._run(pipe, tasks, on_step)
+            except RuntimeError as error:
+                if not _is_out_of_memory(error):
+                    raise
+            # Out of the `except` block, the error's frames (holding the batch's tensors) are released.
+            _free_memory(self.device)
+            logger.warning("out of memory with %d images at %dx%d; retrying one task at a time",
+                           sum(task.params.n for task in tasks), params.width, params.height)
+
+            # 4. Out of memory: one call per task
+            results: list[list[PIL.Image.Image]] = []
+            for task in tasks:
+                results.extend(self._run_alone(pipe, task, on_step))
+            return results
+
+    def _run_alone(
+        self, pipe: DiffusionPipeline, task: GenerationTask, on_step: StepCallback | None
+    ) -> list[list[PIL.Image.Image]]:
+        try:
+            return self._run(pipe, [task], on_step)
+        except RuntimeError as error:
+            if not _is_out_of_memory(error):
+                raise
+        _free_memory(self.device)
+        params = task.params
+        raise GenerationFailed(f"ran out of memory at {params.width}x{params.height} with {params.n} "
+                               f"image(s); lower --size or --n")
+
+    def _run(
+        self, pipe: DiffusionPipeline, tasks: list[GenerationTask], on_step: StepCallback | None
+    ) -> list[list[PIL.Image.Image]]:
+        """One diffusers call: prompts, negatives and images repeated per image, one generator each."""
+        params = tasks[0].params
+        per_image = [task for task in tasks for _ in range(task.params.n)]
+        seeds = [seed for task in tasks for seed in task.params.image_seeds()]
+        arguments: dict[str, Any] = {
+            "prompt": [task.params.prompt for task in per_image],
+            "negative_prompt": [task.params.negative for task in per_image],
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.cfg,
+            # CPU generators: the same seed gives the same starting noise on every device.
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            "output_type": "pil",
+        }
+        if params.kind in (JobKind.IMAGINE, JobKind.INPAINT):  # img2img takes the size of its image
+            arguments |= {"width": params.width, "height": params.height}
+        if params.kind in (JobKind.EDIT, JobKind.INPAINT):
+            arguments["image"] = [task.init_image for task in per_image]
+            if params.strength is not None:
+                arguments["strength"] = params.strength
+        if params.kind is JobKind.INPAINT:
+            arguments["mask_image"] = [task.mask_image for task in per_image]
+        if on_step is not None:
+            arguments["callback_on_step_end"] = _step_reporter(on_step)
+
+        # A fresh scheduler per call: schedulers keep per-call state.
+        pipe.scheduler = make_scheduler(params.sampler, self._scheduler_configs[params.model])
+        with torch.inference_mode():
+            images = pipe(**arguments).images
+
+        results, start = [], 0
+        for task in tasks:
+            results.append([image.convert("RGB") for image in images[start : start + task.params.n]])
+            start += task.params.n
+        return results
+
+    def _pipeline(self, model_name: str, kind: JobKind) -> DiffusionPipeline:
+        """The cached pipeline for a model and job kind; the kinds share one set of weights."""
+        if (model_name, JobKind.IMAGINE) not in self._pipelines:
+            base = load_pipeline(self.models[model_name].source, self.device, self.dtype, self.cache_dir)
+            self._pipelines[model_name, JobKind.IMAGINE] = base
+            self._scheduler_configs[model_name] = base.scheduler.config
+        if (model_name, kind) not in self._pipelines:
+            base = self._pipelines[model_name, JobKind.IMAGINE]
+            # The dtype matters: from_pipe casts the (shared) modules to float32 when it is left out.
+            derived = PIPELINE_CLASSES[kind].from_pipe(base, **{DTYPE_KEYWORD: self.dtype})
+            derived.set_progress_bar_config(disable=True)
+            self._pipelines[model_name, kind] = derived
+        return self._pipelines[model_name, kind]
+
+    def _check_model(self, model_name: str) -> None:
+        if model_name not in self.models:
+            raise ValueError(f"model {model_name!r} is not configured; the models are "
+                             f"{', '.join(sorted(self.models))}")
+
+    def _check_tasks(self, tasks: list[GenerationTask]) -> None:
+        if not tasks:
+            raise ValueError("`tasks` must hold at least one task")
+        params = tasks[0].params
+        for task in tasks[1:]:
+            if task.params.batch_key() != params.batch_key():
+                raise ValueError(f"tasks in one call must share params.batch_key(), but "
+                                 f"{task.params.batch_key()} differs from {params.batch_key()}")
+        self._check_model(params.model)
+        if params.sampler not in SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {', '.join(SAMPLERS)}, but is {params.sampler!r}")
+        if params.width % 8 or params.height % 8:
+            raise ValueError(f"`width` and `height` have to be divisible by 8 but are "
+                             f"{params.width} and {params.height}")
+        for task in tasks:
+            _check_task(task)
+
+
+def _check_task(task: GenerationTask) -> None:
+    params = task.params
+    if params.seed is None:
+        raise ValueError("`params.seed` must be set; the job service assigns one before queuing")
+    if params.n < 1:
+        raise ValueError(f"`params.n` must be at least 1 but is {params.n}")
+    size = (params.width, params.height)
+    wants_image = params.kind in (JobKind.EDIT, JobKind.INPAINT)
+    if wants_image and task.init_image is None:
+        raise ValueError(f"a {params.kind} task needs `init_image`")
+    if not wants_image and task.init_image is not None:
+        raise ValueError(f"`init_image` is only for edit and inpaint tasks, not {params.kind}")
+    if task.init_image is not None and task.init_image.size != size:
+        raise ValueError(f"`init_image` must be {size[0]}x{size[1]} like the params, but is "
+                         f"{task.init_image.size[0]}x{task.init_image.size[1]}")
+    wants_mask = params.kind is JobKind.INPAINT
+    if wants_mask and task.mask_image is None:
+        raise ValueError("an inpaint task needs `mask_image`")
+    if not wants_mask and task.mask_image is not None:
+        raise ValueError(f"`mask_image` is only for inpaint tasks, not {params.kind}")
+    if task.mask_image is not None and task.mask_image.size != size:
+        raise ValueError(f"`mask_image` must be {size[0]}x{size[1]} like the params, but is "
+                         f"{task.mask_image.size[0]}x{task.mask_image.size[1]}")
+
+
+def _step_reporter(on_step: StepCallback) -> Callable[..., dict[str, Any]]:
+    def callback(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+        on_step(step + 1, pipe.num_timesteps)
+        return {}  # change nothing
+
+    return callback
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

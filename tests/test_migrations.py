@@ -1,0 +1,40 @@
+"""The schema is made only by migrations: they must build exactly what the models describe."""
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from bot.bootstrap import Core
+from bot.database import current_revision
+from bot.models import Base
+
+
+async def test_migrations_build_the_schema_the_models_describe(core: Core) -> None:
+    def diff(sync_connection):  # noqa: ANN001, ANN202
+        context = MigrationContext.configure(sync_connection, opts={"compare_type": True})
+        return compare_metadata(context, Base.metadata)
+
+    async with core.db.engine.connect() as connection:
+        differences = await connection.run_sync(diff)
+        tables = await connection.run_sync(lambda c: set(inspect(c).get_table_names()))
+    assert differences == []
+    assert {"users", "jobs", "images", "quota_usage", "safety_flags", "job_events"} <= tables
+
+
+async def test_a_new_database_is_upgraded_to_the_newest_revision(core: Core) -> None:
+    import asyncio
+
+    from alembic.script import ScriptDirectory
+
+    from bot.database import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(core.db.url)).get_current_head()
+    assert await asyncio.to_thread(current_revision, core.db.url) == head
+
+
+async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(core: Core) -> None:
+    async with core.db.engine.connect() as connection:
+        journal = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
+        timeout = (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+    assert journal == "wal"
+    assert timeout == core.settings.database.busy_timeout_ms

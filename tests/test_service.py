@@ -1,0 +1,172 @@
+"""The job service and the queue on a real SQLite database (no model needed: the worker's side is
+driven by hand here; tests/test_end_to_end.py runs the real worker)."""
+
+from datetime import timedelta
+
+import pytest
+
+from bot.bootstrap import Core
+from bot.domain import InputImages, JobKind, JobStatus
+from bot.errors import InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
+from bot.service import utcnow
+from tests.conftest import alice, bob, mask_bytes, png_bytes
+
+
+async def submit(core: Core, text: str, who=alice, inputs: InputImages | None = None):  # noqa: ANN001, ANN201
+    return await core.service.submit(who(), core.parser.parse(text), inputs)
+
+
+async def test_a_submitted_job_is_stored_with_every_parameter_and_a_seed(core: Core) -> None:
+    result = await submit(core, "/imagine a lighthouse at dusk --no fog --steps 12 --n 2")
+    job = await core.service.get_job(result.job.id)
+    assert job.status is JobStatus.QUEUED
+    assert (job.params.prompt, job.params.negative, job.params.steps, job.params.n) == (
+        "a lighthouse at dusk", "fog", 12, 2)
+    assert job.params.seed is not None
+    assert job.seeds == [job.params.seed, job.params.seed + 1]
+    assert result.position == 1
+
+
+async def test_queue_position_counts_other_users_turns(core: Core) -> None:
+    for _ in range(3):
+        await submit(core, "/imagine a cat", who=alice)
+    first_of_bob = await submit(core, "/imagine a dog", who=bob)
+    # Round robin: only Alice's first job runs before Bob's first.
+    assert first_of_bob.position == 2
+
+
+async def test_round_robin_runs_bobs_first_job_before_alices_tenth(core: Core) -> None:
+    alice_jobs = [(await submit(core, f"/imagine cat {i} --steps 5")).job.id for i in range(10)]
+    bob_job = (await submit(core, "/imagine dog --steps 5", who=bob)).job.id
+    order = []
+    while batch := await core.queue.claim_batch("test:1", max_images=1):
+        order += [job.id for job in batch]
+        for job in batch:
+            await core.queue.fail(job.id, "not generating in this test")
+    assert order.index(bob_job) == 1
+    assert order.index(bob_job) < order.index(alice_jobs[9])
+    assert [j for j in order if j != bob_job] == alice_jobs  # each user's own jobs stay in order
+
+
+async def test_a_batch_gathers_compatible_jobs_from_different_users(core: Core) -> None:
+    a = (await submit(core, "/imagine a cat --steps 5")).job.id
+    odd = (await submit(core, "/imagine a cat --steps 6")).job.id
+    b = (await submit(core, "/imagine a dog --steps 5", who=bob)).job.id
+    batch = await core.queue.claim_batch("test:1", max_images=4)
+    assert {job.id for job in batch} == {a, b}
+    assert all(job.status is JobStatus.RUNNING for job in batch)
+    assert (await core.service.get_job(odd)).status is JobStatus.QUEUED
+
+
+async def test_the_daily_quota_refuses_with_the_numbers_and_the_reset_time(core: Core) -> None:
+    core.settings.queue.daily_images_per_user = 3
+    await submit(core, "/imagine a cat --n 2")
+    with pytest.raises(QuotaExceeded, match=r"2 of 3 images used today, this job needs 2.*resets at 00:00"):
+        await submit(core, "/imagine a cat --n 2")
+    assert (await core.service.quota(alice())).remaining == 1
+    assert (await core.service.quota(bob())).remaining == 3
+
+
+async def test_cancelling_and_failing_refund_the_quota(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat --n 3")).job
+    assert (await core.service.quota(alice())).used == 3
+    await core.service.cancel(alice(), job.id)
+    assert (await core.service.quota(alice())).used == 0
+    second = (await submit(core, "/imagine a cat --n 2")).job
+    await core.queue.claim_batch("test:1", 4)
+    await core.queue.fail(second.id, "boom")
+    assert (await core.service.quota(alice())).used == 0
+    assert (await core.service.get_job(second.id)).error == "boom"
+
+
+async def test_a_user_may_not_queue_more_than_the_cap(core: Core) -> None:
+    core.settings.queue.max_queued_per_user = 2
+    await submit(core, "/imagine a")
+    await submit(core, "/imagine b")
+    with pytest.raises(QueueFull, match="already have 2 jobs waiting"):
+        await submit(core, "/imagine c")
+    await submit(core, "/imagine d", who=bob)  # others are not affected
+
+
+async def test_only_the_owner_cancels_and_only_unfinished_jobs(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat")).job
+    with pytest.raises(Refused, match="not yours"):
+        await core.service.cancel(bob(), job.id)
+    cancelled = await core.service.cancel(alice())  # no id: the newest unfinished job
+    assert cancelled.id == job.id and cancelled.status is JobStatus.CANCELLED
+    with pytest.raises(InvalidCommand, match="already cancelled"):
+        await core.service.cancel(alice(), job.id)
+    with pytest.raises(NotFound):
+        await core.service.cancel(alice(), "nosuchid")
+
+
+async def test_cancelling_a_running_job_tells_the_worker_to_drop_it(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat")).job
+    await core.queue.claim_batch("test:1", 4)
+    await core.service.cancel(alice(), job.id)
+    assert await core.queue.report_progress([job.id], 1, 20) == {job.id}
+    assert await core.queue.complete(job.id, []) is False
+    assert (await core.service.get_job(job.id)).status is JobStatus.CANCELLED
+
+
+async def test_jobs_of_a_dead_worker_are_requeued_then_failed_after_max_attempts(core: Core) -> None:
+    core.settings.queue.max_attempts = 2
+    job = (await submit(core, "/imagine a cat")).job
+    for attempt in (1, 2):
+        await core.queue.claim_batch("gone-host:1", 4)
+        report = await core.queue.requeue_abandoned(is_dead=lambda worker: True)
+        if attempt == 1:
+            assert report.requeued == [job.id]
+            assert (await core.service.get_job(job.id)).status is JobStatus.QUEUED
+    assert report.failed == [job.id]
+    failed = await core.service.get_job(job.id)
+    assert failed.status is JobStatus.FAILED
+    assert "stopped 2 times" in failed.error and failed.attempts == 2
+
+
+async def test_a_live_workers_jobs_are_left_alone_until_its_lease_runs_out(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat")).job
+    await core.queue.claim_batch("other-host:1", 4)
+    report = await core.queue.requeue_abandoned(is_dead=lambda worker: False)
+    assert report.requeued == []
+    later = utcnow() + core.queue.LEASE + timedelta(seconds=1)
+    report = await core.queue.requeue_abandoned(is_dead=lambda worker: False, now=later)
+    assert report.requeued == [job.id]
+
+
+async def test_events_tell_the_story_of_a_job_in_order(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat --steps 3")).job
+    await core.queue.claim_batch("test:1", 4)
+    await core.queue.report_progress([job.id], 1, 3)
+    await core.queue.fail(job.id, "out of luck")
+    kinds = [(event.kind, event.payload) async for event in core.bus.watch(job.id)]
+    assert kinds == [("queued", {"position": 1}), ("started", {"batch_size": 1}),
+                     ("progress", {"step": 1, "total": 3}), ("failed", {"error": "out of luck"})]
+
+
+# -- attachments ---------------------------------------------------------------------------------------
+
+
+async def test_edit_needs_an_image_and_inpaint_a_mask(core: Core) -> None:
+    with pytest.raises(InvalidImage, match="/edit needs an image"):
+        await submit(core, "/edit make it winter")
+    with pytest.raises(InvalidImage, match="/inpaint needs a mask"):
+        await submit(core, "/inpaint a red door", inputs=InputImages(image=png_bytes()))
+
+
+async def test_edit_takes_its_size_from_the_image_aspect(core: Core) -> None:
+    result = await submit(core, "/edit make it winter", inputs=InputImages(image=png_bytes(128, 64)))
+    params = result.job.params
+    assert params.kind is JobKind.EDIT and params.width / params.height == pytest.approx(2, rel=0.2)
+    stored = core.store.read_bytes(result.job.init_image_sha)
+    assert stored.startswith(b"\x89PNG")
+
+
+async def test_bad_attachments_are_refused_and_nothing_is_queued(core: Core) -> None:
+    with pytest.raises(InvalidImage, match="not a PNG"):
+        await submit(core, "/edit x", inputs=InputImages(image=b"hello, I am a text file\n"))
+    with pytest.raises(InvalidImage, match="aspect ratio"):
+        await submit(core, "/inpaint x", inputs=InputImages(image=png_bytes(64, 64),
+                                                            mask=mask_bytes(128, 64)))
+    assert await core.service.list_jobs() == []
+    assert (await core.service.quota(alice())).used == 0
