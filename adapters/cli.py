@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         settings = load_settings(args.file or args.config)
-        print(f"{args.file or args.config or 'configuration'} is valid: database {settings.database_url}, "
+        print(f"{args.file or args.config or 'configuration'} is valid: database {settings.database_url_safe}, "
               f"models {', '.join(sorted(settings.models))}")
         return 0
     settings = load_settings(args.config)
     if args.command == "db":
         upgrade_database(settings.database_url)
-        print(f"database {settings.database_url} is up to date")
+        print(f"database {settings.database_url_safe} is up to date")
         return 0
     handler = COMMANDS[args.command]
     return asyncio.run(_with_core(settings, lambda core: handler(core, args)))
@@ -184,7 +184,7 @@ async def _serve(core: Core, args: argparse.Namespace) -> int:
 
     worker = build_worker(core)
     _stop_on_signals(worker.stop)
-    print(f"Easel serving: database {core.settings.database_url}; Ctrl+C to stop", flush=True)
+    print(f"Easel serving: database {core.settings.database_url_safe}; Ctrl+C to stop", flush=True)
     await worker.run()
     return 0
 

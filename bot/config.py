@@ -147,6 +147,16 @@ class Settings(BaseSettings):
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.storage.data_dir / 'easel.db'}"
 
+    @property
+    def database_url_safe(self) -> str:
+        """The database URL with any password masked, for logs and messages."""
+        from sqlalchemy import make_url
+
+        try:
+            return make_url(self.database_url).render_as_string(hide_password=True)
+        except Exception:
+            return "(unparsable database.url)"
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -168,9 +168,11 @@ class DiffusersGenerator:
         """Run `tasks` as one diffusers call and return, per task, its `params.n` RGB images.
 
         `on_step(step, total)` is called after each denoising step; `total` is the number of steps
-        actually run (fewer than `steps` for edit and inpaint with strength < 1). If the device runs
-        out of memory, the tasks are retried once, one call per task (progress then restarts for
-        each); if one task alone still does not fit, GenerationFailed says what to lower.
+        actually run: fewer than `steps` for edit and inpaint with strength < 1, more for samplers
+        that take extra model calls (heun runs 2 * steps - 1, pndm steps + 1). Inpaint results keep
+        the input's pixels outside the mask. If the device runs out of memory, the tasks are retried
+        once, one call per task (progress then restarts for each); if one task alone still does not
+        fit, GenerationFailed says what to lower.
         """
         # 1. Check inputs
         self._check_tasks(tasks)
@@ -241,6 +243,14 @@ class DiffusersGenerator:
         pipe.scheduler = make_scheduler(params.sampler, self._scheduler_configs[params.model])
         with torch.inference_mode():
             images = pipe(**arguments).images
+
+        if params.kind is JobKind.INPAINT:
+            # Keep the unmasked pixels exactly as they were: blending latents alone still sends them
+            # through the VAE, which shifts colours and detail on real models (and, on builtin:tiny,
+            # replaces them). This is the composite diffusers' inpainting guide recommends.
+            images = [PIL.Image.composite(image.convert("RGB"), task.init_image.convert("RGB"),
+                                          task.mask_image.convert("L"))
+                      for image, task in zip(images, per_image, strict=True)]
 
         results, start = [], 0
         for task in tasks:

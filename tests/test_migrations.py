@@ -10,7 +10,7 @@ from bot.models import Base
 
 
 async def test_migrations_build_the_schema_the_models_describe(core: Core) -> None:
-    def diff(sync_connection):  # noqa: ANN001, ANN202
+    def diff(sync_connection):
         context = MigrationContext.configure(sync_connection, opts={"compare_type": True})
         return compare_metadata(context, Base.metadata)
 

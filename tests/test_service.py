@@ -12,7 +12,7 @@ from bot.service import utcnow
 from tests.conftest import alice, bob, mask_bytes, png_bytes
 
 
-async def submit(core: Core, text: str, who=alice, inputs: InputImages | None = None):  # noqa: ANN001, ANN201
+async def submit(core: Core, text: str, who=alice, inputs: InputImages | None = None):
     return await core.service.submit(who(), core.parser.parse(text), inputs)
 
 

@@ -1,0 +1,146 @@
+"""The real path, end to end: chat text → grammar → service → SQLite → queue → worker with the real
+builtin:tiny diffusers pipeline → image store → events → what the console user sees."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapters.console import ConsoleChat
+from bot.bootstrap import Core
+from bot.domain import JobStatus
+from bot.store import read_parameters
+from generation.worker import Worker
+from tests.conftest import alice, bob, mask_bytes, png_bytes
+
+
+def worker_for(core: Core, generator) -> Worker:
+    return Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1")
+
+
+async def run_chat(core: Core, generator, line: str, who=alice) -> tuple[str, object]:
+    """Type one line into a console chat while a burst worker drains the queue."""
+    import asyncio
+
+    out = io.StringIO()
+    chat = ConsoleChat(core, out, requester=who(), progress=False)
+    handled = asyncio.create_task(chat.handle(line))
+    while not handled.done():
+        await worker_for(core, generator).run(burst=True)
+        await asyncio.sleep(0.01)
+    return out.getvalue(), handled.result()
+
+
+async def test_imagine_stores_pngs_with_seeds_and_a1111_parameters(core: Core, generator) -> None:
+    text, job = await run_chat(core, generator, "/imagine a lighthouse at dusk --no fog --seed 42 --steps 4 --n 2")
+    assert job.status is JobStatus.SUCCEEDED
+    assert [image.seed for image in job.images] == [42, 43]
+    assert "queued (position 1)" in text and "seed 42" in text and "seed 43" in text
+    for image in job.images:
+        path = Path(image.path)
+        assert path.exists() and str(path) in text
+        with Image.open(path) as png:
+            assert png.size == (64, 64)
+        assert read_parameters(path) == (
+            "a lighthouse at dusk\nNegative prompt: fog\n"
+            f"Steps: 4, Sampler: Euler, CFG scale: 7.0, Seed: {image.seed}, Size: 64x64, Model: tiny")
+    assert job.images[0].sha256 != job.images[1].sha256
+
+
+async def test_the_same_seed_gives_byte_identical_files(core: Core, generator) -> None:
+    _, first = await run_chat(core, generator, "/imagine a red fox --seed 7 --steps 3")
+    _, second = await run_chat(core, generator, "/imagine a red fox --seed 7 --steps 3", who=bob)
+    _, other = await run_chat(core, generator, "/imagine a red fox --seed 8 --steps 3")
+    assert Path(first.images[0].path).read_bytes() == Path(second.images[0].path).read_bytes()
+    assert first.images[0].sha256 != other.images[0].sha256
+
+
+async def test_every_event_reaches_the_owner_in_order(core: Core, generator) -> None:
+    _, job = await run_chat(core, generator, "/imagine a cat --steps 3")
+    kinds = [event.kind async for event in core.bus.watch(job.id)]
+    assert kinds == ["queued", "started", "progress", "progress", "progress", "done"]
+
+
+async def test_edit_runs_img2img_from_the_attached_image(core: Core, generator, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png_bytes(96, 64, (20, 40, 220)))
+    text, job = await run_chat(core, generator, f"/edit {photo} make it winter --strength 0.6 --steps 5 --seed 1")
+    assert job.status is JobStatus.SUCCEEDED, text
+    assert job.params.strength == 0.6
+    assert (job.images[0].width, job.images[0].height) == (job.params.width, job.params.height)
+    assert job.params.width > job.params.height  # the photo's aspect ratio is kept
+
+
+async def test_inpaint_repaints_white_mask_pixels_and_keeps_the_rest(core: Core, generator, tmp_path: Path) -> None:
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    photo.write_bytes(png_bytes(64, 64, (30, 160, 60)))
+    mask.write_bytes(mask_bytes(64, 64))  # left half white
+    text, job = await run_chat(core, generator, f"/inpaint {photo} {mask} a red door --steps 5 --seed 3")
+    assert job.status is JobStatus.SUCCEEDED, text
+    result = np.asarray(Image.open(job.images[0].path).convert("RGB"), dtype=np.float32)
+    original = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float32)
+    kept = np.abs(result[:, 40:] - original[:, 40:]).mean()
+    repainted = np.abs(result[:, :24] - original[:, :24]).mean()
+    assert kept < repainted / 2
+
+
+async def test_a_job_that_fails_tells_why_and_the_worker_goes_on(core: Core, generator, tmp_path: Path) -> None:
+    from bot.config import ModelConfig
+    from generation.pipelines import DiffusersGenerator
+
+    missing = tmp_path / "no-such-model"
+    models = {**core.settings.models, "gone": ModelConfig(source=str(missing), default_width=64,
+                                                        default_height=64)}
+    core.settings.models = models
+    core.parser = type(core.parser).from_settings(core.settings)
+    generator = DiffusersGenerator(models, device="cpu", dtype="float32",
+                                   cache_dir=core.settings.storage.model_cache)
+    text, failed = await run_chat(core, generator, "/imagine a cat --model gone --steps 2")
+    assert failed.status is JobStatus.FAILED
+    assert str(missing) in failed.error and "failed:" in text
+    _, fine = await run_chat(core, generator, "/imagine a cat --steps 2")
+    assert fine.status is JobStatus.SUCCEEDED
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"\x00" * 16))
+
+
+def _noise_png() -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("line", "files", "expected"), [
+    ("/imagine a cat --sed 4", {}, "unknown flag --sed (did you mean --seed?)"),
+    ("/imagine a cat --steps 500", {}, "--steps must be a whole number from 1 to 50 (got 500)"),
+    ("/edit {image} winter", {"image": b"just some text\n"}, "not a PNG, JPEG"),
+    ("/inpaint {image} {mask} door", {"image": png_bytes(64, 64), "mask": mask_bytes(128, 64)}, "aspect ratio"),
+    ("/edit {image} winter", {"image": _noise_png()[:2000]}, "damaged or incomplete"),
+    ("/edit {image} winter", {"image": _png_header_only(30000, 30000)}, "too many pixels"),
+])
+async def test_bad_input_gets_one_line_and_the_chat_keeps_serving(
+        core: Core, generator, tmp_path: Path, line: str, files: dict[str, bytes], expected: str) -> None:
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp_path / f"{name}.png"
+        paths[name].write_bytes(data)
+    text, job = await run_chat(core, generator, line.format(**paths))
+    assert job is None
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert await core.service.list_jobs() == []
+    _, fine = await run_chat(core, generator, "/imagine a cat --steps 2")
+    assert fine.status is JobStatus.SUCCEEDED
