@@ -207,3 +207,7 @@ COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "imagine": _generate, "edit": _generate, "inpaint": _generate, "chat": _chat,
     "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve,
 }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
