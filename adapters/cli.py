@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from adapters.base import Adapter
 from adapters.console import ConsoleChat, describe_job, read_attachment
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings
@@ -183,10 +184,45 @@ async def _serve(core: Core, args: argparse.Namespace) -> int:
     from generation.worker import build_worker
 
     worker = build_worker(core)
-    _stop_on_signals(worker.stop)
-    print(f"Easel serving: database {core.settings.database_url_safe}; Ctrl+C to stop", flush=True)
-    await worker.run()
+    adapters = configured_adapters(core)
+    stop = asyncio.Event()
+
+    def stop_all() -> None:
+        worker.stop()
+        stop.set()
+
+    _stop_on_signals(stop_all)
+    names = ", ".join(adapter.platform for adapter in adapters) or "none (worker only)"
+    print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}; Ctrl+C to stop",
+          flush=True)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(worker.run(), name="easel-worker")
+        for adapter in adapters:
+            group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
     return 0
+
+
+def configured_adapters(core: Core) -> list[Adapter]:
+    """The chat adapters `easel serve` runs: each platform whose token is configured, and the HTTP
+    API and web chat when enabled (by default, when no chat platform is configured)."""
+    settings = core.settings
+    adapters: list[Adapter] = []
+    if settings.discord.token is not None:
+        from adapters.discord import DiscordAdapter
+
+        adapters.append(DiscordAdapter(core))
+    if settings.telegram.token is not None:
+        from adapters.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter(core))
+    http_enabled = settings.http.enabled
+    if http_enabled is None:
+        http_enabled = not adapters
+    if http_enabled:
+        from adapters.http import HttpAdapter
+
+        adapters.append(HttpAdapter(core))
+    return adapters
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:

@@ -104,11 +104,23 @@ class GenerationConfig(Section):
 
 
 class DiscordConfig(Section):
-    token: SecretStr | None = None
+    """The Discord adapter (adapters/discord.py) runs when a token is set."""
+
+    token: SecretStr | None = None  # prefer the DISCORD_TOKEN environment variable
 
 
 class TelegramConfig(Section):
-    token: SecretStr | None = None
+    """The Telegram adapter (adapters/telegram.py) runs when a token is set."""
+
+    token: SecretStr | None = None  # prefer the TELEGRAM_TOKEN environment variable
+
+
+class HttpConfig(Section):
+    """The HTTP API and web chat (adapters/http.py)."""
+
+    enabled: bool | None = None  # None: on when neither Discord nor Telegram is configured
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
 
 
 def _builtin_models() -> dict[str, ModelConfig]:
@@ -130,6 +142,7 @@ class Settings(BaseSettings):
     models: dict[str, ModelConfig] = Field(default_factory=_builtin_models)
     discord: DiscordConfig = DiscordConfig()
     telegram: TelegramConfig = TelegramConfig()
+    http: HttpConfig = HttpConfig()
 
     @model_validator(mode="after")
     def _names_exist(self) -> Settings:

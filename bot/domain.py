@@ -131,6 +131,9 @@ class Requester:
     user_id: str
     display_name: str = ""
     reply_to: dict[str, Any] = field(default_factory=dict)
+    # What the platform itself says about this user and place; the policy layer decides what it means.
+    is_platform_moderator: bool = False  # e.g. Discord "Manage Messages", Telegram chat admin
+    nsfw_allowed_here: bool = False  # e.g. a Discord channel marked NSFW, a Telegram chat allowed by config
 
 
 @dataclass(frozen=True)
