@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,38 @@ def settings(tmp_path: Path, models_dir: Path) -> Settings:
 @pytest.fixture
 async def core(settings: Settings) -> AsyncIterator[Core]:
     core = await open_core(settings)
+    try:
+        yield core
+    finally:
+        await core.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (installed and started by tests/postgres.py)."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_core(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Core]:
+    """The core on each supported database: a SQLite file, and a new database on PostgreSQL."""
+    if request.param == "sqlite":
+        core = await open_core(settings)
+    else:
+        import uuid
+
+        import asyncpg
+
+        server_url = request.getfixturevalue("postgres_url")
+        name = f"easel_{uuid.uuid4().hex[:12]}"
+        connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
+        await connection.execute(f'CREATE DATABASE "{name}"')
+        await connection.close()
+        settings.database.url = server_url.rsplit("/", 1)[0] + f"/{name}"
+        core = await open_core(settings)
     try:
         yield core
     finally:

@@ -9,7 +9,8 @@ from bot.database import current_revision
 from bot.models import Base
 
 
-async def test_migrations_build_the_schema_the_models_describe(core: Core) -> None:
+async def test_migrations_build_the_schema_the_models_describe(any_core: Core) -> None:
+    core = any_core
     def diff(sync_connection):
         context = MigrationContext.configure(sync_connection, opts={"compare_type": True})
         return compare_metadata(context, Base.metadata)

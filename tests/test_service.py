@@ -12,6 +12,12 @@ from bot.service import utcnow
 from tests.conftest import alice, bob, mask_bytes, png_bytes
 
 
+@pytest.fixture
+def core(any_core: Core) -> Core:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_core
+
+
 async def submit(core: Core, text: str, who=alice, inputs: InputImages | None = None):
     return await core.service.submit(who(), core.parser.parse(text), inputs)
 
