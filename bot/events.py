@@ -109,6 +109,11 @@ class EventBus:
             if not events:
                 await self._wait_on(changed)
 
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return on the next `notify` in this process, or after `timeout_s` (for other processes)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
+
     async def _wait_on(self, changed: asyncio.Event) -> None:
         # Wait on the Event captured before reading, so a notify between the read and here still wakes us.
         with contextlib.suppress(TimeoutError):

@@ -124,6 +124,42 @@ def build_tiny(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def build_sd15_random(folder: Path) -> None:
+    """Stable Diffusion 1.5's full architecture with random weights (float16, about 2 GB).
+
+    For benchmarks on a GPU (`bench/*.py --arch sd15`): every layer real SD 1.5 runs, at its real
+    size and cost, with no download. Its pictures are noise.
+    """
+    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=MAX_TOKENS, projection_dim=768,
+            hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet2DConditionModel(  # diffusers' defaults are SD 1.x's, but for the text width
+            sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+        )
+    _make_posterior_sharp(vae)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
 def _make_posterior_sharp(vae: AutoencoderKL) -> None:
     """Give the encoder a near-zero variance, like a trained VAE.
 
@@ -199,4 +235,4 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(mapping.items()))
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "sd15-random": build_sd15_random}

@@ -12,7 +12,6 @@ Final writes are shielded from cancellation, so a shutdown never loses a finishe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -81,14 +80,24 @@ class Worker:
                 if time.monotonic() - last_recovery > 30:  # another host's worker may have died
                     await self._recover()
                     last_recovery = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=poll_s)
+                await self._idle(poll_s)
                 continue
             started = time.monotonic()
             await self._run_batch(batch)
             self.stats.batches += 1
             self.stats.busy_seconds += time.monotonic() - started
         return self.stats
+
+    async def _idle(self, poll_s: float) -> None:
+        """Sleep until a job is submitted in this process (woken at once), stop() is called, or
+        `poll_s` passes (jobs submitted by another process are found on the next poll)."""
+        waits = [asyncio.ensure_future(self._stop.wait()),
+                 asyncio.ensure_future(self.queue.bus.wait_for_change(poll_s))]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _recover(self) -> None:
         report = await self.queue.requeue_abandoned()

@@ -1,0 +1,116 @@
+"""Throughput: plain diffusers versus Easel end to end, on the same model in the same run.
+
+    python -m bench.throughput                       # builtin:tiny on the CPU
+    python -m bench.throughput --device cuda --arch sd15
+
+Plain diffusers is the baseline: one pipeline call per image, one after another, as a bot that
+serves one job at a time behind a lock would. Easel is measured end to end: K simulated users each
+submit jobs through the job service (one at a time, waiting for each result, like a person in a
+chat), and the clock stops when every image is stored and its `done` event published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import generation  # noqa: F401 - first: it quiets transformers before diffusers loads
+import torch
+from diffusers import StableDiffusionPipeline
+
+from bench.common import BenchSetup, bench_settings, parse_common, print_table
+from bot.bootstrap import open_core
+from bot.domain import JobKind, Requester
+from generation.builtin import ensure_builtin
+from generation.pipelines import DTYPE_KEYWORD, DiffusersGenerator
+from generation.samplers import make_scheduler
+from generation.worker import Worker
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+def plain_diffusers(setup: BenchSetup, images: int) -> float:
+    """Seconds for `images` sequential single-image pipeline calls (after one warm-up call)."""
+    source = setup.source.removeprefix("builtin:")
+    folder = ensure_builtin(source, setup.models_dir)
+    dtype = torch.float16 if setup.dtype == "float16" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **{DTYPE_KEYWORD: dtype}).to(setup.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def one(seed: int) -> None:
+        pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)  # the sampler Easel uses
+        pipe(PROMPT, num_inference_steps=setup.steps, width=setup.side, height=setup.side,
+             generator=torch.Generator("cpu").manual_seed(seed))
+
+    one(0)
+    _sync(setup)
+    start = time.perf_counter()
+    for seed in range(images):
+        one(seed)
+    _sync(setup)
+    return time.perf_counter() - start
+
+
+async def easel(setup: BenchSetup, generator: DiffusersGenerator, users: int, jobs: int,
+                max_batch: int) -> tuple[float, float]:
+    """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; and the mean batch."""
+    settings = bench_settings(setup, max_batch=max_batch)
+    core = await open_core(settings)
+    worker = Worker(core.queue, generator, core.store, settings)
+    serving = asyncio.create_task(worker.run())
+
+    async def user(index: int) -> None:
+        requester = Requester(platform="bench", user_id=f"user{index}")
+        for j in range(index, jobs, users):
+            command = core.parser.parse_generation(JobKind.IMAGINE, f"{PROMPT} --seed {j} --sampler euler")
+            submitted = await core.service.submit(requester, command)
+            async for _ in core.bus.watch(submitted.job.id):
+                pass
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user(i) for i in range(users)))
+    _sync(setup)
+    elapsed = time.perf_counter() - start
+    worker.stop()
+    await serving
+    batches = worker.stats.batches
+    await core.close()
+    return elapsed, jobs / max(batches, 1)
+
+
+def _sync(setup: BenchSetup) -> None:
+    if setup.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    args, setup = parse_common(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--images", type=int, default=32, help="images per measurement (default 32)"),
+        p.add_argument("--max-batch", type=int, default=4, help="Easel's generation.max_batch"),
+        p.add_argument("--concurrency", default="1,4,16", help="simulated users, comma-separated"),
+    ))
+    images = args.images
+    print(f"# {setup.arch} ({setup.source}) on {setup.device}, {setup.side}x{setup.side}, "
+          f"{setup.steps} steps, {images} images per row, torch {torch.__version__}")
+    baseline = plain_diffusers(setup, images)
+    generator = DiffusersGenerator(bench_settings(setup).models, device=setup.device, dtype=setup.dtype,
+                                   cache_dir=setup.models_dir)
+    generator.warm("bench")
+
+    rows = [["plain diffusers", "-", "1.0", f"{baseline:.2f}", images / baseline, baseline / images, 1.0, 1.0]]
+    results = {}
+    for users in (int(u) for u in args.concurrency.split(",")):
+        asyncio.run(easel(setup, generator, users, min(users, images), args.max_batch))  # warm-up
+        seconds, mean_batch = asyncio.run(easel(setup, generator, users, images, args.max_batch))
+        results[users] = seconds
+        rows.append([f"easel (max_batch {args.max_batch})", users, f"{mean_batch:.1f}", f"{seconds:.2f}",
+                     images / seconds, seconds / images, seconds / baseline, baseline / seconds])
+    print_table(["system", "users", "batch", "seconds", "images/s", "s/image", "time ratio",
+                 "speed-up"], rows)
+    lowest, highest = min(results), max(results)
+    print(f"headline: concurrency {highest}: {baseline / results[highest]:.2f}x plain diffusers' images/s; "
+          f"concurrency {lowest}: {results[lowest] / baseline:.2f}x its time per image")
+
+
+if __name__ == "__main__":
+    main()
