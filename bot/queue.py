@@ -17,17 +17,21 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Settings
 from bot.database import Database
 from bot.domain import JobStatus
 from bot.events import EventBus
 from bot.models import Image, Job, User
+from bot.policy import Policy
+from bot.safety import ImageVerdict, done_payload, image_action
 from bot.service import finish_job, utcnow
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView, job_view, params_of
+from bot.views import JobView, image_view, job_view
 
 
 def this_worker_id() -> str:
@@ -54,6 +58,10 @@ class RecoveryReport:
     failed: list[str]
 
 
+# The columns of GenerationParams.batch_key(): jobs equal in all of them share one diffusers call.
+BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.sampler, Job.cfg, Job.strength)
+
+
 class JobQueue:
     # How long a running job may go without a heartbeat before another host's worker may take it back.
     LEASE = timedelta(minutes=5)
@@ -63,28 +71,20 @@ class JobQueue:
         self.db = db
         self.store = store
         self.bus = bus
+        self.policy = Policy(settings)
 
     async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
         """Mark up to `max_images` images' worth of compatible jobs running and return them."""
         now = utcnow()
         async with self.db.unit_of_work() as uow:
-            session = uow.session
-            head = await session.scalar(self._fair_heads().limit(1))
-            if head is None:
+            chosen = await self._choose_batch(uow.session, max_images)
+            if not chosen:
                 return []
-            batch = [head]
-            images = head.n
-            # Fill with compatible jobs: other users' first jobs in fair order, then anyone's.
-            for query in (self._fair_heads(), select(Job).where(Job.status == JobStatus.QUEUED.value)
-                          .order_by(Job.seq)):
-                for job in (await session.scalars(query.limit(200))).unique():
-                    if images >= max_images:
-                        break
-                    if job in batch or job.n + images > max_images:
-                        continue
-                    if _batch_key(job) == _batch_key(head):
-                        batch.append(job)
-                        images += job.n
+            # Lock and load only the chosen rows; another worker may have taken some meanwhile.
+            batch = (await uow.session.scalars(
+                select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
+                .order_by(Job.seq).with_for_update(skip_locked=True, of=Job))).unique().all()
+            images = sum(job.n for job in batch)
             for job in batch:
                 job.status = JobStatus.RUNNING.value
                 job.attempts += 1
@@ -99,15 +99,38 @@ class JobQueue:
         self.bus.notify()
         return views
 
+    async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
+        """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.
+
+        Only a few columns of the candidates are read; the chosen rows are loaded by the caller.
+        """
+        head = (await session.execute(self._fair_heads().limit(1))).first()
+        if head is None:
+            return []
+        same_key = [column == value if value is not None else column.is_(None)
+                    for column, value in zip(BATCH_KEY_COLUMNS, head[2:], strict=True)]
+        chosen, images = [head.seq], head.n
+        # Fill: other users' first jobs in fair order, then anyone's in submission order.
+        for query in (self._fair_heads().where(*same_key),
+                      select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key)
+                      .order_by(Job.seq)):
+            for seq, n, *_ in (await session.execute(query.limit(4 * max_images))).all():
+                if images >= max_images:
+                    return chosen
+                if seq not in chosen and images + n <= max_images:
+                    chosen.append(seq)
+                    images += n
+        return chosen
+
     @staticmethod
-    def _fair_heads() -> Select[tuple[Job]]:
-        """Each user's oldest waiting job, the least recently served user first."""
-        oldest = (select(Job.seq).where(Job.status == JobStatus.QUEUED.value, Job.user_id == User.id)
-                  .order_by(Job.seq).limit(1).correlate(User).scalar_subquery())
-        return (select(Job).join(User, Job.user_id == User.id)
-                .where(Job.seq == oldest)
-                .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq)
-                .with_for_update(skip_locked=True, of=Job))
+    def _fair_heads() -> Select[Any]:
+        """Each user's oldest waiting job (seq, n, batch key), the least recently served user first."""
+        heads = (select(Job.user_id, func.min(Job.seq).label("seq"))
+                 .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
+        return (select(Job.seq, Job.n, *BATCH_KEY_COLUMNS)
+                .join(heads, Job.seq == heads.c.seq)
+                .join(User, User.id == Job.user_id)
+                .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))
 
     async def report_progress(self, job_ids: Sequence[str], step: int, total: int) -> set[str]:
         """Record step i/n for running jobs (also the heartbeat). Returns the ids no longer running
@@ -133,22 +156,37 @@ class JobQueue:
                                       .values(heartbeat_at=utcnow()))
             await uow.commit()
 
-    async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]]) -> bool:
-        """Store the image rows and mark the job done. False if it was cancelled meanwhile."""
+    async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]],
+                       verdicts: Sequence[ImageVerdict | None] = ()) -> bool:
+        """Store the image rows and mark the job done. False if it was cancelled meanwhile.
+
+        `verdicts` are the output check's, one per image (None = not flagged). A flagged image is
+        spoilered where the job's place allows NSFW, else withheld; each is recorded on the image and
+        as a safety flag row (a withheld one may be a strike, see moderation.strike_actions).
+        """
         now = utcnow()
         async with self.db.unit_of_work() as uow:
             job = await uow.session.scalar(select(Job).where(Job.id == job_id))
             if job is None or job.status != JobStatus.RUNNING.value:
                 return False
-            for index, (seed, stored) in enumerate(images):
+            verdicts = list(verdicts) or [None] * len(images)
+            for index, ((seed, stored), verdict) in enumerate(zip(images, verdicts, strict=True)):
+                action = image_action(job.nsfw_allowed) if verdict is not None else None
                 job.images.append(Image(index=index, seed=seed, sha256=stored.sha256, width=stored.width,
                                         height=stored.height, size_bytes=stored.size_bytes,
-                                        safety_flags=[], created_at=now))
+                                        safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
+                                        created_at=now))
+                if verdict is not None:
+                    await self.policy.record(uow.session, job.user, subject=f"image:{stored.sha256}",
+                                             category=verdict.category, reason_code=verdict.reason_code,
+                                             source="image_check", action=action, now=now, job_id=job.id,
+                                             detail=f"image {index + 1} of job {job.id}: {job.prompt}")
+            if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in job.images) \
+                    and "withhold" in self.settings.moderation.strike_actions:
+                await self.policy.strike(uow.session, job.user, now)
             job.progress_step = job.progress_total
             await uow.session.flush()
-            payload = {"images": [{"index": i.index, "seed": i.seed, "sha256": i.sha256,
-                                   "path": str(self.store.path_of(i.sha256)), "width": i.width,
-                                   "height": i.height} for i in job.images]}
+            payload = done_payload(job.id, [image_view(i, str(self.store.path_of(i.sha256))) for i in job.images])
             await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED, payload=payload)
             await uow.commit()
         self.bus.notify()
@@ -195,7 +233,3 @@ class JobQueue:
         async with self.db.unit_of_work(write=False) as uow:
             return (await uow.session.scalar(
                 select(Job.seq).where(Job.status == JobStatus.QUEUED.value).limit(1))) is not None
-
-
-def _batch_key(job: Job) -> tuple[object, ...]:
-    return params_of(job).batch_key()
