@@ -37,13 +37,15 @@ def parse_common(description: str, extra: Any = None) -> tuple[argparse.Namespac
     parser.add_argument("--arch", choices=sorted(ARCHES), default="tiny",
                         help="tiny: builtin:tiny; sd15: full-size SD 1.5 architecture, random weights")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 20)")
+    parser.add_argument("--side", type=int, help="image width and height (default: the model's own)")
     parser.add_argument("--models-dir", type=Path, default=Path("data/models"),
                         help="where built-in models are built and cached")
     if extra:
         extra(parser)
     args = parser.parse_args()
     source, side, steps = ARCHES[args.arch]
-    return args, BenchSetup(args.device, args.arch, source, side, args.steps or steps, args.models_dir)
+    return args, BenchSetup(args.device, args.arch, source, args.side or side, args.steps or steps,
+                            args.models_dir)
 
 
 def bench_settings(setup: BenchSetup, data_dir: Path | None = None, **generation: Any) -> Settings:

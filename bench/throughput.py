@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import generation  # noqa: F401 - first: it quiets transformers before diffusers loads
 import torch
 from diffusers import StableDiffusionPipeline
 
