@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from diffusers import (
 )
 from diffusers.utils import deprecation_utils
 
-from bot.config import ModelConfig
+from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed
 from generation.builtin import ensure_builtin
@@ -53,7 +55,9 @@ PIPELINE_CLASSES: dict[JobKind, type[DiffusionPipeline]] = {
     JobKind.INPAINT: StableDiffusionInpaintPipeline,
 }
 
-StepCallback = Callable[[int, int], None]
+# on_step(step, total) after each denoising step; with previews on, some calls add a third
+# argument: one JPEG preview per task.
+StepCallback = Callable[..., None]
 
 
 @dataclass
@@ -94,7 +98,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 def load_pipeline(
-    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path
+    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path, offload: bool = False
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion 1.x model onto `device`.
 
@@ -124,8 +128,11 @@ def load_pipeline(
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise GenerationFailed(f"could not load model {source!r}: {reason}") from error
 
-    # 2. Place it
-    pipe.to(device)
+    # 2. Place it: on the device, or (CPU offload, for small GPUs) moved there part by part when used
+    if offload and torch.device(device).type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -148,12 +155,16 @@ class DiffusersGenerator:
         device: str = "auto",
         dtype: str = "auto",
         cache_dir: Path = DEFAULT_CACHE_DIR,
+        options: GenerationConfig | None = None,
     ) -> None:
         self.models = dict(models)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.cache_dir = Path(cache_dir)
+        self.options = options or GenerationConfig()
+        self.compile_sizes = [_parse_size(size) for size in self.options.compile_sizes]
         self._pipelines: dict[tuple[str, JobKind], DiffusionPipeline] = {}
         self._scheduler_configs: dict[str, Mapping[str, Any]] = {}  # as each model was saved
+        self._weights_bytes: OrderedDict[str, int] = OrderedDict()  # loaded models, least recent first
         self._lock = threading.Lock()
 
     def warm(self, model_name: str) -> None:
@@ -161,6 +172,11 @@ class DiffusersGenerator:
         self._check_model(model_name)
         with self._lock:
             self._pipeline(model_name, JobKind.IMAGINE)
+        # torch.compile traces on first use of each shape: pay that now, not in a user's first job.
+        for width, height in self.compile_sizes if self.options.compile else []:
+            params = GenerationParams(JobKind.IMAGINE, "warm-up", width=width, height=height, steps=2,
+                                      model=model_name, seed=0)
+            self.generate([GenerationTask(params)])
 
     def generate(
         self, tasks: list[GenerationTask], on_step: StepCallback | None = None
@@ -237,7 +253,10 @@ class DiffusersGenerator:
         if params.kind is JobKind.INPAINT:
             arguments["mask_image"] = [task.mask_image for task in per_image]
         if on_step is not None:
-            arguments["callback_on_step_end"] = _step_reporter(on_step)
+            first_images = [sum(task.params.n for task in tasks[:i]) for i in range(len(tasks))]
+            every = self.options.preview_every_steps if self.options.previews else 0
+            arguments["callback_on_step_end"] = _step_reporter(on_step, every, first_images,
+                                                               _latent_family(pipe))
 
         # A fresh scheduler per call: schedulers keep per-call state.
         pipe.scheduler = make_scheduler(params.sampler, self._scheduler_configs[params.model])
@@ -261,9 +280,14 @@ class DiffusersGenerator:
     def _pipeline(self, model_name: str, kind: JobKind) -> DiffusionPipeline:
         """The cached pipeline for a model and job kind; the kinds share one set of weights."""
         if (model_name, JobKind.IMAGINE) not in self._pipelines:
-            base = load_pipeline(self.models[model_name].source, self.device, self.dtype, self.cache_dir)
+            base = load_pipeline(self.models[model_name].source, self.device, self.dtype, self.cache_dir,
+                                 offload=self.options.cpu_offload)
+            self._apply_switches(base)
             self._pipelines[model_name, JobKind.IMAGINE] = base
             self._scheduler_configs[model_name] = base.scheduler.config
+            self._weights_bytes[model_name] = _weights_bytes(base)
+            self._evict_beyond_budget(keep=model_name)
+        self._weights_bytes.move_to_end(model_name)
         if (model_name, kind) not in self._pipelines:
             base = self._pipelines[model_name, JobKind.IMAGINE]
             # The dtype matters: from_pipe casts the (shared) modules to float32 when it is left out.
@@ -271,6 +295,31 @@ class DiffusersGenerator:
             derived.set_progress_bar_config(disable=True)
             self._pipelines[model_name, kind] = derived
         return self._pipelines[model_name, kind]
+
+    def _apply_switches(self, pipe: DiffusionPipeline) -> None:
+        """The speed switches of [generation], each off by default (see config.example.toml)."""
+        if self.options.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        if self.options.vae_tiling:
+            pipe.vae.enable_tiling()
+        if self.options.compile:
+            pipe.unet = torch.compile(pipe.unet)
+
+    def _evict_beyond_budget(self, keep: str) -> None:
+        """Unload least recently used models until the loaded weights fit `memory_budget_mb`."""
+        budget = self.options.memory_budget_mb * 2**20
+        while budget and sum(self._weights_bytes.values()) > budget and len(self._weights_bytes) > 1:
+            oldest = next(name for name in self._weights_bytes if name != keep)
+            logger.info("unloading model %s to stay within generation.memory_budget_mb", oldest)
+            del self._weights_bytes[oldest]
+            for key in [key for key in self._pipelines if key[0] == oldest]:
+                del self._pipelines[key]
+            _free_memory(self.device)
+
+    @property
+    def loaded_models(self) -> list[str]:
+        """Loaded model names, least recently used first."""
+        return list(self._weights_bytes)
 
     def _check_model(self, model_name: str) -> None:
         if model_name not in self.models:
@@ -320,12 +369,59 @@ def _check_task(task: GenerationTask) -> None:
                          f"{task.mask_image.size[0]}x{task.mask_image.size[1]}")
 
 
-def _step_reporter(on_step: StepCallback) -> Callable[..., dict[str, Any]]:
+def _step_reporter(on_step: StepCallback, preview_every: int, first_images: list[int],
+                   family: str) -> Callable[..., dict[str, Any]]:
+    """diffusers' step-end callback: report progress, and every `preview_every` steps (0 = never)
+    a preview of each task's first image."""
+
     def callback(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-        on_step(step + 1, pipe.num_timesteps)
+        done, total = step + 1, pipe.num_timesteps
+        if preview_every and (done % preview_every == 0) and done < total and "latents" in tensors:
+            latents = tensors["latents"]
+            on_step(done, total, [latents_to_preview(latents[i], family) for i in first_images])
+        else:
+            on_step(done, total)
         return {}  # change nothing
 
     return callback
+
+
+# Linear maps from the 4 latent channels to RGB (from ComfyUI's latent formats): a recognisable
+# preview for the price of a matrix product, with no VAE decode and no extra weights.
+LATENT_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
+    "sd": ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
+    "sdxl": ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
+              [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
+}
+
+
+def _latent_family(pipe: DiffusionPipeline) -> str:
+    """SDXL UNets take extra "text_time" conditioning; SD 1.x and 2.x share one latent space."""
+    return "sdxl" if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def latents_to_preview(latents: torch.Tensor, family: str = "sd") -> bytes:
+    """A small JPEG of one image's latents (channels, height, width), projected linearly to RGB."""
+    factors, bias = LATENT_RGB_FACTORS[family]
+    rgb = torch.einsum("chw,cr->hwr", latents.detach().float().cpu(), torch.tensor(factors))
+    rgb = ((rgb + torch.tensor(bias) + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rgb, "RGB").save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def _weights_bytes(pipe: DiffusionPipeline) -> int:
+    return sum(p.numel() * p.element_size() for name, component in pipe.components.items()
+               if isinstance(component, torch.nn.Module) for p in component.parameters())
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    width, _, height = size.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) % 8 or int(height) % 8:
+        raise ConfigError(f"generation.compile_sizes holds {size!r}; write sizes as WxH in multiples "
+                          f"of 8, e.g. \"512x512\"")
+    return int(width), int(height)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

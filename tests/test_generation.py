@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import threading
 from pathlib import Path
@@ -234,3 +235,67 @@ def test_every_sampler_name_has_a_scheduler(generator: DiffusersGenerator) -> No
         make_scheduler("k_euler", config)
 
 
+
+
+# --- throughput switches: previews, model eviction ---------------------------------------------
+
+def _generator_with(models_dir: Path, models: dict[str, ModelConfig] | None = None,
+                    **options: object) -> DiffusersGenerator:
+    from bot.config import GenerationConfig
+
+    models = models or {"tiny": ModelConfig(source="builtin:tiny", default_width=64, default_height=64)}
+    return DiffusersGenerator(models, device="cpu", dtype="float32", cache_dir=models_dir,
+                              options=GenerationConfig(**options))
+
+
+def test_previews_come_with_progress_every_few_steps_one_per_job(models_dir: Path) -> None:
+    generator = _generator_with(models_dir, previews=True, preview_every_steps=2)
+    calls: list[tuple] = []
+    tasks = [GenerationTask(params(steps=6, n=2)), GenerationTask(params(steps=6, seed=9))]
+    generator.generate(tasks, lambda step, total, previews=None: calls.append((step, total, previews)))
+    assert [step for step, _, _ in calls] == [1, 2, 3, 4, 5, 6]
+    with_previews = [(step, previews) for step, _, previews in calls if previews is not None]
+    assert [step for step, _ in with_previews] == [2, 4]  # never on the last step: the image itself comes
+    for _, previews in with_previews:
+        assert len(previews) == 2  # one per job, not per image
+        for jpeg in previews:
+            with PIL.Image.open(io.BytesIO(jpeg)) as preview:
+                assert preview.format == "JPEG" and preview.size == (16, 16)  # the 16x16 latents
+
+
+def test_previews_are_off_by_default(generator: DiffusersGenerator) -> None:
+    calls: list[tuple] = []
+    generator.generate([GenerationTask(params(steps=6))], lambda *args: calls.append(args))
+    assert all(len(args) == 2 for args in calls)
+
+
+def test_a_memory_budget_unloads_the_least_recently_used_model(models_dir: Path) -> None:
+    tiny = ModelConfig(source="builtin:tiny", default_width=64, default_height=64)
+    generator = _generator_with(models_dir, {"a": tiny, "b": tiny}, memory_budget_mb=1)
+    [[first]] = generator.generate([GenerationTask(params(model="a"))])
+    generator.generate([GenerationTask(params(model="b"))])
+    assert generator.loaded_models == ["b"]  # two copies do not fit in 1 MiB: "a" was unloaded
+    [[again]] = generator.generate([GenerationTask(params(model="a"))])  # loaded again on demand
+    assert generator.loaded_models == ["a"]
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_without_a_budget_every_model_stays_loaded(models_dir: Path) -> None:
+    tiny = ModelConfig(source="builtin:tiny", default_width=64, default_height=64)
+    generator = _generator_with(models_dir, {"a": tiny, "b": tiny})
+    for name in ("a", "b", "a"):
+        generator.generate([GenerationTask(params(model=name, steps=2))])
+    assert generator.loaded_models == ["b", "a"]
+
+
+def test_memory_format_and_tiling_switches_still_draw_the_same_picture(generator: DiffusersGenerator,
+                                                                      models_dir: Path) -> None:
+    switched = _generator_with(models_dir, channels_last=True, vae_tiling=True)
+    [[plain]] = generator.generate([GenerationTask(params())])
+    [[other]] = switched.generate([GenerationTask(params())])
+    assert np.abs(pixels(plain) - pixels(other)).max() <= 2
+
+
+def test_bad_compile_sizes_are_refused_naming_the_key(models_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"generation\.compile_sizes holds '512'"):
+        _generator_with(models_dir, compile_sizes=["512"])
