@@ -31,7 +31,9 @@ class Event:
       queued    {"position": int}
       started   {"batch_size": int}
       progress  {"step": int, "total": int}
-      done      {"images": [{"index", "seed", "sha256", "path", "width", "height"}]}
+      done      {"images": [{"index", "seed", "sha256", "path", "width", "height", "spoiler"?}],
+                 "withheld"?: [{"index", "seed", "category", "message"}], "notice"?: str}
+                (see bot.safety.done_payload: show `notice`; send `spoiler` images behind a spoiler)
       failed    {"error": str}
       cancelled {}
     """
@@ -85,39 +87,35 @@ class EventBus:
 
     async def watch(self, job_id: str) -> AsyncIterator[Event]:
         """Every event of one job from its first, ending after the final one (done, failed, cancelled)."""
-        last_id = 0
-        while True:
-            changed = self._changed
-            events = await self.read_after(last_id, job_id=job_id)
-            for event in events:
-                last_id = event.id
-                yield event
-                if event.is_final:
-                    return
-            if not events:
-                await self._wait_on(changed)
+        async for event in self._stream(0, job_id=job_id):
+            yield event
+            if event.is_final:
+                return
 
     async def follow(self, platform: str, after_id: int | None = None) -> AsyncIterator[Event]:
         """Every new event of one platform, forever (an adapter's event loop)."""
         last_id = await self.latest_id() if after_id is None else after_id
+        async for event in self._stream(last_id, platform=platform):
+            yield event
+
+    async def _stream(self, last_id: int, **where: str) -> AsyncIterator[Event]:
+        """Events after `last_id` matching `where`, in order, waiting for new ones when caught up."""
         while True:
+            # Capture the wake-up Event before reading, so a notify between the read and the wait
+            # still wakes us.
             changed = self._changed
-            events = await self.read_after(last_id, platform=platform)
+            events = await self.read_after(last_id, **where)
             for event in events:
                 last_id = event.id
                 yield event
             if not events:
-                await self._wait_on(changed)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=self._poll_interval_s)
 
     async def wait_for_change(self, timeout_s: float) -> None:
         """Return on the next `notify` in this process, or after `timeout_s` (for other processes)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
-
-    async def _wait_on(self, changed: asyncio.Event) -> None:
-        # Wait on the Event captured before reading, so a notify between the read and here still wakes us.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout=self._poll_interval_s)
 
     async def prune(self, older_than: datetime) -> int:
         """Drop old progress events (final events stay: they are the job's history)."""

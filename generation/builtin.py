@@ -110,18 +110,8 @@ def build_tiny(folder: Path) -> None:
         )
     _make_posterior_sharp(vae)
 
-    # 3. Stable Diffusion 1.x's own scheduler settings, so every sampler in samplers.py fits it
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-    )
-
-    # 4. Save as a plain diffusers folder
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    # 3. Save as a plain diffusers folder, with Stable Diffusion 1.x's own scheduler
+    _save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
 
 
 def build_sd15_random(folder: Path) -> None:
@@ -148,6 +138,12 @@ def build_sd15_random(folder: Path) -> None:
             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
         )
     _make_posterior_sharp(vae)
+    _save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet, torch.float16)
+
+
+def _save_sd_pipeline(folder: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                      unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32) -> None:
+    """Save the parts as a diffusers folder with SD 1.x's scheduler settings, so every sampler fits."""
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
@@ -156,7 +152,7 @@ def build_sd15_random(folder: Path) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.to(torch.float16)
+    pipe.to(dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
