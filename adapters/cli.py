@@ -57,10 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the worker and every configured chat adapter")
     db = commands.add_parser("db", help="database maintenance")
     db.add_subparsers(dest="db_command", required=True).add_parser("upgrade", help="apply migrations")
+    discord_sync = commands.add_parser("discord", help="Discord bot maintenance").add_subparsers(
+        dest="discord_command", required=True).add_parser(
+        "sync", help="register the slash commands with Discord (globally, or in one server at once)")
+    discord_sync.add_argument("--guild", type=int, help="a server id: its commands update at once")
     config = commands.add_parser("config", help="configuration")
     check = config.add_subparsers(dest="config_command", required=True).add_parser(
         "check", help="validate a config file and name every bad key")
     check.add_argument("file", type=Path, nargs="?")
+    apikey = commands.add_parser("apikey", help="API keys for the HTTP API")
+    create = apikey.add_subparsers(dest="apikey_command", required=True).add_parser(
+        "create", help="make a key (printed once; only its hash is stored)")
+    create.add_argument("--name", required=True, help="who or what uses the key, e.g. support-bot")
+    create.add_argument("--quota", type=int, help="images per UTC day (default: queue.daily_images_per_user)")
+    mcp = commands.add_parser("mcp", help="an MCP server (stdio) with imagine, edit and inpaint tools")
+    mcp.add_argument("--url", help="the Easel HTTP API (default: http.public_url, else http://host:port)")
+    mcp.add_argument("--key", help="API key (default: the EASEL_API_KEY environment variable)")
     return parser
 
 
@@ -95,6 +107,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         upgrade_database(settings.database_url)
         print(f"database {settings.database_url_safe} is up to date")
         return 0
+    if args.command == "mcp":
+        from adapters.mcp_server import run_mcp  # the mcp SDK loads only for this command
+
+        return run_mcp(settings, url=args.url, key=args.key)
     handler = COMMANDS[args.command]
     return asyncio.run(_with_core(settings, lambda core: handler(core, args)))
 
@@ -169,6 +185,17 @@ async def _job(core: Core, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _apikey(core: Core, args: argparse.Namespace) -> int:
+    from bot.apikeys import ApiKeys
+
+    token, key = await ApiKeys(core.db).create(args.name, daily_images=args.quota)
+    quota = f"{args.quota} images a day" if args.quota is not None else "the default daily quota"
+    print(f"API key {key.public_id} ({key.name}, {quota}). Send it as `Authorization: Bearer <key>`; "
+          "it is shown only this once:", file=sys.stderr)
+    print(token)
+    return 0
+
+
 async def _worker(core: Core, args: argparse.Namespace) -> int:
     from generation.worker import build_worker
 
@@ -199,6 +226,15 @@ async def _serve(core: Core, args: argparse.Namespace) -> int:
         group.create_task(worker.run(), name="easel-worker")
         for adapter in adapters:
             group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
+    return 0
+
+
+async def _discord(core: Core, args: argparse.Namespace) -> int:
+    from adapters.discord import DiscordAdapter
+
+    names = await DiscordAdapter(core).sync_commands(args.guild)
+    where = f"server {args.guild}" if args.guild else "every server (global commands may take up to an hour)"
+    print(f"registered {len(names)} commands in {where}: {', '.join('/' + name for name in names)}")
     return 0
 
 
@@ -241,7 +277,8 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "imagine": _generate, "edit": _generate, "inpaint": _generate, "chat": _chat,
-    "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve,
+    "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve, "apikey": _apikey,
+    "discord": _discord,
 }
 
 

@@ -16,16 +16,21 @@ from tqdm import tqdm
 
 from bot.bootstrap import Core
 from bot.domain import (
+    AppealCommand,
     CancelCommand,
     GenerateCommand,
     HelpCommand,
     InputImages,
     JobCommand,
     JobKind,
+    ModCommand,
     QuotaCommand,
     Requester,
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
+from bot.moderation import Moderation
+from bot.policy import describe_quota
+from bot.safety import withheld_message
 from bot.views import JobView
 
 PLATFORM = "console"
@@ -55,7 +60,7 @@ def split_attachments(text: str) -> tuple[str, list[str]]:
     words = text.strip().split(maxsplit=3)
     command = words[0].lstrip("/").split("@")[0].lower() if words else ""
     count = ATTACHMENTS.get(command, 0)
-    if count == 0:
+    if count == 0 or (len(words) > 1 and words[1].startswith("{")):  # {https://...} links, not files
         return text, []
     if len(words) < count + 1:
         usage = "/edit <image> <prompt>" if count == 1 else "/inpaint <image> <mask> <prompt>"
@@ -97,9 +102,9 @@ class ConsoleChat:
             )
             return await self.generate(command, inputs)
         if isinstance(command, QuotaCommand):
-            quota = await self.core.service.quota(self.requester)
-            self.say(f"{quota.remaining} of {quota.limit} images left today; "
-                     f"resets at {quota.resets_at:%Y-%m-%d %H:%M} UTC")
+            self.say(describe_quota(await self.core.service.quota(self.requester, command.command)))
+        elif isinstance(command, AppealCommand | ModCommand):
+            self.say(await Moderation(self.core.service).handle(self.requester, command))
         elif isinstance(command, JobCommand):
             self.say(describe_job(await self.core.service.get_job(command.job_id)))
         elif isinstance(command, CancelCommand):
@@ -130,6 +135,9 @@ class ConsoleChat:
                 bar.close()
         job = await self.core.service.get_job(job.id)
         for image in job.images:
+            if image.withheld:  # flagged by the image check: say why, never show it
+                self.say("  " + withheld_message(job.id, image.index, image.safety_flags[0].rsplit(":", 1)[0]))
+                continue
             path = self._deliver(job, image.index, Path(image.path))
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}")
         await self.core.service.mark_delivered(job.id)

@@ -81,7 +81,8 @@ class LimitsConfig(Section):
 class QueueConfig(Section):
     max_queued_per_user: int = Field(10, ge=1)  # jobs waiting or running at once, per user
     max_attempts: int = Field(3, ge=1)  # a job whose worker died this often is failed, not retried
-    daily_images_per_user: int = Field(200, ge=0)  # simple quota: images per user per UTC day
+    # A plain images-per-UTC-day cap per user, on top of the cost-unit quota in [quota]; 0 = none.
+    daily_images_per_user: int = Field(200, ge=0)
 
 
 class ModelConfig(Section):
@@ -101,18 +102,58 @@ class GenerationConfig(Section):
     batch_wait_ms: int = Field(0, ge=0)  # how long a worker waits for more compatible jobs
     poll_interval_ms: int = Field(500, ge=10)  # how often an idle worker looks for new jobs
     progress_every_s: float = Field(0.5, ge=0)  # progress events at most this often per batch
+    # Models stay loaded; past this many MiB of weights the least recently used model is unloaded
+    # before another is loaded. 0 = no limit.
+    memory_budget_mb: int = Field(0, ge=0)
+    # Speed switches, each off until measured to help on your hardware (bench/throughput.py).
+    channels_last: bool = False  # UNet in channels-last memory format (often faster on CUDA)
+    compile: bool = False  # torch.compile the UNet; warmed up at start for `compile_sizes`
+    compile_sizes: list[str] = Field(default_factory=list)  # e.g. ["512x512", "768x512"]
+    vae_tiling: bool = False  # decode large images in tiles (less memory, slightly slower)
+    cpu_offload: bool = False  # keep weights on the CPU, move each part to the GPU when used (small GPUs)
+    previews: bool = False  # cheap live previews (latents projected to RGB) with progress events
+    preview_every_steps: int = Field(5, ge=1)
 
 
 class DiscordConfig(Section):
     """The Discord adapter (adapters/discord.py) runs when a token is set."""
 
     token: SecretStr | None = None  # prefer the DISCORD_TOKEN environment variable
+    # A job's message is edited with its progress at most this often (Discord rate-limits edits).
+    progress_edit_every_s: float = Field(2.0, ge=0)
+    # An interaction token lives 15 minutes; with less than this left, results go to the channel
+    # with the bot's own token instead (uploads of large files take a while).
+    token_margin_s: float = Field(90.0, ge=0, le=600)
+    # "nsfw_channels": NSFW allowed only in channels Discord marks age-restricted; "never": nowhere.
+    nsfw: Literal["nsfw_channels", "never"] = "nsfw_channels"
+    # Members with one of these roles count as moderators (besides those with Manage Messages).
+    moderator_role_ids: list[int] = Field(default_factory=list)
 
 
 class TelegramConfig(Section):
     """The Telegram adapter (adapters/telegram.py) runs when a token is set."""
 
     token: SecretStr | None = None  # prefer the TELEGRAM_TOKEN environment variable
+    # The Bot API server. The token is appended, or put where "{token}" appears. Your own
+    # telegram-bot-api server lifts Telegram's 20 MB limit on the files a bot may download.
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    # Groups the bot answers in (chat ids such as -1001234567890); empty = every group it is in.
+    allowed_chats: list[int] = Field(default_factory=list)
+    private_chats: bool = True  # answer in one-to-one chats too
+    # Telegram user ids that moderate Easel; with group_admins_moderate a group's admins moderate too.
+    admins: list[int] = Field(default_factory=list)
+    group_admins_moderate: bool = True
+    # Chats (group ids, or user ids for private chats) where NSFW results are allowed; empty = none.
+    nsfw_chats: list[int] = Field(default_factory=list)
+    send_png_files: bool = False  # also send each result as a lossless PNG file (photos are JPEGs)
+    # Least seconds between two messages or edits to one chat: Telegram allows about one a second
+    # in a private chat and twenty a minute in a group, and answers floods with RetryAfter.
+    private_interval_s: float = Field(1.0, ge=0)
+    group_interval_s: float = Field(3.0, ge=0)
+    album_wait_s: float = Field(1.0, ge=0)  # wait this long for the rest of an album (an inpaint mask)
+    poll_timeout_s: int = Field(10, ge=0)  # long polling: how long one getUpdates call waits for news
+    concurrent_updates: int = Field(64, ge=1)  # updates handled at once, so a slow download blocks no one
 
 
 class HttpConfig(Section):
@@ -120,11 +161,154 @@ class HttpConfig(Section):
 
     enabled: bool | None = None  # None: on when neither Discord nor Telegram is configured
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535)  # 0 = any free port (tests)
+    # The address clients reach this server at, for the image links in webhooks and MCP answers
+    # (e.g. "https://easel.example.com"). Empty: taken from each request, or http://host:port.
+    public_url: str = ""
+    # Let the web chat at / give each browser its own identity (an API key of kind "web", with the
+    # default quota). Off: the page asks for an API key made with `easel apikey create`.
+    web_sessions: bool = True
+    webhook_attempts: int = Field(5, ge=1)  # tries per completion webhook before giving up until restart
+    webhook_backoff_s: float = Field(2.0, ge=0)  # wait before the 2nd try; doubles after each failure
+    webhook_timeout_s: float = Field(10.0, gt=0)  # per try
+    # Webhooks to loopback, private and link-local addresses are refused (a key holder could otherwise
+    # make this server call internal services). Turn on for local development and tests.
+    allow_private_webhooks: bool = False
+
+
+class SafetyCategoryConfig(Section):
+    """One category of the prompt check (bot/safety.py): what to look for and what to do on a match."""
+
+    # block: refused everywhere (and a strike); flag: allowed and recorded for moderators;
+    # nsfw_only: allowed where the platform says NSFW is allowed (a Discord NSFW channel...), else refused.
+    action: Literal["block", "flag", "nsfw_only"]
+    words: list[str] = Field(default_factory=list)  # whole words or phrases, matched after normalisation
+    patterns: list[str] = Field(default_factory=list)  # regular expressions over the normalised prompt
+    description: str = ""  # what the category is, in words: shown to users, and used by the semantic check
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> SafetyCategoryConfig:
+        import re
+
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}") from None
+        return self
+
+
+def _default_safety_categories() -> dict[str, SafetyCategoryConfig]:
+    minors = (r"(?:child|children|kid|kids|minor|minors|underage|preteen|toddler|infant|schoolgirl|schoolboy"
+              r"|little girl|little boy|young girl|young boy|(?:[1-9]|1[0-7]) ?(?:yo|year old|years old))")
+    sexual = r"(?:nude|naked|nsfw|sex|sexual|porn|lewd|erotic|topless|undressed|nipples?|genitals?)"
+    return {
+        "minors": SafetyCategoryConfig(
+            action="block", description="sexual content involving minors",
+            words=["loli", "lolicon", "shota", "shotacon", "jailbait", "csam", "pedo", "pedophile"],
+            patterns=[rf"\b{minors}\b.*\b{sexual}", rf"\b{sexual}\b.*\b{minors}\b"],
+        ),
+        "sexual": SafetyCategoryConfig(
+            action="nsfw_only", description="nudity and sexual content",
+            words=["nude", "naked", "nsfw", "porn", "porno", "pornographic", "hentai", "sex", "sexual",
+                   "erotic", "lewd", "topless", "nipple", "genitals", "penis", "vagina", "xxx", "explicit"],
+        ),
+        "gore": SafetyCategoryConfig(
+            action="flag", description="graphic violence and gore",
+            words=["gore", "gory", "dismembered", "decapitated", "disemboweled", "mutilated", "beheaded"],
+        ),
+    }
+
+
+class SafetyConfig(Section):
+    """Content safety: the prompt check before queuing and the image check before delivery."""
+
+    prompt_check: bool = True  # off: no prompt is checked (not recommended for public bots)
+    categories: dict[str, SafetyCategoryConfig] = Field(default_factory=_default_safety_categories)
+    # Optional semantic check: a local sentence-transformers model folder (needs the
+    # sentence-transformers package). Empty = off. Prompts close to a category's description match it.
+    semantic_model: str = ""
+    semantic_threshold: float = Field(0.6, gt=0, le=1)
+    # Output check: "none", "diffusers" (StableDiffusionSafetyChecker) or "nudenet" (needs nudenet).
+    image_checker: Literal["none", "diffusers", "nudenet"] = "none"
+    # diffusers: a model folder or hub id with safety_checker/ and feature_extractor/ subfolders;
+    # empty = the default model's source. nudenet: unused.
+    image_checker_source: str = ""
+    nudenet_threshold: float = Field(0.6, gt=0, le=1)  # detector score from which an exposed part counts
+
+
+class ModerationConfig(Section):
+    """Who moderates, and how strikes become temporary bans (bot/moderation.py, bot/policy.py)."""
+
+    # "platform:user_id", e.g. "discord:80351110224678912", "telegram:12345", "console:alice".
+    # Owners moderate on every platform; platform moderators (Discord roles, Telegram chat admins)
+    # only their own platform's users.
+    owner_ids: list[str] = Field(default_factory=list)
+    strikes_to_ban: int = Field(3, ge=0)  # strikes within the window that give a temporary ban; 0 = never
+    strike_window_hours: float = Field(24.0, gt=0)
+    strike_ban_hours: float = Field(24.0, gt=0)  # how long a ban from strikes lasts
+    default_ban_hours: float = Field(24.0, gt=0)  # /mod ban without a duration
+    # Which recorded actions count as strikes: "block" (a blocked prompt), "withhold" (a withheld image).
+    strike_actions: list[Literal["block", "withhold"]] = Field(default_factory=lambda: ["block"])
+
+
+class QuotaTier(Section):
+    """The quota windows of one role tier, in cost units (512x512, 20 steps, 1 image = 1 unit).
+    `inf` (TOML's infinity) means no limit."""
+
+    daily_units: float = Field(50.0, ge=0)  # per UTC day
+    per_minute_units: float = Field(5.0, ge=0)  # over any 60 seconds
+
+
+def _default_tiers() -> dict[str, QuotaTier]:
+    return {
+        "user": QuotaTier(),
+        "trusted": QuotaTier(daily_units=200.0, per_minute_units=10.0),
+        "moderator": QuotaTier(daily_units=500.0, per_minute_units=20.0),
+        "owner": QuotaTier(daily_units=float("inf"), per_minute_units=float("inf")),
+    }
+
+
+class BusySizeCap(Section):
+    """While at least `queued_jobs` jobs wait, a new job may have at most `max_pixels` per image."""
+
+    queued_jobs: int = Field(ge=1)
+    max_pixels: int = Field(ge=64)
+
+
+class QuotaConfig(Section):
+    """Cost-unit quotas per role tier, the global queue cap and the busy size cap (bot/policy.py)."""
+
+    # A user's tier is their role: "owner" for moderation.owner_ids, "moderator" for platform
+    # moderators, else what `/mod quota USER tier NAME` set (default "user"). Unknown tiers fall back to "user".
+    tiers: dict[str, QuotaTier] = Field(default_factory=_default_tiers)
+    max_queued_total: int = Field(1000, ge=0)  # jobs waiting across all users; then "busy"; 0 = no cap
+    busy_size_caps: list[BusySizeCap] = Field(default_factory=list)  # e.g. [{queued_jobs=50, max_pixels=262144}]
+
+    @model_validator(mode="after")
+    def _has_user_tier(self) -> QuotaConfig:
+        if "user" not in self.tiers:
+            raise ValueError("tiers must include \"user\", the tier of everyone without another role")
+        return self
+
+
+class FetchConfig(Section):
+    """Reference images given as `{https://...}` links in a prompt (bot/fetch.py)."""
+
+    enabled: bool = True
+    # Hosts links may point to; "*.example.com" also allows its subdomains. Platform CDNs by default.
+    allowed_hosts: list[str] = Field(default_factory=lambda: [
+        "cdn.discordapp.com", "media.discordapp.net", "telegra.ph"])
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    timeout_s: float = Field(10.0, gt=0)  # the whole fetch, redirects included
+    max_redirects: int = Field(3, ge=0)
 
 
 def _builtin_models() -> dict[str, ModelConfig]:
-    return {"tiny": ModelConfig(source="builtin:tiny", default_width=64, default_height=64)}
+    return {
+        # Untrained (draws noise) and fastest: for tests of the pipeline itself.
+        "tiny": ModelConfig(source="builtin:tiny", default_width=64, default_height=64),
+    }
 
 
 class Settings(BaseSettings):
@@ -143,6 +327,10 @@ class Settings(BaseSettings):
     discord: DiscordConfig = DiscordConfig()
     telegram: TelegramConfig = TelegramConfig()
     http: HttpConfig = HttpConfig()
+    safety: SafetyConfig = SafetyConfig()
+    moderation: ModerationConfig = ModerationConfig()
+    quota: QuotaConfig = QuotaConfig()
+    fetch: FetchConfig = FetchConfig()
 
     @model_validator(mode="after")
     def _names_exist(self) -> Settings:

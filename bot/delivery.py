@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bot.events import Event
+from bot.safety import done_payload
 from bot.service import JobService
 from bot.views import JobView
 
@@ -27,8 +28,7 @@ def final_event_of(job: JobView) -> Event:
     kind = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[job.status.value]
     payload: dict = {}
     if kind == "done":
-        payload = {"images": [{"index": i.index, "seed": i.seed, "sha256": i.sha256, "path": i.path,
-                               "width": i.width, "height": i.height} for i in job.images]}
+        payload = done_payload(job.id, job.images)  # withheld images stay out, as in the live event
     elif kind == "failed":
         payload = {"error": job.error}
     return Event(id=0, job_id=job.id, platform=job.platform, kind=kind, payload=payload,
@@ -36,10 +36,16 @@ def final_event_of(job: JobView) -> Event:
 
 
 async def deliver_events(service: JobService, platform: str, handler: EventHandler,
-                         stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or forever): redeliver what was missed, then follow new events."""
+                         stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or forever): redeliver what was missed, then follow new events.
+
+    `ready` is set once every later event is sure to be followed: an adapter takes commands only
+    then, so the events of a job submitted at start-up are not missed.
+    """
     bus = service.bus
     after_id = await bus.latest_id()  # taken first: anything later is followed, anything earlier redelivered
+    if ready is not None:
+        ready.set()
     delivered: set[str] = set()
     for job in await service.undelivered(platform):
         await _handle(service, handler, final_event_of(job), job, delivered)
@@ -50,6 +56,8 @@ async def deliver_events(service: JobService, platform: str, handler: EventHandl
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
+        # Let a cancelled read unwind first: closing the generator while it still runs raises.
+        await asyncio.gather(*pending, return_exceptions=True)
         if next_event not in done:
             break
         event = next_event.result()

@@ -6,6 +6,7 @@ Nothing here touches the database, a platform or torch: these are the words the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -90,11 +91,16 @@ class GenerateCommand:
 
     params: GenerationParams
     size_from_input: bool = False
+    # `{https://...}` links taken out of the prompt: the image (and, for /inpaint, the mask) to fetch
+    # when none is attached (bot/fetch.py).
+    reference_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class QuotaCommand:
-    """/quota: how much the user has left today."""
+    """/quota [command]: what is left, when it resets, and what `command` (or a default /imagine) costs."""
+
+    command: GenerateCommand | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,67 @@ class HelpCommand:
     """/help: the commands with examples."""
 
 
-Command = GenerateCommand | QuotaCommand | JobCommand | CancelCommand | HelpCommand
+@dataclass(frozen=True)
+class AppealCommand:
+    """/appeal <job id | fNN | ban> <text>: ask a moderator to look at a withheld image, a refused
+    prompt (the flag id its refusal named) or a ban."""
+
+    subject: str  # a job id, "f12" for safety flag 12, or "ban"
+    text: str
+
+
+@dataclass(frozen=True)
+class ModFlagsCommand:
+    """/mod flags [user]: recent safety decisions, everyone's or one user's."""
+
+    user: str | None = None  # as typed: "123", "discord:123", "<@123>"
+
+
+@dataclass(frozen=True)
+class ModBanCommand:
+    """/mod ban <user> [duration] [reason]: duration like 30m, 12h, 7d, 2w, or "forever"."""
+
+    user: str
+    duration: timedelta | None = None  # None: moderation.default_ban_hours
+    forever: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModUnbanCommand:
+    """/mod unban <user>."""
+
+    user: str
+
+
+@dataclass(frozen=True)
+class ModQuotaCommand:
+    """/mod quota <user> [tier NAME | grant UNITS]: show a user's quota, set their tier, or give extra
+    units for today."""
+
+    user: str
+    tier: str | None = None
+    grant_units: float | None = None
+
+
+@dataclass(frozen=True)
+class ModAppealsCommand:
+    """/mod appeals: the open appeals, oldest first."""
+
+
+@dataclass(frozen=True)
+class ModResolveCommand:
+    """/mod appeal <id> accept|reject [note]: decide an appeal; accepting voids its strike or lifts the ban."""
+
+    appeal_id: int
+    accept: bool
+    note: str = ""
+
+
+ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
+              | ModResolveCommand)
+Command = (GenerateCommand | QuotaCommand | JobCommand | CancelCommand | HelpCommand | AppealCommand
+           | ModCommand)
 
 
 @dataclass(frozen=True)

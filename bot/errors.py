@@ -62,3 +62,15 @@ class GenerationFailed(EaselError):
     """The worker could not produce the images; the message says what to lower or retry."""
 
     code = "generation_failed"
+
+
+class Unauthorized(EaselError):
+    """No credentials, or credentials that match no active API key."""
+
+    code = "unauthorized"
+
+
+class IdempotencyConflict(EaselError):
+    """An Idempotency-Key reused with a different request."""
+
+    code = "idempotency_conflict"

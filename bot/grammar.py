@@ -20,11 +20,13 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import TypeVar
 
 from bot.config import LimitsConfig, ModelConfig, Settings
 from bot.domain import (
     SAMPLERS,
+    AppealCommand,
     CancelCommand,
     Command,
     GenerateCommand,
@@ -32,11 +34,19 @@ from bot.domain import (
     HelpCommand,
     JobCommand,
     JobKind,
+    ModAppealsCommand,
+    ModBanCommand,
+    ModCommand,
+    ModFlagsCommand,
+    ModQuotaCommand,
+    ModResolveCommand,
+    ModUnbanCommand,
     QuotaCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "cancel", "help")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "cancel", "help", "appeal", "mod")
+MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
@@ -50,6 +60,10 @@ _NEGATIVE_GROUP = re.compile(r"\(\s*[-—–][^()]*\)")
 _NEGATIVE_ITEM_START = re.compile(r"(?:^|\s)[-—–]+\s*")
 _SIZE = re.compile(r"(\d+)[xX×](\d+)")
 _ASPECT = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
+# `{https://cdn.example/cat.png}`: a reference image by link, the way users already share them.
+_LINK = re.compile(r"\{\s*(https?://[^\s{}]+)\s*\}", re.IGNORECASE)
+_DURATION = re.compile(r"([0-9]{1,12})(m|min|h|d|w)", re.IGNORECASE)
+_DURATION_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class CommandParser:
@@ -80,9 +94,11 @@ class CommandParser:
             return self.parse_generation(JobKind(name), rest)
         args = rest.split()
         if name == "quota":
-            if args:
-                raise InvalidCommand(f"/quota takes nothing after it (got {_shown(rest)})")
-            return QuotaCommand()
+            return self._quota(rest)
+        if name == "appeal":
+            return _appeal(rest)
+        if name == "mod":
+            return _mod(args, rest)
         if name == "job":
             if len(args) != 1:
                 raise InvalidCommand("/job needs exactly one job id, e.g. /job 42 (the id is in the reply "
@@ -100,7 +116,8 @@ class CommandParser:
     def parse_generation(self, kind: JobKind, text: str) -> GenerateCommand:
         """Parse the prompt and flags of /imagine, /edit or /inpaint (the text after the command name)."""
         kind = JobKind(kind)
-        # 1. Split the words into prompt text and flag values.
+        # 1. Take out reference links, then split the words into prompt text and flag values.
+        text, links = _take_links(kind, text)
         prompt_words, flags = _read_flags(text.split())
         # 2. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
         prompt, negatives = _take_negative_groups(" ".join(prompt_words))
@@ -131,7 +148,8 @@ class CommandParser:
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
         )
         size_given = "size" in flags or "ar" in flags
-        return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given)
+        return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
+                               reference_urls=links)
 
     def help_text(self) -> str:
         """The /help answer: every command and flag, with the allowed ranges and a few examples."""
@@ -144,10 +162,16 @@ class CommandParser:
             "  /imagine <prompt> [flags]  make images from text",
             "  /edit <prompt> [flags]  repaint an attached picture",
             "  /inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
-            "  /quota  how many images you have left today",
+            "  /quota [command]  quota units left, when they reset, and what a command costs "
+            "(e.g. /quota /imagine a cat --n 4)",
             "  /job <id>  a job's settings, seeds and status",
             "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
             "  /help  this message",
+            "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
+            "prompt (fNN is in the refusal) or a ban",
+            "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
+            "Reference images: /edit {https://cdn.discordapp.com/...} <prompt> fetches the linked picture "
+            "(platform image links only)",
             "Flags (put them after the prompt; --flag=value works too):",
             "  --no <words>  what to keep out of the image, up to the next flag; or write "
             "(-bad hands -blur) inside the prompt",
@@ -171,6 +195,16 @@ class CommandParser:
             "  /imagine a castle (-blurry -text) at night --steps 30 --n 2",
             "  /edit the same street in winter --strength 0.6   (attach a picture)",
         ])
+
+    def _quota(self, rest: str) -> QuotaCommand:
+        """/quota, or /quota /imagine a cat --n 4 to price that command."""
+        if not rest:
+            return QuotaCommand()
+        name, _bot, command_text = split_command(rest if rest.startswith("/") else "/" + rest)
+        if name not in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+            raise InvalidCommand("/quota takes nothing, or a command to price, e.g. /quota /imagine a cat --n 4 "
+                                 f"(got {_shown(rest)})")
+        return QuotaCommand(command=self.parse_generation(JobKind(name), command_text))
 
     # -- checks, one concern each ------------------------------------------------------------------
 
@@ -332,6 +366,107 @@ def _take_negative_groups(prompt: str) -> tuple[str, list[str]]:
         items = (item.strip(" ,") for item in _NEGATIVE_ITEM_START.split(group[1:-1].strip()))
         negatives.extend(item for item in items if item)
     return " ".join(_NEGATIVE_GROUP.sub(" ", prompt).split()), negatives
+
+
+def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
+    """Take `{https://...}` links out of the prompt: the image (and, for /inpaint, the mask) to fetch."""
+    links = tuple(_LINK.findall(text))
+    if not links:
+        return text, ()
+    if kind is JobKind.IMAGINE:
+        raise InvalidCommand("/imagine starts from noise; to start from a linked picture use /edit "
+                             "{https://...} <prompt>")
+    most = 2 if kind is JobKind.INPAINT else 1
+    if len(links) > most:
+        raise InvalidCommand(f"/{kind.value} takes at most {most} image link{'s' if most > 1 else ''} "
+                             f"({'the image, then the mask' if most > 1 else 'the image'}); got {len(links)}")
+    return _LINK.sub(" ", text), links
+
+
+# -- /appeal and /mod -------------------------------------------------------------------------------
+
+_MOD_USAGE = ("moderator commands: /mod flags [user], /mod ban <user> [30m|12h|7d|2w|forever] [reason], "
+              "/mod unban <user>, /mod quota <user> [tier NAME | grant UNITS], /mod appeals, "
+              "/mod appeal <id> accept|reject [note]")
+
+
+def _appeal(rest: str) -> AppealCommand:
+    subject, _, text = rest.partition(" ")
+    text = " ".join(text.split())
+    if not subject or not text:
+        raise InvalidCommand("/appeal needs what you appeal and why, e.g. /appeal k7mq2x9a it is a statue, "
+                             "/appeal f12 it was about a baking recipe, or /appeal ban <why>")
+    if len(text) > 1000:
+        raise InvalidCommand(f"an appeal may have at most 1000 characters (got {len(text)})")
+    return AppealCommand(subject=subject.lower(), text=text)
+
+
+def _mod(args: list[str], rest: str) -> ModCommand:
+    if not args:
+        raise InvalidCommand(_MOD_USAGE)
+    sub, words = args[0].lower(), args[1:]
+    if sub == "flags":
+        if len(words) > 1:
+            raise InvalidCommand("/mod flags takes at most one user, e.g. /mod flags discord:1234")
+        return ModFlagsCommand(user=words[0] if words else None)
+    if sub == "appeals":
+        if words:
+            raise InvalidCommand("/mod appeals takes nothing after it; /mod appeal <id> accept|reject decides one")
+        return ModAppealsCommand()
+    if sub == "appeal":
+        number = words[0].lstrip("#") if words else ""
+        if len(words) < 2 or not (number.isdecimal() and len(number) <= 9) or \
+                words[1].lower() not in ("accept", "reject"):
+            raise InvalidCommand("usage: /mod appeal <id> accept|reject [note], e.g. /mod appeal 4 accept a statue")
+        return ModResolveCommand(int(number), words[1].lower() == "accept", " ".join(words[2:]))
+    if sub not in MOD_COMMANDS:
+        raise InvalidCommand(f"unknown /mod command {_shown(sub)}{_did_you_mean(sub, MOD_COMMANDS)}; {_MOD_USAGE}")
+    if not words:
+        raise InvalidCommand(f"/mod {sub} needs a user, e.g. /mod {sub} discord:1234")
+    user, words = words[0], words[1:]
+    if sub == "unban":
+        if words:
+            raise InvalidCommand("/mod unban takes only the user")
+        return ModUnbanCommand(user)
+    if sub == "ban":
+        return _mod_ban(user, words)
+    return _mod_quota(user, words)
+
+
+def _mod_ban(user: str, words: list[str]) -> ModBanCommand:
+    if words and words[0].lower() in ("forever", "permanent", "perm"):
+        return ModBanCommand(user, forever=True, reason=" ".join(words[1:]))
+    if words and (match := _DURATION.fullmatch(words[0])):
+        amount = int(match[1])
+        if amount < 1:
+            raise InvalidCommand("a ban lasts at least 1 minute, e.g. 30m, 12h, 7d, 2w or forever")
+        try:
+            duration = timedelta(**{_DURATION_UNITS[match[2].lower()]: amount})
+        except OverflowError:
+            raise InvalidCommand(f"ban duration {_shown(words[0])} is too long; use forever") from None
+        if duration > timedelta(days=3650):
+            raise InvalidCommand(f"ban duration {_shown(words[0])} is over ten years; use forever")
+        return ModBanCommand(user, duration=duration, reason=" ".join(words[1:]))
+    return ModBanCommand(user, reason=" ".join(words))
+
+
+def _mod_quota(user: str, words: list[str]) -> ModQuotaCommand:
+    if not words:
+        return ModQuotaCommand(user)
+    action = words[0].lower()
+    if action == "tier" and len(words) == 2:
+        return ModQuotaCommand(user, tier=words[1].lower())
+    if action == "grant" and len(words) == 2:
+        try:
+            amount = float(words[1])
+        except ValueError:
+            amount = math.nan
+        if not 0 < amount <= 1_000_000:
+            raise InvalidCommand(f"/mod quota grant needs a number of units from 0 to 1000000 (got "
+                                 f"{_shown(words[1])})")
+        return ModQuotaCommand(user, grant_units=amount)
+    raise InvalidCommand("usage: /mod quota <user> to show it, /mod quota <user> tier NAME, or "
+                         "/mod quota <user> grant UNITS (extra units for today)")
 
 
 # -- value checks -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Float,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -75,6 +77,8 @@ class User(Base):
     # Round-robin fairness: the user whose job ran longest ago goes next (NULL = never served).
     last_served_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime]
+    # This user's images per UTC day; NULL = queue.daily_images_per_user (e.g. `apikey create --quota`).
+    daily_images_limit: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class Job(Base):
@@ -118,6 +122,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The quota charge in thousandths of a cost unit (bot/policy.py): reserved while queued or running,
+    # committed on success, refunded (no longer counted) when the job fails or is cancelled.
+    cost_milli: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Whether the place the job came from allows NSFW results (a flagged image is then spoilered).
+    nsfw_allowed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     user: Mapped[User] = relationship(lazy="joined")
     images: Mapped[list[Image]] = relationship(
@@ -143,14 +152,15 @@ class Image(Base):
     job: Mapped[Job] = relationship(back_populates="images")
 
 
-class QuotaUsage(Base):
-    """Images reserved or spent by one user on one UTC day."""
+class QuotaGrant(Base):
+    """Extra cost units a moderator gave one user for one UTC day (`/mod quota USER grant N`).
+    What a user spent is not stored here: the jobs' `cost_milli` are the ledger."""
 
-    __tablename__ = "quota_usage"
+    __tablename__ = "quota_grants"
 
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
-    images: Mapped[int] = mapped_column(Integer, default=0)
+    extra_milli: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class SafetyFlag(Base):
@@ -165,8 +175,31 @@ class SafetyFlag(Base):
     category: Mapped[str] = mapped_column(String(64))
     reason_code: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(32))  # prompt_check, image_check, moderator
-    action: Mapped[str] = mapped_column(String(32))  # block, flag, spoiler, withhold
+    # block, refuse_here, flag, allow_nsfw, spoiler, withhold, ban, unban, quota, appeal_accepted...
+    action: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime]
+    detail: Mapped[str | None] = mapped_column(Text, default=None)  # the prompt, matched term, or reason
+    actor: Mapped[str | None] = mapped_column(String(160), default=None)  # the moderator, "platform:id"
+
+
+class Appeal(Base):
+    """A user's `/appeal`: about a job (a withheld image), a refused prompt (its flag) or a ban."""
+
+    __tablename__ = "appeals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    flag_id: Mapped[int | None] = mapped_column(ForeignKey("safety_flags.id", ondelete="SET NULL"),
+                                                default=None)
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open, accepted, rejected
+    created_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    resolved_by: Mapped[str | None] = mapped_column(String(160), default=None)
+    resolution: Mapped[str | None] = mapped_column(Text, default=None)
+
+    user: Mapped[User] = relationship(lazy="joined")
 
 
 class JobEvent(Base):
@@ -180,4 +213,34 @@ class JobEvent(Base):
     platform: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))  # queued, started, progress, done, failed, cancelled
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    """A bearer token for the HTTP API (or one browser's web chat session). Each key is its own user
+    (platform "http") for quotas and safety. Only the SHA-256 of the token is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)  # shown in lists and logs; not secret
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # "api" (easel apikey create) or "web" (a browser session)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key`: a retry with the same key and request gets the same job back."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of the request, to spot a reused key
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime]

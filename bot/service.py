@@ -1,7 +1,9 @@
 """The job service: what every adapter calls. Submit, cancel, look up, quota.
 
-Submitting is: validate (grammar already did the text; here the images), check the user may queue,
-reserve quota, store the job and its `queued` event in one transaction, answer with the position.
+Submitting is: fetch linked reference images, validate (grammar already did the text; here the images),
+check the prompt (bot/safety.py), check the user may queue and reserve the job's cost units
+(bot/policy.py), store the job, its safety flags and its `queued` event in one transaction, answer
+with the position.
 A job is durable from that commit on: the `jobs` table is the queue (see bot/queue.py for the
 worker's side).
 """
@@ -9,21 +11,26 @@ worker's side).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
-from bot.errors import InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
+from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, Refused
 from bot.events import EventBus
+from bot.fetch import ImageFetcher
 from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
-from bot.models import Job, QuotaUsage, User
+from bot.models import IdempotencyKey, Job, User
+from bot.policy import Policy
+from bot.safety import Decision, PromptCheck
 from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
@@ -44,7 +51,19 @@ def utcnow() -> datetime:
 @dataclass(frozen=True)
 class SubmitResult:
     job: JobView
-    position: int  # 1 = next to run
+    position: int  # 1 = next to run; 0 = no longer waiting (a replayed submission whose job has started)
+    replayed: bool = False  # True: the Idempotency-Key matched an earlier submission; nothing new was queued
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a submission would do, from `JobService.estimate` (a dry run): nothing is stored."""
+
+    params: GenerationParams  # as the job would run (size fitted to the input); seed None = random
+    images: int  # what it counts against the plain images-per-day cap
+    quota: QuotaStatus  # before this job; quota.cost is this job's cost in units
+    position: int  # where it would stand in the queue now (1 = next)
+    cost: float = 0.0  # what it costs in quota units (bot/policy.py)
 
 
 class JobService:
@@ -53,30 +72,57 @@ class JobService:
         self.db = db
         self.store = store
         self.bus = bus
+        self.policy = Policy(settings)
+        self.prompt_check = PromptCheck.from_settings(settings.safety)
+        self.fetcher = ImageFetcher(settings.fetch)
+        self.clock: Callable[[], datetime] = utcnow  # tests move time forward through this
 
     # -- submitting ------------------------------------------------------------------------------
 
     async def submit(self, requester: Requester, command: GenerateCommand,
-                     inputs: InputImages | None = None) -> SubmitResult:
-        """Validate the attachments, then queue the job. Raises an EaselError the user can read."""
-        inputs = inputs or InputImages()
+                     inputs: InputImages | None = None, *, idempotency_key: str | None = None,
+                     fingerprint: str = "") -> SubmitResult:
+        """Validate the attachments, then queue the job. Raises an EaselError the user can read.
+
+        With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
+        it) by the same user returns the job the first one queued instead of queuing another.
+        """
+        inputs = await self._fetch_references(command, inputs or InputImages())
         params, image_sha, mask_sha = self._prepare(command, inputs)
-        now = utcnow()
+        # Only the prompt: a negative prompt names what to keep *out* of the picture.
+        decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
             user = await self._user_for(uow.session, requester, now)
-            self._check_allowed(user, now)
-            await self._check_queue_room(uow.session, user)
-            await self._reserve_quota(uow.session, user, params.n, now)
+            if idempotency_key is not None:
+                earlier = await self._replay(uow.session, user, idempotency_key, fingerprint)
+                if earlier is not None:
+                    await uow.commit()  # keep the user row _user_for may have made or renamed
+                    return earlier
+            self.policy.check_not_banned(user, now)
+            if not decision.allowed:
+                refusal = await self._refuse_prompt(uow, user, params, decision, now)
+                raise Refused(refusal)
+            await self.policy.check_queue_room(uow.session, user, params, now)
+            cost = await self.policy.reserve(uow.session, user, requester, params, now)
             job = Job(
                 id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
                 prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
                 steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
                 seed=params.seed, strength=params.strength, init_image_sha=image_sha,
                 mask_image_sha=mask_sha, platform=requester.platform, reply_to=dict(requester.reply_to),
-                attempts=0, progress_step=0, progress_total=0, created_at=now, images=[],
+                attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
+                nsfw_allowed=requester.nsfw_allowed_here,
             )
             uow.session.add(job)
             await uow.session.flush()
+            for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
+                await self.policy.record(uow.session, user, subject="prompt", category=match.category,
+                                         reason_code=match.reason_code, source="prompt_check", action=action,
+                                         now=now, job_id=job.id, detail=_flag_detail(match.term, params.prompt))
+            if idempotency_key is not None:
+                uow.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, fingerprint=fingerprint,
+                                               job_id=job.id, created_at=now))
             position = await queue_position(uow.session, job)
             self.bus.stage(uow, job, "queued", {"position": position})
             await uow.commit()
@@ -84,9 +130,65 @@ class JobService:
         self.bus.notify()
         return SubmitResult(view, position)
 
-    def _prepare(self, command: GenerateCommand,
-                 inputs: InputImages) -> tuple[GenerationParams, str | None, str | None]:
-        """Check the attachments fit the command; store them at the job's size; pick the seed."""
+    async def estimate(self, requester: Requester, command: GenerateCommand,
+                       inputs: InputImages | None = None) -> Estimate:
+        """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored."""
+        params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
+        params = replace(params, seed=command.params.seed)
+        now = self.clock()
+        async with self.db.unit_of_work(write=False) as uow:
+            user = await uow.session.scalar(select(User).where(User.platform == requester.platform,
+                                                               User.platform_user_id == requester.user_id))
+            if user is not None:
+                self.policy.check_not_banned(user, now)
+            decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
+            if not decision.allowed:  # a dry run records nothing and gives no strike
+                raise Refused(decision.message)
+            await self.policy.check_queue_room(uow.session, user, params, now)
+            cost = await self.policy.check_quota(uow.session, user, requester, params, now)
+            position = await _position_for(uow.session, user.id if user else None, seq=None)
+            quota = await self.policy.status(uow.session, user, requester, now, params)
+        return Estimate(params=params, images=params.n, quota=quota, position=position, cost=cost / 1000)
+
+    async def _replay(self, session: AsyncSession, user: User, key: str, fingerprint: str) -> SubmitResult | None:
+        earlier = await session.get(IdempotencyKey, (user.id, key))
+        if earlier is None:
+            return None
+        if earlier.fingerprint != fingerprint:
+            raise IdempotencyConflict(f"Idempotency-Key {key[:64]!r} was already used for a different request "
+                                      f"(job {earlier.job_id}); use a new key for a new request")
+        job = await _job_or_not_found(session, earlier.job_id)
+        position = await queue_position(session, job) if job.status == JobStatus.QUEUED else 0
+        return SubmitResult(job_view(job, self.store.path_of), position, replayed=True)
+
+    async def _refuse_prompt(self, uow: UnitOfWork, user: User, params: GenerationParams, decision: Decision,
+                             now: datetime) -> str:
+        """Record a refused prompt (and its strike, maybe a ban), commit that, and return the message."""
+        flags = [await self.policy.record(uow.session, user, subject="prompt", category=match.category,
+                                          reason_code=match.reason_code, source="prompt_check", action=action,
+                                          now=now, detail=_flag_detail(match.term, params.prompt))
+                 for match, action in decision.records]
+        message = decision.message
+        if decision.is_strike_candidate:
+            if "block" in self.settings.moderation.strike_actions:
+                message += await self.policy.strike(uow.session, user, now)
+            message += f" If this is a mistake: /appeal f{flags[0].id} <why>"
+        await uow.commit()
+        return message
+
+    async def _fetch_references(self, command: GenerateCommand, inputs: InputImages) -> InputImages:
+        """`{https://...}` links stand in for attachments: the image, then (for /inpaint) the mask."""
+        if not command.reference_urls:
+            return inputs
+        if inputs.image is not None:
+            raise InvalidCommand("give the picture as an attachment or as a {https://...} link, not both")
+        fetched = [await self.fetcher.fetch(url) for url in command.reference_urls]
+        return InputImages(image=fetched[0], mask=fetched[1] if len(fetched) > 1 else inputs.mask)
+
+    def _prepare(self, command: GenerateCommand, inputs: InputImages,
+                 save: bool = True) -> tuple[GenerationParams, str | None, str | None]:
+        """Check the attachments fit the command; store them at the job's size (unless not `save`);
+        pick the seed."""
         params = command.params
         if params.seed is None:
             params = replace(params, seed=secrets.randbelow(MAX_SEED + 1))
@@ -107,51 +209,31 @@ class JobService:
             width, height = fit_size(image.width, image.height, params.width * params.height, limits)
             params = replace(params, width=width, height=height)
         image, mask = prepare_inputs(image, mask, params.width, params.height)
+        if not save:
+            return params, None, None
         image_sha = self.store.save_input(to_png_bytes(image)).sha256
         mask_sha = self.store.save_input(to_png_bytes(mask)).sha256 if mask is not None else None
         return params, image_sha, mask_sha
 
     async def _user_for(self, session: AsyncSession, requester: Requester, now: datetime) -> User:
-        user = await session.scalar(select(User).where(User.platform == requester.platform,
-                                                       User.platform_user_id == requester.user_id))
+        query = select(User).where(User.platform == requester.platform,
+                                   User.platform_user_id == requester.user_id)
+        user = await session.scalar(query)
         if user is None:
-            user = User(platform=requester.platform, platform_user_id=requester.user_id,
-                        display_name=requester.display_name[:128], role="user", created_at=now)
-            session.add(user)
-            await session.flush()
+            try:
+                async with session.begin_nested():  # a savepoint: a lost race below undoes only this
+                    user = User(platform=requester.platform, platform_user_id=requester.user_id,
+                                display_name=requester.display_name[:128], role="user", created_at=now)
+                    session.add(user)
+            except IntegrityError:
+                # A concurrent first submission of the same new user made the row (PostgreSQL; SQLite's
+                # BEGIN IMMEDIATE never lets two writers race here).
+                user = await session.scalar(query)
+                if user is None:
+                    raise
         elif requester.display_name and user.display_name != requester.display_name[:128]:
             user.display_name = requester.display_name[:128]
         return user
-
-    @staticmethod
-    def _check_allowed(user: User, now: datetime) -> None:
-        if user.banned_until is not None and user.banned_until > now:
-            reason = f" Reason: {user.ban_reason}." if user.ban_reason else ""
-            raise Refused(f"You are banned until {user.banned_until:%Y-%m-%d %H:%M} UTC.{reason}")
-
-    async def _check_queue_room(self, session: AsyncSession, user: User) -> None:
-        cap = self.settings.queue.max_queued_per_user
-        waiting = await session.scalar(
-            select(func.count()).select_from(Job).where(Job.user_id == user.id, Job.status.in_(UNFINISHED))
-        )
-        if waiting >= cap:
-            raise QueueFull(f"You already have {waiting} jobs waiting or running (the limit is {cap}); "
-                            "wait for one to finish or /cancel one")
-
-    async def _reserve_quota(self, session: AsyncSession, user: User, images: int, now: datetime) -> None:
-        limit = self.settings.queue.daily_images_per_user
-        usage = await session.get(QuotaUsage, (user.id, now.date()))
-        used = usage.images if usage else 0
-        if used + images > limit:
-            resets = _next_midnight(now)
-            raise QuotaExceeded(
-                f"Daily limit reached: {used} of {limit} images used today, this job needs {images}. "
-                f"It resets at {resets:%H:%M} UTC (in {_humanize(resets - now)})."
-            )
-        if usage is None:
-            session.add(QuotaUsage(user_id=user.id, day=now.date(), images=images))
-        else:
-            usage.images = used + images
 
     # -- looking up ------------------------------------------------------------------------------
 
@@ -175,15 +257,23 @@ class JobService:
             jobs = (await uow.session.scalars(query)).unique().all()
             return [job_view(job, self.store.path_of) for job in jobs]
 
-    async def quota(self, requester: Requester) -> QuotaStatus:
-        now = utcnow()
+    async def quota(self, requester: Requester, command: GenerateCommand | None = None) -> QuotaStatus:
+        """Units used and left today, the per-minute window, and what `command` (or a default /imagine)
+        costs. `bot.policy.describe_quota` turns it into the /quota answer."""
+        now = self.clock()
+        params = command.params if command is not None else self._default_params()
         async with self.db.unit_of_work(write=False) as uow:
-            usage = await uow.session.scalar(
-                select(QuotaUsage.images).join(User, User.id == QuotaUsage.user_id).where(
-                    User.platform == requester.platform, User.platform_user_id == requester.user_id,
-                    QuotaUsage.day == now.date()))
-        return QuotaStatus(used=usage or 0, limit=self.settings.queue.daily_images_per_user,
-                           resets_at=_next_midnight(now))
+            user = await uow.session.scalar(select(User).where(User.platform == requester.platform,
+                                                               User.platform_user_id == requester.user_id))
+            return await self.policy.status(uow.session, user, requester, now, params)
+
+    def _default_params(self) -> GenerationParams:
+        """A plain /imagine with the configured defaults, to price when /quota names no command."""
+        limits, generation = self.settings.limits, self.settings.generation
+        model = self.settings.models[generation.default_model]
+        return GenerationParams(kind=JobKind.IMAGINE, prompt="", width=model.default_width,
+                                height=model.default_height, steps=limits.default_steps, n=limits.default_n,
+                                model=generation.default_model)
 
     # -- cancelling and delivery -----------------------------------------------------------------
 
@@ -244,10 +334,17 @@ async def queue_position(session: AsyncSession, job: Job) -> int:
     If the job is its owner's k-th waiting job (k = 0 for the oldest), every other user with waiting
     jobs gets up to k + 1 turns before it: an upper bound, exact when all were queued at once.
     """
-    ahead_own = await session.scalar(select(func.count()).select_from(Job).where(
-        Job.user_id == job.user_id, Job.status == JobStatus.QUEUED.value, Job.seq < job.seq))
+    return await _position_for(session, job.user_id, job.seq)
+
+
+async def _position_for(session: AsyncSession, user_id: int | None, seq: int | None) -> int:
+    """The position of a queued job of `user_id` submitted as number `seq` (None: submitted now)."""
+    own = [Job.user_id == user_id, Job.status == JobStatus.QUEUED.value]
+    if seq is not None:
+        own.append(Job.seq < seq)
+    ahead_own = await session.scalar(select(func.count()).select_from(Job).where(*own))
     per_user = (select(func.count().label("waiting")).select_from(Job)
-                .where(Job.status == JobStatus.QUEUED.value, Job.user_id != job.user_id)
+                .where(Job.status == JobStatus.QUEUED.value, Job.user_id != user_id)
                 .group_by(Job.user_id).subquery())
     turns = case((per_user.c.waiting < ahead_own + 1, per_user.c.waiting), else_=ahead_own + 1)
     ahead_others = await session.scalar(select(func.coalesce(func.sum(turns), 0)))
@@ -256,24 +353,17 @@ async def queue_position(session: AsyncSession, job: Job) -> int:
 
 async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus,
                      error: str | None = None, payload: dict[str, Any] | None = None) -> None:
-    """Move a job to a final state: refund its quota unless it succeeded, and stage the event."""
+    """Move a job to a final state and stage the event.
+
+    The status is also the quota's bookkeeping (bot/policy.py): SUCCEEDED commits the job's charge,
+    FAILED and CANCELLED refund it (a charge counts only while queued, running or succeeded).
+    """
     job.status = status.value
     job.finished_at = utcnow()
     job.error = error
-    if status is not JobStatus.SUCCEEDED:
-        usage = await uow.session.get(QuotaUsage, (job.user_id, job.created_at.date()))
-        if usage is not None:
-            usage.images = max(0, usage.images - job.n)
     kind = {JobStatus.SUCCEEDED: "done", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}[status]
     bus.stage(uow, job, kind, payload or ({"error": error} if error else {}))
 
 
-def _next_midnight(now: datetime) -> datetime:
-    return datetime.combine(now.date() + timedelta(days=1), time(0), tzinfo=UTC)
-
-
-def _humanize(delta: timedelta) -> str:
-    minutes = max(1, int(delta.total_seconds() // 60))
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
-
+def _flag_detail(term: str, prompt: str) -> str:
+    return f"matched {term!r} in: {prompt}"

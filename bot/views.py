@@ -23,7 +23,17 @@ class ImageView:
     width: int
     height: int
     size_bytes: int
-    safety_flags: tuple[str, ...] = ()
+    safety_flags: tuple[str, ...] = ()  # "category:action", e.g. "nsfw:spoiler" (bot/safety.py)
+
+    @property
+    def withheld(self) -> bool:
+        """Flagged by the image check where NSFW is not allowed: never send it; say why instead."""
+        return any(flag.endswith(":withhold") for flag in self.safety_flags)
+
+    @property
+    def spoiler(self) -> bool:
+        """Flagged, in a place that allows NSFW: send it behind a spoiler."""
+        return any(flag.endswith(":spoiler") for flag in self.safety_flags)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class JobView:
     mask_image_sha: str | None = None
     images: tuple[ImageView, ...] = ()
     safety_flags: tuple[str, ...] = field(default=())
+    cost_milli: int = 0  # the quota charge, thousandths of a cost unit (bot/policy.py)
 
     @property
     def seeds(self) -> list[int]:
@@ -66,9 +77,20 @@ class JobView:
 
 @dataclass(frozen=True)
 class QuotaStatus:
-    used: int
-    limit: int
-    resets_at: datetime
+    """A user's quota in cost units (bot/policy.py; `describe_quota` renders it). `limit` may be inf."""
+
+    used: float  # units charged today: reserved by jobs in progress plus committed by finished ones
+    limit: float  # the daily window, grants included
+    resets_at: datetime  # when the daily window starts again (UTC midnight)
+    tier: str = "user"
+    reserved: float = 0.0  # the part of `used` held by jobs still queued or running
+    minute_used: float = 0.0
+    minute_limit: float = float("inf")
+    minute_resets_at: datetime | None = None  # when the oldest charge of the last minute ages out
+    cost: float | None = None  # what the asked-about command costs, when one was given
+    cost_of: str = ""  # that command, described
+    images_used: int = 0
+    images_limit: int = 0  # the plain images-per-day cap; 0 = none
 
     @property
     def remaining(self) -> int:
@@ -98,4 +120,5 @@ def job_view(job: Job, image_path: Any) -> JobView:
         finished_at=job.finished_at, delivered_at=job.delivered_at, batch_size=job.batch_size,
         error=job.error, init_image_sha=job.init_image_sha, mask_image_sha=job.mask_image_sha,
         images=tuple(image_view(image, str(image_path(image.sha256))) for image in job.images),
+        cost_milli=job.cost_milli or 0,
     )

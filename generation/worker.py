@@ -28,6 +28,7 @@ from bot.queue import JobQueue, this_worker_id
 from bot.store import ImageStore
 from bot.views import JobView
 from generation.pipelines import GenerationTask
+from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 
 log = logging.getLogger("easel.worker")
 
@@ -55,9 +56,11 @@ class WorkerStats:
 
 class Worker:
     def __init__(self, queue: JobQueue, generator: Generator, store: ImageStore, settings: Settings,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, image_checker: ImageChecker | None = None) -> None:
         self.queue = queue
         self.generator = generator
+        # The output check runs on every image before it is stored as done (generation/safety_checker.py).
+        self.image_checker: ImageChecker = image_checker or NoImageCheck()
         self.store = store
         self.settings = settings
         self.worker_id = worker_id or this_worker_id()
@@ -163,11 +166,13 @@ class Worker:
 
     async def _finish(self, job: JobView, images: list[Image.Image]) -> None:
         try:
+            # A checker that fails fails the job (below): an unchecked image is never delivered.
+            verdicts = await asyncio.to_thread(self.image_checker.check, images)
             stored = []
             for seed, image in zip(job.params.image_seeds(), images, strict=True):
                 saved = await asyncio.to_thread(self.store.save_generated, image, job.params, seed)
                 stored.append((seed, saved))
-            if await self.queue.complete(job.id, stored):
+            if await self.queue.complete(job.id, stored, verdicts):
                 self.stats.succeeded += 1
                 self.stats.images += len(stored)
             else:
@@ -194,4 +199,5 @@ def build_worker(core: Core, generator: Generator | None = None) -> Worker:
         gen = core.settings.generation
         generator = DiffusersGenerator(core.settings.models, device=gen.device, dtype=gen.dtype,
                                        cache_dir=core.settings.storage.model_cache)
-    return Worker(core.queue, generator, core.store, core.settings)
+    return Worker(core.queue, generator, core.store, core.settings,
+                  image_checker=build_image_checker(core.settings))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from bot.bootstrap import open_core
 from bot.config import load_settings
@@ -86,14 +87,17 @@ def test_a_worker_killed_mid_job_loses_nothing(env: dict[str, str], tmp_path: Pa
     settings = load_settings(None, storage={"data_dir": tmp_path / "data"})
 
     async def running_job() -> str | None:
-        core = await open_core(settings)
+        # Only read: the `easel imagine` process may still be creating the schema.
+        core = await open_core(settings, migrate=False)
         try:
             jobs = await core.service.list_jobs()
-            if jobs and jobs[0].status is JobStatus.RUNNING and jobs[0].progress_step >= 1:
-                return jobs[0].id
+        except OperationalError:  # no tables yet
             return None
         finally:
             await core.close()
+        if jobs and jobs[0].status is JobStatus.RUNNING and jobs[0].progress_step >= 1:
+            return jobs[0].id
+        return None
 
     job_id = None
     deadline = time.monotonic() + 120

@@ -315,7 +315,8 @@ FRAGMENTS = st.sampled_from([
 ])
 VALUES = st.one_of(st.integers(-10, 5000).map(str), st.floats().map(str), st.text(max_size=8))
 COMMAND_NAMES = st.sampled_from(["/imagine", "/edit", "/inpaint", "/quota", "/job", "/cancel", "/help",
-                                 "/imagine@bot", "/nope", ""])
+                                 "/imagine@bot", "/nope", "", "/mod", "/mod ban", "/mod appeal", "/mod quota x",
+                                 "/appeal", "/quota /imagine"])
 
 
 def assert_within_limits(command: object) -> None:

@@ -19,7 +19,8 @@ async def test_migrations_build_the_schema_the_models_describe(any_core: Core) -
         differences = await connection.run_sync(diff)
         tables = await connection.run_sync(lambda c: set(inspect(c).get_table_names()))
     assert differences == []
-    assert {"users", "jobs", "images", "quota_usage", "safety_flags", "job_events"} <= tables
+    # Issue 6: quota_usage gave way to the jobs' own charges (jobs.cost_milli) and quota_grants.
+    assert {"users", "jobs", "images", "quota_grants", "safety_flags", "appeals", "job_events"} <= tables
 
 
 async def test_a_new_database_is_upgraded_to_the_newest_revision(core: Core) -> None:

@@ -65,17 +65,28 @@ async def test_a_batch_gathers_compatible_jobs_from_different_users(core: Core) 
 
 
 async def test_the_daily_quota_refuses_with_the_numbers_and_the_reset_time(core: Core) -> None:
+    # Issue 6 turned the daily image count into cost units: a 64x64, 20-step image costs 1/64 unit.
+    core.settings.quota.tiers["user"].daily_units = 0.05
+    await submit(core, "/imagine a cat --n 2")  # 0.032 units
+    with pytest.raises(QuotaExceeded, match=r"0\.03 of 0\.05 units used today, this job needs 0\.03.*"
+                                            r"resets at 00:00"):
+        await submit(core, "/imagine a cat --n 2")
+    assert (await core.service.quota(alice())).remaining == pytest.approx(0.018)
+    assert (await core.service.quota(bob())).remaining == pytest.approx(0.05)
+
+
+async def test_the_plain_daily_image_cap_still_applies(core: Core) -> None:
     core.settings.queue.daily_images_per_user = 3
     await submit(core, "/imagine a cat --n 2")
     with pytest.raises(QuotaExceeded, match=r"2 of 3 images used today, this job needs 2.*resets at 00:00"):
         await submit(core, "/imagine a cat --n 2")
-    assert (await core.service.quota(alice())).remaining == 1
-    assert (await core.service.quota(bob())).remaining == 3
+    assert (await core.service.quota(alice())).images_used == 2
+    assert (await core.service.quota(bob())).images_used == 0
 
 
 async def test_cancelling_and_failing_refund_the_quota(core: Core) -> None:
     job = (await submit(core, "/imagine a cat --n 3")).job
-    assert (await core.service.quota(alice())).used == 3
+    assert (await core.service.quota(alice())).used == pytest.approx(0.047)  # 3 × 1/64 unit, rounded up
     await core.service.cancel(alice(), job.id)
     assert (await core.service.quota(alice())).used == 0
     second = (await submit(core, "/imagine a cat --n 2")).job

@@ -1,0 +1,104 @@
+"""Jobs made from a finished job: re-roll, variations and upscale, as chat buttons offer them.
+
+Each one builds a new `GenerateCommand` from the stored job (its parameters, its stored input
+images, or one of its result images) and submits it through the job service like any command, so
+quota, queue caps and safety apply to the person who pressed the button, who owns the new job.
+
+Example:
+    result = await reroll(core.service, requester, "k7mq2x9a")            # same settings, new seed
+    result = await variation(core.service, requester, "k7mq2x9a", index=0)  # img2img from image 1
+    result = await upscale(core.service, requester, "k7mq2x9a", index=0)    # twice the size
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
+from bot.errors import InvalidCommand
+from bot.grammar import fit_size
+from bot.service import JobService, SubmitResult
+from bot.views import ImageView, JobView
+
+# How much of the chosen image a variation repaints: enough to differ, little enough to stay close.
+VARIATION_STRENGTH = 0.6
+# Upscale: each side grows this much (within [limits]); a light img2img pass adds detail at the
+# new size without changing the picture.
+UPSCALE_FACTOR = 2
+UPSCALE_STRENGTH = 0.35
+
+
+async def reroll(service: JobService, requester: Requester, job_id: str, *,
+                 idempotency_key: str | None = None) -> SubmitResult:
+    """The same command again with a new seed (and the same attached images, for /edit and /inpaint)."""
+    job = await service.get_job(job_id)
+    inputs = InputImages(
+        image=service.store.read_bytes(job.init_image_sha) if job.init_image_sha else None,
+        mask=service.store.read_bytes(job.mask_image_sha) if job.mask_image_sha else None,
+    )
+    return await service.submit(requester, GenerateCommand(replace(job.params, seed=None)), inputs,
+                                **_once(idempotency_key))
+
+
+async def variation(service: JobService, requester: Requester, job_id: str, index: int, *,
+                    idempotency_key: str | None = None) -> SubmitResult:
+    """As many new images as the job made, each an img2img pass over its image `index` (0-based)."""
+    job = await service.get_job(job_id)
+    image = _result_image(job, index)
+    strength = _within_limits(service, VARIATION_STRENGTH)
+    params = _edit_of(job.params, image, strength=strength, n=job.params.n, seed=None)
+    return await service.submit(requester, GenerateCommand(params),
+                                InputImages(image=service.store.read_bytes(image.sha256)),
+                                **_once(idempotency_key))
+
+
+async def upscale(service: JobService, requester: Requester, job_id: str, index: int, *,
+                  idempotency_key: str | None = None) -> SubmitResult:
+    """Image `index` (0-based) at UPSCALE_FACTOR times its size, as far as the limits allow."""
+    job = await service.get_job(job_id)
+    image = _result_image(job, index)
+    limits = service.settings.limits
+    area = image.width * image.height * UPSCALE_FACTOR**2
+    width, height = fit_size(image.width, image.height, area, limits)
+    if width * height <= image.width * image.height:
+        raise InvalidCommand(f"image {index + 1} of job {job.id} is {image.width}x{image.height}, already "
+                             f"the largest size allowed here (limits.max_side {limits.max_side}, "
+                             f"limits.max_pixels {limits.max_pixels})")
+    # The image's own seed keeps the added detail consistent with the picture it came from.
+    params = _edit_of(job.params, image, strength=_within_limits(service, UPSCALE_STRENGTH), n=1,
+                      seed=image.seed)
+    params = replace(params, width=width, height=height)
+    return await service.submit(requester, GenerateCommand(params),
+                                InputImages(image=service.store.read_bytes(image.sha256)),
+                                **_once(idempotency_key))
+
+
+def _once(idempotency_key: str | None) -> dict[str, str]:
+    """submit() options that make a repeat of the same button press (a platform delivering it twice)
+    return the first job instead of queuing another."""
+    if idempotency_key is None:
+        return {}
+    return {"idempotency_key": idempotency_key, "fingerprint": "followup"}
+
+
+def _result_image(job: JobView, index: int) -> ImageView:
+    if job.status is not JobStatus.SUCCEEDED:
+        raise InvalidCommand(f"job {job.id} is {job.status.value}; variations and upscales need a "
+                             "finished job with images")
+    if not 0 <= index < len(job.images):
+        raise InvalidCommand(f"job {job.id} has {len(job.images)} image(s); there is no image {index + 1}")
+    return job.images[index]
+
+
+def _edit_of(params: GenerationParams, image: ImageView, *, strength: float, n: int,
+             seed: int | None) -> GenerationParams:
+    # img2img runs steps × strength denoising steps; a short /imagine must still give at least one.
+    steps = max(params.steps, math.ceil(1 / strength))
+    return replace(params, kind=JobKind.EDIT, width=image.width, height=image.height, n=n, seed=seed,
+                   strength=strength, steps=steps)
+
+
+def _within_limits(service: JobService, strength: float) -> float:
+    limits = service.settings.limits
+    return min(max(strength, limits.min_strength), limits.max_strength)

@@ -1,0 +1,71 @@
+"""Service metrics read from the job rows: the numbers `/metrics` exposes to Prometheus.
+
+Everything is computed from the database, not from counters in one process, so the numbers are the
+same whichever process serves `/metrics` and include workers on other hosts. Read-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from bot.database import Database
+from bot.domain import JobStatus
+from bot.models import Image, Job
+from bot.service import utcnow
+
+
+@dataclass(frozen=True)
+class Metrics:
+    queue_length: int  # jobs waiting for a worker
+    jobs_by_status: dict[str, int]  # every status, zero included
+    generation_seconds_sum: float  # started -> finished, over every succeeded job
+    generation_seconds_count: int
+    images_per_second: float  # images stored over the last `window_s`, per second
+    worker_busy_ratio: float  # share of the last `window_s` during which some batch was running
+    window_s: float
+
+
+async def read_metrics(db: Database, window_s: float = 300.0) -> Metrics:
+    now = utcnow()
+    since = now - timedelta(seconds=window_s)
+    async with db.unit_of_work(write=False) as uow:
+        session = uow.session
+        counts = dict((await session.execute(select(Job.status, func.count()).group_by(Job.status))).all())
+        succeeded = (await session.execute(
+            select(Job.started_at, Job.finished_at).where(Job.status == JobStatus.SUCCEEDED.value,
+                                                          Job.started_at.is_not(None),
+                                                          Job.finished_at.is_not(None)))).all()
+        recent_images = await session.scalar(select(func.count()).select_from(Image)
+                                             .where(Image.created_at >= since))
+        # Jobs of one batch share their start; the batch ran until its last job finished (or runs on).
+        batches = (await session.execute(
+            select(Job.worker, Job.started_at, func.max(func.coalesce(Job.finished_at, now)))
+            .where(Job.started_at.is_not(None),
+                   (Job.finished_at >= since) | (Job.status == JobStatus.RUNNING.value))
+            .group_by(Job.worker, Job.started_at))).all()
+    durations = [(finished - started).total_seconds() for started, finished in succeeded]
+    return Metrics(
+        queue_length=counts.get(JobStatus.QUEUED.value, 0),
+        jobs_by_status={status.value: counts.get(status.value, 0) for status in JobStatus},
+        generation_seconds_sum=sum(durations),
+        generation_seconds_count=len(durations),
+        images_per_second=(recent_images or 0) / window_s,
+        worker_busy_ratio=_covered_seconds([(max(s, since), e) for _, s, e in batches], now) / window_s,
+        window_s=window_s,
+    )
+
+
+def _covered_seconds(intervals: list[tuple[datetime, datetime]], now: datetime) -> float:
+    """Seconds covered by the union of (start, end) intervals: overlapping batches count once."""
+    covered, reach = 0.0, None
+    for start, end in sorted(intervals):
+        end = min(end, now)
+        if reach is not None and start < reach:
+            start = reach
+        if end > start:
+            covered += (end - start).total_seconds()
+            reach = end if reach is None else max(reach, end)
+    return covered
