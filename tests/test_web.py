@@ -1,0 +1,152 @@
+"""The web chat in a real browser: Debian's headless Chromium driven by Playwright, against the app under
+uvicorn on 127.0.0.1 with the real builtin:tiny worker. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.async_api import BrowserContext, Page, async_playwright, expect
+
+from tests import http_fixtures
+from tests.conftest import png_bytes
+from tests.http_fixtures import running_worker
+
+settings, server = http_fixtures.settings, http_fixtures.server  # this module's fixtures
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's Chromium, installed here when missing (CI starts from a bare machine, as root)."""
+    if not CHROMIUM.exists():
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True)
+        installed = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=False,
+                                   capture_output=True, text=True)
+        if not CHROMIUM.exists():
+            pytest.fail(f"could not install Debian's chromium (run `apt-get install chromium` as root): "
+                        f"{installed.stderr.strip()[-500:]}")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path, tmp_path: Path) -> AsyncIterator[BrowserContext]:
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(chromium), headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1100, "height": 800})
+        try:
+            yield context
+        finally:
+            await context.close()
+
+
+async def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+async def open_chat(browser: BrowserContext, url: str) -> Page:
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(url)
+    await expect(page.locator("#quota")).to_contain_text("units left today")  # a session key was issued
+    # Record every value the progress bars show, to check the page showed progress on its way to done.
+    await page.evaluate("""() => {
+        window.progressSeen = [];
+        new MutationObserver((records) => records.forEach((r) => {
+            if (r.target.tagName === "PROGRESS") window.progressSeen.push([r.target.value, r.target.max]);
+        })).observe(document.body, {subtree: true, attributes: true, attributeFilter: ["value"]});
+    }""")
+    return page
+
+
+async def test_imagine_shows_the_queue_progress_and_the_image_then_re_roll_by_keyboard(
+        server, generator, browser) -> None:
+    page = await open_chat(browser, server.url)
+    # Keyboard only: the command box has focus on load; Enter sends. A typo first: one line, then go on.
+    await page.keyboard.type("/imagine a cat --sed 4")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#log .error")).to_have_text(
+        "unknown flag --sed (did you mean --seed?); the flags are --no, --seed, --steps, --cfg, --ar, --size, "
+        "--n, --sampler, --model, --strength")
+    await page.keyboard.type("/imagine a lighthouse at dusk --steps 8 --seed 3")
+    await page.keyboard.press("Enter")
+    first = page.locator("article.job").first
+    await expect(first.locator(".status")).to_have_text("queued, position 1")  # no worker yet
+    await screenshot(page, "web-queued.png")
+    async with running_worker(server.core, generator):
+        await expect(first.locator("figcaption .seed")).to_have_text("seed 3", timeout=60_000)
+        await expect(first.locator(".status")).to_have_text("done, seed 3")
+        seen = await page.evaluate("window.progressSeen")
+        assert any(0 < value < maximum for value, maximum in seen), seen  # progress showed part-way
+        image = first.locator("figure img")
+        assert await image.evaluate("img => img.complete && img.naturalWidth") == 64
+        await screenshot(page, "web-imagine.png")
+
+        # Tab to the Re-roll button and press Enter: no mouse needed.
+        for _ in range(40):
+            await page.keyboard.press("Tab")
+            if await page.evaluate("document.activeElement.textContent") == "Re-roll":
+                break
+        else:
+            pytest.fail("Re-roll cannot be reached with the Tab key")
+        await page.keyboard.press("Enter")
+        second = page.locator("article.job").nth(1)
+        await expect(second.locator(".status")).to_contain_text("done, seed", timeout=60_000)
+    jobs = await server.core.service.list_jobs()
+    assert len(jobs) == 2 and jobs[0].params.prompt == jobs[1].params.prompt == "a lighthouse at dusk"
+    assert jobs[0].params.seed != 3 and await second.locator(".seed").inner_text() == f"seed {jobs[0].params.seed}"
+    await expect(page.locator("#history li")).to_have_count(2)
+    await page.keyboard.press("Escape")
+    await page.locator("#command").fill("/quota")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#log pre").last).to_contain_text("units left today")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_inpaint_with_an_uploaded_picture_and_a_painted_mask_on_a_phone(
+        server, generator, browser, tmp_path: Path) -> None:
+    page = await open_chat(browser, server.url)
+    await page.set_viewport_size(PHONE)
+    picture = tmp_path / "garden.png"
+    picture.write_bytes(png_bytes(256, 256, (40, 150, 60)))
+    await page.locator("#file").set_input_files(str(picture))
+    canvas = page.locator("#mask")
+    await expect(canvas).to_be_visible()
+    # Paint a vertical stroke down the left quarter of the picture.
+    box = await canvas.bounding_box()
+    await page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + 10)
+    await page.mouse.down()
+    await page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] - 10, steps=12)
+    await page.mouse.up()
+    await expect(page.locator("#mask-state")).to_contain_text("Mask painted")
+    await screenshot(page, "web-mask-phone.png")
+
+    await page.locator("#command").fill("/inpaint a red door --steps 3 --seed 11")
+    await page.locator("#send").click()
+    async with running_worker(server.core, generator):
+        await expect(page.locator("article.job figcaption .seed")).to_have_text("seed 11", timeout=60_000)
+    await screenshot(page, "web-inpaint-phone.png")
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+
+    [job] = await server.core.service.list_jobs()
+    assert job.params.kind.value == "inpaint" and job.status.value == "succeeded"
+    mask = Image.open(io.BytesIO(server.core.store.read_bytes(job.mask_image_sha))).convert("L")
+    width, height = mask.size
+    assert mask.getpixel((int(width * 0.15), height // 2)) == 255  # painted: repaint
+    assert mask.getpixel((int(width * 0.8), height // 2)) == 0  # untouched: keep
+    assert page.errors == []  # type: ignore[attr-defined]
