@@ -1,0 +1,231 @@
+"""What Easel shows on Discord: message texts, result files that fit the upload limit, and buttons.
+
+Nothing here talks to Discord; adapters/discord.py sends what these functions build. The buttons
+are `discord.ui.DynamicItem`s whose custom id holds the action and the job id
+(`easel:vary:k7mq2x9a:0`), so a press is understood by any running bot, also after a restart.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import discord
+from PIL import Image
+
+from bot.domain import JobKind
+from bot.views import ImageView, JobView
+
+MAX_CONTENT_CHARS = 2000  # Discord's limit for a message's text
+MAX_FILES_PER_MESSAGE = 10  # Discord's limit for attachments on one message
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024  # what a server without boosts accepts per message
+JPEG_QUALITIES = (90, 75, 60, 45)  # tried in turn when PNGs do not fit the upload limit
+PROGRESS_BAR_CELLS = 10
+
+
+# -- texts ----------------------------------------------------------------------------------------
+
+
+def queued_text(job: JobView, position: int) -> str:
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}` queued, position {position}. "
+                 f"Seeds {_seeds(job)}.")
+
+
+def started_text(job: JobView) -> str:
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}` started.")
+
+
+def progress_text(job: JobView, step: int, total: int) -> str:
+    total = max(total, 1)
+    filled = round(PROGRESS_BAR_CELLS * step / total)
+    bar = "▰" * filled + "▱" * (PROGRESS_BAR_CELLS - filled)
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}`: {bar} step {step}/{total}")
+
+
+def done_text(job: JobView, user_id: str, note: str = "", part: tuple[int, int] = (1, 1)) -> str:
+    p = job.params
+    seeds = ", ".join(f"{image.index + 1}: {image.seed}" for image in job.images)
+    head = f"**{_prompt(job)}**" + (f" (-{p.negative})" if p.negative else "")
+    lines = [f"{head} - <@{user_id}>",
+             f"Job `{job.id}` · {p.width}x{p.height} · {p.steps} steps · {p.sampler} · cfg {p.cfg:g} · "
+             f"model {p.model} · seeds {seeds}"]
+    if part[1] > 1:
+        lines.append(f"Part {part[0]} of {part[1]}.")
+    if note:
+        lines.append(note)
+    return _clip("\n".join(lines))
+
+
+def failed_text(job: JobView, error: str | None) -> str:
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}` failed: {error or 'unknown error'}")
+
+
+def cancelled_text(job: JobView) -> str:
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}` was cancelled.")
+
+
+def handoff_text(job: JobView) -> str:
+    return _clip(f"**{_prompt(job)}**\nJob `{job.id}` is still waiting or running; Discord only lets me "
+                 "edit this message for 15 minutes, so the result will be posted in this channel.")
+
+
+def error_text(message: str) -> str:
+    return _clip(f"⚠️ {message}")
+
+
+def info_text(job: JobView) -> str:
+    """Everything needed to make an image again: the Info button and /job."""
+    p = job.params
+    lines = [f"**Job `{job.id}`**: {job.status.value} ({p.kind.value}, by {job.display_name or job.user_id})",
+             f"Prompt: {p.prompt}"]
+    if p.negative:
+        lines.append(f"Negative: {p.negative}")
+    lines.append(f"Model {p.model} · sampler {p.sampler} · steps {p.steps} · cfg {p.cfg:g} · "
+                 f"size {p.width}x{p.height} · images {p.n}")
+    if p.kind is not JobKind.IMAGINE:
+        lines.append(f"Strength {p.strength:g}")
+    seeds = job.images or ()
+    lines.append("Seeds: " + (", ".join(f"image {i.index + 1}: {i.seed}" for i in seeds) or _seeds(job)))
+    if job.error:
+        lines.append(f"Error: {job.error}")
+    lines.append(f"Again: `/imagine {p.prompt} --seed {p.seed} --steps {p.steps} --cfg {p.cfg:g} "
+                 f"--size {p.width}x{p.height} --sampler {p.sampler} --model {p.model}"
+                 + (f" --no {p.negative}" if p.negative else "") + "`")
+    return _clip("\n".join(lines))
+
+
+def _prompt(job: JobView, limit: int = 300) -> str:
+    prompt = job.params.prompt.replace("*", "\\*")
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+def _seeds(job: JobView) -> str:
+    return ", ".join(str(seed) for seed in job.seeds)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_CONTENT_CHARS else text[: MAX_CONTENT_CHARS - 1] + "…"
+
+
+# -- result files ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The result files, split into messages that each fit the upload limit."""
+
+    messages: list[list[ResultFile]]
+    note: str = ""  # what the user should know: JPEG instead of PNG, images left out
+
+
+def pack_results(job: JobView, pngs: list[tuple[ImageView, bytes]], upload_limit: int) -> Packed:
+    """PNGs in one message when they fit; else JPEGs; else fewer images per message.
+
+    `upload_limit` is the bytes one message may carry in that channel (Discord tells it with every
+    interaction). A PNG keeps the generation parameters; a JPEG does not, which the note says.
+    """
+    files = [ResultFile(_file_name(job, image, "png"), data) for image, data in pngs]
+    if _fits(files, upload_limit):
+        return Packed([files])
+    jpegs: list[ResultFile] = []
+    left_out: list[int] = []
+    for image, data in pngs:
+        jpeg = _as_jpeg(data, upload_limit)
+        if jpeg is None:
+            left_out.append(image.index + 1)
+        else:
+            jpegs.append(ResultFile(_file_name(job, image, "jpg"), jpeg))
+    note = "Sent as JPEG to fit this server's upload limit (the PNGs with their parameters are kept by " \
+           f"the bot; ask for them with /job {job.id})."
+    if left_out:
+        note += f" Image(s) {', '.join(map(str, left_out))} did not fit even as JPEG."
+    return Packed(_groups(jpegs, upload_limit), note)
+
+
+def _fits(files: list[ResultFile], limit: int) -> bool:
+    return len(files) <= MAX_FILES_PER_MESSAGE and sum(len(f.data) for f in files) <= limit
+
+
+def _groups(files: list[ResultFile], limit: int) -> list[list[ResultFile]]:
+    """Greedy, in order: each message takes files while they fit."""
+    groups: list[list[ResultFile]] = [[]]
+    for file in files:
+        if groups[-1] and not _fits([*groups[-1], file], limit):
+            groups.append([])
+        groups[-1].append(file)
+    return groups
+
+
+def _as_jpeg(png: bytes, limit: int) -> bytes | None:
+    with Image.open(io.BytesIO(png)) as image:
+        rgb = image.convert("RGB")
+    for quality in JPEG_QUALITIES:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=quality)
+        if buffer.tell() <= limit:
+            return buffer.getvalue()
+    return None
+
+
+def _file_name(job: JobView, image: ImageView, extension: str) -> str:
+    return f"{job.id}-{image.index + 1}-seed{image.seed}.{extension}"
+
+
+# -- buttons --------------------------------------------------------------------------------------
+
+
+class ButtonHandler(Protocol):
+    """What the client behind a button press must offer (adapters/discord.py's client does)."""
+
+    async def job_button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
+                                 index: int | None) -> None: ...
+
+
+_LABELS = {"reroll": "Re-roll", "info": "Info", "delete": "Delete", "vary": "Variations", "upscale": "Upscale"}
+_EMOJI = {"reroll": "🎲", "info": "ℹ️", "delete": "🗑️", "vary": "🔀", "upscale": "🔍"}
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button],
+                template=r"easel:(?P<action>reroll|vary|upscale|info|delete):(?P<job_id>[a-z0-9]{1,16})"
+                         r"(?::(?P<index>\d{1,2}))?"):
+    """One button under a result; everything it needs is in its custom id."""
+
+    def __init__(self, action: str, job_id: str, index: int | None = None, *, label: str | None = None,
+                 row: int | None = None) -> None:
+        custom_id = f"easel:{action}:{job_id}" + ("" if index is None else f":{index}")
+        style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
+        super().__init__(discord.ui.Button(label=label or _LABELS[action], style=style, custom_id=custom_id,
+                                           emoji=_EMOJI[action]), row=row)
+        self.action = action
+        self.job_id = job_id
+        self.index = index
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: Any, /) -> JobButton:
+        index = int(match["index"]) if match["index"] is not None else None
+        return cls(match["action"], match["job_id"], index, label=getattr(item, "label", None))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        client: ButtonHandler = interaction.client  # type: ignore[assignment]
+        await client.job_button_pressed(interaction, self.action, self.job_id, self.index)
+
+
+def result_view(job: JobView) -> discord.ui.View:
+    """Re-roll, Info, Delete; then Variations and Upscale for each image (V1 U1 ... when several)."""
+    view = discord.ui.View(timeout=None)
+    for action in ("reroll", "info", "delete"):
+        view.add_item(JobButton(action, job.id, row=0))
+    images = job.images[:5]  # a row holds five buttons
+    for row, action in ((1, "vary"), (2, "upscale")):
+        for image in images:
+            label = _LABELS[action] if len(images) == 1 else f"{action[0].upper()}{image.index + 1}"
+            view.add_item(JobButton(action, job.id, image.index, label=label, row=row))
+    return view
