@@ -1,0 +1,175 @@
+"""What the Telegram adapter writes: status lines, captions, job descriptions and inline buttons.
+
+Plain functions of core values, so each text is easy to read and to test. Everything is plain
+text (no parse mode), so a prompt full of `*`, `_` or `<` can never break a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup
+
+from bot.domain import JobKind
+from bot.events import Event
+from bot.views import ImageView, JobView
+
+# Telegram's limits: a message's text, a photo's caption, a button's callback data (bytes).
+MAX_TEXT = 4096
+MAX_CAPTION = 1024
+MAX_CALLBACK_DATA = 64
+
+TELEGRAM_HELP = """On Telegram:
+  /edit and /inpaint go in the caption of a picture (a photo, or a file to keep it lossless),
+  or in a reply to a message that holds the picture.
+  The /inpaint mask (white = repaint) can be the second picture of the same album, the message
+  you reply to, or the picture's own transparency (send a PNG as a file; transparent = repaint).
+  Buttons under a result: Re-roll (new seed), Variations, Upscale, Info."""
+
+# Callback data is "<action>:<job id>[:<image index>]": only ids, never parameters, well under 64 bytes.
+ACTIONS = {"r": "reroll", "v": "variation", "u": "upscale", "i": "info"}
+
+
+@dataclass(frozen=True)
+class ButtonPress:
+    action: str  # a value of ACTIONS
+    job_id: str
+    index: int = 0  # which image, for variation and upscale
+
+
+def callback_data(action: str, job_id: str, index: int | None = None) -> str:
+    short = next(key for key, name in ACTIONS.items() if name == action)
+    data = f"{short}:{job_id}" if index is None else f"{short}:{job_id}:{index}"
+    if len(data.encode()) > MAX_CALLBACK_DATA:
+        raise ValueError(f"callback data {data!r} is over Telegram's {MAX_CALLBACK_DATA} bytes")
+    return data
+
+
+def parse_callback(data: str | None) -> ButtonPress | None:
+    """The button a callback came from, or None for data this adapter never wrote."""
+    parts = (data or "").split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ACTIONS or not parts[1]:
+        return None
+    if len(parts) == 3 and not parts[2].isdigit():
+        return None
+    return ButtonPress(ACTIONS[parts[0]], parts[1], int(parts[2]) if len(parts) == 3 else 0)
+
+
+def result_buttons(job: JobView, images: list[ImageView]) -> InlineKeyboardMarkup:
+    """Re-roll and Info for the job; Variations and Upscale for each image shown (numbered in an album)."""
+    reroll = InlineKeyboardButton("🎲 Re-roll", callback_data=callback_data("reroll", job.id))
+    info = InlineKeyboardButton("ℹ️ Info", callback_data=callback_data("info", job.id))
+    if len(images) == 1:
+        index = images[0].index
+        return InlineKeyboardMarkup([
+            [reroll, InlineKeyboardButton("🔀 Variations", callback_data=callback_data("variation", job.id, index))],
+            [InlineKeyboardButton("⬆️ Upscale", callback_data=callback_data("upscale", job.id, index)), info],
+        ])
+    return InlineKeyboardMarkup([
+        [reroll, info],
+        [InlineKeyboardButton(f"🔀 V{image.index + 1}", callback_data=callback_data("variation", job.id, image.index))
+         for image in images],
+        [InlineKeyboardButton(f"⬆️ U{image.index + 1}", callback_data=callback_data("upscale", job.id, image.index))
+         for image in images],
+    ])
+
+
+# -- the status message ------------------------------------------------------------------------------
+
+
+def queued_text(job_id: str, position: int) -> str:
+    return f"⏳ Queued (position {position}) · job {job_id}\nSend /cancel {job_id} to stop it."
+
+
+def status_text(job: JobView, event: Event) -> str | None:
+    """The status line for a job event that is not final; None for kinds that change nothing."""
+    if event.kind == "queued":
+        return queued_text(job.id, int(event.payload.get("position", 1)))
+    if event.kind == "started":
+        return f"🎨 Generating · job {job.id}"
+    if event.kind == "progress":
+        step, total = int(event.payload["step"]), max(1, int(event.payload["total"]))
+        return f"🎨 Generating {progress_bar(step, total)} {step}/{total} · job {job.id}"
+    return None
+
+
+def status_rank(event: Event) -> tuple[int, int]:
+    """Orders status lines, so a late-arriving older state never replaces a newer one."""
+    if event.kind == "queued":
+        return (0, 0)
+    if event.kind == "progress":
+        return (1, int(event.payload.get("step", 0)))
+    return (1, 0)
+
+
+def final_text(job: JobView, shown: int | None = None, notice: str = "") -> str:
+    """The status line once the job is over; `shown` images were sent, `notice` says why not more."""
+    if job.status.value == "succeeded":
+        count = len(job.images) if shown is None else shown
+        done = f"✅ Done · job {job.id} · {count} image{'s' if count != 1 else ''} below"
+        return _clip(f"{done}\n{notice}" if notice else done, MAX_TEXT)
+    if job.status.value == "failed":
+        return _clip(f"❌ Job {job.id} failed: {job.error or 'unknown error'}", MAX_TEXT)
+    return f"🚫 Job {job.id} was cancelled."
+
+
+def progress_bar(step: int, total: int, width: int = 10) -> str:
+    filled = round(width * min(step, total) / total)
+    return "▰" * filled + "▱" * (width - filled)
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+def photo_caption(job: JobView, image: ImageView, *, first: bool) -> str:
+    """The first (or only) picture carries the prompt and settings; every one carries its seed."""
+    if not first:
+        return f"seed {image.seed} · job {job.id}"
+    p = job.params
+    settings = f"seed {image.seed} · {image.width}x{image.height} · {p.steps} steps · {p.sampler} · job {job.id}"
+    return _clip(p.prompt, MAX_CAPTION - len(settings) - 1) + "\n" + settings
+
+
+def album_summary(job: JobView, images: list[ImageView]) -> str:
+    seeds = ", ".join(str(image.seed) for image in images)
+    return f"Job {job.id}: {len(images)} images, seeds {seeds}. V = variations of, U = upscale of image N."
+
+
+def png_filename(job: JobView, image: ImageView) -> str:
+    return f"{job.id}-{image.index + 1}-seed{image.seed}.png"
+
+
+# -- answers to commands -----------------------------------------------------------------------------
+
+
+def describe_job(job: JobView) -> str:
+    """/job and the Info button: settings, seeds, status and timings (no server paths)."""
+    p = job.params
+    lines = [f"Job {job.id}: {job.status.value}", f"{p.kind.value}: {_clip(p.prompt, 1500)}"]
+    if p.negative:
+        lines.append(f"negative: {_clip(p.negative, 800)}")
+    lines.append(f"model {p.model} · {p.sampler} · {p.steps} steps · cfg {p.cfg:g} · {p.width}x{p.height}")
+    seeds = ", ".join(str(seed) for seed in job.seeds)
+    lines.append(f"{p.n} image{'s' if p.n != 1 else ''} · seed{'s' if p.n != 1 else ''} {seeds}")
+    if p.kind is not JobKind.IMAGINE and p.strength is not None:
+        lines.append(f"strength {p.strength:g}")
+    if job.status.value == "running" and job.progress_total:
+        lines.append(f"step {job.progress_step}/{job.progress_total}")
+    timings = []
+    if job.queue_wait_s is not None:
+        timings.append(f"waited {job.queue_wait_s:.1f} s")
+    if job.generation_s is not None:
+        timings.append(f"generated in {job.generation_s:.1f} s")
+    if timings:
+        lines.append(" · ".join(timings))
+    if job.error:
+        lines.append(f"error: {job.error}")
+    return _clip("\n".join(lines), MAX_TEXT)
+
+
+def error_text(message: str) -> str:
+    return _clip(f"⚠️ {message}", MAX_TEXT)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"

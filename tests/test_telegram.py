@@ -1,0 +1,357 @@
+"""The Telegram adapter end to end: the real python-telegram-bot Application, long polling a fake Bot
+API server on 127.0.0.1 (tests/fake_telegram.py), the real job service on SQLite and the real
+builtin:tiny worker. Assertions read what each chat shows: the bot's messages, photos, files and
+buttons."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapters.telegram import TelegramAdapter
+from adapters.telegram_render import parse_callback
+from bot.bootstrap import Core
+from bot.config import TelegramConfig
+from bot.domain import JobKind, JobStatus
+from generation.worker import Worker
+from tests.conftest import mask_bytes, png_bytes
+from tests.fake_telegram import TOKEN, BotMessage, FakeTelegram
+
+ALICE = 7001
+BOB = 7002
+GROUP = -100500
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram(admins={GROUP: [BOB]}) as server:
+        yield server
+
+
+@pytest.fixture
+def tg(core: Core, fake: FakeTelegram) -> Core:
+    """The core, configured to talk to the fake server at a pace that keeps the tests quick."""
+    core.settings.telegram = TelegramConfig(
+        token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url, private_interval_s=0.02,
+        group_interval_s=0.02, album_wait_s=0.3, poll_timeout_s=2, allowed_chats=[GROUP])
+    return core
+
+
+@contextlib.asynccontextmanager
+async def running_bot(core: Core, fake: FakeTelegram) -> AsyncIterator[TelegramAdapter]:
+    adapter = TelegramAdapter(core)
+    stop = asyncio.Event()
+    polls = len(fake.calls_of("getUpdates"))
+    task = asyncio.create_task(adapter.run(stop))
+    await fake.wait_for(lambda: task.done() or len(fake.calls_of("getUpdates")) > polls, what="polling")
+    try:
+        yield adapter
+    finally:
+        stop.set()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running_worker(core: Core, generator) -> AsyncIterator[None]:
+    """The real worker, draining the queue in burst mode again and again until the block ends."""
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        while not stop.is_set():
+            await Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1").run(burst=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    task = asyncio.create_task(serve())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+def replies_to(fake: FakeTelegram, chat: int, message: dict) -> list[BotMessage]:
+    return [m for m in fake.chat(chat) if m.reply_to == message["message_id"]]
+
+
+def photos(fake: FakeTelegram, chat: int) -> list[BotMessage]:
+    return [m for m in fake.chat(chat) if m.photo is not None]
+
+
+async def delivered(core: Core, job_id: str) -> bool:
+    return (await core.service.get_job(job_id)).delivered_at is not None
+
+
+def rgba_png_with_transparent_left_half(width: int = 64, height: int = 64) -> bytes:
+    picture = Image.new("RGBA", (width, height), (30, 160, 60, 255))
+    picture.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def white_columns(png: bytes) -> tuple[float, float]:
+    """Mean of the left and right quarter of a mask: 255 = repaint, 0 = keep."""
+    mask = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    quarter = mask.shape[1] // 4
+    return float(mask[:, :quarter].mean()), float(mask[:, -quarter:].mean())
+
+
+# -- /imagine ----------------------------------------------------------------------------------------
+
+
+async def test_imagine_shows_position_then_an_album_with_seeds_and_buttons(tg: Core, fake: FakeTelegram,
+                                                                          generator) -> None:
+    async with running_bot(tg, fake):
+        command = fake.send(fake.private(ALICE), "/imagine a lighthouse at dusk --seed 42 --steps 3 --n 2")
+        status = (await fake.wait_for(lambda: [m for m in replies_to(fake, ALICE, command)
+                                                if "Queued (position 1)" in m.shown], what="queued"))[0]
+        job = (await tg.service.list_jobs())[0]
+        assert f"job {job.id}" in status.shown and f"/cancel {job.id}" in status.shown
+        async with running_worker(tg, generator):
+            await fake.wait_for(lambda: len(photos(fake, ALICE)) == 2 and status.text.startswith("✅"),
+                                what="album")
+            await fake.wait_for(lambda: delivered(tg, job.id), what="marked delivered")
+        album = photos(fake, ALICE)
+        job = await tg.service.get_job(job.id)
+    assert status.text == f"✅ Done · job {job.id} · 2 images below"
+    assert album[0].media_group_id == album[1].media_group_id is not None
+    assert album[0].reply_to == command["message_id"]
+    assert "a lighthouse at dusk" in album[0].caption and "seed 42" in album[0].caption
+    assert "seed 43" in album[1].caption
+    assert [m.photo for m in album] == [tg.store.read_bytes(image.sha256) for image in job.images]
+    summary = fake.chat(ALICE)[-1]
+    assert "seeds 42, 43" in summary.shown and summary.reply_to == album[0].message_id
+    labels = [button["text"] for row in summary.buttons for button in row]
+    assert labels == ["🎲 Re-roll", "ℹ️ Info", "🔀 V1", "🔀 V2", "⬆️ U1", "⬆️ U2"]
+    for row in summary.buttons:
+        for button in row:
+            assert len(button["callback_data"].encode()) <= 64
+            assert parse_callback(button["callback_data"]).job_id == job.id
+    assert job.delivered_at is not None
+
+
+async def test_other_commands_answer_in_one_message_each(tg: Core, fake: FakeTelegram) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake):
+        quota = fake.send(chat, "/quota")
+        helps = fake.send(chat, "/help")
+        typo = fake.send(chat, "/imagine a cat --sed 4")
+        await fake.wait_for(lambda: all(replies_to(fake, ALICE, m) for m in (quota, helps, typo)), what="answers")
+        command = fake.send(chat, "/imagine a red fox --steps 2")
+        status = (await fake.wait_for(lambda: [m for m in replies_to(fake, ALICE, command)
+                                                if "Queued" in m.shown], what="queued"))[0]
+        job = (await tg.service.list_jobs())[0]
+        about = fake.send(chat, f"/job {job.id}")
+        cancel = fake.send(chat, "/cancel")
+        await fake.wait_for(lambda: replies_to(fake, ALICE, about) and replies_to(fake, ALICE, cancel), what="job")
+        await fake.wait_for(lambda: status.text == f"🚫 Job {job.id} was cancelled.", what="cancelled status")
+    [quota_answer] = replies_to(fake, ALICE, quota)
+    assert quota_answer.shown.startswith("Quota (user tier): 50 of 50 units left today")
+    [help_answer] = replies_to(fake, ALICE, helps)
+    assert "/inpaint" in help_answer.shown and "album" in help_answer.shown and "Examples:" in help_answer.shown
+    [typo_answer] = replies_to(fake, ALICE, typo)
+    assert typo_answer.shown == "⚠️ unknown flag --sed (did you mean --seed?); the flags are " + \
+        "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength"
+    [about_answer] = replies_to(fake, ALICE, about)
+    assert about_answer.shown.startswith(f"Job {job.id}: queued\nimagine: a red fox")
+    [cancel_answer] = replies_to(fake, ALICE, cancel)
+    assert cancel_answer.shown == f"🚫 Job {job.id} cancelled."
+    assert (await tg.service.get_job(job.id)).status is JobStatus.CANCELLED
+
+
+# -- /edit and /inpaint ----------------------------------------------------------------------------
+
+
+async def test_edit_from_a_captioned_photo_and_from_a_reply_to_a_file(tg: Core, fake: FakeTelegram,
+                                                                     generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(chat, photo=png_bytes(96, 64, (20, 40, 220)), caption="/edit make it winter --steps 2 --seed 1")
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 1, what="first edit")
+        holder = fake.send(chat, document=png_bytes(64, 96, (200, 200, 20)), filename="tall.png")
+        fake.send(chat, "/edit the same at night --steps 2 --strength 0.5", reply_to=holder)
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 2, what="second edit")
+    second, first = await tg.service.list_jobs()
+    assert first.params.kind is second.params.kind is JobKind.EDIT
+    # The largest photo size was used (the thumbnail is not even a picture), with its aspect ratio kept.
+    assert first.params.width > first.params.height and second.params.width < second.params.height
+    assert second.params.strength == 0.5
+    assert "make it winter" in photos(fake, ALICE)[0].caption and "seed 1 " in photos(fake, ALICE)[0].caption
+
+
+async def test_inpaint_takes_the_mask_from_the_second_picture_of_an_album(tg: Core, fake: FakeTelegram,
+                                                                         generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        first = fake.send(chat, photo=png_bytes(64, 64, (30, 160, 60)), caption="/inpaint a red door --steps 2",
+                          media_group_id="album-1")
+        fake.send(chat, photo=mask_bytes(64, 64), media_group_id="album-1")  # no caption: the album's 2nd item
+        await fake.wait_for(lambda: photos(fake, ALICE), what="inpainted photo")
+        [job] = await tg.service.list_jobs()
+    assert job.params.kind is JobKind.INPAINT and job.status is JobStatus.SUCCEEDED
+    left, right = white_columns(tg.store.read_bytes(job.mask_image_sha))
+    assert left == 255 and right == 0  # the mask's white left half is what gets repainted
+    assert photos(fake, ALICE)[0].reply_to == first["message_id"]
+
+
+async def test_inpaint_reads_the_mask_from_transparency_or_a_replied_to_picture(tg: Core,
+                                                                                fake: FakeTelegram) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake):
+        transparent = fake.send(chat, document=rgba_png_with_transparent_left_half(), caption="/inpaint a pond")
+        mask = fake.send(chat, photo=mask_bytes(64, 64))
+        replying = fake.send(chat, photo=png_bytes(64, 64), caption="/inpaint a door", reply_to=mask)
+        opaque = fake.send(chat, photo=png_bytes(64, 64), caption="/inpaint a window")
+        await fake.wait_for(lambda: all(replies_to(fake, ALICE, m) for m in (transparent, replying, opaque)) and
+                            len([m for m in fake.chat(ALICE) if "Queued" in m.shown]) == 2, what="answers")
+    by_prompt = {job.params.prompt: job for job in await tg.service.list_jobs()}
+    assert set(by_prompt) == {"a pond", "a door"}  # the opaque picture without a mask queued nothing
+    for prompt in ("a pond", "a door"):
+        left, right = white_columns(tg.store.read_bytes(by_prompt[prompt].mask_image_sha))
+        assert left == 255 and right == 0, prompt
+    [refusal] = replies_to(fake, ALICE, opaque)
+    assert refusal.shown.startswith("⚠️ /inpaint needs a mask") and "album" in refusal.shown
+
+
+# -- buttons -----------------------------------------------------------------------------------------
+
+
+async def test_buttons_reroll_upscale_and_info_answer_under_the_result(tg: Core, fake: FakeTelegram,
+                                                                      generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(chat, "/imagine a blue bird --steps 3 --seed 5")  # upscale: 3 x 0.35 > 1 step
+        result = (await fake.wait_for(lambda: photos(fake, ALICE), what="first result"))[0]
+        [original] = await tg.service.list_jobs()
+        fake.press(chat, result, result.button("🎲 Re-roll"))
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 2, what="re-roll result")
+        fake.press(chat, result, result.button("⬆️ Upscale"))
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 3, what="upscaled result")
+        fake.press(chat, result, result.button("ℹ️ Info"))
+        info = (await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if m.shown.startswith("Job ")],
+                                    what="info"))[0]
+    upscaled, rerolled, _ = await tg.service.list_jobs()
+    assert rerolled.params.prompt == original.params.prompt and rerolled.params.seed != original.params.seed
+    assert (rerolled.params.steps, rerolled.params.width) == (original.params.steps, original.params.width)
+    assert upscaled.params.kind is JobKind.EDIT
+    assert (upscaled.params.width, upscaled.params.height) == (128, 128)
+    for job in (rerolled, upscaled):
+        [status] = [m for m in fake.chat(ALICE) if f"job {job.id}" in m.shown and m.text is not None]
+        assert status.reply_to == result.message_id and status.text.startswith("✅ Done")
+    assert info.reply_to == result.message_id
+    assert info.shown.startswith(f"Job {original.id}: succeeded") and "seed 5" in info.shown
+    answered = [call.params.get("text") for call in fake.calls_of("answerCallbackQuery")]
+    assert len(answered) == 3  # every press is answered, so the client stops its spinner
+
+
+# -- flood control, restarts, duplicates -------------------------------------------------------------
+
+
+async def test_flood_control_waits_as_told_and_network_errors_are_retried(tg: Core, fake: FakeTelegram,
+                                                                         generator) -> None:
+    tg.settings.telegram.private_interval_s = 0.2
+    fake.fail_next("editMessageText", 429, retry_after=1)
+    fake.fail_next("sendPhoto", 502, times=2)
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(chat, "/imagine a windmill --steps 4")
+        await fake.wait_for(lambda: photos(fake, ALICE), what="photo despite errors")
+        [job] = await tg.service.list_jobs()
+        await fake.wait_for(lambda: delivered(tg, job.id), what="marked delivered")
+    to_chat = [call for call in fake.calls if call.params.get("chat_id") == ALICE]
+    [flooded] = [i for i, call in enumerate(to_chat) if call.status == 429]
+    # Nothing went to the chat until the second Telegram asked for had passed...
+    assert to_chat[flooded + 1].at - to_chat[flooded].at >= 0.95
+    # ...and never faster than the configured pace (0.2 s; requests take a few ms to arrive).
+    assert all(later.at - earlier.at >= 0.15 for earlier, later in itertools.pairwise(to_chat))
+    [status] = [m for m in fake.chat(ALICE) if m.text is not None]
+    assert status.text == f"✅ Done · job {job.id} · 1 image below"
+    assert [call.status for call in fake.calls_of("sendPhoto")] == [502, 502, 200]
+
+
+async def test_results_missed_while_stopped_arrive_after_a_restart_and_a_redelivered_message_is_one_job(
+        tg: Core, fake: FakeTelegram, generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake):
+        command = fake.send(chat, "/imagine a harbour --steps 2")
+        status = (await fake.wait_for(lambda: [m for m in replies_to(fake, ALICE, command)
+                                                if "Queued" in m.shown], what="queued"))[0]
+    # The bot is down while the job runs.
+    await Worker(tg.queue, generator, tg.store, tg.settings, worker_id="test-worker:1").run(burst=True)
+    [job] = await tg.service.list_jobs()
+    assert job.status is JobStatus.SUCCEEDED and job.delivered_at is None
+    # Telegram was never told the command was read (say the bot was killed): it delivers it again.
+    original_update = next(call for call in fake.calls_of("getUpdates")
+                           if call.params.get("offset"))  # the poll that confirmed it
+    again = fake.deliver({"message": command}, update_id=int(original_update.params["offset"]) - 1)
+    async with running_bot(tg, fake):
+        await fake.wait_for(lambda: photos(fake, ALICE), what="photo after restart")
+        await fake.wait_for(lambda: delivered(tg, job.id), what="marked delivered")
+        await fake.wait_for(lambda: fake.served.count(again["update_id"]) == 2, what="the command, again")
+        await asyncio.sleep(0.5)  # room for a wrong second answer to the redelivered command
+    assert status.text == f"✅ Done · job {job.id} · 1 image below"
+    assert photos(fake, ALICE)[0].reply_to == command["message_id"]
+    assert len(await tg.service.list_jobs()) == 1
+    assert [m.message_id for m in replies_to(fake, ALICE, command)] == [status.message_id,
+                                                                        photos(fake, ALICE)[0].message_id]
+
+
+async def test_a_burst_of_progress_becomes_one_edit_with_the_newest_text(fake: FakeTelegram) -> None:
+    from telegram import Bot
+
+    from adapters.telegram_send import Sender, StatusBoard
+
+    async with Bot(TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url) as bot:
+        status = await bot.send_message(ALICE, "⏳ Queuing…")
+        tasks: set[asyncio.Task] = set()
+        board = StatusBoard(bot, Sender(private_interval_s=0.3, group_interval_s=0.3), tasks)
+        for step in range(1, 51):
+            board.show(ALICE, status.message_id, f"step {step}/50", rank=(1, step))
+        board.show(ALICE, status.message_id, "queued", rank=(0, 0))  # older news, arriving late: dropped
+        await fake.wait_for(lambda: fake.calls_of("editMessageText"), what="an edit")
+        await board.settle(ALICE, status.message_id, "✅ Done")
+        await asyncio.gather(*tasks)
+    [shown] = fake.chat(ALICE)
+    assert shown.history == ["⏳ Queuing…", "step 50/50", "✅ Done"]
+
+
+
+# -- groups and concurrency --------------------------------------------------------------------------
+
+
+async def test_groups_follow_the_configured_policy_and_ignore_other_bots(tg: Core, fake: FakeTelegram) -> None:
+    group, stranger = fake.group(GROUP), fake.group(-100999, "Elsewhere")
+    async with running_bot(tg, fake):
+        other_bot = fake.send(group, "/imagine@otherbot a cat", user=ALICE)
+        unknown = fake.send(group, "/start_game", user=ALICE)  # another bot's command, without @
+        elsewhere = fake.send(stranger, "/imagine a cat", user=ALICE)
+        for_us = fake.send(group, "/imagine@easel_test_bot a cat --steps 2", user=ALICE)
+        await fake.wait_for(lambda: replies_to(fake, -100999, elsewhere) and
+                            [m for m in replies_to(fake, GROUP, for_us) if "Queued" in m.shown], what="answers")
+        await asyncio.sleep(0.3)  # room for a wrong answer to the other bots' commands
+    assert replies_to(fake, GROUP, other_bot) == [] and replies_to(fake, GROUP, unknown) == []
+    [refusal] = replies_to(fake, -100999, elsewhere)
+    assert refusal.shown == ("Easel is not enabled in this chat; its operator can add chat id -100999 to "
+                             "telegram.allowed_chats.")
+    [job] = await tg.service.list_jobs()
+    assert job.user_id == str(ALICE) and job.reply_to["chat_id"] == GROUP
+
+
+async def test_a_slow_download_holds_up_no_other_chat(tg: Core, fake: FakeTelegram) -> None:
+    held = asyncio.Event()
+    async with running_bot(tg, fake):
+        edit = fake.send(fake.private(ALICE), photo=png_bytes(), caption="/edit winter --steps 2")
+        fake.slow_files[edit["photo"][-1]["file_id"]] = held  # before the bot can ask for it: no await yet
+        quota = fake.send(fake.private(BOB), "/quota")
+        await fake.wait_for(lambda: replies_to(fake, BOB, quota), what="Bob's answer")
+        assert fake.chat(ALICE) == []  # Alice's download is still held
+        held.set()
+        await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if "Queued" in m.shown], what="Alice's job")
