@@ -147,6 +147,11 @@ class CommandParser:
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
         )
+        if params.strength is not None and int(params.steps * params.strength) < 1:
+            # img2img runs steps x strength denoising steps; zero would return the input untouched.
+            fewest = math.ceil(1 / params.strength)
+            raise InvalidCommand(f"--steps {params.steps} with --strength {_num(params.strength)} runs no "
+                                 f"denoising step; use --steps {fewest} or more, or a higher --strength")
         size_given = "size" in flags or "ar" in flags
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
                                reference_urls=links)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -366,6 +367,7 @@ def test_valid_commands_round_trip(
     prompt: str, seed: int, steps: int, cfg: float, n: int, sampler: str, strength: float,
     width: int, height: int, dash: str, separator: str,
 ) -> None:
+    steps = max(steps, math.ceil(1 / strength))  # an edit must run at least one denoising step
     values = {"seed": seed, "steps": steps, "cfg": cfg, "n": n, "sampler": sampler.upper(),
               "strength": strength, "size": f"{width}x{height}"}
     flags = " ".join(f"{dash}{name}{separator}{value}" for name, value in values.items())
@@ -374,3 +376,12 @@ def test_valid_commands_round_trip(
     assert (params.seed, params.steps, params.cfg, params.n) == (seed, steps, cfg, n)
     assert (params.sampler, params.strength) == (sampler, strength)
     assert (params.width, params.height) == (width, height)
+
+
+def test_an_edit_too_short_to_run_a_single_step_is_refused_with_the_fix() -> None:
+    parser = CommandParser(LimitsConfig(), {"tiny": ModelConfig(source="builtin:tiny", default_width=64,
+                                                                default_height=64)}, "tiny", "euler")
+    with pytest.raises(InvalidCommand, match=r"--steps 2 with --strength 0\.3 runs no denoising step; "
+                                             r"use --steps 4 or more"):
+        parser.parse("/edit winter --steps 2 --strength 0.3")
+    assert parser.parse("/edit winter --steps 4 --strength 0.3").params.steps == 4
