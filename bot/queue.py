@@ -12,6 +12,7 @@ clear reason once it has been attempted `queue.max_attempts` times.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -132,10 +133,13 @@ class JobQueue:
                 .join(User, User.id == Job.user_id)
                 .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))
 
-    async def report_progress(self, job_ids: Sequence[str], step: int, total: int) -> set[str]:
-        """Record step i/n for running jobs (also the heartbeat). Returns the ids no longer running
-        (cancelled by their owner), so the worker can stop spending time on them."""
+    async def report_progress(self, job_ids: Sequence[str], step: int, total: int,
+                              previews: Sequence[bytes] | None = None) -> set[str]:
+        """Record step i/n for running jobs (also the heartbeat), with a JPEG preview per job when
+        given. Returns the ids no longer running (cancelled by their owner), so the worker can stop
+        spending time on them."""
         now = utcnow()
+        preview_of = dict(zip(job_ids, previews, strict=True)) if previews else {}
         async with self.db.unit_of_work() as uow:
             jobs = (await uow.session.scalars(select(Job).where(Job.id.in_(job_ids)))).unique().all()
             gone = set()
@@ -144,7 +148,10 @@ class JobQueue:
                     gone.add(job.id)
                     continue
                 job.progress_step, job.progress_total, job.heartbeat_at = step, total, now
-                self.bus.stage(uow, job, "progress", {"step": step, "total": total})
+                payload: dict[str, Any] = {"step": step, "total": total}
+                if job.id in preview_of:
+                    payload["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview_of[job.id]).decode()
+                self.bus.stage(uow, job, "progress", payload)
             await uow.commit()
         self.bus.notify()
         return gone
@@ -228,6 +235,14 @@ class JobQueue:
         if report.requeued or report.failed:
             self.bus.notify()
         return report
+
+    async def waiting(self) -> tuple[int, datetime | None]:
+        """Images waiting in the queue, and when the oldest waiting job was submitted."""
+        async with self.db.unit_of_work(write=False) as uow:
+            images, oldest = (await uow.session.execute(
+                select(func.coalesce(func.sum(Job.n), 0), func.min(Job.created_at))
+                .where(Job.status == JobStatus.QUEUED.value))).one()
+        return int(images), oldest  # MIN keeps the column's type: an aware datetime
 
     async def has_waiting(self) -> bool:
         async with self.db.unit_of_work(write=False) as uow:

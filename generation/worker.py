@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 from PIL import Image
@@ -25,6 +26,7 @@ from bot.bootstrap import Core
 from bot.config import Settings
 from bot.errors import EaselError
 from bot.queue import JobQueue, this_worker_id
+from bot.service import utcnow
 from bot.store import ImageStore
 from bot.views import JobView
 from generation.pipelines import GenerationTask
@@ -38,6 +40,8 @@ StepCallback = Callable[[int, int], None]
 class Generator(Protocol):
     def generate(self, tasks: list[GenerationTask],
                  on_step: StepCallback | None = None) -> list[list[Image.Image]]: ...
+
+    def warm(self, model_name: str) -> None: ...
 
 
 class BatchCancelled(Exception):
@@ -73,9 +77,12 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> WorkerStats:
         poll_s = self.settings.generation.poll_interval_ms / 1000
+        if self.settings.generation.compile:  # trace the compiled UNet now, not in a user's first job
+            await asyncio.to_thread(self.generator.warm, self.settings.generation.default_model)
         await self._recover()
         last_recovery = time.monotonic()
         while not self._stop.is_set():
+            await self._wait_for_a_fuller_batch()
             batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
             if not batch:
                 if burst:
@@ -90,6 +97,22 @@ class Worker:
             self.stats.batches += 1
             self.stats.busy_seconds += time.monotonic() - started
         return self.stats
+
+    async def _wait_for_a_fuller_batch(self) -> None:
+        """With `generation.batch_wait_ms`, give a part-full queue a moment to fill a batch.
+
+        No job waits longer than batch_wait_ms past its submission for this: a larger batch costs
+        each image less, but only a short wait is worth it.
+        """
+        wait = timedelta(milliseconds=self.settings.generation.batch_wait_ms)
+        while wait and not self._stop.is_set():
+            images, oldest = await self.queue.waiting()
+            if images == 0 or images >= self.settings.generation.max_batch or oldest is None:
+                return
+            left = (oldest + wait - utcnow()).total_seconds()
+            if left <= 0:
+                return
+            await self.queue.bus.wait_for_change(left)
 
     async def _idle(self, poll_s: float) -> None:
         """Sleep until a job is submitted in this process (woken at once), stop() is called, or
@@ -151,13 +174,14 @@ class Worker:
         last_sent = [0.0]
         lock = threading.Lock()
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int, previews: list[bytes] | None = None) -> None:
             with lock:
                 now = time.monotonic()
-                if step < total and now - last_sent[0] < every_s:
+                if step < total and previews is None and now - last_sent[0] < every_s:
                     return
                 last_sent[0] = now
-            future = asyncio.run_coroutine_threadsafe(self.queue.report_progress(job_ids, step, total), loop)
+            future = asyncio.run_coroutine_threadsafe(
+                self.queue.report_progress(job_ids, step, total, previews), loop)
             gone = future.result()
             if gone and gone.issuperset(job_ids):
                 raise BatchCancelled()
@@ -198,6 +222,6 @@ def build_worker(core: Core, generator: Generator | None = None) -> Worker:
 
         gen = core.settings.generation
         generator = DiffusersGenerator(core.settings.models, device=gen.device, dtype=gen.dtype,
-                                       cache_dir=core.settings.storage.model_cache)
+                                       cache_dir=core.settings.storage.model_cache, options=gen)
     return Worker(core.queue, generator, core.store, core.settings,
                   image_checker=build_image_checker(core.settings))

@@ -144,3 +144,36 @@ async def test_bad_input_gets_one_line_and_the_chat_keeps_serving(
     assert await core.service.list_jobs() == []
     _, fine = await run_chat(core, generator, "/imagine a cat --steps 2")
     assert fine.status is JobStatus.SUCCEEDED
+
+
+async def test_progress_events_carry_live_previews_when_switched_on(core: Core, models_dir: Path) -> None:
+    import base64
+
+    from generation.pipelines import DiffusersGenerator
+
+    core.settings.generation.previews = True
+    core.settings.generation.preview_every_steps = 2
+    generator = DiffusersGenerator(core.settings.models, device="cpu", dtype="float32", cache_dir=models_dir,
+                                   options=core.settings.generation)
+    _, job = await run_chat(core, generator, "/imagine a cat --steps 6")
+    progress = [event.payload async for event in core.bus.watch(job.id) if event.kind == "progress"]
+    previews = [p["preview"] for p in progress if "preview" in p]
+    assert [p["step"] for p in progress if "preview" in p] == [2, 4]
+    for preview in previews:
+        assert preview.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))) as picture:
+            assert picture.size == (16, 16)
+
+
+async def test_a_short_batch_wait_gathers_a_job_submitted_just_after(core: Core, generator) -> None:
+    import asyncio
+
+    core.settings.generation.batch_wait_ms = 1500
+    first = await core.service.submit(alice(), core.parser.parse("/imagine a cat --steps 2"))
+    draining = asyncio.create_task(worker_for(core, generator).run(burst=True))
+    await asyncio.sleep(0.2)
+    second = await core.service.submit(bob(), core.parser.parse("/imagine a dog --steps 2"))
+    await draining
+    jobs = [await core.service.get_job(result.job.id) for result in (first, second)]
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED] * 2
+    assert [job.batch_size for job in jobs] == [2, 2]  # one diffusers call for both users
