@@ -225,6 +225,11 @@ async function follow(job) {
       else if (event.kind === "progress") {
         setProgress(card, event.data.step, event.data.total);
         card.status.textContent = `generating, step ${event.data.step} of ${event.data.total}`;
+        // Live preview (generation.previews): a rough picture of the image so far, replaced by the result.
+        if (event.data.preview) {
+          card.images.replaceChildren(element("img", { class: "preview", src: event.data.preview,
+            alt: `Preview of job ${job.id} at step ${event.data.step}`, width: "128", height: "128" }));
+        }
       }
     }
   } finally {
