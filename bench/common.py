@@ -56,7 +56,10 @@ def bench_settings(setup: BenchSetup, data_dir: Path | None = None, **generation
         models={"bench": {"source": setup.source, "default_width": setup.side, "default_height": setup.side}},
         generation={"default_model": "bench", "device": setup.device, "dtype": setup.dtype, **generation},
         limits={"max_side": max(1024, setup.side), "max_steps": max(50, setup.steps)},
-        queue={"max_queued_per_user": 100_000, "daily_images_per_user": 10_000_000},
+        # Benchmarks measure the machinery, not the limits: no quota or queue cap may refuse them.
+        queue={"max_queued_per_user": 100_000, "daily_images_per_user": 0},
+        quota={"tiers": {"user": {"daily_units": float("inf"), "per_minute_units": float("inf")}},
+               "max_queued_total": 0},
     )
 
 
