@@ -94,7 +94,7 @@ class ModelConfig(Section):
 
 
 class GenerationConfig(Section):
-    default_model: str = "tiny"
+    default_model: str = "shapes"  # the built-in model that draws what it is told (see [models.*])
     default_sampler: str = "euler"
     device: str = "auto"  # "auto" = CUDA when present, else CPU; or "cpu", "cuda", "cuda:1", "mps"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto = fp16 on CUDA, fp32 else
@@ -306,6 +306,8 @@ class FetchConfig(Section):
 
 def _builtin_models() -> dict[str, ModelConfig]:
     return {
+        # Trained to draw coloured shapes on command ("a red circle on a blue background"); ships with Easel.
+        "shapes": ModelConfig(source="builtin:shapes", default_width=64, default_height=64),
         # Untrained (draws noise) and fastest: for tests of the pipeline itself.
         "tiny": ModelConfig(source="builtin:tiny", default_width=64, default_height=64),
     }

@@ -54,13 +54,17 @@ _MAX_MERGES = 300
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """Return the diffusers folder of built-in model `name`, building it under `cache_dir` if needed.
 
+    Trained models (`SHIPPED_MODELS`) come with Easel and are returned where they lie.
+
     The folder appears atomically (built in a temporary folder, then renamed), so a second process
     never sees half a model; when two processes build at once, the first rename wins and the other
     build is discarded.
     """
+    if name in SHIPPED_MODELS:
+        return _shipped(name)
     if name not in BUILTIN_MODELS:
         raise GenerationFailed(f"model source 'builtin:{name}' is unknown; the built-in models are: "
-                               f"{', '.join('builtin:' + known for known in BUILTIN_MODELS)}")
+                               f"{', '.join('builtin:' + known for known in [*BUILTIN_MODELS, *SHIPPED_MODELS])}")
     folder = Path(cache_dir) / f"builtin-{name}-v{RECIPE_VERSION}"
     if folder.is_dir():
         return folder
@@ -232,3 +236,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "sd15-random": build_sd15_random}
+
+# Trained built-in models ship as diffusers folders inside the package; training them takes far too
+# long to do at run time (see generation/train_builtin.py).
+SHIPPED_MODELS: dict[str, Path] = {"shapes": Path(__file__).parent / "models" / "builtin-shapes"}
+
+
+def _shipped(name: str) -> Path:
+    folder = SHIPPED_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise GenerationFailed(f"built-in model 'builtin:{name}' is missing from {folder}; reinstall Easel or "
+                               f"retrain it with: python -m generation.train_builtin --out {folder}")
+    return folder

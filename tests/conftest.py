@@ -19,6 +19,11 @@ def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests build their own settings; a developer's environment must not leak in."""
     for var in ("EASEL_CONFIG", "DISCORD_TOKEN", "TELEGRAM_TOKEN"):
         monkeypatch.delenv(var, raising=False)
+    # Tests run on builtin:tiny, the fastest model, alone; builtin:shapes (the default for users) is
+    # tested in test_shapes.py. Environment variables reach Settings() and `easel` subprocesses alike.
+    monkeypatch.setenv("EASEL_GENERATION__DEFAULT_MODEL", "tiny")
+    monkeypatch.setenv("EASEL_MODELS", '{"tiny": {"source": "builtin:tiny", "default_width": 64, '
+                                       '"default_height": 64}}')
 
 
 @pytest.fixture(scope="session")
