@@ -112,10 +112,16 @@ class EventBus:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=self._poll_interval_s)
 
-    async def wait_for_change(self, timeout_s: float) -> None:
-        """Return on the next `notify` in this process, or after `timeout_s` (for other processes)."""
+    def change_marker(self) -> asyncio.Event:
+        """A marker of "now": `wait_for_change(since=marker)` returns at once if anything was
+        notified after the marker was taken, so a change between a read and the wait is never missed."""
+        return self._changed
+
+    async def wait_for_change(self, timeout_s: float, since: asyncio.Event | None = None) -> None:
+        """Return on the next `notify` in this process (or the first since `since`), or after
+        `timeout_s` (changes made by other processes are found by polling)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout=timeout_s)
+            await asyncio.wait_for((since or self._changed).wait(), timeout=timeout_s)
 
     async def prune(self, older_than: datetime) -> int:
         """Drop old progress events (final events stay: they are the job's history)."""

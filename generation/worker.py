@@ -83,6 +83,8 @@ class Worker:
         last_recovery = time.monotonic()
         while not self._stop.is_set():
             await self._wait_for_a_fuller_batch()
+            # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
+            marker = self.queue.bus.change_marker()
             batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
             if not batch:
                 if burst:
@@ -90,7 +92,7 @@ class Worker:
                 if time.monotonic() - last_recovery > 30:  # another host's worker may have died
                     await self._recover()
                     last_recovery = time.monotonic()
-                await self._idle(poll_s)
+                await self._idle(poll_s, marker)
                 continue
             started = time.monotonic()
             await self._run_batch(batch)
@@ -114,11 +116,11 @@ class Worker:
                 return
             await self.queue.bus.wait_for_change(left)
 
-    async def _idle(self, poll_s: float) -> None:
+    async def _idle(self, poll_s: float, since: asyncio.Event) -> None:
         """Sleep until a job is submitted in this process (woken at once), stop() is called, or
         `poll_s` passes (jobs submitted by another process are found on the next poll)."""
         waits = [asyncio.ensure_future(self._stop.wait()),
-                 asyncio.ensure_future(self.queue.bus.wait_for_change(poll_s))]
+                 asyncio.ensure_future(self.queue.bus.wait_for_change(poll_s, since))]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
