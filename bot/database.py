@@ -65,10 +65,6 @@ class Database:
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
-
     def unit_of_work(self, *, write: bool = True) -> UnitOfWork:
         return UnitOfWork(self._write_sessions if write else self._read_sessions)
 

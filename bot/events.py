@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from bot.database import Database, UnitOfWork
 from bot.models import Job, JobEvent
@@ -122,12 +122,3 @@ class EventBus:
         `timeout_s` (changes made by other processes are found by polling)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for((since or self._changed).wait(), timeout=timeout_s)
-
-    async def prune(self, older_than: datetime) -> int:
-        """Drop old progress events (final events stay: they are the job's history)."""
-        async with self._db.unit_of_work() as uow:
-            result = await uow.session.execute(
-                delete(JobEvent).where(JobEvent.created_at < older_than, JobEvent.kind == "progress")
-            )
-            await uow.commit()
-            return result.rowcount or 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Settings
@@ -156,13 +156,6 @@ class JobQueue:
         self.bus.notify()
         return gone
 
-    async def heartbeat(self, job_ids: Sequence[str]) -> None:
-        async with self.db.unit_of_work() as uow:
-            await uow.session.execute(update(Job).where(Job.id.in_(job_ids),
-                                                        Job.status == JobStatus.RUNNING.value)
-                                      .values(heartbeat_at=utcnow()))
-            await uow.commit()
-
     async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]],
                        verdicts: Sequence[ImageVerdict | None] = ()) -> bool:
         """Store the image rows and mark the job done. False if it was cancelled meanwhile.
@@ -243,8 +236,3 @@ class JobQueue:
                 select(func.coalesce(func.sum(Job.n), 0), func.min(Job.created_at))
                 .where(Job.status == JobStatus.QUEUED.value))).one()
         return int(images), oldest  # MIN keeps the column's type: an aware datetime
-
-    async def has_waiting(self) -> bool:
-        async with self.db.unit_of_work(write=False) as uow:
-            return (await uow.session.scalar(
-                select(Job.seq).where(Job.status == JobStatus.QUEUED.value).limit(1))) is not None
