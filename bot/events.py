@@ -4,13 +4,17 @@ The worker stages an event in the same transaction as the state change it descri
 event exists exactly when the change does. Readers (`watch`, `follow`) read the table in id order. A
 reader in the same process as the writer is woken at once by `notify`; one in another process (the
 worker on a GPU host, the bot elsewhere) finds new rows on its next poll.
+
+`notify` names the jobs that changed, and wakes only the watchers of those jobs (plus every platform
+follower and the idle worker): with many users watching their own jobs, one job's progress costs one
+read, not one read per watcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,8 +61,9 @@ def _to_event(row: JobEvent) -> Event:
 class EventBus:
     def __init__(self, db: Database, poll_interval_s: float = 0.25) -> None:
         self._db = db
-        self._poll_interval_s = poll_interval_s
-        self._changed = asyncio.Event()
+        self.poll_interval_s = poll_interval_s  # how often a reader looks for other processes' events
+        self._changed = asyncio.Event()  # set (and replaced) on every notify
+        self._job_wake_ups: dict[str, set[asyncio.Event]] = {}  # each waiting watcher's, by job id
 
     @staticmethod
     def stage(uow: UnitOfWork, job: Job, kind: str, payload: dict[str, Any] | None = None) -> None:
@@ -66,10 +71,13 @@ class EventBus:
         uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=kind, payload=payload or {},
                                  created_at=datetime.now(UTC)))
 
-    def notify(self) -> None:
-        """Wake readers in this process; call after committing staged events."""
+    def notify(self, job_ids: Iterable[str]) -> None:
+        """Wake readers in this process; call after committing events staged for `job_ids`."""
         self._changed.set()
         self._changed = asyncio.Event()
+        for job_id in job_ids:
+            for wake_up in self._job_wake_ups.get(job_id, ()):
+                wake_up.set()
 
     async def read_after(self, last_id: int, *, platform: str | None = None, job_id: str | None = None,
                          limit: int = 200) -> list[Event]:
@@ -98,19 +106,37 @@ class EventBus:
         async for event in self._stream(last_id, platform=platform):
             yield event
 
-    async def _stream(self, last_id: int, **where: str) -> AsyncIterator[Event]:
-        """Events after `last_id` matching `where`, in order, waiting for new ones when caught up."""
+    async def _stream(self, last_id: int, *, platform: str | None = None,
+                      job_id: str | None = None) -> AsyncIterator[Event]:
+        """Events after `last_id` of one platform or one job, in order, waiting for new ones when
+        caught up."""
         while True:
-            # Capture the wake-up Event before reading, so a notify between the read and the wait
-            # still wakes us.
-            changed = self._changed
-            events = await self.read_after(last_id, **where)
-            for event in events:
-                last_id = event.id
-                yield event
-            if not events:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=self._poll_interval_s)
+            # Take the wake-up before reading, so a notify between the read and the wait still wakes us.
+            wake_up = self._wake_up_for(job_id)
+            try:
+                events = await self.read_after(last_id, platform=platform, job_id=job_id)
+                for event in events:
+                    last_id = event.id
+                    yield event
+                if not events:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake_up.wait(), timeout=self.poll_interval_s)
+            finally:
+                self._forget_wake_up(job_id, wake_up)
+
+    def _wake_up_for(self, job_id: str | None) -> asyncio.Event:
+        if job_id is None:
+            return self._changed
+        wake_up = asyncio.Event()
+        self._job_wake_ups.setdefault(job_id, set()).add(wake_up)
+        return wake_up
+
+    def _forget_wake_up(self, job_id: str | None, wake_up: asyncio.Event) -> None:
+        waiting = self._job_wake_ups.get(job_id) if job_id is not None else None
+        if waiting is not None:
+            waiting.discard(wake_up)
+            if not waiting:
+                del self._job_wake_ups[job_id]
 
     def change_marker(self) -> asyncio.Event:
         """A marker of "now": `wait_for_change(since=marker)` returns at once if anything was

@@ -76,12 +76,22 @@ class JobQueue:
 
     async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
         """Mark up to `max_images` images' worth of compatible jobs running and return them."""
-        now = utcnow()
-        async with self.db.unit_of_work() as uow:
-            chosen = await self._choose_batch(uow.session, max_images)
+        while True:
+            # Choose in a read-only transaction: an idle worker's empty claims never take the write
+            # lock that submissions need.
+            async with self.db.unit_of_work(write=False) as uow:
+                chosen = await self._choose_batch(uow.session, max_images)
             if not chosen:
                 return []
-            # Lock and load only the chosen rows; another worker may have taken some meanwhile.
+            views = await self._start(worker_id, chosen)
+            if views:  # else another worker took all of them meanwhile: choose again
+                self.bus.notify(view.id for view in views)
+                return views
+
+    async def _start(self, worker_id: str, chosen: list[int]) -> list[JobView]:
+        """Mark the chosen jobs running, leaving out any another worker took after they were chosen."""
+        now = utcnow()
+        async with self.db.unit_of_work() as uow:
             batch = (await uow.session.scalars(
                 select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
                 .order_by(Job.seq).with_for_update(skip_locked=True, of=Job))).unique().all()
@@ -96,9 +106,7 @@ class JobQueue:
                 job.user.last_served_at = now
                 self.bus.stage(uow, job, "started", {"batch_size": images})
             await uow.commit()
-            views = [job_view(job, self.store.path_of) for job in batch]
-        self.bus.notify()
-        return views
+            return [job_view(job, self.store.path_of) for job in batch]
 
     async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
         """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.
@@ -153,7 +161,7 @@ class JobQueue:
                     payload["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview_of[job.id]).decode()
                 self.bus.stage(uow, job, "progress", payload)
             await uow.commit()
-        self.bus.notify()
+        self.bus.notify(job_ids)
         return gone
 
     async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]],
@@ -189,7 +197,7 @@ class JobQueue:
             payload = done_payload(job.id, [image_view(i, str(self.store.path_of(i.sha256))) for i in job.images])
             await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED, payload=payload)
             await uow.commit()
-        self.bus.notify()
+        self.bus.notify([job_id])
         return True
 
     async def fail(self, job_id: str, error: str) -> None:
@@ -199,7 +207,7 @@ class JobQueue:
                 return
             await finish_job(uow, self.bus, job, JobStatus.FAILED, error=error)
             await uow.commit()
-        self.bus.notify()
+        self.bus.notify([job_id])
 
     async def requeue_abandoned(
         self, is_dead: Callable[[str], bool] = is_local_process_dead, now: datetime | None = None
@@ -226,7 +234,7 @@ class JobQueue:
                     report.requeued.append(job.id)
             await uow.commit()
         if report.requeued or report.failed:
-            self.bus.notify()
+            self.bus.notify(report.requeued + report.failed)
         return report
 
     async def waiting(self) -> tuple[int, datetime | None]:

@@ -127,7 +127,7 @@ class JobService:
             self.bus.stage(uow, job, "queued", {"position": position})
             await uow.commit()
             view = job_view(job, self.store.path_of)
-        self.bus.notify()
+        self.bus.notify([view.id])
         return SubmitResult(view, position)
 
     async def estimate(self, requester: Requester, command: GenerateCommand,
@@ -298,7 +298,7 @@ class JobService:
             await finish_job(uow, self.bus, job, JobStatus.CANCELLED)
             await uow.commit()
             view = job_view(job, self.store.path_of)
-        self.bus.notify()
+        self.bus.notify([view.id])
         return view
 
     async def mark_delivered(self, job_id: str) -> None:

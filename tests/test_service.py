@@ -161,6 +161,39 @@ async def test_events_tell_the_story_of_a_job_in_order(core: Core) -> None:
                      ("progress", {"step": 1, "total": 3}), ("failed", {"error": "out of luck"})]
 
 
+async def test_a_watcher_hears_its_own_job_at_once_and_sleeps_through_other_jobs(core: Core) -> None:
+    import asyncio
+
+    core.bus.poll_interval_s = 60  # within this test only a notify can wake the watcher
+    mine = (await submit(core, "/imagine a cat --steps 3")).job
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async for event in core.bus.watch(mine.id):
+            seen.append(event.kind)
+
+    watching = asyncio.create_task(watch())
+    while seen != ["queued"]:
+        await asyncio.sleep(0.01)
+    reads = 0
+    read_after = core.bus.read_after
+
+    async def counted(*args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return await read_after(*args, **kwargs)
+
+    core.bus.read_after = counted
+    for _ in range(5):  # other users' jobs change: the watcher of Alice's job stays asleep
+        await submit(core, "/imagine a dog", who=bob)
+    await asyncio.sleep(0.05)
+    assert reads == 0
+    await core.queue.claim_batch("test:1", 1)
+    await core.queue.fail(mine.id, "out of luck")
+    await asyncio.wait_for(watching, timeout=5)
+    assert seen == ["queued", "started", "failed"]
+
+
 # -- attachments ---------------------------------------------------------------------------------------
 
 
