@@ -15,7 +15,6 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -26,7 +25,7 @@ from bot.domain import JobKind, Requester
 from generation.builtin import ensure_builtin
 from generation.pipelines import DTYPE_KEYWORD, DiffusersGenerator
 from generation.samplers import make_scheduler
-from generation.worker import Worker
+from generation.worker import TORCH_THREAD, Worker
 
 PROMPT = "a lighthouse at dusk, oil painting"
 
@@ -36,7 +35,8 @@ def plain_diffusers(setup: BenchSetup) -> Callable[[int], float]:
     source = setup.source.removeprefix("builtin:")
     folder = ensure_builtin(source, setup.models_dir)
     dtype = torch.float16 if setup.dtype == "float16" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(folder, **{DTYPE_KEYWORD: dtype}).to(setup.device)
+    pipe = TORCH_THREAD.submit(lambda: StableDiffusionPipeline.from_pretrained(
+        folder, **{DTYPE_KEYWORD: dtype}).to(setup.device)).result()
     pipe.set_progress_bar_config(disable=True)
 
     def one(seed: int) -> None:
@@ -52,12 +52,10 @@ def plain_diffusers(setup: BenchSetup) -> Callable[[int], float]:
         _sync(setup)
         return time.perf_counter() - start
 
-    # Run the calls on a thread of their own, as Easel's worker (and any asyncio bot) does: on a busy
-    # CPU, torch's OpenMP pool on the main thread can run many times slower than on another thread,
-    # which would flatter Easel.
+    # Run the calls on the thread Easel's worker runs torch on: each thread that calls torch gets
+    # OpenMP threads of its own, and pools idling beside each other slow whichever one works.
     def on_thread(images: int) -> float:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(timed, images).result()
+        return TORCH_THREAD.submit(timed, images).result()
 
     on_thread(1)
     return on_thread
@@ -109,7 +107,7 @@ def main() -> None:
     baseline_timer = plain_diffusers(setup)
     generator = DiffusersGenerator(bench_settings(setup).models, device=setup.device, dtype=setup.dtype,
                                    cache_dir=setup.models_dir)
-    generator.warm("bench")
+    TORCH_THREAD.submit(generator.warm, "bench").result()
     for users in concurrencies:  # warm-up: the first jobs of a fresh database pay for its set-up
         asyncio.run(easel(setup, generator, users, min(users, images), args.max_batch))
 

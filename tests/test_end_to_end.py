@@ -67,6 +67,42 @@ async def test_every_event_reaches_the_owner_in_order(core: Core, generator) -> 
     assert kinds == ["queued", "started", "progress", "progress", "progress", "done"]
 
 
+async def test_cancelling_a_running_job_stops_its_generation_early(core: Core, generator) -> None:
+    import asyncio
+
+    steps_run: list[int] = []
+
+    class CountingSteps:
+        def generate(self, tasks, on_step=None):
+            def counted(step, total, *previews):
+                steps_run.append(step)
+                on_step(step, total, *previews)
+            return generator.generate(tasks, counted)
+
+    job = (await core.service.submit(alice(), core.parser.parse("/imagine a cat --steps 50"))).job
+    worker = Worker(core.queue, CountingSteps(), core.store, core.settings, worker_id="test-worker:1")
+    draining = asyncio.create_task(worker.run(burst=True))
+    async for event in core.bus.watch(job.id):
+        if event.kind == "progress":
+            await core.service.cancel(alice(), job.id)
+            break
+    await draining
+    assert (await core.service.get_job(job.id)).status is JobStatus.CANCELLED
+    assert worker.stats.cancelled == 1 and worker.stats.succeeded == 0
+    assert max(steps_run) < 50  # the worker dropped the job instead of finishing it
+
+
+async def test_a_failed_progress_write_costs_a_tick_not_the_image(core: Core, generator, monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    async def locked(*args, **kwargs):
+        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(core.queue, "report_progress", locked)
+    _, job = await run_chat(core, generator, "/imagine a cat --steps 3")
+    assert job.status is JobStatus.SUCCEEDED and len(job.images) == 1
+
+
 async def test_edit_runs_img2img_from_the_attached_image(core: Core, generator, tmp_path: Path) -> None:
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_bytes(96, 64, (20, 40, 220)))
