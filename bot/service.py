@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -103,7 +103,8 @@ class JobService:
             if not decision.allowed:
                 refusal = await self._refuse_prompt(uow, user, params, decision, now)
                 raise Refused(refusal)
-            await self.policy.check_queue_room(uow.session, user, params, now)
+            load = await queue_load(uow.session, user.id)
+            await self.policy.check_queue_room(uow.session, params, now, mine=load.mine, waiting=load.waiting)
             cost = await self.policy.reserve(uow.session, user, requester, params, now)
             job = Job(
                 id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
@@ -115,7 +116,7 @@ class JobService:
                 nsfw_allowed=requester.nsfw_allowed_here,
             )
             uow.session.add(job)
-            await uow.session.flush()
+            await uow.session.flush()  # the job row first: flags and the event refer to it
             for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
                 await self.policy.record(uow.session, user, subject="prompt", category=match.category,
                                          reason_code=match.reason_code, source="prompt_check", action=action,
@@ -123,12 +124,11 @@ class JobService:
             if idempotency_key is not None:
                 uow.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, fingerprint=fingerprint,
                                                job_id=job.id, created_at=now))
-            position = await queue_position(uow.session, job)
-            self.bus.stage(uow, job, "queued", {"position": position})
+            self.bus.stage(uow, job, "queued", {"position": load.position})
             await uow.commit()
             view = job_view(job, self.store.path_of)
         self.bus.notify([view.id])
-        return SubmitResult(view, position)
+        return SubmitResult(view, load.position)
 
     async def estimate(self, requester: Requester, command: GenerateCommand,
                        inputs: InputImages | None = None) -> Estimate:
@@ -144,11 +144,11 @@ class JobService:
             decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
             if not decision.allowed:  # a dry run records nothing and gives no strike
                 raise Refused(decision.message)
-            await self.policy.check_queue_room(uow.session, user, params, now)
+            load = await queue_load(uow.session, user.id if user else None)
+            await self.policy.check_queue_room(uow.session, params, now, mine=load.mine, waiting=load.waiting)
             cost = await self.policy.check_quota(uow.session, user, requester, params, now)
-            position = await _position_for(uow.session, user.id if user else None, seq=None)
             quota = await self.policy.status(uow.session, user, requester, now, params)
-        return Estimate(params=params, images=params.n, quota=quota, position=position, cost=cost / 1000)
+        return Estimate(params=params, images=params.n, quota=quota, position=load.position, cost=cost / 1000)
 
     async def _replay(self, session: AsyncSession, user: User, key: str, fingerprint: str) -> SubmitResult | None:
         earlier = await session.get(IdempotencyKey, (user.id, key))
@@ -328,27 +328,50 @@ async def _job_or_not_found(session: AsyncSession, job_id: str) -> Job:
     return job
 
 
+@dataclass(frozen=True)
+class QueueLoad:
+    """The queue as one user's next submission meets it."""
+
+    waiting: int  # jobs waiting, all users
+    mine: int  # the user's jobs waiting or running
+    position: int  # where a job the user submits now would stand (1 = next)
+
+
 async def queue_position(session: AsyncSession, job: Job) -> int:
     """Where a queued job stands under round-robin scheduling (1 = next).
 
     If the job is its owner's k-th waiting job (k = 0 for the oldest), every other user with waiting
     jobs gets up to k + 1 turns before it: an upper bound, exact when all were queued at once.
     """
-    return await _position_for(session, job.user_id, job.seq)
+    ahead_own = await session.scalar(select(func.count()).select_from(Job).where(
+        Job.user_id == job.user_id, Job.status == JobStatus.QUEUED.value, Job.seq < job.seq))
+    row = (await session.execute(_load_query(job.user_id, ahead_own=ahead_own))).one()
+    return 1 + ahead_own + int(row.others_ahead)
 
 
-async def _position_for(session: AsyncSession, user_id: int | None, seq: int | None) -> int:
-    """The position of a queued job of `user_id` submitted as number `seq` (None: submitted now)."""
-    own = [Job.user_id == user_id, Job.status == JobStatus.QUEUED.value]
-    if seq is not None:
-        own.append(Job.seq < seq)
-    ahead_own = await session.scalar(select(func.count()).select_from(Job).where(*own))
-    per_user = (select(func.count().label("waiting")).select_from(Job)
-                .where(Job.status == JobStatus.QUEUED.value, Job.user_id != user_id)
-                .group_by(Job.user_id).subquery())
+async def queue_load(session: AsyncSession, user_id: int | None) -> QueueLoad:
+    """The queue's load and the position a new job of `user_id` (None: a newcomer) would take, in one
+    read: every submission pays for this, so it is one statement, not four."""
+    own_waiting = select(func.count()).select_from(Job).where(
+        Job.user_id == user_id, Job.status == JobStatus.QUEUED.value).scalar_subquery()
+    own_unfinished = select(func.count()).select_from(Job).where(
+        Job.user_id == user_id, Job.status.in_(UNFINISHED)).scalar_subquery()
+    # A new job is its owner's newest: all of the owner's waiting jobs are ahead of it.
+    row = (await session.execute(_load_query(user_id, ahead_own=own_waiting)
+                                 .add_columns(own_waiting.label("own_waiting"),
+                                              own_unfinished.label("own_unfinished")))).one()
+    return QueueLoad(waiting=int(row.waiting), mine=int(row.own_unfinished),
+                     position=1 + int(row.own_waiting) + int(row.others_ahead))
+
+
+def _load_query(user_id: int | None, ahead_own: Any) -> Select[Any]:
+    """All waiting jobs, and the turns other users take before a job of `user_id` that has
+    `ahead_own` of its owner's jobs ahead of it (each other user: up to ahead_own + 1)."""
+    per_user = (select(Job.user_id, func.count().label("waiting")).select_from(Job)
+                .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
     turns = case((per_user.c.waiting < ahead_own + 1, per_user.c.waiting), else_=ahead_own + 1)
-    ahead_others = await session.scalar(select(func.coalesce(func.sum(turns), 0)))
-    return 1 + ahead_own + int(ahead_others or 0)
+    return select(func.coalesce(func.sum(per_user.c.waiting), 0).label("waiting"),
+                  func.coalesce(func.sum(turns).filter(per_user.c.user_id != user_id), 0).label("others_ahead"))
 
 
 async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus,
