@@ -25,6 +25,7 @@ from bot.database import Database, UnitOfWork
 from bot.models import Job, JobEvent
 
 FINAL_EVENT_KINDS = frozenset({"done", "failed", "cancelled"})
+READ_LIMIT = 200  # events per read of a stream
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class EventBus:
                 wake_up.set()
 
     async def read_after(self, last_id: int, *, platform: str | None = None, job_id: str | None = None,
-                         limit: int = 200) -> list[Event]:
+                         limit: int = READ_LIMIT) -> list[Event]:
         query = select(JobEvent).where(JobEvent.id > last_id).order_by(JobEvent.id).limit(limit)
         if platform is not None:
             query = query.where(JobEvent.platform == platform)
@@ -114,11 +115,11 @@ class EventBus:
             # Take the wake-up before reading, so a notify between the read and the wait still wakes us.
             wake_up = self._wake_up_for(job_id)
             try:
-                events = await self.read_after(last_id, platform=platform, job_id=job_id)
+                events = await self.read_after(last_id, platform=platform, job_id=job_id, limit=READ_LIMIT)
                 for event in events:
                     last_id = event.id
                     yield event
-                if not events:
+                if len(events) < READ_LIMIT:  # caught up: wait (at once done if notified since the read)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake_up.wait(), timeout=self.poll_interval_s)
             finally:

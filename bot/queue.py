@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import lazyload
 
 from bot.config import Settings
 from bot.database import Database
@@ -149,7 +150,8 @@ class JobQueue:
         now = utcnow()
         preview_of = dict(zip(job_ids, previews, strict=True)) if previews else {}
         async with self.db.unit_of_work() as uow:
-            jobs = (await uow.session.scalars(select(Job).where(Job.id.in_(job_ids)))).unique().all()
+            jobs = (await uow.session.scalars(
+                select(Job).where(Job.id.in_(job_ids)).options(lazyload(Job.images)))).unique().all()
             gone = set()
             for job in jobs:
                 if job.status != JobStatus.RUNNING.value:
@@ -192,8 +194,8 @@ class JobQueue:
             if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in job.images) \
                     and "withhold" in self.settings.moderation.strike_actions:
                 await self.policy.strike(uow.session, job.user, now)
-            job.progress_step = job.progress_total
             await uow.session.flush()
+            job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
             payload = done_payload(job.id, [image_view(i, str(self.store.path_of(i.sha256))) for i in job.images])
             await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED, payload=payload)
             await uow.commit()

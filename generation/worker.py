@@ -222,7 +222,9 @@ class ProgressReporter:
         self.every_s = every_s
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
-        self._last_sent = 0.0
+        # The first report comes `every_s` after the start ("started" was just published), and none
+        # at the last step ("done" follows): a job quicker than every_s costs no progress writes.
+        self._last_sent = time.monotonic()
         self._writing: Future[None] | None = None  # the last write handed to the loop
         self._all_cancelled = False
 
@@ -231,7 +233,7 @@ class ProgressReporter:
             if self._all_cancelled:
                 raise BatchCancelled()
             now = time.monotonic()
-            if step < total and previews is None and now - self._last_sent < self.every_s:
+            if previews is None and now - self._last_sent < self.every_s:
                 return
             self._last_sent = now
             self._writing = asyncio.run_coroutine_threadsafe(
