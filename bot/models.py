@@ -206,7 +206,10 @@ class JobEvent(Base):
     """Outbox of job events; adapters read their platform's rows in id order."""
 
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_platform_id", "platform", "id"),)
+    __table_args__ = (
+        Index("ix_job_events_platform_id", "platform", "id"),
+        Index("ix_job_events_kind_created", "kind", "created_at"),  # pruning old progress events
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 
@@ -28,7 +28,7 @@ from bot.config import Settings
 from bot.database import Database
 from bot.domain import JobStatus
 from bot.events import EventBus
-from bot.models import Image, Job, User
+from bot.models import Image, Job, JobEvent, User
 from bot.policy import Policy
 from bot.safety import ImageVerdict, done_payload, image_action
 from bot.service import finish_job, utcnow
@@ -67,6 +67,8 @@ BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.
 class JobQueue:
     # How long a running job may go without a heartbeat before another host's worker may take it back.
     LEASE = timedelta(minutes=5)
+    # How long progress events stay readable (a reader that fell further behind skips them).
+    PROGRESS_KEPT = timedelta(hours=1)
 
     def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus) -> None:
         self.settings = settings
@@ -238,6 +240,16 @@ class JobQueue:
         if report.requeued or report.failed:
             self.bus.notify(report.requeued + report.failed)
         return report
+
+    async def prune_progress_events(self, now: datetime | None = None) -> int:
+        """Delete progress events older than PROGRESS_KEPT: they only matter while a job runs, and
+        there are several per job. The other events (a job's story) are kept. Returns how many."""
+        cutoff = (now or utcnow()) - self.PROGRESS_KEPT
+        async with self.db.unit_of_work() as uow:
+            deleted = await uow.session.execute(
+                delete(JobEvent).where(JobEvent.kind == "progress", JobEvent.created_at < cutoff))
+            await uow.commit()
+        return deleted.rowcount or 0
 
     async def waiting(self) -> tuple[int, datetime | None]:
         """Images waiting in the queue, and when the oldest waiting job was submitted."""

@@ -37,6 +37,7 @@ log = logging.getLogger("easel.worker")
 
 StepCallback = Callable[[int, int], None]
 T = TypeVar("T")
+UPKEEP_EVERY_S = 30
 
 # All torch work of the process (generation, warm-up, the output check) runs on this one thread:
 # torch keeps per-thread state, and on the CPU each calling thread gets a pool of OpenMP threads of
@@ -90,9 +91,11 @@ class Worker:
         poll_s = self.settings.generation.poll_interval_ms / 1000
         if self.settings.generation.compile:  # trace the compiled UNet now, not in a user's first job
             await on_torch_thread(self.generator.warm, self.settings.generation.default_model)
-        await self._recover()
-        last_recovery = time.monotonic()
+        last_upkeep = -float("inf")
         while not self._stop.is_set():
+            if time.monotonic() - last_upkeep > UPKEEP_EVERY_S:
+                await self._upkeep()
+                last_upkeep = time.monotonic()
             await self._wait_for_a_fuller_batch()
             # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
             marker = self.queue.bus.change_marker()
@@ -100,9 +103,6 @@ class Worker:
             if not batch:
                 if burst:
                     break
-                if time.monotonic() - last_recovery > 30:  # another host's worker may have died
-                    await self._recover()
-                    last_recovery = time.monotonic()
                 await self._idle(poll_s, marker)
                 continue
             started = time.monotonic()
@@ -138,7 +138,9 @@ class Worker:
             for wait in waits:
                 wait.cancel()
 
-    async def _recover(self) -> None:
+    async def _upkeep(self) -> None:
+        """At start and every UPKEEP_EVERY_S: take back the jobs of workers that died (here or on
+        another host), and delete progress events nobody needs any more."""
         report = await self.queue.requeue_abandoned()
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
@@ -146,6 +148,7 @@ class Worker:
         if report.failed:
             log.warning("failed %d job(s) that stopped a worker too often: %s",
                         len(report.failed), ", ".join(report.failed))
+        await self.queue.prune_progress_events()
 
     async def _run_batch(self, batch: Sequence[JobView]) -> None:
         try:

@@ -161,6 +161,18 @@ async def test_events_tell_the_story_of_a_job_in_order(core: Core) -> None:
                      ("progress", {"step": 1, "total": 3}), ("failed", {"error": "out of luck"})]
 
 
+async def test_old_progress_events_are_pruned_and_the_rest_of_the_story_kept(core: Core) -> None:
+    job = (await submit(core, "/imagine a cat --steps 3")).job
+    await core.queue.claim_batch("test:1", 4)
+    await core.queue.report_progress([job.id], 1, 3)
+    await core.queue.fail(job.id, "out of luck")
+    assert await core.queue.prune_progress_events() == 0  # still fresh: a reader may want it
+    later = utcnow() + core.queue.PROGRESS_KEPT + timedelta(minutes=1)
+    assert await core.queue.prune_progress_events(now=later) == 1
+    kinds = [event.kind async for event in core.bus.watch(job.id)]
+    assert kinds == ["queued", "started", "failed"]
+
+
 async def test_a_watcher_hears_its_own_job_at_once_and_sleeps_through_other_jobs(core: Core) -> None:
     import asyncio
 
