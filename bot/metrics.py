@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.database import Database
 from bot.domain import JobStatus
@@ -34,10 +36,12 @@ async def read_metrics(db: Database, window_s: float = 300.0) -> Metrics:
     async with db.unit_of_work(write=False) as uow:
         session = uow.session
         counts = dict((await session.execute(select(Job.status, func.count()).group_by(Job.status))).all())
-        succeeded = (await session.execute(
-            select(Job.started_at, Job.finished_at).where(Job.status == JobStatus.SUCCEEDED.value,
-                                                          Job.started_at.is_not(None),
-                                                          Job.finished_at.is_not(None)))).all()
+        # Summed by the database: a scrape must not read every job ever run.
+        generation_sum, generation_count = (await session.execute(
+            select(func.coalesce(func.sum(_seconds_between(Job.started_at, Job.finished_at, session)), 0),
+                   func.count())
+            .where(Job.status == JobStatus.SUCCEEDED.value, Job.started_at.is_not(None),
+                   Job.finished_at.is_not(None)))).one()
         recent_images = await session.scalar(select(func.count()).select_from(Image)
                                              .where(Image.created_at >= since))
         # Jobs of one batch share their start; the batch ran until its last job finished (or runs on).
@@ -46,16 +50,22 @@ async def read_metrics(db: Database, window_s: float = 300.0) -> Metrics:
             .where(Job.started_at.is_not(None),
                    (Job.finished_at >= since) | (Job.status == JobStatus.RUNNING.value))
             .group_by(Job.worker, Job.started_at))).all()
-    durations = [(finished - started).total_seconds() for started, finished in succeeded]
     return Metrics(
         queue_length=counts.get(JobStatus.QUEUED.value, 0),
         jobs_by_status={status.value: counts.get(status.value, 0) for status in JobStatus},
-        generation_seconds_sum=sum(durations),
-        generation_seconds_count=len(durations),
+        generation_seconds_sum=float(generation_sum),
+        generation_seconds_count=int(generation_count),
         images_per_second=(recent_images or 0) / window_s,
         worker_busy_ratio=_covered_seconds([(max(s, since), e) for _, s, e in batches], now) / window_s,
         window_s=window_s,
     )
+
+
+def _seconds_between(start: Any, end: Any, session: AsyncSession) -> Any:
+    """`end - start` in seconds, in SQL (SQLite stores datetimes as text; PostgreSQL has intervals)."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (func.julianday(end) - func.julianday(start)) * 86400.0
+    return func.extract("epoch", end - start)
 
 
 def _covered_seconds(intervals: list[tuple[datetime, datetime]], now: datetime) -> float:

@@ -173,6 +173,26 @@ async def test_old_progress_events_are_pruned_and_the_rest_of_the_story_kept(cor
     assert kinds == ["queued", "started", "failed"]
 
 
+async def test_metrics_add_up_generation_seconds_in_the_database(core: Core) -> None:
+    from sqlalchemy import update
+
+    from bot.metrics import read_metrics
+    from bot.models import Job
+
+    for prompt in ("a cat", "a dog"):
+        job = (await submit(core, f"/imagine {prompt}")).job
+        await core.queue.claim_batch("test:1", 1)
+        await core.queue.complete(job.id, [])
+        finished = utcnow()
+        async with core.db.unit_of_work() as uow:  # as if each had taken 2.5 s
+            await uow.session.execute(update(Job).where(Job.id == job.id).values(
+                started_at=finished - timedelta(seconds=2.5), finished_at=finished))
+            await uow.commit()
+    metrics = await read_metrics(core.db)
+    assert metrics.generation_seconds_count == 2
+    assert metrics.generation_seconds_sum == pytest.approx(5.0, abs=0.01)
+
+
 async def test_a_watcher_hears_its_own_job_at_once_and_sleeps_through_other_jobs(core: Core) -> None:
     import asyncio
 
