@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.common import BenchSetup, bench_settings, parse_common, print_table
 
@@ -31,7 +32,14 @@ def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # Linux: the peak of this process's own memory. getrusage's ru_maxrss would not do: it survives
+    # exec, so a child started by a parent that built a 4 GB model reports at least 4 GB.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: as good as it gets
 
 
 def run_scenario(setup: BenchSetup, kinds: list[str]) -> int:

@@ -101,7 +101,7 @@ class GenerationConfig(Section):
     max_batch: int = Field(4, ge=1)  # images per diffusers call, across jobs of different users
     batch_wait_ms: int = Field(0, ge=0)  # how long a worker waits for more compatible jobs
     poll_interval_ms: int = Field(500, ge=10)  # how often an idle worker looks for new jobs
-    progress_every_s: float = Field(0.5, ge=0)  # progress events at most this often per batch
+    progress_every_s: float = Field(0.5, ge=0)  # a progress event this often per batch, the first after it
     # Models stay loaded; past this many MiB of weights the least recently used model is unloaded
     # before another is loaded. 0 = no limit.
     memory_budget_mb: int = Field(0, ge=0)
