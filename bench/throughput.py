@@ -6,12 +6,15 @@
 Plain diffusers is the baseline: one pipeline call per image, one after another, as a bot that
 serves one job at a time behind a lock would. Easel is measured end to end: K simulated users each
 submit jobs through the job service (one at a time, waiting for each result, like a person in a
-chat), and the clock stops when every image is stored and its `done` event published.
+chat), and the clock stops when every image is stored and its `done` event published. Each
+concurrency gets a service of its own (database, job service, worker) that stays up across the
+rounds, as a bot does; both systems are warmed up before the first round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -61,36 +64,72 @@ def plain_diffusers(setup: BenchSetup) -> Callable[[int], float]:
     return on_thread
 
 
-async def easel(setup: BenchSetup, generator: DiffusersGenerator, users: int, jobs: int,
-                max_batch: int) -> tuple[float, float]:
-    """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; and the mean batch."""
-    settings = bench_settings(setup, max_batch=max_batch)
-    core = await open_core(settings)
-    worker = Worker(core.queue, generator, core.store, settings)
-    serving = asyncio.create_task(worker.run())
+class EaselService:
+    """Easel as it runs in production: one core (database, job service) and one worker serving it,
+    kept up across measurements like a long-running bot, so the figures are steady-state ones."""
 
-    async def user(index: int) -> None:
-        requester = Requester(platform="bench", user_id=f"user{index}")
-        for j in range(index, jobs, users):
-            command = core.parser.parse_generation(JobKind.IMAGINE, f"{PROMPT} --seed {j} --sampler euler")
-            submitted = await core.service.submit(requester, command)
-            async for _ in core.bus.watch(submitted.job.id):
-                pass
+    def __init__(self, setup: BenchSetup, generator: DiffusersGenerator, max_batch: int) -> None:
+        self.setup = setup
+        self.generator = generator
+        self.max_batch = max_batch
+        self.next_seed = 0  # every image of the session is a new one (the store keeps duplicates once)
 
-    start = time.perf_counter()
-    await asyncio.gather(*(user(i) for i in range(users)))
-    _sync(setup)
-    elapsed = time.perf_counter() - start
-    worker.stop()
-    await serving
-    batches = worker.stats.batches
-    await core.close()
-    return elapsed, jobs / max(batches, 1)
+    async def __aenter__(self) -> EaselService:
+        settings = bench_settings(self.setup, max_batch=self.max_batch)
+        self.core = await open_core(settings)
+        self.worker = Worker(self.core.queue, self.generator, self.core.store, settings)
+        self.serving = asyncio.create_task(self.worker.run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.worker.stop()
+        await self.serving
+        await self.core.close()
+
+    async def measure(self, users: int, jobs: int) -> tuple[float, float]:
+        """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; and the mean batch."""
+        seeds = range(self.next_seed, self.next_seed + jobs)
+        self.next_seed += jobs
+        batches_before = self.worker.stats.batches
+
+        async def user(index: int) -> None:
+            requester = Requester(platform="bench", user_id=f"user{index}")
+            for seed in seeds[index::users]:
+                command = self.core.parser.parse_generation(
+                    JobKind.IMAGINE, f"{PROMPT} --seed {seed} --sampler euler")
+                submitted = await self.core.service.submit(requester, command)
+                async for _ in self.core.bus.watch(submitted.job.id):
+                    pass
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user(i) for i in range(users)))
+        _sync(self.setup)
+        elapsed = time.perf_counter() - start
+        return elapsed, jobs / max(self.worker.stats.batches - batches_before, 1)
 
 
 def _sync(setup: BenchSetup) -> None:
     if setup.device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+async def _measure(setup: BenchSetup, generator: DiffusersGenerator, baseline_timer: Callable[[int], float],
+                   concurrencies: list[int], images: int, rounds: int,
+                   max_batch: int) -> tuple[list[float], dict[int, list[tuple[float, float]]]]:
+    """Rounds interleave the systems, so a busy moment on the machine hurts both alike. Each
+    concurrency has a service of its own, warmed up (database, statement caches) before the rounds."""
+    async with contextlib.AsyncExitStack() as stack:
+        services = {users: await stack.enter_async_context(EaselService(setup, generator, max_batch))
+                    for users in concurrencies}
+        for users, service in services.items():
+            await service.measure(users, users)
+        baseline_runs: list[float] = []
+        easel_runs: dict[int, list[tuple[float, float]]] = {users: [] for users in concurrencies}
+        for _ in range(rounds):
+            baseline_runs.append(baseline_timer(images))  # blocks the loop: nothing else runs meanwhile
+            for users, service in services.items():
+                easel_runs[users].append(await service.measure(users, images))
+    return baseline_runs, easel_runs
 
 
 def main() -> None:
@@ -108,16 +147,8 @@ def main() -> None:
     generator = DiffusersGenerator(bench_settings(setup).models, device=setup.device, dtype=setup.dtype,
                                    cache_dir=setup.models_dir)
     TORCH_THREAD.submit(generator.warm, "bench").result()
-    for users in concurrencies:  # warm-up: the first jobs of a fresh database pay for its set-up
-        asyncio.run(easel(setup, generator, users, min(users, images), args.max_batch))
-
-    # Rounds interleave the systems, so a busy moment on the machine hurts both alike.
-    baseline_runs: list[float] = []
-    easel_runs: dict[int, list[tuple[float, float]]] = {users: [] for users in concurrencies}
-    for _ in range(args.rounds):
-        baseline_runs.append(baseline_timer(images))
-        for users in concurrencies:
-            easel_runs[users].append(asyncio.run(easel(setup, generator, users, images, args.max_batch)))
+    baseline_runs, easel_runs = asyncio.run(
+        _measure(setup, generator, baseline_timer, concurrencies, images, args.rounds, args.max_batch))
 
     baseline = statistics.median(baseline_runs)
     rows = [["plain diffusers", "-", "1.0", baseline, images / baseline, baseline / images, 1.0, 1.0]]
