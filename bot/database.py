@@ -3,12 +3,17 @@
 SQLite (the default) is tuned for one writer and many readers across processes: WAL journal, a busy
 timeout instead of instant "database is locked" errors, and `BEGIN IMMEDIATE` for every unit of work
 that may write, so a transaction that reads then writes takes the write lock up front and never fails
-half-way on a lock upgrade. PostgreSQL works by URL (`postgresql+asyncpg://...`); there the queue
+half-way on a lock upgrade. WAL checkpoints run in the background every CHECKPOINT_EVERY write
+commits instead of inside whichever commit crossed SQLite's threshold (one submission in ~150 paid
+for copying pages and two fsyncs). PostgreSQL works by URL (`postgresql+asyncpg://...`); there the queue
 claims rows with `FOR UPDATE SKIP LOCKED` so several workers can share it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,6 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.errors import ConfigError
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+AUTOCHECKPOINT_PAGES = 10_000  # SQLite checks this itself only if the background checkpoints fall behind
+
+log = logging.getLogger("easel.database")
 
 
 def create_engine(url: str, busy_timeout_ms: int = 5000) -> AsyncEngine:
@@ -47,16 +55,22 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # A safety net only: Database checkpoints in the background long before the WAL is this big.
+        cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return
+        connection.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
 
 
 class Database:
     """The engine plus two session factories: one for units of work that write, one for reads."""
+
+    CHECKPOINT_EVERY = 100  # SQLite: write commits between background WAL checkpoints
 
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
         self.url = url
@@ -64,11 +78,34 @@ class Database:
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        in_a_file = make_url(url).database not in (None, "", ":memory:")
+        self._checkpoints = self.engine.dialect.name == "sqlite" and in_a_file
+        self._write_commits = 0
+        self._checkpointing: asyncio.Task[None] | None = None
 
     def unit_of_work(self, *, write: bool = True) -> UnitOfWork:
-        return UnitOfWork(self._write_sessions if write else self._read_sessions)
+        if write:
+            return UnitOfWork(self._write_sessions, on_commit=self._committed if self._checkpoints else None)
+        return UnitOfWork(self._read_sessions)
+
+    def _committed(self) -> None:
+        self._write_commits += 1
+        busy = self._checkpointing is not None and not self._checkpointing.done()
+        if self._write_commits % self.CHECKPOINT_EVERY == 0 and not busy:
+            self._checkpointing = asyncio.create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file without blocking readers or writers (PASSIVE)."""
+        try:
+            async with self.engine.connect() as connection:
+                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception:  # the next one, or SQLite's own at AUTOCHECKPOINT_PAGES, catches up
+            log.warning("background WAL checkpoint failed", exc_info=True)
 
     async def dispose(self) -> None:
+        if self._checkpointing is not None:
+            await self._checkpointing
         await self.engine.dispose()
 
 
@@ -81,8 +118,10 @@ class UnitOfWork:
             await uow.commit()
     """
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession],
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._session_factory = session_factory
+        self._on_commit = on_commit
         self.session: AsyncSession
 
     async def __aenter__(self) -> UnitOfWork:
@@ -99,6 +138,8 @@ class UnitOfWork:
 
     async def commit(self) -> None:
         await self.session.commit()
+        if self._on_commit is not None:
+            self._on_commit()
 
 
 def alembic_config(url: str) -> Any:
@@ -119,8 +160,6 @@ def upgrade_database(url: str, revision: str = "head") -> None:
 
 def current_revision(url: str) -> str | None:
     """The revision the database is at, or None for a new database."""
-    import asyncio
-
     from alembic.runtime.migration import MigrationContext
 
     async def _read() -> str | None:

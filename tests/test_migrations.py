@@ -40,3 +40,26 @@ async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(core: Core) -> None:
         timeout = (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar()
     assert journal == "wal"
     assert timeout == core.settings.database.busy_timeout_ms
+
+
+async def test_sqlite_checkpoints_in_the_background_so_the_wal_stays_small(core: Core) -> None:
+    import asyncio
+
+    from bot.domain import JobKind, Requester
+
+    core.db.CHECKPOINT_EVERY = 10
+    wal = core.settings.storage.data_dir / "easel.db-wal"
+    largest = 0
+    for index in range(150):  # about 8 pages of WAL per submission
+        command = core.parser.parse_generation(JobKind.IMAGINE, f"a cat number {index}")
+        await core.service.submit(Requester(platform="console", user_id=f"user{index}"), command)
+        await asyncio.sleep(0.005)  # a moment between requests, in which a checkpoint can finish
+        largest = max(largest, wal.stat().st_size)
+    # Without checkpoints the WAL would hold all 150 submissions (several MB) until SQLite's
+    # own checkpoint at AUTOCHECKPOINT_PAGES; the background ones keep it to a few dozen.
+    assert largest < 150 * 8 * 4096 / 3
+    async with core.db.unit_of_work(write=False) as uow:
+        from sqlalchemy import func, select
+
+        from bot.models import Job
+        assert await uow.session.scalar(select(func.count()).select_from(Job)) == 150
