@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -224,7 +223,6 @@ class ProgressReporter:
         self.job_ids = job_ids
         self.every_s = every_s
         self._loop = asyncio.get_running_loop()
-        self._lock = threading.Lock()
         # The first report comes `every_s` after the start ("started" was just published), and none
         # at the last step ("done" follows): a job quicker than every_s costs no progress writes.
         self._last_sent = time.monotonic()
@@ -232,15 +230,16 @@ class ProgressReporter:
         self._all_cancelled = False
 
     def on_step(self, step: int, total: int, previews: list[bytes] | None = None) -> None:
-        with self._lock:
-            if self._all_cancelled:
-                raise BatchCancelled()
-            now = time.monotonic()
-            if previews is None and now - self._last_sent < self.every_s:
-                return
-            self._last_sent = now
-            self._writing = asyncio.run_coroutine_threadsafe(
-                self._write(self._writing, step, total, previews), self._loop)
+        # Only the torch thread calls this, one step after another: no lock needed. The event loop
+        # only ever sets _all_cancelled, which this reads.
+        if self._all_cancelled:
+            raise BatchCancelled()
+        now = time.monotonic()
+        if previews is None and now - self._last_sent < self.every_s:
+            return
+        self._last_sent = now
+        self._writing = asyncio.run_coroutine_threadsafe(
+            self._write(self._writing, step, total, previews), self._loop)
 
     async def _write(self, previous: Future[None] | None, step: int, total: int,
                      previews: list[bytes] | None) -> None:
