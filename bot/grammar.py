@@ -259,12 +259,13 @@ class CommandParser:
             raise InvalidCommand(f"--size must be WIDTHxHEIGHT in pixels, e.g. --size 512x768 "
                                  f"(got {_shown(value)})")
         width, height = int(match[1]), int(match[2])
-        if width % 8 or height % 8:
-            raise InvalidCommand(f"--size sides must be multiples of 8 (got {width}x{height}); "
-                                 f"try {_round8(width)}x{_round8(height)}")
+        # The range first: the multiple-of-8 hint below must not suggest a size that is out of range.
         if not (limits.min_side <= width <= limits.max_side and limits.min_side <= height <= limits.max_side):
             raise InvalidCommand(f"--size sides must each be from {limits.min_side} to {limits.max_side} "
                                  f"(got {width}x{height})")
+        if width % 8 or height % 8:
+            raise InvalidCommand(f"--size sides must be multiples of 8 (got {width}x{height}); "
+                                 f"try {_round8(width)}x{_round8(height)}")
         if width * height > limits.max_pixels:
             raise InvalidCommand(f"--size may have at most {limits.max_pixels} pixels (got {width}x{height} "
                                  f"= {width * height}); use a smaller size or --ar")

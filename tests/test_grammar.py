@@ -170,6 +170,7 @@ def test_empty_and_too_long_prompts(parser: CommandParser) -> None:
         ("--size 500x512", "--size sides must be multiples of 8 (got 500x512)"),
         ("--size 32x512", "--size sides must each be from 64 to 1024 (got 32x512)"),
         ("--size 2048x64", "--size sides must each be from 64 to 1024"),
+        ("--size 99999x3", "--size sides must each be from 64 to 1024 (got 99999x3)"),  # no 100000x8 hint
         ("--size big", "--size must be WIDTHxHEIGHT"),
         ("--sampler fast", "--sampler must be one of euler, euler_a"),
         ("--model sdxl", "--model must be one of tiny, sd15; got sdxl"),
