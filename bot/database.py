@@ -25,6 +25,10 @@ from bot.errors import ConfigError
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 AUTOCHECKPOINT_PAGES = 10_000  # SQLite checks this itself only if the background checkpoints fall behind
+# The PostgreSQL advisory lock every Easel process takes around migrations (alembic/env.py): any fixed
+# bigint will do, as long as it is the same everywhere; this one is "Easel" in ASCII, then 1.
+MIGRATION_LOCK_KEY = 0x4561_7365_6C00_0001
+MIGRATION_BUSY_TIMEOUT_MS = 120_000  # SQLite: how long a process waits for another's migrations
 
 log = logging.getLogger("easel.database")
 
