@@ -181,7 +181,7 @@ async def _jobs(core: Core, args: argparse.Namespace) -> int:
 
 
 async def _job(core: Core, args: argparse.Namespace) -> int:
-    print(describe_job(await core.service.get_job(args.job_id)))
+    print(describe_job(core.deliveries.of_job(await core.service.get_job(args.job_id))))
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from bot.bootstrap import Core
+from bot.delivery import Delivery
 from bot.domain import (
     AppealCommand,
     CancelCommand,
@@ -28,9 +29,9 @@ from bot.domain import (
     Requester,
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
+from bot.events import EventKind
 from bot.moderation import Moderation
 from bot.policy import describe_quota
-from bot.safety import withheld_message
 from bot.views import JobView
 
 PLATFORM = "console"
@@ -106,7 +107,7 @@ class ConsoleChat:
         elif isinstance(command, AppealCommand | ModCommand):
             self.say(await Moderation(self.core.service).handle(self.requester, command))
         elif isinstance(command, JobCommand):
-            self.say(describe_job(await self.core.service.get_job(command.job_id)))
+            self.say(describe_job(self.core.deliveries.of_job(await self.core.service.get_job(command.job_id))))
         elif isinstance(command, CancelCommand):
             job = await self.core.service.cancel(self.requester, command.job_id)
             self.say(f"Job {job.id} cancelled.")
@@ -121,27 +122,32 @@ class ConsoleChat:
         bar: tqdm | None = None
         try:
             async for event in self.core.bus.watch(job.id):
-                if event.kind == "progress" and self.progress:
+                if event.kind is EventKind.PROGRESS and self.progress:
+                    step, total = int(event.payload.get("step", 0)), int(event.payload.get("total", 0))
                     if bar is None:
-                        bar = tqdm(total=event.payload["total"], desc=f"job {job.id}", unit="step",
-                                   file=self.out, leave=False)
-                    bar.update(event.payload["step"] - bar.n)
-                elif event.kind == "failed":
-                    self.say(f"Job {job.id} failed: {event.payload.get('error', 'unknown error')}")
-                elif event.kind == "cancelled":
-                    self.say(f"Job {job.id} was cancelled.")
+                        bar = tqdm(total=total, desc=f"job {job.id}", unit="step", file=self.out, leave=False)
+                    bar.update(step - bar.n)
         finally:
             if bar is not None:
                 bar.close()
         job = await self.core.service.get_job(job.id)
-        for image in job.images:
-            if image.withheld:  # flagged by the image check: say why, never show it
-                self.say("  " + withheld_message(job.id, image.index, image.safety_flags[0].rsplit(":", 1)[0]))
-                continue
-            path = self._deliver(job, image.index, Path(image.path))
-            self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}")
+        self.show_result(self.core.deliveries.of_job(job))
         await self.core.service.mark_delivered(job.id)
         return job
+
+    def show_result(self, delivery: Delivery) -> None:
+        """Where each image that may be shown was saved, and why any other was not."""
+        job = delivery.job
+        if delivery.kind is EventKind.FAILED:
+            self.say(f"Job {job.id} failed: {delivery.error or 'unknown error'}")
+        elif delivery.kind is EventKind.CANCELLED:
+            self.say(f"Job {job.id} was cancelled.")
+        for image in delivery.images:
+            path = self._deliver(job, image.index, Path(image.path))
+            flagged = "  (flagged by the image check: open with care)" if image.spoiler else ""
+            self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
+        for notice in delivery.withheld:
+            self.say("  " + notice.message)
 
     def _deliver(self, job: JobView, index: int, stored: Path) -> Path:
         if self.output_dir is None:
@@ -156,9 +162,10 @@ def _seeds(job: JobView) -> str:
     return ", ".join(str(seed) for seed in job.seeds)
 
 
-def describe_job(job: JobView) -> str:
-    """Every detail of a job, for `/job ID` and `easel job ID`."""
-    p = job.params
+def describe_job(delivery: Delivery) -> str:
+    """Every detail of a job, for `/job ID` and `easel job ID`: the images that may be shown, with their
+    files, and a notice for each withheld one."""
+    job, p = delivery.job, delivery.job.params
     lines = [
         f"Job {job.id}: {job.status.value}",
         f"  kind      {p.kind.value}",
@@ -185,7 +192,8 @@ def describe_job(job: JobView) -> str:
         lines.append(f"  progress  step {job.progress_step}/{job.progress_total}")
     if job.error:
         lines.append(f"  error     {job.error}")
-    for image in job.images:
-        flags = f"   safety: {', '.join(image.safety_flags)}" if image.safety_flags else ""
-        lines.append(f"  image {image.index + 1}   seed {image.seed}   {image.path}{flags}")
+    for image in delivery.images:
+        flagged = "   flagged by the image check (spoiler)" if image.spoiler else ""
+        lines.append(f"  image {image.index + 1}   seed {image.seed}   {image.path}{flagged}")
+    lines += [f"  image {notice.index + 1}   {notice.message}" for notice in delivery.withheld]
     return "\n".join(lines)

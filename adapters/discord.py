@@ -35,6 +35,7 @@ from adapters.discord_render import (
     pack_results,
     progress_text,
     queued_text,
+    released_text,
     result_view,
     started_text,
 )
@@ -42,13 +43,12 @@ from adapters.discord_reply import Replier, ReplyTarget
 from bot import followups
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
-from bot.delivery import deliver_events
+from bot.delivery import Delivery, deliver_events
 from bot.domain import SAMPLERS, InputImages, JobKind, Requester
 from bot.errors import ConfigError, EaselError, InvalidImage, Refused
-from bot.events import Event
+from bot.events import EventKind
 from bot.policy import describe_quota
 from bot.service import SubmitResult
-from bot.views import JobView
 
 PLATFORM = "discord"
 log = logging.getLogger("easel.discord")
@@ -129,7 +129,8 @@ class DiscordAdapter:
             following = asyncio.Event()
             async with asyncio.TaskGroup() as group:
                 delivery = group.create_task(
-                    deliver_events(self.core.service, PLATFORM, self.deliver, stop, ready=following),
+                    deliver_events(self.core.service, self.core.deliveries, PLATFORM, self.deliver, stop,
+                                   ready=following, concurrency=self.core.settings.delivery.concurrency),
                     name="easel-discord-delivery")
                 # Take interactions only once new job events are sure to be followed.
                 await asyncio.wait([delivery, group.create_task(following.wait())],
@@ -193,7 +194,7 @@ class DiscordAdapter:
 
     async def job(self, interaction: discord.Interaction, job_id: str) -> None:
         async def answer() -> str:
-            return info_text(await self.core.service.get_job(job_id))
+            return info_text(self.core.deliveries.of_job(await self.core.service.get_job(job_id)))
 
         await self._deferred_answer(interaction, answer)
 
@@ -288,51 +289,60 @@ class DiscordAdapter:
 
     # -- delivering job events ------------------------------------------------------------------
 
-    async def deliver(self, event: Event, job: JobView) -> bool:
-        """Show one job event; True once a final result is in front of the user (bot/delivery.py)."""
+    async def deliver(self, delivery: Delivery) -> bool:
+        """Show one delivery; True once a final result is in front of the user (bot/delivery.py)."""
+        job = delivery.job
         if not job.reply_to:
-            return event.is_final  # made without a Discord message to answer (nothing to show)
+            return delivery.is_final  # made without a Discord message to answer (nothing to show)
         target = ReplyTarget.from_dict(job.reply_to)
-        if not event.is_final:
-            if not job.status.is_final:  # a late progress event must not cover the result
-                await self._show_progress(event, job, target)
+        if delivery.kind is EventKind.RELEASED:
+            await self._show_images(delivery, target, released_text(job))
+            return False
+        if not delivery.is_final:
+            await self._show_progress(delivery, target)
             return False
         self._last_edit.pop(job.id, None)
-        if event.kind == "done":
-            await self._show_result(job, target)
+        if delivery.kind is EventKind.DONE:
+            await self._show_images(delivery, target)
         else:
-            text = cancelled_text(job) if event.kind == "cancelled" else failed_text(job, event.payload.get("error"))
+            text = cancelled_text(job) if delivery.kind is EventKind.CANCELLED else failed_text(job, delivery.error)
             if not await self.replier.edit(target, text):
                 await self.replier.post(target, f"<@{target.user_id}> {text}")
         return True
 
-    async def _show_progress(self, event: Event, job: JobView, target: ReplyTarget) -> None:
-        now = self.clock()
-        if event.kind == "progress" and now - self._last_edit.get(job.id, -1e9) < self.config.progress_edit_every_s:
+    async def _show_progress(self, delivery: Delivery, target: ReplyTarget) -> None:
+        job, now = delivery.job, self.clock()
+        if delivery.kind is EventKind.PROGRESS and \
+                now - self._last_edit.get(job.id, -1e9) < self.config.progress_edit_every_s:
             return  # throttled: Discord rate-limits edits, and nobody reads twenty per second
         if not self.replier.token_usable(target):
             return  # the result will go to the channel; no point posting progress there
         if self.replier.seconds_left(target) < max(self.config.token_margin_s, 60):
             text = handoff_text(job)  # the last edit this token may make: say where the result will be
-        elif event.kind == "queued":
-            text = queued_text(job, int(event.payload.get("position", 1)))
-        elif event.kind == "started":
+        elif delivery.kind is EventKind.QUEUED:
+            text = queued_text(job, delivery.position or 1)
+        elif delivery.kind is EventKind.STARTED:
             text = started_text(job)
         else:
-            text = progress_text(job, int(event.payload.get("step", 0)), int(event.payload.get("total", 0)))
+            text = progress_text(job, delivery.step, delivery.total)
         self._last_edit[job.id] = now
         await self.replier.edit(target, text)
 
-    async def _show_result(self, job: JobView, target: ReplyTarget) -> None:
-        """The images with their seeds and buttons: in the response message, else in the channel."""
-        pngs = [(image, self.core.store.read_bytes(image.sha256)) for image in job.images]
+    async def _show_images(self, delivery: Delivery, target: ReplyTarget, intro: str = "") -> None:
+        """The images that may be shown, with their seeds and buttons (flagged ones as spoilers), and
+        why any others are missing: in the response message, else in the channel. A release after an
+        appeal (`intro`) always goes to the channel as a new message."""
+        job = delivery.job
+        pngs = [(image, self.core.store.read_bytes(image.sha256)) for image in delivery.images]
         packed = pack_results(job, pngs, target.upload_limit)
-        view = result_view(job)
+        view = result_view(delivery)
         for number, files in enumerate(packed.messages, start=1):
-            content = done_text(job, str(target.user_id), packed.note if number == 1 else "",
-                                (number, len(packed.messages)))
+            note = " ".join(part for part in (delivery.notice, packed.note) if part) if number == 1 else ""
+            content = done_text(delivery, str(target.user_id), note, (number, len(packed.messages)))
+            if intro:
+                content = f"{intro}\n{content}"
             buttons = view if number == 1 else None
-            if number == 1 and await self.replier.edit(target, content, files=files, view=buttons):
+            if number == 1 and not intro and await self.replier.edit(target, content, files=files, view=buttons):
                 continue
             await self.replier.post(target, content, files=files, view=buttons)
 

@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import discord
 from PIL import Image
 
+from bot.delivery import Delivery, ShownImage
 from bot.domain import JobKind
-from bot.views import ImageView, JobView
+from bot.views import JobView
 
 MAX_CONTENT_CHARS = 2000  # Discord's limit for a message's text
 MAX_FILES_PER_MESSAGE = 10  # Discord's limit for attachments on one message
@@ -43,9 +44,9 @@ def progress_text(job: JobView, step: int, total: int) -> str:
     return _clip(f"**{_prompt(job)}**\nJob `{job.id}`: {bar} step {step}/{total}")
 
 
-def done_text(job: JobView, user_id: str, note: str = "", part: tuple[int, int] = (1, 1)) -> str:
-    p = job.params
-    seeds = ", ".join(f"{image.index + 1}: {image.seed}" for image in job.images)
+def done_text(delivery: Delivery, user_id: str, note: str = "", part: tuple[int, int] = (1, 1)) -> str:
+    job, p = delivery.job, delivery.job.params
+    seeds = ", ".join(f"{image.index + 1}: {image.seed}" for image in delivery.images) or "none shown"
     head = f"**{_prompt(job)}**" + (f" (-{p.negative})" if p.negative else "")
     lines = [f"{head} - <@{user_id}>",
              f"Job `{job.id}` · {p.width}x{p.height} · {p.steps} steps · {p.sampler} · cfg {p.cfg:g} · "
@@ -55,6 +56,11 @@ def done_text(job: JobView, user_id: str, note: str = "", part: tuple[int, int] 
     if note:
         lines.append(note)
     return _clip("\n".join(lines))
+
+
+def released_text(job: JobView) -> str:
+    return _clip(f"**{_prompt(job)}**\nA moderator reviewed your appeal and released the withheld image(s) "
+                 f"of job `{job.id}`.")
 
 
 def failed_text(job: JobView, error: str | None) -> str:
@@ -74,9 +80,9 @@ def error_text(message: str) -> str:
     return _clip(f"⚠️ {message}")
 
 
-def info_text(job: JobView) -> str:
+def info_text(delivery: Delivery) -> str:
     """Everything needed to make an image again: the Info button and /job."""
-    p = job.params
+    job, p = delivery.job, delivery.job.params
     lines = [f"**Job `{job.id}`**: {job.status.value} ({p.kind.value}, by {job.display_name or job.user_id})",
              f"Prompt: {p.prompt}"]
     if p.negative:
@@ -85,8 +91,9 @@ def info_text(job: JobView) -> str:
                  f"size {p.width}x{p.height} · images {p.n}")
     if p.kind is not JobKind.IMAGINE:
         lines.append(f"Strength {p.strength:g}")
-    seeds = job.images or ()
-    lines.append("Seeds: " + (", ".join(f"image {i.index + 1}: {i.seed}" for i in seeds) or _seeds(job)))
+    lines.append("Seeds: " + ", ".join(f"image {index + 1}: {seed}" for index, seed in enumerate(job.seeds)))
+    if delivery.notice:
+        lines.append(delivery.notice)
     if job.error:
         lines.append(f"Error: {job.error}")
     lines.append(f"Again: `/imagine {p.prompt} --seed {p.seed} --steps {p.steps} --cfg {p.cfg:g} "
@@ -115,6 +122,7 @@ def _clip(text: str) -> str:
 class ResultFile:
     name: str
     data: bytes
+    spoiler: bool = False  # sent as SPOILER_<name>: Discord blurs it until clicked
 
 
 @dataclass(frozen=True)
@@ -125,13 +133,13 @@ class Packed:
     note: str = ""  # what the user should know: JPEG instead of PNG, images left out
 
 
-def pack_results(job: JobView, pngs: list[tuple[ImageView, bytes]], upload_limit: int) -> Packed:
+def pack_results(job: JobView, pngs: list[tuple[ShownImage, bytes]], upload_limit: int) -> Packed:
     """PNGs in one message when they fit; else JPEGs; else fewer images per message.
 
     `upload_limit` is the bytes one message may carry in that channel (Discord tells it with every
     interaction). A PNG keeps the generation parameters; a JPEG does not, which the note says.
     """
-    files = [ResultFile(_file_name(job, image, "png"), data) for image, data in pngs]
+    files = [ResultFile(_file_name(job, image, "png"), data, image.spoiler) for image, data in pngs]
     if _fits(files, upload_limit):
         return Packed([files])
     jpegs: list[ResultFile] = []
@@ -141,7 +149,7 @@ def pack_results(job: JobView, pngs: list[tuple[ImageView, bytes]], upload_limit
         if jpeg is None:
             left_out.append(image.index + 1)
         else:
-            jpegs.append(ResultFile(_file_name(job, image, "jpg"), jpeg))
+            jpegs.append(ResultFile(_file_name(job, image, "jpg"), jpeg, image.spoiler))
     note = "Sent as JPEG to fit this server's upload limit (the PNGs with their parameters are kept by " \
            f"the bot; ask for them with /job {job.id})."
     if left_out:
@@ -174,7 +182,7 @@ def _as_jpeg(png: bytes, limit: int) -> bytes | None:
     return None
 
 
-def _file_name(job: JobView, image: ImageView, extension: str) -> str:
+def _file_name(job: JobView, image: ShownImage, extension: str) -> str:
     return f"{job.id}-{image.index + 1}-seed{image.seed}.{extension}"
 
 
@@ -218,12 +226,14 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button],
         await client.job_button_pressed(interaction, self.action, self.job_id, self.index)
 
 
-def result_view(job: JobView) -> discord.ui.View:
-    """Re-roll, Info, Delete; then Variations and Upscale for each image (V1 U1 ... when several)."""
+def result_view(delivery: Delivery) -> discord.ui.View:
+    """Re-roll, Info, Delete; then Variations and Upscale for each image shown (V1 U1 ... when several).
+    A withheld image gets no follow-up buttons."""
+    job = delivery.job
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "info", "delete"):
         view.add_item(JobButton(action, job.id, row=0))
-    images = job.images[:5]  # a row holds five buttons
+    images = delivery.images[:5]  # a row holds five buttons
     for row, action in ((1, "vary"), (2, "upscale")):
         for image in images:
             label = _LABELS[action] if len(images) == 1 else f"{action[0].upper()}{image.index + 1}"

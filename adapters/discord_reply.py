@@ -132,7 +132,7 @@ class Replier:
 
 def _files(files: Sequence[ResultFile]) -> list[discord.File]:
     """Fresh File objects per request: discord.py reads (and rewinds) them while sending."""
-    return [discord.File(io.BytesIO(file.data), filename=file.name) for file in files]
+    return [discord.File(io.BytesIO(file.data), filename=file.name, spoiler=file.spoiler) for file in files]
 
 
 def _token_gone(error: discord.HTTPException) -> bool:

@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.webhooks import WebhookSender, check_webhook_target
 from bot.apikeys import PLATFORM, ApiKeys, ApiKeyView
 from bot.bootstrap import Core
-from bot.delivery import deliver_events
+from bot.delivery import Delivery, deliver_events
 from bot.domain import GenerateCommand, InputImages, JobKind, JobStatus
 from bot.errors import (
     EaselError,
@@ -57,7 +57,7 @@ from bot.errors import (
     Refused,
     Unauthorized,
 )
-from bot.events import Event
+from bot.events import EventKind
 from bot.followups import reroll, upscale, variation
 from bot.metrics import read_metrics
 from bot.policy import describe_quota
@@ -130,7 +130,15 @@ class ImageOut(BaseModel):
     url: str
     width: int
     height: int
-    safety_flags: list[str] = []
+    spoiler: bool = Field(False, description="flagged by the image check where NSFW is allowed: show it "
+                                             "behind a spoiler (blurred, click to show)")
+
+
+class WithheldOut(BaseModel):
+    index: int
+    seed: int
+    category: str
+    message: str = Field(description="what happened, why, and how to appeal; show it instead of the image")
 
 
 class JobOut(BaseModel):
@@ -143,10 +151,11 @@ class JobOut(BaseModel):
     seeds: list[int]
     position: int | None = Field(None, description="1 = next to run; null once started")
     progress: dict[str, int]
-    images: list[ImageOut]
+    images: list[ImageOut] = Field(description="the images that may be shown (withheld ones are not listed)")
+    withheld: list[WithheldOut]
+    notice: str | None = Field(None, description="every withheld image's message, as one paragraph")
     inputs: dict[str, str | None]
     error: str | None
-    safety_flags: list[str]
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -181,8 +190,10 @@ def image_url(base: str, sha256: str) -> str:
     return f"{base}/v1/images/{sha256}"
 
 
-def job_out(job: JobView, base: str, position: int | None = None) -> dict[str, Any]:
-    p = job.params
+def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[str, Any]:
+    """A job as the API shows it: only the images that may be shown (with `spoiler`), and a notice for
+    each withheld one (bot/delivery.py decides which)."""
+    job, p = delivery.job, delivery.job.params
 
     def when(moment: Any) -> str | None:
         return moment.isoformat() if moment else None
@@ -193,23 +204,46 @@ def job_out(job: JobView, base: str, position: int | None = None) -> dict[str, A
                    "sampler": p.sampler, "model": p.model, "seed": p.seed, "strength": p.strength},
         "seeds": job.seeds, "position": position,
         "progress": {"step": job.progress_step, "total": job.progress_total},
-        "images": [{"index": i.index, "seed": i.seed, "url": image_url(base, i.sha256), "width": i.width,
-                    "height": i.height, "safety_flags": list(i.safety_flags)} for i in job.images],
+        "images": images_out(delivery, base),
+        "withheld": withheld_out(delivery),
+        "notice": delivery.notice or None,
         "inputs": {"image": image_url(base, job.init_image_sha) if job.init_image_sha else None,
                    "mask": image_url(base, job.mask_image_sha) if job.mask_image_sha else None},
-        "error": job.error, "safety_flags": list(job.safety_flags),
+        "error": job.error,
         "created_at": when(job.created_at), "started_at": when(job.started_at),
         "finished_at": when(job.finished_at),
         "links": {"self": f"{base}/v1/jobs/{job.id}", "events": f"{base}/v1/jobs/{job.id}/events"},
     }
 
 
-def event_data(event: Event, base: str) -> dict[str, Any]:
-    """An event's payload for clients: image links instead of server file paths."""
-    data = {"job_id": event.job_id, **event.payload}
-    if "images" in data:
-        data["images"] = [{"index": i["index"], "seed": i["seed"], "url": image_url(base, i["sha256"]),
-                           "width": i["width"], "height": i["height"]} for i in data["images"]]
+def images_out(delivery: Delivery, base: str) -> list[dict[str, Any]]:
+    return [{"index": i.index, "seed": i.seed, "url": image_url(base, i.sha256), "width": i.width,
+             "height": i.height, "spoiler": i.spoiler} for i in delivery.images]
+
+
+def withheld_out(delivery: Delivery) -> list[dict[str, Any]]:
+    return [{"index": w.index, "seed": w.seed, "category": w.category, "message": w.message}
+            for w in delivery.withheld]
+
+
+def event_data(delivery: Delivery, base: str) -> dict[str, Any]:
+    """One SSE event's data: what the delivery may show, with image links instead of file paths."""
+    data: dict[str, Any] = {"job_id": delivery.job.id}
+    kind = delivery.kind
+    if kind is EventKind.QUEUED:
+        data["position"] = delivery.position
+    elif kind is EventKind.STARTED:
+        data["batch_size"] = delivery.job.batch_size
+    elif kind is EventKind.PROGRESS:
+        data.update(step=delivery.step, total=delivery.total)
+        if delivery.preview is not None:
+            data.update(preview=delivery.preview, preview_spoiler=delivery.preview_spoiler)
+    elif kind in (EventKind.DONE, EventKind.RELEASED):
+        data.update(images=images_out(delivery, base), withheld=withheld_out(delivery))
+        if delivery.notice:
+            data["notice"] = delivery.notice
+    elif kind is EventKind.FAILED:
+        data["error"] = delivery.error
     return data
 
 
@@ -354,6 +388,10 @@ def build_app(core: Core) -> FastAPI:
             raise NotFound(f"No job with id {job_id!r} among this key's jobs")
         return job
 
+    def shown(job: JobView) -> Delivery:
+        """What of `job` may be shown to its owner (bot/delivery.py decides)."""
+        return core.deliveries.of_job(job)
+
     async def with_position(job: JobView) -> int | None:
         return await core.service.position(job.id) if job.status is JobStatus.QUEUED else None
 
@@ -454,18 +492,18 @@ def build_app(core: Core) -> FastAPI:
             response.headers["Idempotent-Replayed"] = "true"
         base = base_url(core, request)
         response.headers["Location"] = f"{base}/v1/jobs/{result.job.id}"
-        return {**job_out(result.job, base, result.position or None), "replayed": result.replayed}
+        return {**job_out(shown(result.job), base, result.position or None), "replayed": result.replayed}
 
     @app.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut])
     async def list_jobs(request: Request, key: Key, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Any:
         """This key's jobs, newest first."""
         base = base_url(core, request)
-        return [job_out(job, base) for job in await core.service.list_jobs(limit, key.requester())]
+        return [job_out(shown(job), base) for job in await core.service.list_jobs(limit, key.requester())]
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
     async def get_job(request: Request, key: Key, job_id: str) -> Any:
         job = await own_job(key, job_id)
-        return job_out(job, base_url(core, request), await with_position(job))
+        return job_out(shown(job), base_url(core, request), await with_position(job))
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
         200: {"content": {"text/event-stream": {}}, "description": "queued, started, progress, then done, "
@@ -479,7 +517,10 @@ def build_app(core: Core) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             async for event in core.bus.watch(job.id):
                 if event.id > after:
-                    yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event_data(event, base))}\n\n"
+                    # A final event shows the images: read them as they are now.
+                    now = await core.service.get_job(job.id) if event.is_final else job
+                    data = event_data(core.deliveries.of_event(event, now), base)
+                    yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(data)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -491,12 +532,12 @@ def build_app(core: Core) -> FastAPI:
         if job.status.is_final:
             raise HttpError(409, InvalidCommand.code, f"Job {job.id} already {job.status.value}; there is "
                             "nothing to cancel")
-        return job_out(await core.service.cancel(key.requester(), job.id), base_url(core, request))
+        return job_out(shown(await core.service.cancel(key.requester(), job.id)), base_url(core, request))
 
     async def follow_up(request: Request, key: Key, job_id: str, make: Any, *args: Any) -> Any:
         job = await own_job(key, job_id)
         result = await make(core.service, key.requester(), job.id, *args)
-        return {**job_out(result.job, base_url(core, request), result.position), "replayed": False}
+        return {**job_out(shown(result.job), base_url(core, request), result.position), "replayed": False}
 
     @app.post("/v1/jobs/{job_id}/reroll", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
               responses=ERRORS)
@@ -518,13 +559,21 @@ def build_app(core: Core) -> FastAPI:
 
     # -- the rest -------------------------------------------------------------------------------------
 
-    @app.get("/v1/images/{sha256}", tags=["images"], response_class=FileResponse, responses={404: {"model": ErrorOut}})
-    async def get_image(sha256: str) -> FileResponse:
+    @app.get("/v1/images/{sha256}", tags=["images"], response_class=FileResponse,
+             responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+    async def get_image(sha256: str, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                            Depends(_bearer)]) -> FileResponse:
         """A PNG by the SHA-256 in its link. The link is the permission: it needs no key, so it can be
-        shown in a browser or chat."""
+        shown in a browser or chat. An image the image check withheld is served only to a moderator's key."""
         path = core.store.path_of(sha256)
         if not path.is_file():
             raise NotFound(f"No image {sha256}")
+        if await core.service.image_withheld(sha256):
+            key = await keys.authenticate(credentials.credentials) if credentials else None
+            if key is None or not core.service.policy.is_moderator(key.requester()):
+                raise Refused("This image was withheld by the image check; only a moderator can open it. "
+                              "Its owner can appeal with /appeal JOB_ID <why>")
+            return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, no-store"})
         return FileResponse(path, media_type="image/png",
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
@@ -618,13 +667,14 @@ class HttpAdapter:
         self.port = sock.getsockname()[1]
         server = _Server(uvicorn.Config(build_app(self.core), log_level="warning", access_log=False,
                                         lifespan="off", timeout_graceful_shutdown=3))
-        webhooks = WebhookSender(self.core, lambda job: job_out(job, base_url(self.core)))
+        webhooks = WebhookSender(self.core, lambda delivery: job_out(delivery, base_url(self.core)))
         host = self.core.settings.http.host
         print(f"Web chat and API: http://{host}:{self.port}/  (OpenAPI: /openapi.json)", flush=True)
         try:
             async with asyncio.TaskGroup() as group:
                 serving = group.create_task(server.serve(sockets=[sock]), name="easel-http-server")
-                group.create_task(deliver_events(self.core.service, PLATFORM, webhooks.on_event, stop),
+                group.create_task(deliver_events(self.core.service, self.core.deliveries, PLATFORM, webhooks.on_event,
+                                                 stop, concurrency=self.core.settings.delivery.concurrency),
                                   name="easel-http-webhooks")
                 while not server.started and not serving.done():
                     await asyncio.sleep(0.01)

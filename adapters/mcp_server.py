@@ -64,9 +64,13 @@ class EaselApi:
             job = _json_or_raise(await client.get(f"/v1/jobs/{job['id']}"))
         if job["status"] != "succeeded":
             raise ToolError(f"Job {job['id']} {job['status']}: {job.get('error') or 'no images'}")
-        return {"job_id": job["id"], "prompt": job["prompt"], "params": job["params"],
-                "images": [{"url": i["url"], "seed": i["seed"], "width": i["width"], "height": i["height"]}
-                           for i in job["images"]]}
+        # Only what the server lets this key see: withheld images come as their notices, never as links.
+        answer = {"job_id": job["id"], "prompt": job["prompt"], "params": job["params"],
+                  "images": [{"url": i["url"], "seed": i["seed"], "width": i["width"], "height": i["height"],
+                              "flagged": i.get("spoiler", False)} for i in job["images"]]}
+        if job.get("withheld"):
+            answer["withheld"] = [w["message"] for w in job["withheld"]]
+        return answer
 
     async def picture(self, value: str, what: str) -> str:
         """Base64 of a picture given as base64, a data: URL, or a link to an Easel image of this server."""

@@ -39,7 +39,7 @@ from adapters.telegram_inputs import Albums, gather_inputs
 from adapters.telegram_send import Sender, StatusBoard
 from bot import followups
 from bot.bootstrap import Core
-from bot.delivery import deliver_events
+from bot.delivery import Delivery, ShownImage, deliver_events
 from bot.domain import (
     AppealCommand,
     CancelCommand,
@@ -51,13 +51,12 @@ from bot.domain import (
     Requester,
 )
 from bot.errors import ConfigError, EaselError
-from bot.events import Event
+from bot.events import EventKind
 from bot.grammar import COMMANDS, split_command
 from bot.idempotency import earlier_job
 from bot.moderation import Moderation
 from bot.policy import describe_quota
-from bot.safety import done_payload
-from bot.views import ImageView, JobView
+from bot.views import JobView
 
 log = logging.getLogger("easel.telegram")
 
@@ -100,7 +99,6 @@ class TelegramAdapter:
         self.albums = Albums(self.config.album_wait_s)
         self.sender = Sender(self.config.private_interval_s, self.config.group_interval_s)
         self._tasks: set[asyncio.Task] = set()  # every task this adapter starts; awaited on shutdown
-        self._finishing: set[str] = set()  # jobs whose result is being delivered by this process
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
         self.application = self._build_application()
         self.board = StatusBoard(self.application.bot, self.sender, self._tasks)
@@ -138,8 +136,9 @@ class TelegramAdapter:
             raise ConfigError("Telegram refused telegram.token (TELEGRAM_TOKEN); copy the token from "
                               "@BotFather again") from None
         ready = asyncio.Event()
-        delivery = asyncio.create_task(deliver_events(self.core.service, PLATFORM, self._on_event, stop, ready),
-                                       name="telegram-delivery")
+        delivery = asyncio.create_task(
+            deliver_events(self.core.service, self.core.deliveries, PLATFORM, self._on_delivery, stop, ready,
+                           concurrency=self.core.settings.delivery.concurrency), name="telegram-delivery")
         try:
             # Take commands only once the delivery loop follows every new event (see deliver_events).
             following = asyncio.ensure_future(ready.wait())
@@ -171,11 +170,6 @@ class TelegramAdapter:
             task.cancel()  # an undelivered result stays undelivered and is sent on the next start
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- commands ---------------------------------------------------------------------------------
 
     async def _remember_album_item(self, update: Update, context: CallbackContext) -> None:
@@ -205,7 +199,8 @@ class TelegramAdapter:
             elif isinstance(command, AppealCommand | ModCommand):
                 await self._say(message, await Moderation(self.core.service).handle(requester, command))
             elif isinstance(command, JobCommand):
-                await self._say(message, render.describe_job(await self.core.service.get_job(command.job_id)))
+                await self._say(message, render.describe_job(self.core.deliveries.of_job(
+                    await self.core.service.get_job(command.job_id))))
             elif isinstance(command, CancelCommand):
                 job = await self.core.service.cancel(requester, command.job_id)
                 await self._say(message, f"🚫 Job {job.id} cancelled.")
@@ -262,7 +257,8 @@ class TelegramAdapter:
         try:
             if press.action == "info":
                 await query.answer()
-                await self._say(message, render.describe_job(await self.core.service.get_job(press.job_id)))
+                await self._say(message, render.describe_job(self.core.deliveries.of_job(
+                    await self.core.service.get_job(press.job_id))))
                 return
             key = f"tg:callback:{query.id}"
             earlier = await earlier_job(self.core.service, requester, key)
@@ -284,66 +280,66 @@ class TelegramAdapter:
 
     # -- job events -------------------------------------------------------------------------------
 
-    async def _on_event(self, event: Event, job: JobView) -> bool:
-        """Route one job event. Never waits on Telegram: edits and deliveries run as tracked tasks,
-        so one chat's flood wait or slow upload never delays another chat's job."""
+    async def _on_delivery(self, delivery: Delivery) -> bool:
+        """Show one delivery. The delivery loop runs each job's deliveries in a lane of its own, so one
+        chat's flood wait or slow upload never delays another chat's job; status edits go through the
+        StatusBoard, which merges them at the chat's pace."""
+        job = delivery.job
         chat_id = job.reply_to.get("chat_id")
         status_id = job.reply_to.get("status_message_id")
         if chat_id is None:
-            return True  # not a job this adapter can answer
-        if not event.is_final:
-            text = render.status_text(job, event)
-            if text is not None and status_id is not None:
-                self.board.show(chat_id, status_id, text, render.status_rank(event))
+            return delivery.is_final  # not a job this adapter can answer
+        if delivery.kind is EventKind.RELEASED:
+            await self._send_results(delivery, intro=render.released_text(job))
             return False
-        if job.id not in self._finishing:
-            self._finishing.add(job.id)
-            self._spawn(self._deliver(job), name=f"telegram-deliver-{job.id}")
-        return False  # _deliver marks the job delivered once the user has it
-
-    async def _deliver(self, job: JobView) -> None:
-        chat_id, status_id = job.reply_to["chat_id"], job.reply_to.get("status_message_id")
-        # Images the safety check withheld are never sent; the status line says why (bot/safety.py).
-        payload = done_payload(job.id, job.images) if job.status.value == "succeeded" else {"images": []}
-        shown = {entry["index"] for entry in payload["images"]}
-        images = [image for image in job.images if image.index in shown]
-        final = render.final_text(job, len(images), payload.get("notice", ""))
+        if not delivery.is_final:
+            text = render.status_text(delivery)
+            if text is not None and status_id is not None:
+                self.board.show(chat_id, status_id, text, render.status_rank(delivery))
+            return False
+        final = render.final_text(delivery)
         try:
             if status_id is not None:
                 await self.board.settle(chat_id, status_id, final)
-            elif job.status.value != "succeeded" or not images:
+            elif delivery.kind is not EventKind.DONE or not delivery.images:
                 await self._send_text(chat_id, final, job.reply_to)
-            if images:
-                await self._send_results(job, images)
+            if delivery.images:
+                await self._send_results(delivery)
         except (Forbidden, BadRequest) as error:
             # The bot was removed from the chat, or the chat is gone: this result can never be shown.
             log.warning("cannot deliver job %s to chat %s: %s", job.id, chat_id, error)
-        except TelegramError as error:
-            log.warning("delivering job %s failed (%s); it is sent again on the next start", job.id, error)
-            self._finishing.discard(job.id)
-            return
-        await self.core.service.mark_delivered(job.id)
+        # Any other error goes to the delivery loop's error hook: the job stays undelivered and is
+        # sent again on the next start.
+        return True
 
-    async def _send_results(self, job: JobView, images: list[ImageView]) -> None:
+    async def _send_results(self, delivery: Delivery, intro: str = "") -> None:
+        """The images that may be shown, flagged ones behind Telegram's spoiler, with their buttons."""
+        job, images = delivery.job, delivery.images
         chat_id, target = job.reply_to["chat_id"], job.reply_to
         pictures = [(image, self.core.store.read_bytes(image.sha256)) for image in images]
         buttons = render.result_buttons(job, images)
         where = self._where(target)
+
+        def caption(image: ShownImage) -> str:
+            text = render.photo_caption(job, image, first=image is images[0])
+            return f"{intro}\n{text}"[: render.MAX_CAPTION] if intro and image is images[0] else text
+
         if len(pictures) == 1:
             image, data = pictures[0]
             await self.sender.call(chat_id, lambda: self.application.bot.send_photo(
-                chat_id, data, caption=render.photo_caption(job, image, first=True), reply_markup=buttons,
-                has_spoiler=image.spoiler, **where))
+                chat_id, data, caption=caption(image), reply_markup=buttons, has_spoiler=image.spoiler, **where))
         else:
             album = await self.sender.call(chat_id, lambda: self.application.bot.send_media_group(chat_id, [
-                InputMediaPhoto(data, caption=render.photo_caption(job, image, first=image is images[0]),
-                                has_spoiler=image.spoiler) for image, data in pictures], **where))
+                InputMediaPhoto(data, caption=caption(image), has_spoiler=image.spoiler)
+                for image, data in pictures], **where))
             # An album cannot carry buttons: they go on a message right under it.
             await self.sender.call(chat_id, lambda: self.application.bot.send_message(
                 chat_id, render.album_summary(job, images), reply_markup=buttons,
                 **self._where({**target, "message_id": album[0].message_id})))
-        if self.config.send_png_files:
-            await self._send_png_files(job, pictures, where)
+        # A document has no spoiler in Telegram: a flagged image is never sent as a file.
+        files = [(image, data) for image, data in pictures if not image.spoiler]
+        if self.config.send_png_files and files:
+            await self._send_png_files(job, files, where)
 
     async def _send_png_files(self, job: JobView, pictures: list, where: dict[str, Any]) -> None:
         chat_id = job.reply_to["chat_id"]

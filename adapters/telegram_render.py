@@ -6,13 +6,15 @@ text (no parse mode), so a prompt full of `*`, `_` or `<` can never break a mess
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
+from bot.delivery import Delivery, ShownImage
 from bot.domain import JobKind
-from bot.events import Event
-from bot.views import ImageView, JobView
+from bot.events import EventKind
+from bot.views import JobView
 
 # Telegram's limits: a message's text, a photo's caption, a button's callback data (bytes).
 MAX_TEXT = 4096
@@ -55,8 +57,9 @@ def parse_callback(data: str | None) -> ButtonPress | None:
     return ButtonPress(ACTIONS[parts[0]], parts[1], int(parts[2]) if len(parts) == 3 else 0)
 
 
-def result_buttons(job: JobView, images: list[ImageView]) -> InlineKeyboardMarkup:
-    """Re-roll and Info for the job; Variations and Upscale for each image shown (numbered in an album)."""
+def result_buttons(job: JobView, images: Sequence[ShownImage]) -> InlineKeyboardMarkup:
+    """Re-roll and Info for the job; Variations and Upscale for each image shown (numbered in an album).
+    A withheld image is never among `images`, so it gets no follow-up buttons."""
     reroll = InlineKeyboardButton("🎲 Re-roll", callback_data=callback_data("reroll", job.id))
     info = InlineKeyboardButton("ℹ️ Info", callback_data=callback_data("info", job.id))
     if len(images) == 1:
@@ -81,36 +84,42 @@ def queued_text(job_id: str, position: int) -> str:
     return f"⏳ Queued (position {position}) · job {job_id}\nSend /cancel {job_id} to stop it."
 
 
-def status_text(job: JobView, event: Event) -> str | None:
-    """The status line for a job event that is not final; None for kinds that change nothing."""
-    if event.kind == "queued":
-        return queued_text(job.id, int(event.payload.get("position", 1)))
-    if event.kind == "started":
+def status_text(delivery: Delivery) -> str | None:
+    """The status line for a delivery that is not final; None for kinds that change nothing."""
+    job = delivery.job
+    if delivery.kind is EventKind.QUEUED:
+        return queued_text(job.id, delivery.position or 1)
+    if delivery.kind is EventKind.STARTED:
         return f"🎨 Generating · job {job.id}"
-    if event.kind == "progress":
-        step, total = int(event.payload["step"]), max(1, int(event.payload["total"]))
+    if delivery.kind is EventKind.PROGRESS:
+        step, total = delivery.step, max(1, delivery.total)
         return f"🎨 Generating {progress_bar(step, total)} {step}/{total} · job {job.id}"
     return None
 
 
-def status_rank(event: Event) -> tuple[int, int]:
+def status_rank(delivery: Delivery) -> tuple[int, int]:
     """Orders status lines, so a late-arriving older state never replaces a newer one."""
-    if event.kind == "queued":
+    if delivery.kind is EventKind.QUEUED:
         return (0, 0)
-    if event.kind == "progress":
-        return (1, int(event.payload.get("step", 0)))
+    if delivery.kind is EventKind.PROGRESS:
+        return (1, delivery.step)
     return (1, 0)
 
 
-def final_text(job: JobView, shown: int | None = None, notice: str = "") -> str:
-    """The status line once the job is over; `shown` images were sent, `notice` says why not more."""
-    if job.status.value == "succeeded":
-        count = len(job.images) if shown is None else shown
+def final_text(delivery: Delivery) -> str:
+    """The status line once the job is over: how many images follow, and why any were withheld."""
+    job = delivery.job
+    if delivery.kind is EventKind.DONE:
+        count = len(delivery.images)
         done = f"✅ Done · job {job.id} · {count} image{'s' if count != 1 else ''} below"
-        return _clip(f"{done}\n{notice}" if notice else done, MAX_TEXT)
-    if job.status.value == "failed":
-        return _clip(f"❌ Job {job.id} failed: {job.error or 'unknown error'}", MAX_TEXT)
+        return _clip(f"{done}\n{delivery.notice}" if delivery.notice else done, MAX_TEXT)
+    if delivery.kind is EventKind.FAILED:
+        return _clip(f"❌ Job {job.id} failed: {delivery.error or 'unknown error'}", MAX_TEXT)
     return f"🚫 Job {job.id} was cancelled."
+
+
+def released_text(job: JobView) -> str:
+    return f"✅ A moderator reviewed your appeal and released the withheld image(s) of job {job.id}."
 
 
 def progress_bar(step: int, total: int, width: int = 10) -> str:
@@ -121,7 +130,7 @@ def progress_bar(step: int, total: int, width: int = 10) -> str:
 # -- results -----------------------------------------------------------------------------------------
 
 
-def photo_caption(job: JobView, image: ImageView, *, first: bool) -> str:
+def photo_caption(job: JobView, image: ShownImage, *, first: bool) -> str:
     """The first (or only) picture carries the prompt and settings; every one carries its seed."""
     if not first:
         return f"seed {image.seed} · job {job.id}"
@@ -130,21 +139,21 @@ def photo_caption(job: JobView, image: ImageView, *, first: bool) -> str:
     return _clip(p.prompt, MAX_CAPTION - len(settings) - 1) + "\n" + settings
 
 
-def album_summary(job: JobView, images: list[ImageView]) -> str:
+def album_summary(job: JobView, images: Sequence[ShownImage]) -> str:
     seeds = ", ".join(str(image.seed) for image in images)
     return f"Job {job.id}: {len(images)} images, seeds {seeds}. V = variations of, U = upscale of image N."
 
 
-def png_filename(job: JobView, image: ImageView) -> str:
+def png_filename(job: JobView, image: ShownImage) -> str:
     return f"{job.id}-{image.index + 1}-seed{image.seed}.png"
 
 
 # -- answers to commands -----------------------------------------------------------------------------
 
 
-def describe_job(job: JobView) -> str:
-    """/job and the Info button: settings, seeds, status and timings (no server paths)."""
-    p = job.params
+def describe_job(delivery: Delivery) -> str:
+    """/job and the Info button: settings, seeds, status, timings and withheld notices (no server paths)."""
+    job, p = delivery.job, delivery.job.params
     lines = [f"Job {job.id}: {job.status.value}", f"{p.kind.value}: {_clip(p.prompt, 1500)}"]
     if p.negative:
         lines.append(f"negative: {_clip(p.negative, 800)}")
@@ -162,6 +171,8 @@ def describe_job(job: JobView) -> str:
         timings.append(f"generated in {job.generation_s:.1f} s")
     if timings:
         lines.append(" · ".join(timings))
+    if delivery.notice:
+        lines.append(delivery.notice)
     if job.error:
         lines.append(f"error: {job.error}")
     return _clip("\n".join(lines), MAX_TEXT)

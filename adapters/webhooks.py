@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from bot.bootstrap import Core
+from bot.delivery import Delivery
 from bot.errors import EaselError, InvalidCommand
-from bot.events import Event
+from bot.events import EventKind
 from bot.views import JobView
 
 log = logging.getLogger("easel.webhooks")
@@ -59,31 +60,35 @@ class WebhookSender:
     """POSTs a job's final state to its webhook, signed, retried with doubling waits. A webhook that
     still fails stays undelivered and is tried again when the adapter next starts."""
 
-    def __init__(self, core: Core, job_json: Callable[[JobView], dict[str, Any]]) -> None:
+    def __init__(self, core: Core, job_json: Callable[[Delivery], dict[str, Any]]) -> None:
         self.core = core
         self.job_json = job_json  # the job as GET /v1/jobs/{id} shows it (adapters/http.py)
         self.config = core.settings.http
         self._client = httpx.AsyncClient(timeout=self.config.webhook_timeout_s, follow_redirects=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def on_event(self, event: Event, job: JobView) -> bool:
-        """The delivery loop's handler: True when there is nothing to push (no webhook)."""
-        if not event.is_final:
+    async def on_event(self, delivery: Delivery) -> bool:
+        """The delivery loop's handler: POSTs final results (and images released after an appeal).
+        True when there is nothing to push (no webhook)."""
+        if not (delivery.is_final or delivery.kind is EventKind.RELEASED):
             return False
+        job = delivery.job
         webhook = job.reply_to.get("webhook")
         if not webhook:
             return True  # the client polls or streams events; nothing to push
-        task = asyncio.create_task(self._deliver(webhook, event, job), name=f"webhook-{job.id}")
+        task = asyncio.create_task(self._deliver(webhook, delivery), name=f"webhook-{job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return False  # _deliver marks the job delivered once the receiver said 2xx
 
-    async def _deliver(self, webhook: dict[str, str], event: Event, job: JobView) -> None:
-        body = json.dumps({"event": f"job.{event.kind}", "job": self.job_json(job)}).encode()
+    async def _deliver(self, webhook: dict[str, str], delivery: Delivery) -> None:
+        job = delivery.job
+        body = json.dumps({"event": f"job.{delivery.kind}", "job": self.job_json(delivery)}).encode()
         delay = self.config.webhook_backoff_s
         for attempt in range(1, self.config.webhook_attempts + 1):
-            if await self._post(webhook, event, job, body, attempt):
-                await self.core.service.mark_delivered(job.id)
+            if await self._post(webhook, delivery.kind, job, body, attempt):
+                if delivery.is_final:
+                    await self.core.service.mark_delivered(job.id)
                 return
             if attempt < self.config.webhook_attempts:
                 await asyncio.sleep(delay)
@@ -91,12 +96,12 @@ class WebhookSender:
         log.warning("webhook for job %s failed %d times; it is tried again when the server restarts",
                     job.id, self.config.webhook_attempts)
 
-    async def _post(self, webhook: dict[str, str], event: Event, job: JobView, body: bytes, attempt: int) -> bool:
+    async def _post(self, webhook: dict[str, str], kind: EventKind, job: JobView, body: bytes, attempt: int) -> bool:
         try:
             # Checked again at delivery: the name may resolve elsewhere now than at submission.
             await check_webhook_target(webhook["url"], self.config.allow_private_webhooks)
             response = await self._client.post(webhook["url"], content=body, headers={
-                "Content-Type": "application/json", "Easel-Event": f"job.{event.kind}", "Easel-Job": job.id,
+                "Content-Type": "application/json", "Easel-Event": f"job.{kind}", "Easel-Job": job.id,
                 "Easel-Delivery-Attempt": str(attempt),
                 "Easel-Signature": sign(webhook["secret"], int(time.time()), body)})
         except (httpx.HTTPError, EaselError) as error:

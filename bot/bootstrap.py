@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bot.config import Settings
 from bot.database import Database, upgrade_database
+from bot.delivery import Deliveries
 from bot.events import EventBus
 from bot.grammar import CommandParser
 from bot.queue import JobQueue
@@ -28,6 +29,7 @@ class Core:
     parser: CommandParser
     service: JobService
     queue: JobQueue
+    deliveries: Deliveries  # what each surface may show of a job (bot/delivery.py)
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -50,4 +52,5 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         parser=CommandParser.from_settings(settings),
         service=JobService(settings, db, store, bus),
         queue=JobQueue(settings, db, store, bus),
+        deliveries=Deliveries(settings),
     )

@@ -156,6 +156,14 @@ class TelegramConfig(Section):
     concurrent_updates: int = Field(64, ge=1)  # updates handled at once, so a slow download blocks no one
 
 
+class DeliveryConfig(Section):
+    """How job events reach users (bot/delivery.py)."""
+
+    # Jobs whose events one platform delivers at once; each job's events stay in order. One user's
+    # rate-limited or slow message never holds up another's, up to this many at a time.
+    concurrency: int = Field(16, ge=1, le=256)
+
+
 class HttpConfig(Section):
     """The HTTP API and web chat (adapters/http.py)."""
 
@@ -329,6 +337,7 @@ class Settings(BaseSettings):
     discord: DiscordConfig = DiscordConfig()
     telegram: TelegramConfig = TelegramConfig()
     http: HttpConfig = HttpConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     safety: SafetyConfig = SafetyConfig()
     moderation: ModerationConfig = ModerationConfig()
     quota: QuotaConfig = QuotaConfig()

@@ -1,42 +1,178 @@
-"""Delivering job events to the adapter that owns the job, including after a restart.
+"""What each surface may show of a job, decided once, here; and handing it to the adapter that owns the job.
 
-Every chat adapter runs one `deliver_events` loop for its platform. It first hands over final
-results that were never confirmed delivered (the adapter was down when the job finished), then
-follows new events as they are written. The handler returns True once a final result is in front of
-the user; only then is the job marked delivered, so a crash between the two means a repeat, never a
-loss.
+Every surface that shows a job (Discord, Telegram, the web chat, the HTTP API and its webhooks and
+SSE, MCP answers, the console, `easel imagine -o`) renders a `Delivery` and nothing else. The
+decision of what may be shown is made by `Deliveries`, from the job's rows:
+
+- an image the output check withheld (flag `CATEGORY:withhold`) is never among `images`; it becomes
+  a `WithheldNotice` (what, why, how to appeal) until a moderator accepts an appeal and releases it;
+- an image flagged where NSFW is allowed (`CATEGORY:spoiler`) is shown with `spoiler=True`: behind
+  the platform's spoiler, or not at all where the platform has none for that kind of message;
+- a live preview (`generation.previews`) is passed on only where the final image could never be
+  withheld: where the image check is off, or where NSFW is allowed (then behind a spoiler). Where
+  the check is on and NSFW is not allowed, progress comes without a preview: the check runs on the
+  final image only, and a preview must never show more than the final image may.
+
+Each platform runs one `deliver_events` loop. It first hands over final results that were never
+confirmed delivered (the adapter was down when the job finished), then follows new events. The
+handler returns True once a final result is in front of the user; only then is the job marked
+delivered, so a crash between the two means a repeat, never a loss. Events of different jobs are
+delivered concurrently (at most `delivery.concurrency` at once per platform), each job's in order:
+a rate-limited or slow message for one user never holds up another user's progress or result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
-from bot.events import Event
-from bot.safety import done_payload
+from bot.config import Settings
+from bot.events import Event, EventKind
 from bot.service import JobService
-from bot.views import JobView
+from bot.views import ImageView, JobView
 
 log = logging.getLogger("easel.delivery")
 
-EventHandler = Callable[[Event, JobView], Awaitable[bool]]
+SHUTDOWN_GRACE_S = 10.0  # how long deliveries in flight may finish when an adapter stops
+RELEASED_FLAG = "released"  # a withheld image's action after a moderator accepted its appeal
 
 
-def final_event_of(job: JobView) -> Event:
-    """The final event of a finished job, rebuilt from its row (for redelivery after a restart)."""
-    kind = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[job.status.value]
-    payload: dict = {}
-    if kind == "done":
-        payload = done_payload(job.id, job.images)  # withheld images stay out, as in the live event
-    elif kind == "failed":
-        payload = {"error": job.error}
-    return Event(id=0, job_id=job.id, platform=job.platform, kind=kind, payload=payload,
-                 created_at=job.finished_at or job.created_at)
+@dataclass(frozen=True)
+class ShownImage:
+    """An image that may be shown where the job was asked for."""
+
+    index: int  # 0-based position in the job
+    seed: int
+    sha256: str
+    path: str  # the stored PNG (the console copies it; chat adapters read it through the store)
+    width: int
+    height: int
+    spoiler: bool = False  # flagged, in a place that allows NSFW: show it only behind a spoiler
 
 
-async def deliver_events(service: JobService, platform: str, handler: EventHandler,
-                         stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+@dataclass(frozen=True)
+class WithheldNotice:
+    """An image that must not be shown, and the words that say so."""
+
+    index: int
+    seed: int
+    category: str  # what the image check flagged it as, e.g. "nsfw"
+    message: str  # what happened, why, and how to appeal
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One thing to show a user about their job. Adapters render it and decide nothing.
+
+    `job` gives the words to write (prompt, settings, seeds, id); `images` are the only pictures that
+    may be sent, `withheld` says why others are missing. Only buttons for `images` may be offered.
+    """
+
+    kind: EventKind
+    job: JobView
+    images: tuple[ShownImage, ...] = ()
+    withheld: tuple[WithheldNotice, ...] = ()
+    position: int | None = None  # QUEUED: 1 = next to run
+    requeued: bool = False  # QUEUED again after its worker stopped
+    step: int = 0  # PROGRESS: step of total
+    total: int = 0
+    preview: str | None = None  # PROGRESS: a data: URL of a rough picture so far, when allowed here
+    preview_spoiler: bool = False  # show the preview only behind a spoiler (blurred)
+    error: str | None = None  # FAILED: what went wrong, in words the user can act on
+
+    @property
+    def is_final(self) -> bool:
+        return self.kind.is_final
+
+    @property
+    def notice(self) -> str:
+        """Every withheld image's message, as one paragraph ("" when nothing was withheld)."""
+        return " ".join(item.message for item in self.withheld)
+
+
+def withheld_message(job_id: str, index: int, category: str) -> str:
+    return (f"Image {index + 1} was withheld: the image check flagged it as {category}, which is not allowed "
+            f"here. If this is a mistake: /appeal {job_id} <why>")
+
+
+def flagged_category(image: ImageView, action: str) -> str | None:
+    """The category of the image's flag with `action` ("withhold", "spoiler"), or None."""
+    return next((flag.rsplit(":", 1)[0] for flag in image.safety_flags if flag.endswith(f":{action}")), None)
+
+
+class Deliveries:
+    """Builds deliveries under the settings' safety rules. Built once (bot/bootstrap.py)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.image_check_on = settings.safety.image_checker != "none"
+
+    def of_job(self, job: JobView, kind: EventKind | None = None) -> Delivery:
+        """The job as it stands: for redelivery after a restart, /job, and the HTTP API's job JSON."""
+        kind = kind or _KIND_OF_STATUS.get(job.status.value, EventKind.QUEUED)
+        if kind is EventKind.FAILED:
+            return Delivery(kind, job, error=job.error)
+        if kind is EventKind.PROGRESS:
+            return Delivery(kind, job, step=job.progress_step, total=job.progress_total)
+        images, withheld = self.split(job)
+        return Delivery(kind, job, images=images, withheld=withheld)
+
+    def of_event(self, event: Event, job: JobView) -> Delivery:
+        """What `event` shows of `job` (the job as read after the event)."""
+        payload = event.payload
+        if event.kind is EventKind.QUEUED:
+            return Delivery(event.kind, job, position=int(payload.get("position", 1)),
+                            requeued=bool(payload.get("requeued")))
+        if event.kind is EventKind.PROGRESS:
+            preview, spoiler = self._preview(job, payload.get("preview"))
+            return Delivery(event.kind, job, step=int(payload.get("step", 0)), total=int(payload.get("total", 0)),
+                            preview=preview, preview_spoiler=spoiler)
+        if event.kind is EventKind.FAILED:
+            return Delivery(event.kind, job, error=payload.get("error") or job.error)
+        if event.kind is EventKind.RELEASED:
+            released = set(payload.get("indexes", ()))
+            images, _ = self.split(job)
+            return Delivery(event.kind, job, images=tuple(i for i in images if i.index in released))
+        if event.kind is EventKind.DONE:
+            return self.of_job(job, EventKind.DONE)
+        return Delivery(event.kind, job)
+
+    def split(self, job: JobView) -> tuple[tuple[ShownImage, ...], tuple[WithheldNotice, ...]]:
+        """The job's images that may be shown, and a notice for each one that may not."""
+        shown: list[ShownImage] = []
+        withheld: list[WithheldNotice] = []
+        for image in job.images:
+            category = flagged_category(image, "withhold")
+            if category is not None:
+                withheld.append(WithheldNotice(image.index, image.seed, category,
+                                               withheld_message(job.id, image.index, category)))
+                continue
+            shown.append(ShownImage(image.index, image.seed, image.sha256, image.path, image.width, image.height,
+                                    spoiler=flagged_category(image, "spoiler") is not None))
+        return tuple(shown), tuple(withheld)
+
+    def _preview(self, job: JobView, preview: str | None) -> tuple[str | None, bool]:
+        if preview is None or not self.image_check_on:
+            return preview, False
+        if job.nsfw_allowed:
+            return preview, True  # not yet checked: behind a spoiler, like a flagged final image here
+        return None, False
+
+
+_PASSING_KINDS = (EventKind.QUEUED, EventKind.STARTED, EventKind.PROGRESS)
+_KIND_OF_STATUS = {"succeeded": EventKind.DONE, "failed": EventKind.FAILED, "cancelled": EventKind.CANCELLED,
+                   "running": EventKind.PROGRESS}
+
+
+# -- the delivery loop ---------------------------------------------------------------------------------
+
+DeliveryHandler = Callable[[Delivery], Awaitable[bool]]
+
+
+async def deliver_events(service: JobService, deliveries: Deliveries, platform: str, handler: DeliveryHandler,
+                         stop: asyncio.Event | None = None, ready: asyncio.Event | None = None,
+                         concurrency: int = 16) -> None:
     """Run until `stop` is set (or forever): redeliver what was missed, then follow new events.
 
     `ready` is set once every later event is sure to be followed: an adapter takes commands only
@@ -46,36 +182,99 @@ async def deliver_events(service: JobService, platform: str, handler: EventHandl
     after_id = await bus.latest_id()  # taken first: anything later is followed, anything earlier redelivered
     if ready is not None:
         ready.set()
-    delivered: set[str] = set()
-    for job in await service.undelivered(platform):
-        await _handle(service, handler, final_event_of(job), job, delivered)
-    events = bus.follow(platform, after_id=after_id)
-    while stop is None or not stop.is_set():
-        next_event = asyncio.ensure_future(anext(events))
-        waiters = {next_event} if stop is None else {next_event, asyncio.ensure_future(stop.wait())}
-        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        # Let a cancelled read unwind first: closing the generator while it still runs raises.
-        await asyncio.gather(*pending, return_exceptions=True)
-        if next_event not in done:
-            break
-        event = next_event.result()
-        if event.is_final and event.job_id in delivered:
-            continue
-        await _handle(service, handler, event, await service.get_job(event.job_id), delivered)
-    await events.aclose()
-
-
-async def _handle(service: JobService, handler: EventHandler, event: Event, job: JobView,
-                  delivered: set[str]) -> None:
+    lanes = _Lanes(service, deliveries, handler, concurrency)
     try:
-        shown = await handler(event, job)
-    except Exception:
-        # One error hook for every adapter: log and keep serving. A final result that failed to
-        # show stays undelivered and is tried again on the next start.
-        log.exception("%s adapter failed to handle %s event of job %s", job.platform, event.kind, job.id)
-        return
-    if event.is_final and shown:
-        delivered.add(job.id)
-        await service.mark_delivered(job.id)
+        for job in await service.undelivered(platform):
+            lanes.put_final(job)
+        events = bus.follow(platform, after_id=after_id)
+        try:
+            while stop is None or not stop.is_set():
+                event = await _next_or_stop(events, stop)
+                if event is None:
+                    break
+                lanes.put(event)
+        finally:
+            await events.aclose()
+    finally:
+        await lanes.close()
+
+
+async def _next_or_stop(events: AsyncIterator[Event], stop: asyncio.Event | None) -> Event | None:
+    next_event = asyncio.ensure_future(anext(events))
+    waiters = {next_event} if stop is None else {next_event, asyncio.ensure_future(stop.wait())}
+    done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    # Let a cancelled read unwind first: closing the generator while it still runs raises.
+    await asyncio.gather(*pending, return_exceptions=True)
+    return next_event.result() if next_event in done else None
+
+
+class _Lanes:
+    """One lane per job: each job's events in order, different jobs' concurrently, at most `limit` at once.
+
+    A lane's task ends when its queue is empty; the next event of that job starts a new one.
+    """
+
+    def __init__(self, service: JobService, deliveries: Deliveries, handler: DeliveryHandler, limit: int) -> None:
+        self.service = service
+        self.deliveries = deliveries
+        self.handler = handler
+        self._slots = asyncio.Semaphore(limit)
+        self._queues: dict[str, asyncio.Queue[Event | JobView]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._delivered: set[str] = set()  # final results shown by this loop (a redelivery is not repeated)
+
+    def put(self, event: Event) -> None:
+        self._enqueue(event.job_id, event)
+
+    def put_final(self, job: JobView) -> None:
+        """A finished job's final result, rebuilt from its row (never confirmed delivered)."""
+        self._enqueue(job.id, job)
+
+    def _enqueue(self, job_id: str, item: Event | JobView) -> None:
+        queue = self._queues.get(job_id)
+        if queue is None:
+            queue = self._queues[job_id] = asyncio.Queue()
+            task = asyncio.create_task(self._drain(job_id, queue), name=f"easel-deliver-{job_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        queue.put_nowait(item)
+
+    async def _drain(self, job_id: str, queue: asyncio.Queue[Event | JobView]) -> None:
+        try:
+            while not queue.empty():
+                item = queue.get_nowait()
+                async with self._slots:
+                    await self._handle(item)
+        finally:
+            del self._queues[job_id]
+
+    async def _handle(self, item: Event | JobView) -> None:
+        try:
+            if isinstance(item, JobView):
+                job, delivery = item, self.deliveries.of_job(item)
+            else:
+                if item.is_final and item.job_id in self._delivered:
+                    return
+                job = await self.service.get_job(item.job_id)
+                if item.kind in _PASSING_KINDS and job.status.is_final:
+                    return  # a late progress event must never cover the result
+                delivery = self.deliveries.of_event(item, job)
+            shown = await self.handler(delivery)
+            if delivery.is_final and shown:
+                self._delivered.add(job.id)
+                await self.service.mark_delivered(job.id)
+        except Exception:
+            # One error hook for every adapter's deliveries: log and keep serving. A final result that
+            # failed to show stays undelivered and is tried again on the next start.
+            log.exception("delivering an event of job %s failed", getattr(item, "job_id", None) or item.id)
+
+    async def close(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Let deliveries in flight finish for up to `grace_s`, then cancel the rest: an undelivered
+        result stays undelivered and is sent on the next start."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

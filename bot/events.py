@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select
@@ -24,39 +25,55 @@ from sqlalchemy import func, select
 from bot.database import Database, UnitOfWork
 from bot.models import Job, JobEvent
 
-FINAL_EVENT_KINDS = frozenset({"done", "failed", "cancelled"})
 READ_LIMIT = 200  # events per read of a stream
+
+
+class EventKind(StrEnum):
+    """What happened to a job. The value is what the job_events table and the HTTP API's SSE say."""
+
+    QUEUED = "queued"  # accepted, or given back to the queue after its worker died
+    STARTED = "started"  # a worker claimed it
+    PROGRESS = "progress"  # step i of n, maybe with a live preview
+    DONE = "done"  # every image stored (some may be withheld: bot/delivery.py decides what is shown)
+    FAILED = "failed"  # gave up; the job's error says why
+    CANCELLED = "cancelled"  # stopped by its owner
+    RELEASED = "released"  # a moderator accepted an appeal: withheld images may now be shown
+
+    @property
+    def is_final(self) -> bool:
+        """The job's last state change: after it the owner must have been told the outcome."""
+        return self in (EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED)
 
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened to a job, as adapters receive it.
+    """One thing that happened to a job, as the outbox stores it. Adapters never read these: they
+    get a `bot.delivery.Delivery`, which says what may be shown where.
 
     kinds and payloads:
-      queued    {"position": int}
+      queued    {"position": int, "requeued"?: true}
       started   {"batch_size": int}
-      progress  {"step": int, "total": int}
-      done      {"images": [{"index", "seed", "sha256", "path", "width", "height", "spoiler"?}],
-                 "withheld"?: [{"index", "seed", "category", "message"}], "notice"?: str}
-                (see bot.safety.done_payload: show `notice`; send `spoiler` images behind a spoiler)
+      progress  {"step": int, "total": int, "preview"?: "data:image/jpeg;base64,..."}
+      done      {}  (the images are the job's rows)
       failed    {"error": str}
       cancelled {}
+      released  {"indexes": [int]}  (images a moderator released after an appeal)
     """
 
     id: int
     job_id: str
     platform: str
-    kind: str
+    kind: EventKind
     payload: dict[str, Any]
     created_at: datetime
 
     @property
     def is_final(self) -> bool:
-        return self.kind in FINAL_EVENT_KINDS
+        return self.kind.is_final
 
 
 def _to_event(row: JobEvent) -> Event:
-    return Event(row.id, row.job_id, row.platform, row.kind, dict(row.payload or {}), row.created_at)
+    return Event(row.id, row.job_id, row.platform, EventKind(row.kind), dict(row.payload or {}), row.created_at)
 
 
 class EventBus:
@@ -67,9 +84,9 @@ class EventBus:
         self._job_wake_ups: dict[str, set[asyncio.Event]] = {}  # each waiting watcher's, by job id
 
     @staticmethod
-    def stage(uow: UnitOfWork, job: Job, kind: str, payload: dict[str, Any] | None = None) -> None:
+    def stage(uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
         """Add an event to the unit of work; it is published when (and only if) that commits."""
-        uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=kind, payload=payload or {},
+        uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=str(kind), payload=payload or {},
                                  created_at=datetime.now(UTC)))
 
     def notify(self, job_ids: Iterable[str]) -> None:

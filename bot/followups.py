@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from bot.delivery import flagged_category
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
-from bot.errors import InvalidCommand
+from bot.errors import InvalidCommand, Refused
 from bot.grammar import fit_size
 from bot.service import JobService, SubmitResult
 from bot.views import ImageView, JobView
@@ -88,7 +89,13 @@ def _result_image(job: JobView, index: int) -> ImageView:
                              "finished job with images")
     if not 0 <= index < len(job.images):
         raise InvalidCommand(f"job {job.id} has {len(job.images)} image(s); there is no image {index + 1}")
-    return job.images[index]
+    image = job.images[index]
+    category = flagged_category(image, "withhold")
+    if category is not None:
+        # A follow-up would show (a copy of) a picture that may not be shown: every kind is refused.
+        raise Refused(f"image {index + 1} of job {job.id} was withheld (the image check flagged it as "
+                      f"{category}), so nothing can be made from it. If this is a mistake: /appeal {job.id} <why>")
+    return image
 
 
 def _edit_of(params: GenerationParams, image: ImageView, *, strength: float, n: int,

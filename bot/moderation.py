@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.database import UnitOfWork
+from bot.delivery import RELEASED_FLAG
 from bot.domain import (
     AppealCommand,
     Command,
@@ -33,6 +35,7 @@ from bot.domain import (
     Requester,
 )
 from bot.errors import InvalidCommand, NotFound, Refused
+from bot.events import EventKind
 from bot.models import Appeal, Job, QuotaGrant, SafetyFlag, User
 from bot.policy import PERMANENT, Policy, describe_quota, units, user_key, when
 from bot.service import JobService
@@ -228,12 +231,34 @@ class Moderation:
                     effect = " The ban is lifted."
             elif command.accept:
                 effect = " Its strike no longer counts."
+                released = await self._release_images(uow, appeal.job_id) if appeal.job_id else []
+                if released:
+                    effect += (f" Image(s) {', '.join(str(i + 1) for i in released)} of job {appeal.job_id} are "
+                               "released and sent to their owner.")
             await self.policy.record(uow.session, appeal.user, subject=f"appeal:{appeal.id}", category="moderation",
                                      reason_code="appeal", source="moderator", action=f"appeal_{appeal.status}",
                                      now=now, job_id=appeal.job_id, detail=command.note or None,
                                      actor=appeal.resolved_by)
             await uow.commit()
-            return f"Appeal #{appeal.id} by {_who(appeal.user)} {appeal.status}.{effect}"
+        if appeal.job_id:
+            self.service.bus.notify([appeal.job_id])
+        return f"Appeal #{appeal.id} by {_who(appeal.user)} {appeal.status}.{effect}"
+
+    async def _release_images(self, uow: UnitOfWork, job_id: str) -> list[int]:
+        """An accepted appeal about a job: its withheld images may be shown now (a moderator looked at
+        them). Their flags become CATEGORY:released, and a `released` event sends them to the owner."""
+        job = await uow.session.scalar(select(Job).where(Job.id == job_id))
+        if job is None:
+            return []
+        released = []
+        for image in job.images:
+            if any(flag.endswith(":withhold") for flag in image.safety_flags or ()):
+                image.safety_flags = [flag.removesuffix(":withhold") + f":{RELEASED_FLAG}"
+                                      if flag.endswith(":withhold") else flag for flag in image.safety_flags]
+                released.append(image.index)
+        if released:
+            self.service.bus.stage(uow, job, EventKind.RELEASED, {"indexes": released})
+        return released
 
     # -- /appeal -------------------------------------------------------------------------------------
 

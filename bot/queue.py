@@ -30,10 +30,10 @@ from bot.domain import JobStatus
 from bot.events import EventBus
 from bot.models import Image, Job, JobEvent, User
 from bot.policy import Policy
-from bot.safety import ImageVerdict, done_payload, image_action
+from bot.safety import ImageVerdict, image_action
 from bot.service import finish_job, utcnow
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView, image_view, job_view
+from bot.views import JobView, job_view
 
 
 def this_worker_id() -> str:
@@ -198,8 +198,8 @@ class JobQueue:
                 await self.policy.strike(uow.session, job.user, now)
             await uow.session.flush()
             job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
-            payload = done_payload(job.id, [image_view(i, str(self.store.path_of(i.sha256))) for i in job.images])
-            await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED, payload=payload)
+            # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
+            await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
             await uow.commit()
         self.bus.notify([job_id])
         return True

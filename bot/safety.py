@@ -278,31 +278,3 @@ class ImageVerdict:
 def image_action(nsfw_allowed: bool) -> str:
     """A flagged image is never blacked out: spoilered where NSFW is allowed, else withheld with a reason."""
     return "spoiler" if nsfw_allowed else "withhold"
-
-
-def withheld_message(job_id: str, index: int, category: str) -> str:
-    return (f"Image {index + 1} was withheld: the image check flagged it as {category}, which is not allowed "
-            f"here. If this is a mistake: /appeal {job_id} <why>")
-
-
-def done_payload(job_id: str, images: Sequence[Any]) -> dict[str, Any]:
-    """The `done` event's payload from a job's ImageViews: withheld images are left out of `images`
-    (so an adapter that knows nothing of safety never sends one) and listed in `withheld` with the
-    message to show; spoilered ones carry `"spoiler": true`."""
-    shown, withheld = [], []
-    for image in images:
-        if image.withheld:
-            category = next(f.rsplit(":", 1)[0] for f in image.safety_flags if f.endswith(":withhold"))
-            withheld.append({"index": image.index, "seed": image.seed, "category": category,
-                             "message": withheld_message(job_id, image.index, category)})
-            continue
-        entry = {"index": image.index, "seed": image.seed, "sha256": image.sha256, "path": image.path,
-                 "width": image.width, "height": image.height}
-        if image.spoiler:
-            entry["spoiler"] = True
-        shown.append(entry)
-    payload: dict[str, Any] = {"images": shown}
-    if withheld:
-        payload["withheld"] = withheld
-        payload["notice"] = " ".join(item["message"] for item in withheld)
-    return payload

@@ -24,11 +24,11 @@ from bot.config import Settings
 from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
 from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, Refused
-from bot.events import EventBus
+from bot.events import EventBus, EventKind
 from bot.fetch import ImageFetcher
 from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
-from bot.models import IdempotencyKey, Job, User
+from bot.models import IdempotencyKey, Image, Job, User
 from bot.policy import Policy
 from bot.safety import Decision, PromptCheck
 from bot.store import ImageStore
@@ -124,7 +124,7 @@ class JobService:
             if idempotency_key is not None:
                 uow.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, fingerprint=fingerprint,
                                                job_id=job.id, created_at=now))
-            self.bus.stage(uow, job, "queued", {"position": load.position})
+            self.bus.stage(uow, job, EventKind.QUEUED, {"position": load.position})
             await uow.commit()
             view = job_view(job, self.store.path_of)
         self.bus.notify([view.id])
@@ -240,6 +240,12 @@ class JobService:
     async def get_job(self, job_id: str) -> JobView:
         async with self.db.unit_of_work(write=False) as uow:
             return job_view(await _job_or_not_found(uow.session, job_id), self.store.path_of)
+
+    async def image_withheld(self, sha256: str) -> bool:
+        """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
+        async with self.db.unit_of_work(write=False) as uow:
+            flags = (await uow.session.scalars(select(Image.safety_flags).where(Image.sha256 == sha256))).all()
+        return any(flag.endswith(":withhold") for image_flags in flags for flag in image_flags or ())
 
     async def position(self, job_id: str) -> int | None:
         """1 = next to run; None once the job has started or finished."""
@@ -384,7 +390,8 @@ async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus
     job.status = status.value
     job.finished_at = utcnow()
     job.error = error
-    kind = {JobStatus.SUCCEEDED: "done", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}[status]
+    kind = {JobStatus.SUCCEEDED: EventKind.DONE, JobStatus.FAILED: EventKind.FAILED,
+            JobStatus.CANCELLED: EventKind.CANCELLED}[status]
     bus.stage(uow, job, kind, payload or ({"error": error} if error else {}))
 
 

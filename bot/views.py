@@ -6,7 +6,7 @@ ever holds a live ORM object or a session.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -27,13 +27,9 @@ class ImageView:
 
     @property
     def withheld(self) -> bool:
-        """Flagged by the image check where NSFW is not allowed: never send it; say why instead."""
+        """Flagged by the image check where NSFW is not allowed (and not released by a moderator)."""
         return any(flag.endswith(":withhold") for flag in self.safety_flags)
 
-    @property
-    def spoiler(self) -> bool:
-        """Flagged, in a place that allows NSFW: send it behind a spoiler."""
-        return any(flag.endswith(":spoiler") for flag in self.safety_flags)
 
 
 @dataclass(frozen=True)
@@ -56,8 +52,9 @@ class JobView:
     error: str | None = None
     init_image_sha: str | None = None
     mask_image_sha: str | None = None
+    # Every image, withheld ones included: what may be shown is bot/delivery.py's decision, never an adapter's.
     images: tuple[ImageView, ...] = ()
-    safety_flags: tuple[str, ...] = field(default=())
+    nsfw_allowed: bool = False  # the place the job came from allows NSFW (a flagged image is spoilered)
     cost_milli: int = 0  # the quota charge, thousandths of a cost unit (bot/policy.py)
 
     @property
@@ -120,5 +117,5 @@ def job_view(job: Job, image_path: Any) -> JobView:
         finished_at=job.finished_at, delivered_at=job.delivered_at, batch_size=job.batch_size,
         error=job.error, init_image_sha=job.init_image_sha, mask_image_sha=job.mask_image_sha,
         images=tuple(image_view(image, str(image_path(image.sha256))) for image in job.images),
-        cost_milli=job.cost_milli or 0,
+        nsfw_allowed=bool(job.nsfw_allowed), cost_milli=job.cost_milli or 0,
     )

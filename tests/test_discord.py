@@ -452,14 +452,14 @@ async def test_results_larger_than_the_upload_limit_go_as_jpeg_in_several_messag
 
 
 def test_packing_keeps_pngs_when_they_fit_and_splits_when_they_do_not(core: Core) -> None:
-    from bot.views import ImageView
+    from bot.delivery import ShownImage
 
     rng = np.random.default_rng(0)
     pngs = []
     for index in range(3):
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        pngs.append((ImageView(index, 10 + index, "0" * 64, "", 64, 64, buffer.tell()), buffer.getvalue()))
+        pngs.append((ShownImage(index, 10 + index, "0" * 64, "", 64, 64), buffer.getvalue()))
     job = type("J", (), {"id": "abc"})()
     assert pack_results(job, pngs, 10**6).messages[0][0].name == "abc-1-seed10.png"
     packed = pack_results(job, pngs, 5000)

@@ -20,6 +20,7 @@ from bot.bootstrap import Core
 from bot.config import SafetyCategoryConfig, SafetyConfig, load_settings
 from bot.domain import JobStatus, Requester
 from bot.errors import ConfigError, Refused
+from bot.events import EventKind
 from bot.models import Image, SafetyFlag
 from bot.safety import PromptCheck, fold
 from generation.safety_checker import DiffusersSafetyChecker, build_image_checker
@@ -235,10 +236,11 @@ async def test_a_flagged_image_is_withheld_with_the_reason_and_how_to_appeal(
     job = (await submit(core, "/imagine a statue --steps 2 --n 2")).job
     await worker_for(core, generator, flag_all_checker).run(burst=True)
     done = await final_event(core, job.id)
-    assert done.kind == "done" and done.payload["images"] == []
-    assert [w["index"] for w in done.payload["withheld"]] == [0, 1]
-    assert f"/appeal {job.id}" in done.payload["notice"] and "flagged it as nsfw" in done.payload["notice"]
     finished = await core.service.get_job(job.id)
+    delivery = core.deliveries.of_event(done, finished)
+    assert delivery.kind is EventKind.DONE and delivery.images == ()
+    assert [w.index for w in delivery.withheld] == [0, 1]
+    assert f"/appeal {job.id}" in delivery.notice and "flagged it as nsfw" in delivery.notice
     assert finished.status is JobStatus.SUCCEEDED and all(image.withheld for image in finished.images)
     # Not blacked out: the stored image is the generated one, with its colours.
     pixels = np.asarray(PILImage.open(finished.images[0].path))
@@ -253,8 +255,8 @@ async def test_a_flagged_image_is_spoilered_where_nsfw_is_allowed(core: Core, ge
     job = (await submit(core, "/imagine a statue --steps 2", who=nsfw_place)).job
     await worker_for(core, generator, flag_all_checker).run(burst=True)
     done = await final_event(core, job.id)
-    assert [image["spoiler"] for image in done.payload["images"]] == [True]
-    assert "withheld" not in done.payload
+    delivery = core.deliveries.of_event(done, await core.service.get_job(job.id))
+    assert [image.spoiler for image in delivery.images] == [True] and delivery.withheld == ()
     async with core.db.unit_of_work(write=False) as uow:
         assert (await uow.session.scalar(select(Image.safety_flags))) == ["nsfw:spoiler"]
 
@@ -265,7 +267,8 @@ async def test_unflagged_images_are_delivered_as_usual(core: Core, generator, tm
     job = (await submit(core, "/imagine a statue --steps 2")).job
     await worker_for(core, generator, checker).run(burst=True)
     done = await final_event(core, job.id)
-    assert len(done.payload["images"]) == 1 and "spoiler" not in done.payload["images"][0]
+    delivery = core.deliveries.of_event(done, await core.service.get_job(job.id))
+    assert len(delivery.images) == 1 and not delivery.images[0].spoiler
     assert await flags(core) == []
 
 

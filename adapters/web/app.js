@@ -184,7 +184,9 @@ function render(card, job) {
   card.status.textContent = words[job.status];
   if (job.status === "failed") card.status.classList.add("error");
   if (job.progress.total) setProgress(card, job.progress.step, job.progress.total);
-  card.images.replaceChildren(...job.images.map((image) => figure(job, image)));
+  // Only the images the server lets us show; a withheld one is a notice, a flagged one a blurred card.
+  card.images.replaceChildren(...job.images.map((image) => figure(job, image)),
+    ...job.withheld.map((item) => element("p", { class: "withheld", role: "note", text: item.message })));
   card.actions.replaceChildren();
   if (!isFinal(job.status)) {
     card.actions.append(element("button", { type: "button", text: "Cancel",
@@ -208,12 +210,25 @@ function figure(job, image) {
   const followUp = (kind, label) => element("button", { type: "button", text: label,
     "aria-label": `${label} of image ${n} of job ${job.id}`,
     onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/${kind}`, { index: image.index }))) });
-  return element("figure", {},
-    element("a", { href: image.url, target: "_blank", rel: "noopener" },
-      element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
-        width: String(image.width), height: String(image.height) })),
+  const picture = element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
+    width: String(image.width), height: String(image.height) });
+  const shown = image.spoiler ? spoiler(picture, `Image ${n} was flagged by the image check. Show it`)
+    : element("a", { href: image.url, target: "_blank", rel: "noopener" }, picture);
+  return element("figure", {}, shown,
     element("figcaption", {}, element("span", { class: "seed", text: `seed ${image.seed}` }),
       followUp("variations", "Variations"), followUp("upscale", "Upscale")));
+}
+
+// A flagged picture where NSFW is allowed: blurred until the person clicks to show it.
+function spoiler(picture, label) {
+  picture.classList.add("spoilered");
+  const button = element("button", { type: "button", class: "spoiler", "aria-label": label }, picture,
+    element("span", { class: "spoiler-label", text: "Flagged: click to show" }));
+  button.addEventListener("click", () => {
+    picture.classList.remove("spoilered");
+    button.replaceWith(picture);
+  }, { once: true });
+  return button;
 }
 
 async function follow(job) {
@@ -226,8 +241,10 @@ async function follow(job) {
         setProgress(card, event.data.step, event.data.total);
         card.status.textContent = `generating, step ${event.data.step} of ${event.data.total}`;
         // Live preview (generation.previews): a rough picture of the image so far, replaced by the result.
+        // The server sends previews only where they may be shown; preview_spoiler means blurred.
         if (event.data.preview) {
-          card.images.replaceChildren(element("img", { class: "preview", src: event.data.preview,
+          card.images.replaceChildren(element("img", {
+            class: event.data.preview_spoiler ? "preview spoilered" : "preview", src: event.data.preview,
             alt: `Preview of job ${job.id} at step ${event.data.step}`, width: "128", height: "128" }));
         }
       }
