@@ -13,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -28,26 +25,42 @@ from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.errors import EaselError, InvalidCommand
 from bot.events import EventKind
+from bot.netguard import (
+    AddressRefused,
+    AddressRule,
+    HostNotFound,
+    PinnedTarget,
+    Resolver,
+    any_address,
+    is_public_address,
+    pin,
+    pinned_client,
+    system_resolver,
+)
 from bot.views import JobView
 
 log = logging.getLogger("easel.webhooks")
 
 
 
-async def check_webhook_target(url: str, allow_private: bool) -> None:
-    """Refuse webhooks to loopback, private and link-local addresses unless allowed (see config)."""
-    if allow_private:
-        return
-    host = urlsplit(url).hostname or ""
+async def check_webhook_target(url: str, allow_private: bool, *, resolver: Resolver = system_resolver,
+                               address_allowed: AddressRule = is_public_address) -> PinnedTarget:
+    """Resolve webhook.url's host once and refuse it if any address is not public (bot/netguard.py),
+    unless http.allow_private_webhooks is on; return the URL pinned to the checked address, so that the
+    POST goes where the check looked."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        raise InvalidCommand(f"webhook host {host!r} does not resolve; check webhook.url") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])  # drop an IPv6 zone id
-        if not address.is_global:
-            raise InvalidCommand(f"webhook.url points to a non-public address ({address}); this server is set "
-                                 "to call only public addresses (http.allow_private_webhooks)")
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise InvalidCommand("webhook.url is not a valid URL; give one like https://example.com/hook") from None
+    if parsed.scheme not in ("http", "https"):
+        raise InvalidCommand("webhook.url must start with http:// or https://")
+    try:
+        return await pin(parsed, resolver=resolver, address_allowed=any_address if allow_private else address_allowed)
+    except HostNotFound as error:
+        raise InvalidCommand(f"webhook host {error.host!r} does not resolve; check webhook.url") from None
+    except AddressRefused as error:
+        raise InvalidCommand(f"webhook.url points to a non-public address ({error.address}); this server is set "
+                             "to call only public addresses (http.allow_private_webhooks)") from None
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -60,11 +73,14 @@ class WebhookSender:
     """POSTs a job's final state to its webhook, signed, retried with doubling waits. A webhook that
     still fails stays undelivered and is tried again when the adapter next starts."""
 
-    def __init__(self, core: Core, job_json: Callable[[Delivery], dict[str, Any]]) -> None:
+    def __init__(self, core: Core, job_json: Callable[[Delivery], dict[str, Any]], *,
+                 resolver: Resolver = system_resolver, address_allowed: AddressRule = is_public_address) -> None:
         self.core = core
         self.job_json = job_json  # the job as GET /v1/jobs/{id} shows it (adapters/http.py)
         self.config = core.settings.http
-        self._client = httpx.AsyncClient(timeout=self.config.webhook_timeout_s, follow_redirects=False)
+        self.resolver = resolver  # injectable, like address_allowed, so tests can stage DNS rebinding
+        self.address_allowed = address_allowed
+        self._client = pinned_client(self.config.webhook_timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def on_event(self, delivery: Delivery) -> bool:
@@ -98,12 +114,14 @@ class WebhookSender:
 
     async def _post(self, webhook: dict[str, str], kind: EventKind, job: JobView, body: bytes, attempt: int) -> bool:
         try:
-            # Checked again at delivery: the name may resolve elsewhere now than at submission.
-            await check_webhook_target(webhook["url"], self.config.allow_private_webhooks)
-            response = await self._client.post(webhook["url"], content=body, headers={
+            # Checked again at delivery (the name may resolve elsewhere now than at submission), and
+            # sent to the address just checked: no second lookup for DNS rebinding to answer.
+            target = await check_webhook_target(webhook["url"], self.config.allow_private_webhooks,
+                                                resolver=self.resolver, address_allowed=self.address_allowed)
+            response = await self._client.send(target.request(self._client, "POST", content=body, headers={
                 "Content-Type": "application/json", "Easel-Event": f"job.{kind}", "Easel-Job": job.id,
                 "Easel-Delivery-Attempt": str(attempt),
-                "Easel-Signature": sign(webhook["secret"], int(time.time()), body)})
+                "Easel-Signature": sign(webhook["secret"], int(time.time()), body)}))
         except (httpx.HTTPError, EaselError) as error:
             log.info("webhook for job %s, attempt %d: %s", job.id, attempt, type(error).__name__)
             return False

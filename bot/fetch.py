@@ -5,8 +5,9 @@
 
 A link is the classic way into a server's private network (SSRF), so every hop, redirects included:
   1. must use an allowed scheme (https) and name an allowed host (platform CDNs by default);
-  2. has its host resolved here, and is refused if ANY address is private, loopback, link-local,
-     multicast, reserved or otherwise not public (IPv4-mapped IPv6 included);
+  2. has its host resolved here, and is refused if ANY address is not public (bot/netguard.py, the
+     address guard webhooks use too: loopback, private, link-local, multicast, reserved, and their
+     IPv6 spellings such as IPv4-mapped, NAT64, 6to4 and Teredo);
   3. is then connected to *that checked address* (the Host header and TLS name stay the link's
      host), so a DNS answer that changes between the check and the connection cannot slip through.
 The whole fetch has a time limit, the body a size limit (read in chunks, not trusted from
@@ -18,38 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import io
-import ipaddress
-import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from bot.config import FetchConfig
 from bot.errors import InvalidImage
+from bot.netguard import (
+    AddressRefused,
+    AddressRule,
+    HostNotFound,
+    PinnedTarget,
+    Resolver,
+    is_public_address,
+    pin,
+    pinned_client,
+    system_resolver,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 REDIRECTS = (301, 302, 303, 307, 308)
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    """The host's addresses, as the operating system resolves them."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
-
-
-def is_public_address(address: IPAddress) -> bool:
-    """True only for globally routable unicast addresses: never loopback, private (10/8, 172.16/12,
-    192.168/16, fc00::/7), link-local (169.254/16: cloud metadata; fe80::/10), carrier NAT, multicast,
-    reserved or unspecified; IPv4 inside IPv6 (::ffff:127.0.0.1) is judged as the IPv4 address."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is not None:
-            return is_public_address(embedded)
-    return address.is_global and not (address.is_private or address.is_loopback or address.is_link_local
-                                      or address.is_multicast or address.is_reserved or address.is_unspecified)
 
 
 def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
@@ -67,7 +57,7 @@ class ImageFetcher:
     are injectable so tests can stand a loopback server in for a CDN."""
 
     def __init__(self, config: FetchConfig, *, resolver: Resolver = system_resolver,
-                 address_allowed: Callable[[IPAddress], bool] = is_public_address,
+                 address_allowed: AddressRule = is_public_address,
                  schemes: Sequence[str] = ("https",)) -> None:
         self.config = config
         self.resolver = resolver
@@ -80,8 +70,7 @@ class ImageFetcher:
             raise InvalidImage("image links are turned off here (fetch.enabled); attach the picture instead")
         host = _host_of(url)
         try:
-            async with asyncio.timeout(self.config.timeout_s), httpx.AsyncClient(
-                    trust_env=False, follow_redirects=False, timeout=self.config.timeout_s) as client:
+            async with asyncio.timeout(self.config.timeout_s), pinned_client(self.config.timeout_s) as client:
                 return await self._follow(client, url)
         except TimeoutError:
             raise InvalidImage(f"fetching the image from {host} took longer than {self.config.timeout_s:g} s; "
@@ -93,9 +82,7 @@ class ImageFetcher:
     async def _follow(self, client: httpx.AsyncClient, url: str) -> bytes:
         for _hop in range(self.config.max_redirects + 1):
             target = await self._checked(url)
-            request = client.build_request("GET", target.pinned, headers={"Host": target.host_header},
-                                           extensions={"sni_hostname": target.ascii_host})
-            response = await client.send(request, stream=True)
+            response = await client.send(target.request(client, "GET"), stream=True)
             try:
                 if response.status_code in REDIRECTS and "location" in response.headers:
                     url = str(target.url.join(response.headers["location"]))
@@ -107,7 +94,7 @@ class ImageFetcher:
                 await response.aclose()
         raise InvalidImage(f"the image link redirected more than {self.config.max_redirects} times")
 
-    async def _checked(self, url: str) -> _Target:
+    async def _checked(self, url: str) -> PinnedTarget:
         """Steps 1 and 2: scheme, host and every resolved address."""
         try:
             parsed = httpx.URL(url)
@@ -119,25 +106,13 @@ class ImageFetcher:
         if not host or not host_allowed(host, self.config.allowed_hosts):
             raise InvalidImage(f"{host or 'that link'} is not an allowed image host; links may point to "
                                f"{', '.join(self.config.allowed_hosts)}. Attach the picture instead")
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                addresses = [ipaddress.ip_address(a.split("%")[0]) for a in await self.resolver(host, port)]
-            except (OSError, ValueError):
-                addresses = []
-            if not addresses:
-                raise InvalidImage(f"the image host {host} could not be found")
-        for address in addresses:
-            if not self.address_allowed(address):
-                raise InvalidImage(f"the image host {host} points to a private or local network address, "
-                                   "which Easel never fetches")
-        return _Target(parsed, host, addresses[0])
+            return await pin(parsed, resolver=self.resolver, address_allowed=self.address_allowed)
+        except HostNotFound:
+            raise InvalidImage(f"the image host {host} could not be found") from None
+        except AddressRefused:
+            raise InvalidImage(f"the image host {host} points to a private or local network address, "
+                               "which Easel never fetches") from None
 
     async def _body(self, response: httpx.Response, host: str) -> bytes:
         limit = self.config.max_bytes
@@ -151,17 +126,6 @@ class ImageFetcher:
             if len(body) > limit:
                 raise too_big
         return bytes(body)
-
-
-class _Target:
-    """One checked hop: the link as given, and the same request pinned to the checked address."""
-
-    def __init__(self, url: httpx.URL, host: str, address: IPAddress) -> None:
-        self.url = url
-        self.host = host
-        self.ascii_host = url.raw_host.decode("ascii")
-        self.host_header = url.netloc.decode("ascii")  # host, or host:port when the link names a port
-        self.pinned = url.copy_with(host=str(address))
 
 
 def _host_of(url: str) -> str:

@@ -25,7 +25,8 @@ from bot.bootstrap import Core
 from bot.config import FetchConfig
 from bot.domain import JobKind, JobStatus
 from bot.errors import InvalidImage
-from bot.fetch import ImageFetcher, is_public_address, system_resolver
+from bot.fetch import ImageFetcher
+from bot.netguard import is_public_address, system_resolver
 from tests.conftest import alice, png_bytes
 
 CAT = png_bytes(64, 64, (10, 200, 30))
@@ -144,6 +145,8 @@ def victim_urls(port: int) -> list[str]:
         f"http://127.0.0.1:{port}/secret",
         f"http://[::1]:{port}/secret",
         f"http://[::ffff:127.0.0.1]:{port}/secret",
+        f"http://[64:ff9b::7f00:1]:{port}/secret",  # NAT64 of 127.0.0.1
+        f"http://[2002:7f00:1::]:{port}/secret",  # 6to4 of 127.0.0.1
         "http://10.0.0.7/admin",
         "http://169.254.169.254/latest/meta-data/",
         f"http://loop.test:{port}/secret",
