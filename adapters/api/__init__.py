@@ -1,0 +1,12 @@
+"""The HTTP API's routers, one module per resource; adapters/http.py composes them into the app.
+
+    jobs.py        POST/GET/DELETE /v1/jobs..., events, and the follow-ups (reroll, variations, upscale)
+    images.py      GET /v1/images/{sha256}
+    account.py     GET /v1/quota, /v1/models, /v1/help
+    operations.py  the web chat page, POST /v1/sessions, /healthz, /metrics
+    deps.py        what routes share through FastAPI's dependency injection: the Core, the API key
+    schemas.py     request and response bodies (also the OpenAPI schema)
+    parse.py       a request body → a chat command and input images
+    render.py      a Delivery → the JSON the API shows
+    errors.py      EaselError → status code and `{"code", "message"}`
+"""

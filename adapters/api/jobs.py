@@ -1,0 +1,168 @@
+"""Jobs and their follow-ups: queue, list, read, watch (server-sent events), cancel, reroll, vary, upscale.
+
+A job's JSON is always built from its Delivery (`core.deliveries`), so the core decides which images a
+route may show; a key sees only its own jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from adapters.api.deps import CoreDep, Key
+from adapters.api.errors import HttpError
+from adapters.api.parse import fingerprint, generation_text, read_job_request
+from adapters.api.render import base_url, event_data, job_out, quota_out
+from adapters.api.schemas import ERRORS, SUBMIT_ERRORS, IndexRequest, JobOut, JobRequest, SubmitOut
+from adapters.webhooks import check_webhook_target
+from bot.apikeys import PLATFORM, ApiKeyView
+from bot.bootstrap import Core
+from bot.delivery import Delivery
+from bot.domain import GenerateCommand, JobStatus
+from bot.errors import InvalidCommand, NotFound
+from bot.followups import reroll, upscale, variation
+from bot.views import JobView
+
+router = APIRouter()
+
+
+async def own_job(core: Core, key: ApiKeyView, job_id: str) -> JobView:
+    """A key sees only its own jobs; another key's job is as good as absent."""
+    job = await core.service.get_job(job_id)
+    if (job.platform, job.user_id) != (PLATFORM, key.public_id):
+        raise NotFound(f"No job with id {job_id!r} among this key's jobs")
+    return job
+
+
+def shown(core: Core, job: JobView) -> Delivery:
+    """What of `job` may be shown to its owner (bot/delivery.py decides)."""
+    return core.deliveries.of_job(job)
+
+
+async def with_position(core: Core, job: JobView) -> int | None:
+    return await core.service.position(job.id) if job.status is JobStatus.QUEUED else None
+
+
+# POST /v1/jobs reads its body itself (JSON or multipart, size-capped first), so the schema is declared here.
+JOB_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "command": {"type": "string"}, "image": {"type": "string", "format": "binary"},
+        "mask": {"type": "string", "format": "binary"}, "webhook_url": {"type": "string"},
+        "webhook_secret": {"type": "string"}},
+        "description": "the fields of the JSON body as form fields, images as files"}}}}}
+
+
+@router.post("/v1/jobs", tags=["jobs"], status_code=202, response_model=SubmitOut, responses=SUBMIT_ERRORS,
+             openapi_extra=JOB_BODY)
+async def submit_job(request: Request, core: CoreDep, key: Key, response: Response,
+                     dry_run: Annotated[bool, Query(description="validate and price only")] = False,
+                     idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
+    """Queue a job; answers 202 with its id and queue position. Retries with the same
+    `Idempotency-Key` get the same job back."""
+    settings = core.settings
+    body, inputs = await read_job_request(request, settings.limits.max_upload_bytes)
+    command = core.parser.parse(generation_text(body))
+    if not isinstance(command, GenerateCommand):
+        raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; see GET /v1/quota, "
+                             "GET /v1/jobs/{id}, DELETE /v1/jobs/{id} for the other commands")
+    if dry_run:
+        estimate = await core.service.estimate(key.requester(), command, inputs)
+        p = estimate.params
+        return JSONResponse({"valid": True, "cost_units": estimate.cost, "images": estimate.images,
+                             "position": estimate.position, "quota": quota_out(estimate.quota),
+                             "params": {"kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
+                                        "width": p.width, "height": p.height, "steps": p.steps,
+                                        "cfg": p.cfg, "n": p.n, "sampler": p.sampler, "model": p.model,
+                                        "seed": p.seed, "strength": p.strength}})
+    reply_to = {}
+    if body.webhook is not None:
+        await check_webhook_target(body.webhook.url, settings.http.allow_private_webhooks)
+        reply_to = {"webhook": body.webhook.model_dump()}
+    result = await core.service.submit(key.requester(reply_to), command, inputs,
+                                       idempotency_key=idempotency_key,
+                                       fingerprint=fingerprint(body, inputs))
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    base = base_url(core, request)
+    response.headers["Location"] = f"{base}/v1/jobs/{result.job.id}"
+    return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed}
+
+
+@router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut])
+async def list_jobs(request: Request, core: CoreDep, key: Key,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Any:
+    """This key's jobs, newest first."""
+    base = base_url(core, request)
+    return [job_out(shown(core, job), base) for job in await core.service.list_jobs(limit, key.requester())]
+
+
+@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+async def get_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
+    job = await own_job(core, key, job_id)
+    return job_out(shown(core, job), base_url(core, request), await with_position(core, job))
+
+
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
+    200: {"content": {"text/event-stream": {}}, "description": "queued, started, progress, then done, "
+          "failed or cancelled; the stream ends after the final event"}, **ERRORS})
+async def job_events(request: Request, core: CoreDep, key: Key, job_id: str,
+                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    job = await own_job(core, key, job_id)
+    base = base_url(core, request)
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+
+    async def stream() -> AsyncIterator[str]:
+        async for event in core.bus.watch(job.id):
+            if event.id > after:
+                # A final event shows the images: read them as they are now.
+                now = await core.service.get_job(job.id) if event.is_final else job
+                data = event_data(core.deliveries.of_event(event, now), base)
+                yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(data)}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+async def cancel_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
+    """Cancel a queued or running job (its quota is refunded). 409 if it already finished."""
+    job = await own_job(core, key, job_id)
+    if job.status.is_final:
+        raise HttpError(409, InvalidCommand.code, f"Job {job.id} already {job.status.value}; there is "
+                        "nothing to cancel")
+    return job_out(shown(core, await core.service.cancel(key.requester(), job.id)), base_url(core, request))
+
+
+# -- follow-ups: a new job made from one of the key's jobs ---------------------------------------------
+
+
+async def follow_up(request: Request, core: Core, key: ApiKeyView, job_id: str, make: Any, *args: Any) -> Any:
+    job = await own_job(core, key, job_id)
+    result = await make(core.service, key.requester(), job.id, *args)
+    return {**job_out(shown(core, result.job), base_url(core, request), result.position), "replayed": False}
+
+
+@router.post("/v1/jobs/{job_id}/reroll", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
+             responses=ERRORS)
+async def reroll_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
+    """The same job again with a new seed."""
+    return await follow_up(request, core, key, job_id, reroll)
+
+
+@router.post("/v1/jobs/{job_id}/variations", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
+             responses=ERRORS)
+async def variations_of(request: Request, core: CoreDep, key: Key, job_id: str, body: IndexRequest) -> Any:
+    """New images close to image `index` of the job (img2img)."""
+    return await follow_up(request, core, key, job_id, variation, body.index)
+
+
+@router.post("/v1/jobs/{job_id}/upscale", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
+             responses=ERRORS)
+async def upscale_image(request: Request, core: CoreDep, key: Key, job_id: str, body: IndexRequest) -> Any:
+    """Image `index` of the job at twice the size (within the limits)."""
+    return await follow_up(request, core, key, job_id, upscale, body.index)
