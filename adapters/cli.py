@@ -186,9 +186,7 @@ async def _job(core: Core, args: argparse.Namespace) -> int:
 
 
 async def _apikey(core: Core, args: argparse.Namespace) -> int:
-    from bot.apikeys import ApiKeys
-
-    token, key = await ApiKeys(core.db).create(args.name, daily_images=args.quota)
+    token, key = await core.apikeys.create(args.name, daily_images=args.quota)
     quota = f"{args.quota} images a day" if args.quota is not None else "the default daily quota"
     print(f"API key {key.public_id} ({key.name}, {quota}). Send it as `Authorization: Bearer <key>`; "
           "it is shown only this once:", file=sys.stderr)

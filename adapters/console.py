@@ -30,7 +30,6 @@ from bot.domain import (
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
 from bot.events import EventKind
-from bot.moderation import Moderation
 from bot.policy import describe_quota
 from bot.views import JobView
 
@@ -105,7 +104,7 @@ class ConsoleChat:
         if isinstance(command, QuotaCommand):
             self.say(describe_quota(await self.core.service.quota(self.requester, command.command)))
         elif isinstance(command, AppealCommand | ModCommand):
-            self.say(await Moderation(self.core.service).handle(self.requester, command))
+            self.say(await self.core.moderation.handle(self.requester, command))
         elif isinstance(command, JobCommand):
             self.say(describe_job(self.core.deliveries.of_job(await self.core.service.get_job(command.job_id))))
         elif isinstance(command, CancelCommand):

@@ -54,7 +54,6 @@ from bot.errors import ConfigError, EaselError
 from bot.events import EventKind
 from bot.grammar import COMMANDS, split_command
 from bot.idempotency import earlier_job
-from bot.moderation import Moderation
 from bot.policy import describe_quota
 from bot.views import JobView
 
@@ -197,7 +196,7 @@ class TelegramAdapter:
             elif isinstance(command, QuotaCommand):
                 await self._say(message, describe_quota(await self.core.service.quota(requester, command.command)))
             elif isinstance(command, AppealCommand | ModCommand):
-                await self._say(message, await Moderation(self.core.service).handle(requester, command))
+                await self._say(message, await self.core.moderation.handle(requester, command))
             elif isinstance(command, JobCommand):
                 await self._say(message, render.describe_job(self.core.deliveries.of_job(
                     await self.core.service.get_job(command.job_id))))

@@ -6,7 +6,7 @@ token is stored: a token is 32 random bytes, so a plain hash cannot be reversed,
 its hash needs no secret comparison.
 
 Example:
-    keys = ApiKeys(core.db)
+    keys = core.apikeys                                               # built once by bot.bootstrap
     token, key = await keys.create("support-bot", daily_images=500)   # show `token` once
     key = await keys.authenticate(token)                              # or raises Unauthorized
     requester = key.requester()
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 
+from bot.clock import utcnow
 from bot.database import Database
 from bot.domain import Requester
 from bot.errors import InvalidCommand, Unauthorized
@@ -52,6 +54,7 @@ class ApiKeyView:
 @dataclass
 class ApiKeys:
     db: Database
+    clock: Callable[[], datetime] = utcnow  # bootstrap gives the core's one clock
 
     async def create(self, name: str, *, daily_images: int | None = None, kind: str = "api") -> tuple[str, ApiKeyView]:
         """Make a key and its user. Returns the token (shown once, never stored) and the key."""
@@ -64,7 +67,7 @@ class ApiKeys:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         public_id = "key_" + secrets.token_hex(6)
-        now = datetime.now(UTC)
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
             user = User(platform=PLATFORM, platform_user_id=public_id, display_name=name[:128], role="user",
                         daily_images_limit=daily_images, created_at=now)

@@ -1,8 +1,14 @@
 """The composition root: one place that builds Easel's core from settings.
 
 `easel serve`, every other command, the tests and the benchmarks all start here, so they run the
-same wiring. The generation worker (generation/worker.py) and the adapters are built on top of the
-`Core` this returns; nothing in bot/ imports them.
+same wiring. Every service is built here, once, and handed what it uses (the one clock, the policy,
+the prompt check); no service builds another. The generation worker (generation/worker.py) and the
+adapters are given the `Core` this returns; nothing in bot/ imports them.
+
+Example:
+    core = await open_core(load_settings())
+    result = await core.service.submit(requester, core.parser.parse("/imagine a lighthouse"))
+    answer = await core.moderation.handle(moderator, core.parser.parse("/mod appeals"))
 """
 
 from __future__ import annotations
@@ -10,12 +16,18 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from bot.apikeys import ApiKeys
+from bot.clock import Clock
 from bot.config import Settings
 from bot.database import Database, upgrade_database
 from bot.delivery import Deliveries
 from bot.events import EventBus
+from bot.fetch import ImageFetcher
 from bot.grammar import CommandParser
+from bot.moderation import Moderation
+from bot.policy import Policy
 from bot.queue import JobQueue
+from bot.safety import PromptCheck
 from bot.service import JobService
 from bot.store import ImageStore
 
@@ -23,11 +35,16 @@ from bot.store import ImageStore
 @dataclass
 class Core:
     settings: Settings
+    clock: Clock  # the one the service, moderation, API keys and events read; tests `set` it
     db: Database
     store: ImageStore
     bus: EventBus
     parser: CommandParser
+    policy: Policy
+    prompt_check: PromptCheck
     service: JobService
+    moderation: Moderation  # /mod and /appeal
+    apikeys: ApiKeys
     queue: JobQueue
     deliveries: Deliveries  # what each surface may show of a job (bot/delivery.py)
 
@@ -41,16 +58,27 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     if migrate:
         # Alembic drives its own event loop (alembic/env.py), so it runs in a thread of its own.
         await asyncio.to_thread(upgrade_database, settings.database_url)
+    prompt_check = PromptCheck.from_settings(settings.safety)  # first: a model that will not load opens nothing
+    clock = Clock()
     db = Database(settings.database_url, settings.database.busy_timeout_ms)
     store = ImageStore(settings.storage.data_dir / "images")
-    bus = EventBus(db)
+    bus = EventBus(db, clock=clock)
+    policy = Policy(settings)
+    service = JobService(settings, db, store, bus, policy=policy, prompt_check=prompt_check,
+                         fetcher=ImageFetcher(settings.fetch), clock=clock)
     return Core(
         settings=settings,
+        clock=clock,
         db=db,
         store=store,
         bus=bus,
         parser=CommandParser.from_settings(settings),
-        service=JobService(settings, db, store, bus),
+        policy=policy,
+        prompt_check=prompt_check,
+        service=service,
+        moderation=Moderation(settings, db, policy, bus, clock),
+        apikeys=ApiKeys(db, clock),
         queue=JobQueue(settings, db, store, bus),
         deliveries=Deliveries(settings),
     )
+

@@ -22,6 +22,7 @@ from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from bot.errors import ConfigError
+from bot.repositories import JobRepository, UserRepository
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 AUTOCHECKPOINT_PAGES = 10_000  # SQLite checks this itself only if the background checkpoints fall behind
@@ -114,36 +115,58 @@ class Database:
 
 
 class UnitOfWork:
-    """One transaction. Nothing is saved unless `commit()` is called; leaving the block rolls back.
+    """One transaction, with the repositories services look things up in (`users`, `jobs`). Nothing is
+    saved unless `commit()` is called; leaving the block rolls back.
+
+    Hooks registered with `after_commit` (the event bus's wake-up for the jobs it staged events for)
+    run after a commit succeeds, never after a rollback.
 
     Example:
         async with db.unit_of_work() as uow:
-            uow.session.add(job)
-            await uow.commit()
+            job = await uow.jobs.get("k7mq2x9a")
+            bus.stage(uow, job, EventKind.CANCELLED)
+            await uow.commit()   # saves the change and the event, then wakes the job's watchers
     """
+
+    users: UserRepository
+    jobs: JobRepository
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession],
                  on_commit: Callable[[], None] | None = None) -> None:
         self._session_factory = session_factory
         self._on_commit = on_commit
+        self._after_commit: dict[Callable[[list[str]], None], list[str]] = {}
         self.session: AsyncSession
 
     async def __aenter__(self) -> UnitOfWork:
         self.session = self._session_factory()
+        self.users = UserRepository(self.session)
+        self.jobs = JobRepository(self.session)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._after_commit.clear()  # what was not committed must not be announced
         try:
             await self.session.rollback()
         finally:
             await self.session.close()
 
+    def after_commit(self, hook: Callable[[list[str]], None], job_id: str) -> None:
+        """Call `hook` once after the next successful commit, with every job id given for it (in order,
+        without repeats)."""
+        job_ids = self._after_commit.setdefault(hook, [])
+        if job_id not in job_ids:
+            job_ids.append(job_id)
+
     async def commit(self) -> None:
         await self.session.commit()
         if self._on_commit is not None:
             self._on_commit()
+        hooks, self._after_commit = self._after_commit, {}
+        for hook, job_ids in hooks.items():
+            hook(job_ids)
 
 
 def alembic_config(url: str) -> Any:

@@ -2,8 +2,9 @@
 
 The worker stages an event in the same transaction as the state change it describes (`stage`), so an
 event exists exactly when the change does. Readers (`watch`, `follow`) read the table in id order. A
-reader in the same process as the writer is woken at once by `notify`; one in another process (the
-worker on a GPU host, the bot elsewhere) finds new rows on its next poll.
+reader in the same process as the writer is woken at once by `notify`, which the unit of work calls
+itself when it commits staged events; one in another process (the worker on a GPU host, the bot
+elsewhere) finds new rows on its next poll.
 
 `notify` names the jobs that changed, and wakes only the watchers of those jobs (plus every platform
 follower and the idle worker): with many users watching their own jobs, one job's progress costs one
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select
 
+from bot.clock import utcnow
 from bot.database import Database, UnitOfWork
 from bot.models import Job, JobEvent
 
@@ -77,20 +79,24 @@ def _to_event(row: JobEvent) -> Event:
 
 
 class EventBus:
-    def __init__(self, db: Database, poll_interval_s: float = 0.25) -> None:
+    def __init__(self, db: Database, poll_interval_s: float = 0.25, *,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self._db = db
+        self.clock = clock  # the events' created_at
         self.poll_interval_s = poll_interval_s  # how often a reader looks for other processes' events
         self._changed = asyncio.Event()  # set (and replaced) on every notify
         self._job_wake_ups: dict[str, set[asyncio.Event]] = {}  # each waiting watcher's, by job id
 
-    @staticmethod
-    def stage(uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
-        """Add an event to the unit of work; it is published when (and only if) that commits."""
+    def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
+        """Add an event to the unit of work; it is published when (and only if) that commits: the
+        commit then notifies this process's readers of the job."""
         uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=str(kind), payload=payload or {},
-                                 created_at=datetime.now(UTC)))
+                                 created_at=self.clock()))
+        uow.after_commit(self.notify, job.id)
 
     def notify(self, job_ids: Iterable[str]) -> None:
-        """Wake readers in this process; call after committing events staged for `job_ids`."""
+        """Wake readers in this process of `job_ids` (and every platform follower). A unit of work calls
+        this when it commits events `stage`d on it; a second call for the same change is harmless."""
         self._changed.set()
         self._changed = asyncio.Event()
         for job_id in job_ids:

@@ -12,20 +12,13 @@ Example:
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from bot.domain import Requester
-from bot.models import IdempotencyKey, Job, User
 from bot.service import JobService
 from bot.views import JobView, job_view
 
 
 async def earlier_job(service: JobService, requester: Requester, key: str) -> JobView | None:
     """The job an earlier submit by this requester with this idempotency key queued, or None."""
-    query = (select(Job).join(IdempotencyKey, IdempotencyKey.job_id == Job.id)
-             .join(User, User.id == IdempotencyKey.user_id)
-             .where(User.platform == requester.platform, User.platform_user_id == requester.user_id,
-                    IdempotencyKey.key == key))
     async with service.db.unit_of_work(write=False) as uow:
-        job = (await uow.session.scalars(query)).unique().first()
+        job = await uow.jobs.for_idempotency_key(requester.platform, requester.user_id, key)
         return job_view(job, service.store.path_of) if job is not None else None

@@ -1,7 +1,6 @@
 """/mod and /appeal: the same moderator tools on every platform, answered as plain text.
 
-    moderation = Moderation(core.service)
-    reply = await moderation.handle(requester, core.parser.parse("/mod ban 1234 7d spam"))
+    reply = await core.moderation.handle(requester, core.parser.parse("/mod ban 1234 7d spam"))
 
 Who may moderate: the owners in `moderation.owner_ids` ("platform:user_id"), on every platform, and
 users the platform itself calls moderators (`Requester.is_platform_moderator`: Discord roles or
@@ -16,12 +15,13 @@ so `/mod flags USER` tells a user's whole story.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.database import UnitOfWork
+from bot.config import Settings
+from bot.database import Database, UnitOfWork
 from bot.delivery import RELEASED_FLAG
 from bot.domain import (
     AppealCommand,
@@ -35,10 +35,9 @@ from bot.domain import (
     Requester,
 )
 from bot.errors import InvalidCommand, NotFound, Refused
-from bot.events import EventKind
-from bot.models import Appeal, Job, QuotaGrant, SafetyFlag, User
+from bot.events import EventBus, EventKind
+from bot.models import Appeal, QuotaGrant, SafetyFlag, User
 from bot.policy import PERMANENT, Policy, describe_quota, units, user_key, when
-from bot.service import JobService
 
 _MENTION = re.compile(r"<@!?(\d+)>")
 _PLATFORM_ID = re.compile(r"([a-z][a-z0-9_-]{0,31}):(\S+)")
@@ -46,13 +45,16 @@ LIST_LIMIT = 20
 
 
 class Moderation:
-    """Answers /mod and /appeal commands. Uses the job service's database, policy and clock."""
+    """Answers /mod and /appeal commands. Built once by `bot.bootstrap.open_core`, sharing the job
+    service's policy, event bus and clock."""
 
-    def __init__(self, service: JobService) -> None:
-        self.service = service
-        self.db = service.db
-        self.policy: Policy = service.policy
-        self.settings = service.settings
+    def __init__(self, settings: Settings, db: Database, policy: Policy, bus: EventBus,
+                 clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.db = db
+        self.policy = policy
+        self.bus = bus
+        self.clock = clock
 
     async def handle(self, requester: Requester, command: Command) -> str:
         """The text to show the requester. Raises an EaselError (a one-line refusal) like the service."""
@@ -91,14 +93,13 @@ class Moderation:
         """The platform whose records a moderator sees: None (all) for owners."""
         return None if self.policy.is_owner(requester.platform, requester.user_id) else requester.platform
 
-    async def _user(self, session: AsyncSession, platform: str, user_id: str, *, create: bool = False) -> User:
-        user = await session.scalar(select(User).where(User.platform == platform,
-                                                       User.platform_user_id == user_id))
-        if user is None and create:
-            user = User(platform=platform, platform_user_id=user_id, display_name="", role="user",
-                        created_at=self.service.clock())
-            session.add(user)
-            await session.flush()
+    @staticmethod
+    async def _user(uow: UnitOfWork, platform: str, user_id: str, *, create_at: datetime | None = None) -> User:
+        """The user; made at `create_at` if new and that is given (a moderator may act on someone who
+        never used Easel), else NotFound."""
+        if create_at is not None:
+            return await uow.users.get_or_create(platform, user_id, now=create_at)
+        user = await uow.users.get_by_platform(platform, user_id)
         if user is None:
             raise NotFound(f"{platform}:{user_id} has never used Easel")
         return user
@@ -130,15 +131,15 @@ class Moderation:
             raise Refused(f"{platform}:{user_id} is an owner (moderation.owner_ids) and cannot be banned")
         if (platform, user_id) == (requester.platform, requester.user_id):
             raise Refused("you cannot ban yourself")
-        now = self.service.clock()
+        now = self.clock()
         if command.forever:
             until = PERMANENT
         else:
             until = now + (command.duration or timedelta(hours=self.settings.moderation.default_ban_hours))
         reason = command.reason or "banned by a moderator"
         async with self.db.unit_of_work() as uow:
-            user = await self._user(uow.session, platform, user_id, create=True)
-            await self.policy.ban(uow.session, user, until, reason, now, source="moderator",
+            user = await self._user(uow, platform, user_id, create_at=now)
+            await self.policy.ban(uow, user, until, reason, now, source="moderator",
                                   actor=user_key(requester.platform, requester.user_id))
             await uow.commit()
             who = _who(user)
@@ -147,29 +148,29 @@ class Moderation:
 
     async def unban(self, requester: Requester, command: ModUnbanCommand) -> str:
         platform, user_id = self._target(requester, command.user)
-        now = self.service.clock()
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
-            user = await self._user(uow.session, platform, user_id)
+            user = await self._user(uow, platform, user_id)
             if user.banned_until is None or user.banned_until <= now:
                 raise InvalidCommand(f"{_who(user)} is not banned")
-            await self._lift_ban(uow.session, user, now, requester, "unbanned by a moderator")
+            await self._lift_ban(uow, user, now, requester, "unbanned by a moderator")
             await uow.commit()
             return f"Unbanned {_who(user)}."
 
-    async def _lift_ban(self, session: AsyncSession, user: User, now: datetime, requester: Requester, why: str) -> None:
+    async def _lift_ban(self, uow: UnitOfWork, user: User, now: datetime, requester: Requester, why: str) -> None:
         user.banned_until = None
         user.ban_reason = None
-        await self.policy.record(session, user, subject="user", category="moderation", reason_code="moderator",
+        await self.policy.record(uow, user, subject="user", category="moderation", reason_code="moderator",
                                  source="moderator", action="unban", now=now, detail=why,
                                  actor=user_key(requester.platform, requester.user_id))
 
     async def quota(self, requester: Requester, command: ModQuotaCommand) -> str:
         platform, user_id = self._target(requester, command.user)
-        now = self.service.clock()
+        now = self.clock()
         actor = user_key(requester.platform, requester.user_id)
         async with self.db.unit_of_work() as uow:
-            user = await self._user(uow.session, platform, user_id, create=command.tier is not None
-                                    or command.grant_units is not None)
+            changes = command.tier is not None or command.grant_units is not None
+            user = await self._user(uow, platform, user_id, create_at=now if changes else None)
             done = ""
             if command.tier is not None:
                 tiers = self.settings.quota.tiers
@@ -179,7 +180,7 @@ class Moderation:
                                          "moderation.owner_ids)")
                 user.role = command.tier
                 done = f"Tier set to {command.tier}. "
-                await self.policy.record(uow.session, user, subject="user", category="moderation",
+                await self.policy.record(uow, user, subject="user", category="moderation",
                                          reason_code="tier", source="moderator", action="quota", now=now,
                                          detail=f"tier {command.tier}", actor=actor)
             if command.grant_units is not None:
@@ -190,11 +191,11 @@ class Moderation:
                 else:
                     grant.extra_milli += extra
                 done += f"Granted {units(extra)} extra units for today. "
-                await self.policy.record(uow.session, user, subject="user", category="moderation",
+                await self.policy.record(uow, user, subject="user", category="moderation",
                                          reason_code="grant", source="moderator", action="quota", now=now,
                                          detail=f"+{units(extra)} units on {now:%Y-%m-%d}", actor=actor)
             await uow.session.flush()
-            status = await self.policy.status(uow.session, user, Requester(platform, user_id), now)
+            status = await self.policy.status(uow, user, Requester(platform, user_id), now)
             await uow.commit()
             return f"{done}{_who(user)}: {describe_quota(status, now)}"
 
@@ -213,7 +214,7 @@ class Moderation:
             return "\n".join(lines)
 
     async def resolve(self, requester: Requester, command: ModResolveCommand) -> str:
-        now = self.service.clock()
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
             appeal = await uow.session.get(Appeal, command.appeal_id)
             if appeal is None:
@@ -227,7 +228,7 @@ class Moderation:
             effect = ""
             if command.accept and appeal.job_id is None and appeal.flag_id is None:  # a ban appeal
                 if appeal.user.banned_until is not None and appeal.user.banned_until > now:
-                    await self._lift_ban(uow.session, appeal.user, now, requester, f"appeal #{appeal.id} accepted")
+                    await self._lift_ban(uow, appeal.user, now, requester, f"appeal #{appeal.id} accepted")
                     effect = " The ban is lifted."
             elif command.accept:
                 effect = " Its strike no longer counts."
@@ -235,19 +236,17 @@ class Moderation:
                 if released:
                     effect += (f" Image(s) {', '.join(str(i + 1) for i in released)} of job {appeal.job_id} are "
                                "released and sent to their owner.")
-            await self.policy.record(uow.session, appeal.user, subject=f"appeal:{appeal.id}", category="moderation",
+            await self.policy.record(uow, appeal.user, subject=f"appeal:{appeal.id}", category="moderation",
                                      reason_code="appeal", source="moderator", action=f"appeal_{appeal.status}",
                                      now=now, job_id=appeal.job_id, detail=command.note or None,
                                      actor=appeal.resolved_by)
-            await uow.commit()
-        if appeal.job_id:
-            self.service.bus.notify([appeal.job_id])
-        return f"Appeal #{appeal.id} by {_who(appeal.user)} {appeal.status}.{effect}"
+            await uow.commit()  # also wakes the watchers of a job whose images it released
+            return f"Appeal #{appeal.id} by {_who(appeal.user)} {appeal.status}.{effect}"
 
     async def _release_images(self, uow: UnitOfWork, job_id: str) -> list[int]:
         """An accepted appeal about a job: its withheld images may be shown now (a moderator looked at
         them). Their flags become CATEGORY:released, and a `released` event sends them to the owner."""
-        job = await uow.session.scalar(select(Job).where(Job.id == job_id))
+        job = await uow.jobs.find(job_id)
         if job is None:
             return []
         released = []
@@ -257,7 +256,7 @@ class Moderation:
                                       if flag.endswith(":withhold") else flag for flag in image.safety_flags]
                 released.append(image.index)
         if released:
-            self.service.bus.stage(uow, job, EventKind.RELEASED, {"indexes": released})
+            self.bus.stage(uow, job, EventKind.RELEASED, {"indexes": released})
         return released
 
     # -- /appeal -------------------------------------------------------------------------------------
@@ -265,10 +264,9 @@ class Moderation:
     async def appeal(self, requester: Requester, command: AppealCommand) -> str:
         """Anyone, banned users included, may appeal a withheld image (job id), a refused prompt (fNN
         from the refusal) or their ban."""
-        now = self.service.clock()
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
-            user = await uow.session.scalar(select(User).where(User.platform == requester.platform,
-                                                               User.platform_user_id == requester.user_id))
+            user = await uow.users.get_by_platform(requester.platform, requester.user_id)
             if user is None:
                 raise NotFound("You have nothing to appeal: no job, refusal or ban of yours is on record")
             appeal = Appeal(user_id=user.id, text=command.text, status="open", created_at=now)
@@ -282,7 +280,7 @@ class Moderation:
                     raise NotFound(f"No safety flag {command.subject} of yours; the refusal message names it")
                 appeal.flag_id, same = flag.id, Appeal.flag_id == flag.id
             else:
-                job = await uow.session.scalar(select(Job).where(Job.id == command.subject))
+                job = await uow.jobs.find(command.subject)
                 if job is None or job.user_id != user.id:
                     raise NotFound(f"No job {command.subject!r} of yours; give the id from the job's reply")
                 appeal.job_id, same = job.id, Appeal.job_id == job.id

@@ -19,11 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from types import SimpleNamespace
+from typing import cast
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaTier, Settings
+from bot.database import UnitOfWork
 from bot.domain import GenerationParams, JobKind, JobStatus, Requester
 from bot.errors import QueueFull, QuotaExceeded, Refused
 from bot.models import Appeal, Job, QuotaGrant, SafetyFlag, User
@@ -102,7 +105,8 @@ class Usage:
 
 
 class Policy:
-    """Decisions the job service and the moderators share. Methods take the unit of work's session."""
+    """Decisions the job service and the moderators share. Methods take the caller's unit of work: a
+    check and the change it allows happen in one transaction."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -136,71 +140,73 @@ class Policy:
             raise Refused(f"You are banned {when(user.banned_until, now)}.{reason} "
                           "If you think this is a mistake: /appeal ban <why>")
 
-    async def record(self, session: AsyncSession, user: User, *, subject: str, category: str,
+    async def record(self, uow: UnitOfWork | AsyncSession, user: User, *, subject: str, category: str,
                      reason_code: str, source: str, action: str, now: datetime, job_id: str | None = None,
                      detail: str | None = None, actor: str | None = None) -> SafetyFlag:
         """Write one safety decision (flushed, so it has an id)."""
+        uow = _unit_of_work(uow)
         flag = SafetyFlag(user_id=user.id, job_id=job_id, subject=subject[:128], category=category[:64],
                           reason_code=reason_code[:64], source=source, action=action, created_at=now,
                           detail=detail[:2000] if detail else None, actor=actor)
-        session.add(flag)
-        await session.flush()
+        uow.session.add(flag)
+        await uow.session.flush()
         return flag
 
-    async def ban(self, session: AsyncSession, user: User, until: datetime, reason: str, now: datetime, *,
+    async def ban(self, uow: UnitOfWork, user: User, until: datetime, reason: str, now: datetime, *,
                   source: str, actor: str | None = None) -> None:
         user.banned_until = until
         user.ban_reason = reason
-        await self.record(session, user, subject="user", category="moderation", reason_code=source,
+        await self.record(uow, user, subject="user", category="moderation", reason_code=source,
                           source=source, action="ban", now=now, actor=actor,
                           detail=f"{reason} ({when(until, now)})")
 
-    async def strike(self, session: AsyncSession, user: User, now: datetime) -> str:
+    async def strike(self, uow: UnitOfWork | AsyncSession, user: User, now: datetime) -> str:
         """Count the user's strikes after a new one was recorded; ban at the configured number.
         Returns the sentence that tells the user where they stand."""
+        uow = _unit_of_work(uow)
         config = self.settings.moderation
         if config.strikes_to_ban == 0:
             return ""
-        count = await self.strike_count(session, user, now)
+        count = await self.strike_count(uow, user, now)
         window = humanize(timedelta(hours=config.strike_window_hours))
         length = timedelta(hours=config.strike_ban_hours)
         if count < config.strikes_to_ban:
             return (f" This is strike {count} of {config.strikes_to_ban} within {window}; at "
                     f"{config.strikes_to_ban} you are banned for {humanize(length)}.")
         reason = f"{count} refused requests within {window}"
-        await self.ban(session, user, now + length, reason, now, source="strikes")
+        await self.ban(uow, user, now + length, reason, now, source="strikes")
         return f" That is strike {count} of {config.strikes_to_ban} within {window}, so you are banned " \
                f"for {humanize(length)}, {when(now + length, now)}."
 
-    async def strike_count(self, session: AsyncSession, user: User, now: datetime) -> int:
+    async def strike_count(self, uow: UnitOfWork, user: User, now: datetime) -> int:
         """Strikes in the window, since the last ban, leaving out those a moderator accepted an appeal for."""
         config = self.settings.moderation
         since = now - timedelta(hours=config.strike_window_hours)
-        last_ban = await session.scalar(select(func.max(SafetyFlag.created_at)).where(
+        last_ban = await uow.session.scalar(select(func.max(SafetyFlag.created_at)).where(
             SafetyFlag.user_id == user.id, SafetyFlag.action == "ban"))
         if last_ban is not None and last_ban > since:
             since = last_ban
         accepted = select(Appeal).where(Appeal.status == "accepted", Appeal.user_id == user.id)
         voided_flags = accepted.with_only_columns(Appeal.flag_id).where(Appeal.flag_id.is_not(None))
         voided_jobs = accepted.with_only_columns(Appeal.job_id).where(Appeal.job_id.is_not(None))
-        return await session.scalar(select(func.count()).select_from(SafetyFlag).where(
+        return await uow.session.scalar(select(func.count()).select_from(SafetyFlag).where(
             SafetyFlag.user_id == user.id, SafetyFlag.action.in_(config.strike_actions),
             SafetyFlag.created_at > since, SafetyFlag.id.not_in(voided_flags),
             or_(SafetyFlag.job_id.is_(None), SafetyFlag.job_id.not_in(voided_jobs)))) or 0
 
     # -- the queue -----------------------------------------------------------------------------------
 
-    async def check_queue_room(self, session: AsyncSession, params: GenerationParams, now: datetime, *,
+    async def check_queue_room(self, uow: UnitOfWork, params: GenerationParams, now: datetime, *,
                                mine: int, waiting: int) -> None:
         """Per-user concurrency, the global queue cap ("busy") and the busy size cap, given the user's
-        unfinished jobs (`mine`) and all waiting jobs (`waiting`), as `service.queue_load` counts them."""
+        unfinished jobs (`mine`) and all waiting jobs (`waiting`), as `uow.jobs.queue_load` counts them."""
         cap = self.settings.queue.max_queued_per_user
         if mine >= cap:
             raise QueueFull(f"You already have {mine} jobs waiting or running (the limit is {cap}); "
                             "wait for one to finish or /cancel one")
         total_cap = self.settings.quota.max_queued_total
         if total_cap and waiting >= total_cap:
-            lifts = await self._lift_estimate(session, waiting - total_cap + 1, now)
+            lifts = await self._lift_estimate(uow, waiting - total_cap + 1, now)
             raise QueueFull(f"Easel is busy: {waiting} jobs are waiting, the most it takes at once "
                             f"(quota.max_queued_total). Try again {lifts}.")
         caps = [c for c in self.settings.quota.busy_size_caps if waiting >= c.queued_jobs]
@@ -214,9 +220,9 @@ class Policy:
                     f"Use a smaller --size or --ar, or try again when fewer than {tightest.queued_jobs} "
                     "jobs are waiting.")
 
-    async def _lift_estimate(self, session: AsyncSession, jobs_to_finish: int, now: datetime) -> str:
+    async def _lift_estimate(self, uow: UnitOfWork, jobs_to_finish: int, now: datetime) -> str:
         """'in about N min' from how fast jobs finished in the last 15 minutes, when that is known."""
-        finished = await session.scalar(select(func.count()).select_from(Job).where(
+        finished = await uow.session.scalar(select(func.count()).select_from(Job).where(
             Job.finished_at > now - timedelta(minutes=15))) or 0
         if not finished:
             return "in a few minutes, when some of them have finished"
@@ -224,20 +230,20 @@ class Policy:
 
     # -- quota ---------------------------------------------------------------------------------------
 
-    async def usage(self, session: AsyncSession, user: User, now: datetime) -> Usage:
+    async def usage(self, uow: UnitOfWork, user: User, now: datetime) -> Usage:
         charged = and_(Job.user_id == user.id, Job.status.in_(CHARGED))
         day = start_of_day(now)
-        daily_milli, daily_images, reserved = (await session.execute(select(
+        daily_milli, daily_images, reserved = (await uow.session.execute(select(
             func.coalesce(func.sum(Job.cost_milli), 0), func.coalesce(func.sum(Job.n), 0),
             func.coalesce(func.sum(Job.cost_milli).filter(Job.status != JobStatus.SUCCEEDED.value), 0),
         ).where(charged, Job.created_at >= day))).one()
-        minute = (await session.execute(select(Job.created_at, Job.cost_milli).where(
+        minute = (await uow.session.execute(select(Job.created_at, Job.cost_milli).where(
             charged, Job.created_at > now - MINUTE).order_by(Job.created_at))).all()
         return Usage(int(daily_milli), int(daily_images), int(reserved), [(t, c) for t, c in minute])
 
-    async def daily_limit_milli(self, session: AsyncSession, user: User, tier: QuotaTier,
+    async def daily_limit_milli(self, uow: UnitOfWork, user: User, tier: QuotaTier,
                                 now: datetime) -> float:
-        extra = await session.scalar(select(QuotaGrant.extra_milli).where(
+        extra = await uow.session.scalar(select(QuotaGrant.extra_milli).where(
             QuotaGrant.user_id == user.id, QuotaGrant.day == now.date())) or 0
         return tier.daily_units * 1000 + extra
 
@@ -246,17 +252,17 @@ class Policy:
         return user.daily_images_limit if user.daily_images_limit is not None \
             else self.settings.queue.daily_images_per_user
 
-    async def reserve(self, session: AsyncSession, user: User, requester: Requester,
+    async def reserve(self, uow: UnitOfWork, user: User, requester: Requester,
                       params: GenerationParams, now: datetime) -> int:
         """Check every window for this job's cost; return the charge to store on the job (which is
         the reservation). Raises QuotaExceeded naming the window and when it lifts."""
         # Lock the user's row: concurrent submissions of one user then check and charge one at a time.
         # (SQLite has no row locks; its BEGIN IMMEDIATE already lets one writer in at a time.)
-        if session.get_bind().dialect.name != "sqlite":
-            await session.execute(select(User.id).where(User.id == user.id).with_for_update())
-        return await self.check_quota(session, user, requester, params, now)
+        if uow.session.get_bind().dialect.name != "sqlite":
+            await uow.session.execute(select(User.id).where(User.id == user.id).with_for_update())
+        return await self.check_quota(uow, user, requester, params, now)
 
-    async def check_quota(self, session: AsyncSession, user: User | None, requester: Requester,
+    async def check_quota(self, uow: UnitOfWork, user: User | None, requester: Requester,
                           params: GenerationParams, now: datetime) -> int:
         """`reserve` without the lock, for dry runs (`user` None: someone new). Returns the cost."""
         if user is None:
@@ -264,10 +270,10 @@ class Policy:
         cost = cost_milli(params)
         name = self.tier_name(user, requester)
         tier = self.tier(name)
-        usage = await self.usage(session, user, now) if user.id is not None else Usage(0, 0, 0, [])
+        usage = await self.usage(uow, user, now) if user.id is not None else Usage(0, 0, 0, [])
         too_big = (f"this job alone costs {units_of(cost)}, more than the whole window; make it smaller "
                    "(fewer --n, a smaller --size, fewer --steps)")
-        daily = await self.daily_limit_milli(session, user, tier, now) if user.id is not None \
+        daily = await self.daily_limit_milli(uow, user, tier, now) if user.id is not None \
             else tier.daily_units * 1000
         if usage.daily_milli + cost > daily:
             lifts = next_midnight(now)
@@ -294,15 +300,15 @@ class Policy:
                 f"job needs {params.n}. It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}).")
         return cost
 
-    async def status(self, session: AsyncSession, user: User | None, requester: Requester,
+    async def status(self, uow: UnitOfWork, user: User | None, requester: Requester,
                      now: datetime, params: GenerationParams | None = None) -> QuotaStatus:
         """What /quota shows. `user` is None for someone who never submitted anything."""
         if user is None:  # a newcomer: nothing used, no grants, the default tier
             user = User(platform=requester.platform, platform_user_id=requester.user_id, role="user")
             usage, daily = Usage(0, 0, 0, []), None
         else:
-            usage = await self.usage(session, user, now)
-            daily = await self.daily_limit_milli(session, user, self.tier(self.tier_name(user, requester)), now)
+            usage = await self.usage(uow, user, now)
+            daily = await self.daily_limit_milli(uow, user, self.tier(self.tier_name(user, requester)), now)
         name = self.tier_name(user, requester)
         tier = self.tier(name)
         daily = tier.daily_units * 1000 if daily is None else daily
@@ -315,6 +321,14 @@ class Policy:
             cost=cost_milli(params) / 1000 if params is not None else None,
             cost_of=_described_params(params) if params is not None else "",
         )
+
+
+def _unit_of_work(uow: UnitOfWork | AsyncSession) -> UnitOfWork:
+    """For bot/queue.py, which still passes `uow.session` to `record` and `strike`; remove once it
+    passes its unit of work (Policy reads only `uow.session`)."""
+    if isinstance(uow, AsyncSession):
+        return cast(UnitOfWork, SimpleNamespace(session=uow))
+    return uow
 
 
 def _minute_lifts_at(usage: Usage, cost: int, limit: float, now: datetime) -> datetime:

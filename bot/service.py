@@ -13,13 +13,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select
 
+from bot.clock import utcnow as utcnow  # bot/queue.py, bot/metrics.py and generation/worker.py import it here
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
@@ -34,7 +33,6 @@ from bot.safety import Decision, PromptCheck
 from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
-UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 MAX_SEED = 2**32 - 1
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
@@ -42,10 +40,6 @@ _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
 def new_job_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -67,15 +61,18 @@ class Estimate:
 
 
 class JobService:
-    def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus) -> None:
+    """Built once by `bot.bootstrap.open_core`, with the policy, prompt check, fetcher and clock it shares."""
+
+    def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus, *, policy: Policy,
+                 prompt_check: PromptCheck, fetcher: ImageFetcher, clock: Callable[[], datetime]) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self.bus = bus
-        self.policy = Policy(settings)
-        self.prompt_check = PromptCheck.from_settings(settings.safety)
-        self.fetcher = ImageFetcher(settings.fetch)
-        self.clock: Callable[[], datetime] = utcnow  # tests move time forward through this
+        self.policy = policy
+        self.prompt_check = prompt_check
+        self.fetcher = fetcher
+        self.clock = clock
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -93,19 +90,20 @@ class JobService:
         decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            user = await self._user_for(uow.session, requester, now)
+            user = await uow.users.get_or_create(requester.platform, requester.user_id, now=now,
+                                                 display_name=requester.display_name)
             if idempotency_key is not None:
-                earlier = await self._replay(uow.session, user, idempotency_key, fingerprint)
+                earlier = await self._replay(uow, user, idempotency_key, fingerprint)
                 if earlier is not None:
-                    await uow.commit()  # keep the user row _user_for may have made or renamed
+                    await uow.commit()  # keep the user row get_or_create may have made or renamed
                     return earlier
             self.policy.check_not_banned(user, now)
             if not decision.allowed:
                 refusal = await self._refuse_prompt(uow, user, params, decision, now)
                 raise Refused(refusal)
-            load = await queue_load(uow.session, user.id)
-            await self.policy.check_queue_room(uow.session, params, now, mine=load.mine, waiting=load.waiting)
-            cost = await self.policy.reserve(uow.session, user, requester, params, now)
+            load = await uow.jobs.queue_load(user.id)
+            await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
+            cost = await self.policy.reserve(uow, user, requester, params, now)
             job = Job(
                 id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
                 prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
@@ -115,10 +113,9 @@ class JobService:
                 attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
                 nsfw_allowed=requester.nsfw_allowed_here,
             )
-            uow.session.add(job)
-            await uow.session.flush()  # the job row first: flags and the event refer to it
+            await uow.jobs.add(job)  # the job row first: flags and the event refer to it
             for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
-                await self.policy.record(uow.session, user, subject="prompt", category=match.category,
+                await self.policy.record(uow, user, subject="prompt", category=match.category,
                                          reason_code=match.reason_code, source="prompt_check", action=action,
                                          now=now, job_id=job.id, detail=_flag_detail(match.term, params.prompt))
             if idempotency_key is not None:
@@ -126,9 +123,7 @@ class JobService:
                                                job_id=job.id, created_at=now))
             self.bus.stage(uow, job, EventKind.QUEUED, {"position": load.position})
             await uow.commit()
-            view = job_view(job, self.store.path_of)
-        self.bus.notify([view.id])
-        return SubmitResult(view, load.position)
+            return SubmitResult(job_view(job, self.store.path_of), load.position)
 
     async def estimate(self, requester: Requester, command: GenerateCommand,
                        inputs: InputImages | None = None) -> Estimate:
@@ -137,41 +132,40 @@ class JobService:
         params = replace(params, seed=command.params.seed)
         now = self.clock()
         async with self.db.unit_of_work(write=False) as uow:
-            user = await uow.session.scalar(select(User).where(User.platform == requester.platform,
-                                                               User.platform_user_id == requester.user_id))
+            user = await uow.users.get_by_platform(requester.platform, requester.user_id)
             if user is not None:
                 self.policy.check_not_banned(user, now)
             decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
             if not decision.allowed:  # a dry run records nothing and gives no strike
                 raise Refused(decision.message)
-            load = await queue_load(uow.session, user.id if user else None)
-            await self.policy.check_queue_room(uow.session, params, now, mine=load.mine, waiting=load.waiting)
-            cost = await self.policy.check_quota(uow.session, user, requester, params, now)
-            quota = await self.policy.status(uow.session, user, requester, now, params)
+            load = await uow.jobs.queue_load(user.id if user else None)
+            await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
+            cost = await self.policy.check_quota(uow, user, requester, params, now)
+            quota = await self.policy.status(uow, user, requester, now, params)
         return Estimate(params=params, images=params.n, quota=quota, position=load.position, cost=cost / 1000)
 
-    async def _replay(self, session: AsyncSession, user: User, key: str, fingerprint: str) -> SubmitResult | None:
-        earlier = await session.get(IdempotencyKey, (user.id, key))
+    async def _replay(self, uow: UnitOfWork, user: User, key: str, fingerprint: str) -> SubmitResult | None:
+        earlier = await uow.session.get(IdempotencyKey, (user.id, key))
         if earlier is None:
             return None
         if earlier.fingerprint != fingerprint:
             raise IdempotencyConflict(f"Idempotency-Key {key[:64]!r} was already used for a different request "
                                       f"(job {earlier.job_id}); use a new key for a new request")
-        job = await _job_or_not_found(session, earlier.job_id)
-        position = await queue_position(session, job) if job.status == JobStatus.QUEUED else 0
+        job = await uow.jobs.get(earlier.job_id)
+        position = await uow.jobs.queue_position(job) if job.status == JobStatus.QUEUED else 0
         return SubmitResult(job_view(job, self.store.path_of), position, replayed=True)
 
     async def _refuse_prompt(self, uow: UnitOfWork, user: User, params: GenerationParams, decision: Decision,
                              now: datetime) -> str:
         """Record a refused prompt (and its strike, maybe a ban), commit that, and return the message."""
-        flags = [await self.policy.record(uow.session, user, subject="prompt", category=match.category,
+        flags = [await self.policy.record(uow, user, subject="prompt", category=match.category,
                                           reason_code=match.reason_code, source="prompt_check", action=action,
                                           now=now, detail=_flag_detail(match.term, params.prompt))
                  for match, action in decision.records]
         message = decision.message
         if decision.is_strike_candidate:
             if "block" in self.settings.moderation.strike_actions:
-                message += await self.policy.strike(uow.session, user, now)
+                message += await self.policy.strike(uow, user, now)
             message += f" If this is a mistake: /appeal f{flags[0].id} <why>"
         await uow.commit()
         return message
@@ -215,31 +209,11 @@ class JobService:
         mask_sha = self.store.save_input(to_png_bytes(mask)).sha256 if mask is not None else None
         return params, image_sha, mask_sha
 
-    async def _user_for(self, session: AsyncSession, requester: Requester, now: datetime) -> User:
-        query = select(User).where(User.platform == requester.platform,
-                                   User.platform_user_id == requester.user_id)
-        user = await session.scalar(query)
-        if user is None:
-            try:
-                async with session.begin_nested():  # a savepoint: a lost race below undoes only this
-                    user = User(platform=requester.platform, platform_user_id=requester.user_id,
-                                display_name=requester.display_name[:128], role="user", created_at=now)
-                    session.add(user)
-            except IntegrityError:
-                # A concurrent first submission of the same new user made the row (PostgreSQL; SQLite's
-                # BEGIN IMMEDIATE never lets two writers race here).
-                user = await session.scalar(query)
-                if user is None:
-                    raise
-        elif requester.display_name and user.display_name != requester.display_name[:128]:
-            user.display_name = requester.display_name[:128]
-        return user
-
     # -- looking up ------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobView:
         async with self.db.unit_of_work(write=False) as uow:
-            return job_view(await _job_or_not_found(uow.session, job_id), self.store.path_of)
+            return job_view(await uow.jobs.get(job_id), self.store.path_of)
 
     async def image_withheld(self, sha256: str) -> bool:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
@@ -250,18 +224,14 @@ class JobService:
     async def position(self, job_id: str) -> int | None:
         """1 = next to run; None once the job has started or finished."""
         async with self.db.unit_of_work(write=False) as uow:
-            job = await _job_or_not_found(uow.session, job_id)
-            return await queue_position(uow.session, job) if job.status == JobStatus.QUEUED else None
+            job = await uow.jobs.get(job_id)
+            return await uow.jobs.queue_position(job) if job.status == JobStatus.QUEUED else None
 
     async def list_jobs(self, limit: int = 20, requester: Requester | None = None) -> list[JobView]:
         """Newest first; only the requester's own jobs when one is given."""
-        query = select(Job).order_by(Job.seq.desc()).limit(limit)
-        if requester is not None:
-            query = query.join(Job.user).where(User.platform == requester.platform,
-                                               User.platform_user_id == requester.user_id)
+        owner = (requester.platform, requester.user_id) if requester is not None else None
         async with self.db.unit_of_work(write=False) as uow:
-            jobs = (await uow.session.scalars(query)).unique().all()
-            return [job_view(job, self.store.path_of) for job in jobs]
+            return [job_view(job, self.store.path_of) for job in await uow.jobs.newest(limit, owner=owner)]
 
     async def quota(self, requester: Requester, command: GenerateCommand | None = None) -> QuotaStatus:
         """Units used and left today, the per-minute window, and what `command` (or a default /imagine)
@@ -269,9 +239,8 @@ class JobService:
         now = self.clock()
         params = command.params if command is not None else self._default_params()
         async with self.db.unit_of_work(write=False) as uow:
-            user = await uow.session.scalar(select(User).where(User.platform == requester.platform,
-                                                               User.platform_user_id == requester.user_id))
-            return await self.policy.status(uow.session, user, requester, now, params)
+            user = await uow.users.get_by_platform(requester.platform, requester.user_id)
+            return await self.policy.status(uow, user, requester, now, params)
 
     def _default_params(self) -> GenerationParams:
         """A plain /imagine with the configured defaults, to price when /quota names no command."""
@@ -287,108 +256,47 @@ class JobService:
         """Cancel a queued or running job of the requester's (the newest unfinished one if no id)."""
         async with self.db.unit_of_work() as uow:
             if job_id is None:
-                job = await uow.session.scalar(
-                    select(Job).join(Job.user).where(
-                        User.platform == requester.platform, User.platform_user_id == requester.user_id,
-                        Job.status.in_(UNFINISHED)).order_by(Job.seq.desc()).limit(1))
+                job = await uow.jobs.newest_unfinished(requester.platform, requester.user_id)
                 if job is None:
                     raise NotFound("You have no queued or running job to cancel")
             else:
-                job = await _job_or_not_found(uow.session, job_id)
+                job = await uow.jobs.get(job_id)
             is_owner = (job.user.platform, job.user.platform_user_id) == (requester.platform,
                                                                           requester.user_id)
             if not is_owner:
                 raise Refused(f"Job {job.id} is not yours; only its owner can cancel it")
             if JobStatus(job.status).is_final:
                 raise InvalidCommand(f"Job {job.id} already {job.status}; there is nothing to cancel")
-            await finish_job(uow, self.bus, job, JobStatus.CANCELLED)
+            await finish_job(uow, self.bus, job, JobStatus.CANCELLED, now=self.clock())
             await uow.commit()
-            view = job_view(job, self.store.path_of)
-        self.bus.notify([view.id])
-        return view
+            return job_view(job, self.store.path_of)
 
     async def mark_delivered(self, job_id: str) -> None:
         """The owning adapter has shown the final result to the user."""
         async with self.db.unit_of_work() as uow:
-            job = await _job_or_not_found(uow.session, job_id)
-            job.delivered_at = utcnow()
+            job = await uow.jobs.get(job_id)
+            job.delivered_at = self.clock()
             await uow.commit()
 
     async def undelivered(self, platform: str) -> list[JobView]:
         """Finished jobs of a platform whose result the adapter never confirmed (e.g. it was down)."""
-        final = [s.value for s in JobStatus if s.is_final]
         async with self.db.unit_of_work(write=False) as uow:
-            jobs = (await uow.session.scalars(
-                select(Job).where(Job.platform == platform, Job.status.in_(final),
-                                  Job.delivered_at.is_(None)).order_by(Job.seq))).unique().all()
-            return [job_view(job, self.store.path_of) for job in jobs]
+            return [job_view(job, self.store.path_of) for job in await uow.jobs.undelivered(platform)]
 
 
 # -- shared with the queue ---------------------------------------------------------------------------
 
 
-async def _job_or_not_found(session: AsyncSession, job_id: str) -> Job:
-    job = await session.scalar(select(Job).where(Job.id == job_id.strip().lower()))
-    if job is None:
-        raise NotFound(f"No job with id {job_id!r}; ids look like k7mq2x9a (see /jobs or your results)")
-    return job
-
-
-@dataclass(frozen=True)
-class QueueLoad:
-    """The queue as one user's next submission meets it."""
-
-    waiting: int  # jobs waiting, all users
-    mine: int  # the user's jobs waiting or running
-    position: int  # where a job the user submits now would stand (1 = next)
-
-
-async def queue_position(session: AsyncSession, job: Job) -> int:
-    """Where a queued job stands under round-robin scheduling (1 = next).
-
-    If the job is its owner's k-th waiting job (k = 0 for the oldest), every other user with waiting
-    jobs gets up to k + 1 turns before it: an upper bound, exact when all were queued at once.
-    """
-    ahead_own = await session.scalar(select(func.count()).select_from(Job).where(
-        Job.user_id == job.user_id, Job.status == JobStatus.QUEUED.value, Job.seq < job.seq))
-    row = (await session.execute(_load_query(job.user_id, ahead_own=ahead_own))).one()
-    return 1 + ahead_own + int(row.others_ahead)
-
-
-async def queue_load(session: AsyncSession, user_id: int | None) -> QueueLoad:
-    """The queue's load and the position a new job of `user_id` (None: a newcomer) would take, in one
-    read: every submission pays for this, so it is one statement, not four."""
-    own_waiting = select(func.count()).select_from(Job).where(
-        Job.user_id == user_id, Job.status == JobStatus.QUEUED.value).scalar_subquery()
-    own_unfinished = select(func.count()).select_from(Job).where(
-        Job.user_id == user_id, Job.status.in_(UNFINISHED)).scalar_subquery()
-    # A new job is its owner's newest: all of the owner's waiting jobs are ahead of it.
-    row = (await session.execute(_load_query(user_id, ahead_own=own_waiting)
-                                 .add_columns(own_waiting.label("own_waiting"),
-                                              own_unfinished.label("own_unfinished")))).one()
-    return QueueLoad(waiting=int(row.waiting), mine=int(row.own_unfinished),
-                     position=1 + int(row.own_waiting) + int(row.others_ahead))
-
-
-def _load_query(user_id: int | None, ahead_own: Any) -> Select[Any]:
-    """All waiting jobs, and the turns other users take before a job of `user_id` that has
-    `ahead_own` of its owner's jobs ahead of it (each other user: up to ahead_own + 1)."""
-    per_user = (select(Job.user_id, func.count().label("waiting")).select_from(Job)
-                .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
-    turns = case((per_user.c.waiting < ahead_own + 1, per_user.c.waiting), else_=ahead_own + 1)
-    return select(func.coalesce(func.sum(per_user.c.waiting), 0).label("waiting"),
-                  func.coalesce(func.sum(turns).filter(per_user.c.user_id != user_id), 0).label("others_ahead"))
-
-
 async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus,
-                     error: str | None = None, payload: dict[str, Any] | None = None) -> None:
-    """Move a job to a final state and stage the event.
+                     error: str | None = None, payload: dict[str, Any] | None = None, *,
+                     now: datetime | None = None) -> None:
+    """Move a job to a final state and stage the event (at `now`, else the bus's clock's time).
 
     The status is also the quota's bookkeeping (bot/policy.py): SUCCEEDED commits the job's charge,
     FAILED and CANCELLED refund it (a charge counts only while queued, running or succeeded).
     """
     job.status = status.value
-    job.finished_at = utcnow()
+    job.finished_at = now or bus.clock()
     job.error = error
     kind = {JobStatus.SUCCEEDED: EventKind.DONE, JobStatus.FAILED: EventKind.FAILED,
             JobStatus.CANCELLED: EventKind.CANCELLED}[status]

@@ -12,7 +12,6 @@ from adapters.console import ConsoleChat
 from bot.bootstrap import Core
 from bot.domain import JobStatus, Requester
 from bot.errors import InvalidCommand, NotFound, Refused
-from bot.moderation import Moderation
 from tests.conftest import alice, bob
 
 OWNER = Requester("console", "boss", display_name="Boss")
@@ -34,7 +33,7 @@ def core(core: Core) -> Core:
 
 
 async def mod(core: Core, who: Requester, text: str) -> str:
-    return await Moderation(core.service).handle(who, core.parser.parse(text))
+    return await core.moderation.handle(who, core.parser.parse(text))
 
 
 async def submit(core: Core, text: str, who: Requester | None = None):
@@ -87,8 +86,8 @@ async def test_a_platform_moderator_bans_and_unbans_users_of_their_platform(core
 async def test_owners_act_on_every_platform_and_bans_can_be_permanent(core: Core) -> None:
     await submit(core, "/imagine a cat", TELEGRAM_USER)
     assert "permanently" in await mod(core, OWNER, "/mod ban telegram:9 forever abuse")
-    ten_years_on = core.service.clock() + timedelta(days=3650)
-    core.service.clock = lambda: ten_years_on
+    ten_years_on = core.clock() + timedelta(days=3650)
+    core.clock.set(ten_years_on)
     with pytest.raises(Refused, match=r"You are banned permanently\. Reason: abuse"):
         await submit(core, "/imagine a cat", TELEGRAM_USER)
 
@@ -128,7 +127,7 @@ async def test_mod_quota_shows_sets_the_tier_and_grants_units(core: Core) -> Non
         await mod(core, OWNER, "/mod quota console:alice tier gold")
     assert [line.split(": ")[1] for line in (await mod(core, OWNER, "/mod flags console:alice")).splitlines()[1:3]] \
         == ["moderation/tier (user) tier trusted", "moderation/grant (user) +0.02 units on " +
-            f"{core.service.clock():%Y-%m-%d}"]
+            f"{core.clock():%Y-%m-%d}"]
 
 
 async def test_appeals_are_recorded_listed_and_decided(core: Core) -> None:

@@ -111,12 +111,12 @@ async def test_concurrent_submissions_of_many_users_are_each_charged_once(core: 
 
 async def test_the_daily_window_names_itself_and_resets_at_midnight(core: Core) -> None:
     core.settings.quota.tiers["user"].daily_units = 2 * TINY / 1000
-    now = core.service.clock()
-    core.service.clock = lambda: now
+    now = core.clock()
+    core.clock.set(now)
     await submit(core, "/imagine a cat --n 2")
     with pytest.raises(QuotaExceeded, match=r"Daily quota reached \(user tier\).*resets at 00:00 UTC \(in "):
         await submit(core, "/imagine a cat")
-    core.service.clock = lambda: now + timedelta(days=1)
+    core.clock.set(now + timedelta(days=1))
     assert (await submit(core, "/imagine a cat")).job.status is JobStatus.QUEUED
 
 
@@ -128,14 +128,14 @@ async def test_a_job_bigger_than_the_whole_window_says_to_make_it_smaller(core: 
 
 async def test_the_per_minute_window_lifts_when_old_charges_age_out(core: Core) -> None:
     core.settings.quota.tiers["user"].per_minute_units = 2 * TINY / 1000
-    now = core.service.clock()
-    core.service.clock = lambda: now
+    now = core.clock()
+    core.clock.set(now)
     await submit(core, "/imagine a cat")
-    core.service.clock = lambda: now + timedelta(seconds=20)
+    core.clock.set(now + timedelta(seconds=20))
     await submit(core, "/imagine a cat")
     with pytest.raises(QuotaExceeded, match=r"Per-minute quota reached.*Try again in 40 s"):
         await submit(core, "/imagine a cat")
-    core.service.clock = lambda: now + timedelta(seconds=61)  # the first charge has aged out
+    core.clock.set(now + timedelta(seconds=61))  # the first charge has aged out
     assert (await submit(core, "/imagine a cat")).job.status is JobStatus.QUEUED
 
 

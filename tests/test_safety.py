@@ -158,8 +158,8 @@ async def test_the_negative_prompt_is_not_checked(core: Core) -> None:
 async def test_strikes_ban_for_the_configured_time_and_the_ban_expires(core: Core) -> None:
     moderation = core.settings.moderation
     moderation.strikes_to_ban, moderation.strike_window_hours, moderation.strike_ban_hours = 2, 1, 2
-    start = core.service.clock()
-    core.service.clock = lambda: start
+    start = core.clock()
+    core.clock.set(start)
     with pytest.raises(Refused, match="strike 1 of 2 within 1 h; at 2 you are banned for 2 h"):
         await submit(core, "/imagine loli")
     with pytest.raises(Refused, match=r"strike 2 of 2 within 1 h, so you are banned for 2 h, until .* \(in 2 h\)"):
@@ -170,7 +170,7 @@ async def test_strikes_ban_for_the_configured_time_and_the_ban_expires(core: Cor
     await submit(core, "/imagine a cat", who=bob)  # others are not affected
     assert [f.action for f in await flags(core)][-1] == "ban"
 
-    core.service.clock = lambda: start + timedelta(hours=2, minutes=1)
+    core.clock.set(start + timedelta(hours=2, minutes=1))
     assert (await submit(core, "/imagine a cat")).job.status is JobStatus.QUEUED
     # Strikes before the ban do not count again: the next one is the first of a new count.
     with pytest.raises(Refused, match="strike 1 of 2"):
@@ -179,11 +179,11 @@ async def test_strikes_ban_for_the_configured_time_and_the_ban_expires(core: Cor
 
 async def test_strikes_older_than_the_window_expire(core: Core) -> None:
     core.settings.moderation.strikes_to_ban, core.settings.moderation.strike_window_hours = 2, 1
-    start = core.service.clock()
-    core.service.clock = lambda: start
+    start = core.clock()
+    core.clock.set(start)
     with pytest.raises(Refused, match="strike 1 of 2"):
         await submit(core, "/imagine loli")
-    core.service.clock = lambda: start + timedelta(minutes=61)
+    core.clock.set(start + timedelta(minutes=61))
     with pytest.raises(Refused, match="strike 1 of 2"):
         await submit(core, "/imagine loli")
     assert (await submit(core, "/imagine a cat")).job.status is JobStatus.QUEUED
