@@ -2,8 +2,11 @@
 
 `easel serve`, every other command, the tests and the benchmarks all start here, so they run the
 same wiring. Every service is built here, once, and handed what it uses (the one clock, the policy,
-the prompt check); no service builds another. The generation worker (generation/worker.py) and the
-adapters are given the `Core` this returns; nothing in bot/ imports them.
+the prompt check with its embedder); no service builds another or loads a model. The generation worker
+(generation/worker.py) and the adapters are given the `Core` this returns; nothing in bot/ imports
+them, except that the prompt check's optional sentence-embedding model is loaded through
+generation/sentence_embedder.py, and only when `safety.semantic_model` is set (the core imports no
+torch otherwise).
 
 Example:
     core = await open_core(load_settings())
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 from bot.apikeys import ApiKeys
 from bot.clock import Clock
-from bot.config import Settings
+from bot.config import SafetyConfig, Settings
 from bot.database import Database, upgrade_database
 from bot.delivery import Deliveries
 from bot.events import EventBus
@@ -58,7 +61,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     if migrate:
         # Alembic drives its own event loop (alembic/env.py), so it runs in a thread of its own.
         await asyncio.to_thread(upgrade_database, settings.database_url)
-    prompt_check = PromptCheck.from_settings(settings.safety)  # first: a model that will not load opens nothing
+    prompt_check = build_prompt_check(settings.safety)  # first: a model that will not load opens nothing
     clock = Clock()
     db = Database(settings.database_url, settings.database.busy_timeout_ms)
     store = ImageStore(settings.storage.data_dir / "images")
@@ -82,3 +85,13 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         deliveries=Deliveries(settings),
     )
 
+
+def build_prompt_check(config: SafetyConfig) -> PromptCheck:
+    """The prompt check, with its sentence-embedding model loaded when `safety.semantic_model` names one."""
+    embedder = None
+    if config.semantic_model:
+        # Imported only here: it needs sentence-transformers (and so torch), which the core never imports.
+        from generation.sentence_embedder import load_sentence_embedder
+
+        embedder = load_sentence_embedder(config.semantic_model)
+    return PromptCheck.from_settings(config, embedder)

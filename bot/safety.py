@@ -1,6 +1,6 @@
 """The prompt check: configured words and patterns per category, matched after normalisation.
 
-    check = PromptCheck.from_settings(settings)
+    check = PromptCheck.from_settings(settings.safety)   # bootstrap passes the embedder, if one is set
     verdict = check.check("a n.u.d.e p0rtrait")
     decision = verdict.decide(nsfw_allowed=False)   # refused: "sexual" is allowed only where NSFW is
 
@@ -8,7 +8,8 @@ Trivial evasions are undone before matching (`variants`): case, accents, look-al
 scripts and full-width forms, zero-width characters, leetspeak (`s3x`, `n@ked`), and separators inside
 a word (`n.u.d.e`, `n u d e`, `nu-de`). Words match whole (so "Essex" is not "sex"), with an optional
 plural ending. An optional semantic check compares the prompt with each category's description using a
-small local sentence-embedding model, where one is configured and installed.
+small local sentence-embedding model, where one is configured and installed; bot.bootstrap loads it
+(generation/sentence_embedder.py: the core itself imports no torch) and passes it in.
 
 Every match becomes a safety flag row (bot/policy.py records them); this module only decides.
 """
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import SafetyCategoryConfig, SafetyConfig
-from bot.errors import ConfigError
 
 # Letters of other scripts that look like Latin ones (after case folding), and Latin letters that
 # Unicode does not decompose into a base letter plus an accent.
@@ -179,8 +179,11 @@ class PromptCheck:
                           if embedder is not None else None)
 
     @classmethod
-    def from_settings(cls, config: SafetyConfig) -> PromptCheck:
-        embedder = load_sentence_embedder(config.semantic_model) if config.semantic_model else None
+    def from_settings(cls, config: SafetyConfig, embedder: Embedder | None = None) -> PromptCheck:
+        """The configured check; `embedder` is the loaded `safety.semantic_model`, required when one is set."""
+        if config.semantic_model and embedder is None:
+            raise ValueError(f"safety.semantic_model is {config.semantic_model!r}: load it "
+                             "(generation.sentence_embedder.load_sentence_embedder) and pass it as `embedder`")
         return cls(config.categories, enabled=config.prompt_check, embedder=embedder,
                    semantic_threshold=config.semantic_threshold)
 
@@ -246,22 +249,6 @@ class _SemanticCheck:
                             category.description)
                 for (name, category), score in zip(self._categories, scores, strict=True)
                 if score >= self._threshold]
-
-
-def load_sentence_embedder(model: str) -> Embedder:
-    """A sentence-transformers model from a local folder, on the CPU. Raises ConfigError when the
-    package is missing (it is optional: `pip install sentence-transformers`)."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise ConfigError("safety.semantic_model is set but the sentence-transformers package is not "
-                          "installed; pip install sentence-transformers, or set semantic_model = \"\"") from None
-    try:
-        encoder = SentenceTransformer(model, device="cpu", local_files_only=True)
-    except Exception as e:
-        raise ConfigError(f"safety.semantic_model {model!r} could not be loaded ({type(e).__name__}); give "
-                          "a local sentence-transformers folder") from None
-    return lambda texts: encoder.encode(list(texts), convert_to_numpy=True)
 
 
 # -- images ------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bot.bootstrap import Core
-from bot.errors import NotFound
+from bot.bootstrap import Core, open_core
+from bot.config import SafetyConfig, Settings
+from bot.errors import ConfigError, NotFound
 from bot.events import EventKind
+from bot.safety import PromptCheck
 from tests.conftest import alice
 
 
@@ -71,6 +73,17 @@ async def test_jobs_are_found_by_the_id_as_users_type_it(core: Core) -> None:
         assert await uow.jobs.find("zzzzzzzz") is None
         with pytest.raises(NotFound, match=r"No job with id 'zzzzzzzz'; ids look like k7mq2x9a"):
             await uow.jobs.get("zzzzzzzz")
+
+
+async def test_a_semantic_model_that_cannot_load_stops_the_core_from_opening(settings: Settings) -> None:
+    settings.safety.semantic_model = "/models/minilm"
+    with pytest.raises(ConfigError, match="sentence-transformers package is not installed"):
+        await open_core(settings, migrate=False)  # bootstrap loads it through generation/sentence_embedder.py
+
+
+def test_a_configured_semantic_model_must_be_passed_in() -> None:
+    with pytest.raises(ValueError, match=r"load it .* and pass it as `embedder`"):
+        PromptCheck.from_settings(SafetyConfig(semantic_model="/models/minilm"))
 
 
 def test_the_core_imports_no_torch() -> None:
