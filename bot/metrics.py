@@ -1,4 +1,4 @@
-"""Service metrics read from the job rows: the numbers `/metrics` exposes to Prometheus.
+"""Service metrics read from the job rows, and `PrometheusExporter`, which serves them to Prometheus.
 
 Everything is computed from the database, not from counters in one process, so the numbers are the
 same whichever process serves `/metrics` and include workers on other hosts. Read-only.
@@ -6,10 +6,14 @@ same whichever process serves `/metrics` and include workers on other hosts. Rea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -79,3 +83,54 @@ def _covered_seconds(intervals: list[tuple[datetime, datetime]], now: datetime) 
             covered += (end - start).total_seconds()
             reach = end if reach is None else max(reach, end)
     return covered
+
+
+# -- Prometheus ----------------------------------------------------------------------------------------
+
+# The text format prometheus_client's generate_latest writes (the one every Prometheus version scrapes).
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Snapshot(Collector):
+    """One `Metrics` reading as Prometheus metric families."""
+
+    def __init__(self) -> None:
+        self.metrics: Metrics | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        if m is None:
+            return
+        yield GaugeMetricFamily("easel_queue_length", "Jobs waiting for a worker.", value=m.queue_length)
+        jobs = GaugeMetricFamily("easel_jobs", "Jobs by status.", labels=["status"])
+        for status, count in m.jobs_by_status.items():
+            jobs.add_metric([status], count)
+        yield jobs
+        yield SummaryMetricFamily("easel_generation_seconds", "Start to finish of succeeded jobs.",
+                                  count_value=m.generation_seconds_count, sum_value=m.generation_seconds_sum)
+        yield GaugeMetricFamily("easel_images_per_second",
+                                f"Images made per second over the last {m.window_s:g} s.", value=m.images_per_second)
+        yield GaugeMetricFamily("easel_worker_busy_ratio",
+                                f"Share of the last {m.window_s:g} s some batch was running.",
+                                value=m.worker_busy_ratio)
+
+
+class PrometheusExporter:
+    """`/metrics` for one database: a registry of its own (never the process-wide default, so two apps in
+    one process don't collide), read fresh from the database at every scrape:
+
+        exporter = PrometheusExporter(core.db)
+        body = await exporter.scrape()  # b"# HELP easel_queue_length Jobs waiting for a worker.\\n..."
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._snapshot = _Snapshot()
+        self.registry.register(self._snapshot)
+
+    async def scrape(self) -> bytes:
+        # Collectors are synchronous and the reading is not: read first, then render with no await in
+        # between, so concurrent scrapes never mix two readings.
+        self._snapshot.metrics = await read_metrics(self.db)
+        return generate_latest(self.registry)

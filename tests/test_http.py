@@ -328,8 +328,9 @@ async def test_quota_models_help_health_metrics_and_openapi(server, generator) -
     assert "/imagine" in help_text and "--steps N" in help_text
     lines = metrics.text.splitlines()
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert "easel_queue_length 1" in lines and 'easel_jobs{status="succeeded"} 1' in lines
-    assert "easel_generation_seconds_count 1" in lines
+    # prometheus_client writes every sample as a float: 1 is "1.0".
+    assert "easel_queue_length 1.0" in lines and 'easel_jobs{status="succeeded"} 1.0' in lines
+    assert "easel_generation_seconds_count 1.0" in lines
     assert float(next(line.split()[1] for line in lines if line.startswith("easel_worker_busy_ratio "))) > 0
     assert float(next(line.split()[1] for line in lines if line.startswith("easel_images_per_second "))) > 0
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/images/{sha256}", "/v1/quota",

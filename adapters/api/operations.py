@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
 from adapters.api.deps import CoreDep, KeysDep
 from bot.errors import Refused
-from bot.metrics import read_metrics
+from bot.metrics import PROMETHEUS_CONTENT_TYPE, PrometheusExporter
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 # Everything a page of ours may load comes from this server; results are blob:/data: URLs at most.
@@ -33,9 +32,9 @@ async def healthz(core: CoreDep) -> dict[str, str]:
 
 
 @router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
-async def metrics(core: CoreDep) -> PlainTextResponse:
-    return PlainTextResponse(prometheus_text(await read_metrics(core.db)),
-                             media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> PlainTextResponse:
+    exporter: PrometheusExporter = request.app.state.metrics
+    return PlainTextResponse(await exporter.scrape(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 
 @router.post("/v1/sessions", tags=["web chat"], status_code=201)
@@ -46,21 +45,3 @@ async def new_session(core: CoreDep, keys: KeysDep) -> dict[str, str]:
                       "`easel apikey create --name NAME`")
     token, key = await keys.create("web session", kind="web")
     return {"token": token, "key_id": key.public_id}
-
-
-def prometheus_text(m: Any) -> str:
-    lines = [
-        "# HELP easel_queue_length Jobs waiting for a worker.", "# TYPE easel_queue_length gauge",
-        f"easel_queue_length {m.queue_length}",
-        "# HELP easel_jobs Jobs by status.", "# TYPE easel_jobs gauge",
-        *(f'easel_jobs{{status="{status}"}} {count}' for status, count in m.jobs_by_status.items()),
-        "# HELP easel_generation_seconds Start to finish of succeeded jobs.",
-        "# TYPE easel_generation_seconds summary",
-        f"easel_generation_seconds_sum {m.generation_seconds_sum:.6f}",
-        f"easel_generation_seconds_count {m.generation_seconds_count}",
-        f"# HELP easel_images_per_second Images made per second over the last {m.window_s:g} s.",
-        "# TYPE easel_images_per_second gauge", f"easel_images_per_second {m.images_per_second:.6f}",
-        f"# HELP easel_worker_busy_ratio Share of the last {m.window_s:g} s some batch was running.",
-        "# TYPE easel_worker_busy_ratio gauge", f"easel_worker_busy_ratio {m.worker_busy_ratio:.6f}",
-    ]
-    return "\n".join(lines) + "\n"
