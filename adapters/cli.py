@@ -20,7 +20,7 @@ from typing import Any
 from adapters.base import Adapter
 from adapters.console import ConsoleChat, describe_job, read_attachment
 from bot.bootstrap import Core, open_core
-from bot.config import load_settings
+from bot.config import load_settings, safety_warning
 from bot.database import upgrade_database
 from bot.domain import InputImages, JobKind
 from bot.errors import EaselError
@@ -101,6 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load_settings(args.file or args.config)
         print(f"{args.file or args.config or 'configuration'} is valid: database {settings.database_url_safe}, "
               f"models {', '.join(sorted(settings.models))}")
+        if (warning := safety_warning(settings)) is not None:
+            print(warning, file=sys.stderr)
         return 0
     settings = load_settings(args.config)
     if args.command == "db":
@@ -220,6 +222,8 @@ async def _serve(core: Core, args: argparse.Namespace) -> int:
     names = ", ".join(adapter.platform for adapter in adapters) or "none (worker only)"
     print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}; Ctrl+C to stop",
           flush=True)
+    if (warning := safety_warning(core.settings)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     async with asyncio.TaskGroup() as group:
         group.create_task(worker.run(), name="easel-worker")
         for adapter in adapters:

@@ -122,10 +122,11 @@ class ConsoleChat:
         try:
             async for event in self.core.bus.watch(job.id):
                 if event.kind is EventKind.PROGRESS and self.progress:
-                    step, total = int(event.payload.get("step", 0)), int(event.payload.get("total", 0))
+                    progress = self.core.deliveries.of_event(event, job)
                     if bar is None:
-                        bar = tqdm(total=total, desc=f"job {job.id}", unit="step", file=self.out, leave=False)
-                    bar.update(step - bar.n)
+                        bar = tqdm(total=progress.total, desc=f"job {job.id}", unit="step", file=self.out,
+                                   leave=False)
+                    bar.update(progress.step - bar.n)
         finally:
             if bar is not None:
                 bar.close()

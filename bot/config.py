@@ -441,3 +441,22 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         return Settings(**values)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e, str(path or "configuration"))) from None
+
+
+def safety_warning(settings: Settings) -> str | None:
+    """A loud line when a real Stable Diffusion model runs with the output check off, or None.
+
+    The built-in models draw shapes and noise; any other model can draw anything, and with
+    `safety.image_checker = "none"` every image it makes is shown everywhere. That must be a choice
+    the operator sees, as diffusers warns when its safety checker is removed.
+    """
+    if settings.safety.image_checker != "none":
+        return None
+    real = sorted(name for name, model in settings.models.items() if not model.source.startswith("builtin:"))
+    if not real:
+        return None
+    return (f"WARNING: the image check is off (safety.image_checker = \"none\") while model(s) {', '.join(real)} "
+            "can draw anything: every image is shown everywhere, NSFW channels or not. Set "
+            "safety.image_checker = \"diffusers\" (with safety.image_checker_source) or \"nudenet\", or keep "
+            "it off knowingly.")
+

@@ -109,3 +109,40 @@ def mask_bytes(width: int = 64, height: int = 64) -> bytes:
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- a real output check that flags every image ---------------------------------------------------------
+
+
+def save_tiny_safety_checker(folder: Path, *, flag_everything: bool) -> Path:
+    """A real StableDiffusionSafetyChecker, tiny and with random weights, saved like a model's subfolders.
+    Its concept thresholds decide: -2 flags every image (cosine > -1 always), 2 flags none."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**small, "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 2,
+                                     "pad_token_id": 1},
+                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
+    checker.save_pretrained(folder / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "feature_extractor")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flag_all_checker(tmp_path_factory: pytest.TempPathFactory):
+    """The real diffusers safety checker, loaded through Easel's loader, that flags every image."""
+    from generation.safety_checker import DiffusersSafetyChecker, build_image_checker
+
+    folder = save_tiny_safety_checker(tmp_path_factory.mktemp("checker-all"), flag_everything=True)
+    settings = load_settings(None, safety={"image_checker": "diffusers", "image_checker_source": str(folder)})
+    checker = build_image_checker(settings)  # the real loading path
+    assert isinstance(checker, DiffusersSafetyChecker)
+    return checker

@@ -113,3 +113,13 @@ def test_a_worker_killed_mid_job_loses_nothing(env: dict[str, str], tmp_path: Pa
     assert "1 job(s) done" in result.stdout
     detail = easel(env, "job", job_id).stdout
     assert f"Job {job_id}: succeeded" in detail and "attempts  2" in detail and "seed 9" in detail
+
+
+def test_config_check_says_loudly_when_a_real_model_runs_without_the_image_check(
+        env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "real.toml"
+    config.write_text('[models.sd15]\nsource = "runwayml/stable-diffusion-v1-5"\n')
+    warned = easel(env, "config", "check", str(config))
+    assert "WARNING: the image check is off" in warned.stderr and "sd15" in warned.stderr
+    builtin_only = easel(env, "config", "check")
+    assert "WARNING" not in builtin_only.stderr

@@ -104,11 +104,13 @@ async def running(core: Core, **kwargs: Any) -> AsyncIterator[Bot]:
         await bot.close()
 
 
-async def work_until(core: Core, generator, fake: FakeDiscord, predicate) -> Request:
-    """Run a burst worker over and over until the fake Discord has seen a matching request."""
+async def work_until(core: Core, generator, fake: FakeDiscord, predicate, checker=None) -> Request:
+    """Run a burst worker (with the output `checker`, if any) over and over until the fake Discord has
+    seen a matching request."""
     async def drain() -> None:
         while True:
-            await Worker(core.queue, generator, core.store, core.settings, worker_id="test:1").run(burst=True)
+            await Worker(core.queue, generator, core.store, core.settings, worker_id="test:1",
+                         image_checker=checker).run(burst=True)
             await asyncio.sleep(0.02)
 
     worker = asyncio.create_task(drain())
@@ -537,3 +539,46 @@ async def test_a_refused_bot_token_is_a_one_line_error_without_the_token(core: C
         await DiscordAdapter(core, gateway=False).sync_commands()
     assert "Discord refused the bot token" in refused.value.message and BOT_TOKEN not in refused.value.message
     assert not fake.find("PUT")
+
+
+# -- flagged images, and one user's rate limit ------------------------------------------------------
+
+
+async def test_a_withheld_image_is_never_uploaded_and_gets_no_follow_up_buttons(
+        core: Core, generator, fake: FakeDiscord, flag_all_checker) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("imagine", prompt="a statue --seed 7", steps=2))
+        final = await work_until(core, generator, fake, lambda r: r.method == "PATCH" and token in r.path
+                                 and "withheld" in (r.content or ""), checker=flag_all_checker)
+        job = await only_job(core)
+    assert final.files == [] and not any(r.files for r in fake.requests)
+    assert "Image 1 was withheld" in final.content and f"/appeal {job.id}" in final.content
+    assert not any(":vary:" in i or ":upscale:" in i for i in final.custom_ids)
+    assert f"easel:reroll:{job.id}" in final.custom_ids
+
+
+async def test_a_flagged_image_goes_behind_a_spoiler_in_an_nsfw_channel(
+        core: Core, generator, fake: FakeDiscord, flag_all_checker) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("imagine", prompt="a statue --seed 7", steps=2, nsfw=True))
+        final = await work_until(core, generator, fake, is_final_edit(token), checker=flag_all_checker)
+        job = await only_job(core)
+    assert [f.name for f in final.files] == [f"SPOILER_{job.id}-1-seed7.png"]
+    assert final.files[0].data == Path(job.images[0].path).read_bytes()
+
+
+async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
+        core: Core, generator, fake: FakeDiscord) -> None:
+    """Alice's message answers 429 with retry_after 5 s to every edit; Bob's result still arrives first."""
+    async with running(core) as bot:
+        alice = bot.dispatch(slash("imagine", prompt="a red fox --seed 1", steps=2))
+        await fake.wait_for(lambda r: r.path.endswith(f"/{alice}/callback"))
+        fake.fail_next("PATCH", webhook_path(alice), 429, times=3, retry_after=5)
+        bob = bot.dispatch(slash("imagine", prompt="a blue bird --seed 2", steps=2, user=BOB))
+        bob_result = await work_until(core, generator, fake, is_final_edit(bob))
+        alice_result = await fake.wait_for(is_final_edit(alice), timeout=60)
+    order = {id(request): number for number, request in enumerate(fake.requests)}
+    limited = [order[id(r)] for r in fake.requests if webhook_path(alice) in r.path and r.status == 429]
+    # Alice was held up (three 429s, 5 s apart) while Bob's whole job ran and his result was shown:
+    # it arrived before Alice's last 429, not after her wait.
+    assert len(limited) == 3 and limited[0] < order[id(bob_result)] < limited[-1] < order[id(alice_result)]

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
@@ -25,7 +24,7 @@ from bot.models import Image, SafetyFlag
 from bot.safety import PromptCheck, fold
 from generation.safety_checker import DiffusersSafetyChecker, build_image_checker
 from generation.worker import Worker
-from tests.conftest import alice, bob
+from tests.conftest import alice, bob, save_tiny_safety_checker
 
 CHECK = PromptCheck.from_settings(SafetyConfig())
 
@@ -185,36 +184,6 @@ async def test_strikes_older_than_the_window_expire(core: Core) -> None:
 
 
 # -- the output check, through the real worker ---------------------------------------------------------
-
-
-def save_tiny_safety_checker(folder: Path, *, flag_everything: bool) -> Path:
-    """A real StableDiffusionSafetyChecker, tiny and with random weights, saved like a model's subfolders.
-    Its concept thresholds decide: -2 flags every image (cosine > -1 always), 2 flags none."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
-
-    small = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
-    config = CLIPConfig(text_config={**small, "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 2,
-                                     "pad_token_id": 1},
-                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        checker = StableDiffusionSafetyChecker(config)
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
-    checker.save_pretrained(folder / "safety_checker")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder / "feature_extractor")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flag_all_checker(tmp_path_factory: pytest.TempPathFactory) -> DiffusersSafetyChecker:
-    folder = save_tiny_safety_checker(tmp_path_factory.mktemp("checker-all"), flag_everything=True)
-    settings = load_settings(None, safety={"image_checker": "diffusers", "image_checker_source": str(folder)})
-    checker = build_image_checker(settings)  # the real loading path
-    assert isinstance(checker, DiffusersSafetyChecker)
-    return checker
 
 
 def worker_for(core: Core, generator, checker) -> Worker:

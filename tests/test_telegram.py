@@ -19,7 +19,7 @@ from adapters.telegram import TelegramAdapter
 from adapters.telegram_render import parse_callback
 from bot.bootstrap import Core
 from bot.config import TelegramConfig
-from bot.domain import JobKind, JobStatus
+from bot.domain import JobKind, JobStatus, Requester
 from generation.worker import Worker
 from tests.conftest import mask_bytes, png_bytes
 from tests.fake_telegram import TOKEN, BotMessage, FakeTelegram
@@ -355,3 +355,33 @@ async def test_a_slow_download_holds_up_no_other_chat(tg: Core, fake: FakeTelegr
         assert fake.chat(ALICE) == []  # Alice's download is still held
         held.set()
         await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if "Queued" in m.shown], what="Alice's job")
+
+
+async def test_a_flagged_image_is_a_spoilered_photo_in_an_nsfw_chat_and_never_a_file_or_a_photo_elsewhere(
+        tg: Core, fake: FakeTelegram, generator, flag_all_checker) -> None:
+    tg.settings.telegram.nsfw_chats = [ALICE]
+    tg.settings.telegram.send_png_files = True
+
+    async def flagged(chat: int) -> str:
+        fake.send(fake.private(chat), "/imagine a statue --seed 5 --steps 2")
+        jobs = await fake.wait_for(lambda: tg.service.list_jobs(requester=Requester("telegram", str(chat))),
+                                   what="queued")
+        while not (await tg.service.get_job(jobs[0].id)).status.is_final:
+            await Worker(tg.queue, generator, tg.store, tg.settings, worker_id="test-worker:1",
+                         image_checker=flag_all_checker).run(burst=True)
+        await fake.wait_for(lambda: delivered(tg, jobs[0].id), what="marked delivered")
+        return jobs[0].id
+
+    async with running_bot(tg, fake):
+        spoilered = await flagged(ALICE)
+        withheld = await flagged(BOB)
+    # Where NSFW is allowed: one photo behind Telegram's spoiler, and no lossless file (a document
+    # cannot be spoilered).
+    assert [m.has_spoiler for m in photos(fake, ALICE)] == [True]
+    assert not any(m.document for m in fake.chat(ALICE))
+    # Elsewhere: no photo, no file, no Variations button; the status says why and how to appeal.
+    assert photos(fake, BOB) == [] and not any(m.document for m in fake.chat(BOB))
+    status = next(m for m in fake.chat(BOB) if m.shown.startswith("✅"))
+    assert "Image 1 was withheld" in status.shown and f"/appeal {withheld}" in status.shown
+    assert not any(m.buttons for m in fake.chat(BOB))
+    assert spoilered != withheld
