@@ -9,10 +9,15 @@ CUDA memory on a GPU. "three separate pipelines" is what a bot without shared we
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
+
+if not __package__:  # run as `python bench/memory.py`: import from the repository root, not from bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
+
+import json
+import subprocess
 
 from bench.common import BenchSetup, bench_settings, parse_common, print_table
 
@@ -88,7 +93,7 @@ def main() -> None:
     peaks = {}
     for name in SCENARIOS:
         child = subprocess.run([sys.executable, "-m", "bench.memory", *sys.argv[1:], "--scenario", name],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         peaks[name] = json.loads(child.stdout.strip().splitlines()[-1])
     base = peaks["torch only"] if not setup.device.startswith("cuda") else 0
     one = peaks["one pipeline (txt2img)"] - base

@@ -13,9 +13,15 @@ in 70% of the held-out combinations.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python bench/quality.py`: import from the repository root, not from bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
+
 import argparse
 import time
-from pathlib import Path
 
 import torch
 

@@ -1,12 +1,19 @@
 """Queue: submit and claim latency with a deep queue on SQLite, and how fair the order is.
 
-    python -m bench.queue                 # 10,000 jobs from 1,000 users
-    python -m bench.queue --jobs 2000 --users 200
+    python -m bench.queue_latency         # 10,000 jobs from 1,000 users
+    python -m bench.queue_latency --jobs 2000 --users 200
 
 No model runs here: this measures the job service and the queue (the database work every job pays).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python bench/queue_latency.py`: import from the repository root, not from bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
 
 import asyncio
 import random

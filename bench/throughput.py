@@ -13,6 +13,13 @@ rounds, as a bot does; both systems are warmed up before the first round.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as `python bench/throughput.py`: import from the repository root, not from bench/,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
+
 import asyncio
 import contextlib
 import statistics
