@@ -33,7 +33,7 @@ from adapters.api import account, images, jobs, operations
 from adapters.api.errors import EXCEPTION_HANDLERS
 from adapters.api.render import base_url, job_out
 from adapters.webhooks import WebhookSender
-from bot.apikeys import PLATFORM, ApiKeys
+from bot.apikeys import PLATFORM
 from bot.bootstrap import Core
 from bot.delivery import deliver_events
 from bot.errors import EaselError
@@ -48,7 +48,7 @@ def build_app(core: Core) -> FastAPI:
     app = FastAPI(title="Easel", version="1", description="Stable Diffusion jobs on a durable, fair queue.",
                   docs_url="/docs", redoc_url=None, exception_handlers=EXCEPTION_HANDLERS)
     app.state.core = core
-    app.state.keys = ApiKeys(core.db)
+    app.state.keys = core.apikeys
     app.state.metrics = PrometheusExporter(core.db)
     # Included in this order so /openapi.json lists the paths as it always has.
     app.include_router(operations.router)

@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from adapters.http import HttpAdapter
-from bot.apikeys import ApiKeys
 from bot.bootstrap import Core
 from bot.config import Settings, load_settings
 from generation.worker import Worker
@@ -40,7 +39,7 @@ class Server:
     adapter: HttpAdapter
 
     async def new_key(self, name: str = "tests", daily_images: int | None = None) -> str:
-        token, _ = await ApiKeys(self.core.db).create(name, daily_images=daily_images)
+        token, _ = await self.core.apikeys.create(name, daily_images=daily_images)
         return token
 
     def client(self, token: str | None = None) -> httpx.AsyncClient:

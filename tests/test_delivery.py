@@ -22,7 +22,6 @@ from aiohttp import web
 from sqlalchemy import select
 
 from adapters.mcp_server import EaselApi
-from bot.apikeys import ApiKeys
 from bot.bootstrap import Core
 from bot.config import load_settings
 from bot.delivery import Deliveries
@@ -135,9 +134,9 @@ def settings(tmp_path: Path, models_dir: Path):
 
 async def test_the_http_api_never_hands_out_a_withheld_image_until_an_appeal_releases_it(
         core: Core, generator, flag_all_checker) -> None:
-    owner_token, owner_key = await ApiKeys(core.db).create("owner")
-    other_token, _ = await ApiKeys(core.db).create("someone else")
-    moderator_token, moderator = await ApiKeys(core.db).create("moderator")
+    owner_token, owner_key = await core.apikeys.create("owner")
+    other_token, _ = await core.apikeys.create("someone else")
+    moderator_token, moderator = await core.apikeys.create("moderator")
     core.settings.moderation.owner_ids.append(f"http:{moderator.public_id}")
     async with serving(core) as server, webhook_receiver() as (hook_url, hooks), \
             checked_worker(core, generator, flag_all_checker):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from generation.worker import Worker
 from tests import http_fixtures
 from tests.conftest import png_bytes
 from tests.http_fixtures import running_worker
@@ -149,4 +150,22 @@ async def test_inpaint_with_an_uploaded_picture_and_a_painted_mask_on_a_phone(
     width, height = mask.size
     assert mask.getpixel((int(width * 0.15), height // 2)) == 255  # painted: repaint
     assert mask.getpixel((int(width * 0.8), height // 2)) == 0  # untouched: keep
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_a_withheld_image_is_a_notice_in_the_page_never_a_picture(
+        server, generator, browser, flag_all_checker) -> None:
+    page = await open_chat(browser, server.url)
+    await page.locator("#command").fill("/imagine a statue --steps 2 --seed 9")
+    await page.keyboard.press("Enter")
+    worker = Worker(server.core.queue, generator, server.core.store, server.core.settings,
+                    worker_id="test-worker:1", image_checker=flag_all_checker)
+    await worker.run(burst=True)
+    card = page.locator("article.job").first
+    await expect(card.locator(".withheld")).to_contain_text("Image 1 was withheld", timeout=60_000)
+    await expect(card.locator(".status")).to_have_text("done, seed 9")
+    await screenshot(page, "web-withheld.png")
+    assert await card.locator("img").count() == 0  # not even blurred: the page was never given it
+    [job] = await server.core.service.list_jobs()
+    assert await page.evaluate(f"document.body.innerHTML.includes('{job.images[0].sha256}')") is False
     assert page.errors == []  # type: ignore[attr-defined]
