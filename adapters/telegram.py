@@ -36,7 +36,7 @@ from telegram.ext import Application, BaseHandler, CallbackContext, CallbackQuer
 
 from adapters import telegram_render as render
 from adapters.telegram_inputs import Albums, gather_inputs
-from adapters.telegram_send import Sender, StatusBoard
+from adapters.telegram_send import ChatPacer, StatusBoard
 from bot import followups
 from bot.bootstrap import Core
 from bot.delivery import Delivery, ShownImage, deliver_events
@@ -62,7 +62,6 @@ log = logging.getLogger("easel.telegram")
 PLATFORM = "telegram"
 GROUP_TYPES = (ChatType.GROUP, ChatType.SUPERGROUP)
 ADMIN_CACHE_S = 600.0  # how long a group's administrator list is trusted
-SHUTDOWN_GRACE_S = 10.0  # how long deliveries in flight may finish when the bot stops
 FINGERPRINT = "telegram-message"  # the same key always means the same message: no conflicts to tell
 
 
@@ -96,11 +95,10 @@ class TelegramAdapter:
         self.core = core
         self.config = core.settings.telegram
         self.albums = Albums(self.config.album_wait_s)
-        self.sender = Sender(self.config.private_interval_s, self.config.group_interval_s)
-        self._tasks: set[asyncio.Task] = set()  # every task this adapter starts; awaited on shutdown
+        self.pacer = ChatPacer(self.config.private_interval_s, self.config.group_interval_s)
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
         self.application = self._build_application()
-        self.board = StatusBoard(self.application.bot, self.sender, self._tasks)
+        self.board = StatusBoard(self.application, self.pacer)
         _keep_token_out_of_logs()
 
     # -- running ----------------------------------------------------------------------------------
@@ -116,6 +114,7 @@ class TelegramAdapter:
             .concurrent_updates(config.concurrent_updates)
             .get_updates_read_timeout(config.poll_timeout_s + 10)
             .media_write_timeout(120)
+            .rate_limiter(self.pacer)  # every request keeps to Telegram's pace (telegram_send.ChatPacer)
             .build()
         )
         # The album recorder runs first (group -1) for every picture, captioned or not.
@@ -134,6 +133,8 @@ class TelegramAdapter:
         except InvalidToken:
             raise ConfigError("Telegram refused telegram.token (TELEGRAM_TOKEN); copy the token from "
                               "@BotFather again") from None
+        # Started before deliveries, so status edits (Application.create_task) are tracked from the first.
+        await application.start()
         ready = asyncio.Event()
         delivery = asyncio.create_task(
             deliver_events(self.core.service, self.core.deliveries, PLATFORM, self._on_delivery, stop, ready,
@@ -144,7 +145,6 @@ class TelegramAdapter:
             await asyncio.wait({delivery, following}, return_when=asyncio.FIRST_COMPLETED)
             following.cancel()
             if not delivery.done():
-                await application.start()
                 assert application.updater is not None
                 await application.updater.start_polling(timeout=self.config.poll_timeout_s,
                                                         allowed_updates=["message", "callback_query"])
@@ -156,18 +156,10 @@ class TelegramAdapter:
                 await asyncio.gather(delivery, return_exceptions=True)
             if application.updater is not None and application.updater.running:
                 await application.updater.stop()
+            self.board.cancel_edits()
             if application.running:
-                await application.stop()  # handles the updates already fetched
-            await self._finish_tasks()
+                await application.stop()  # handles the updates already fetched, awaits the tasks it tracks
             await application.shutdown()
-
-    async def _finish_tasks(self) -> None:
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_GRACE_S)
-        for task in pending:
-            task.cancel()  # an undelivered result stays undelivered and is sent on the next start
-        await asyncio.gather(*pending, return_exceptions=True)
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -280,9 +272,20 @@ class TelegramAdapter:
     # -- job events -------------------------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> bool:
-        """Show one delivery. The delivery loop runs each job's deliveries in a lane of its own, so one
-        chat's flood wait or slow upload never delays another chat's job; status edits go through the
-        StatusBoard, which merges them at the chat's pace."""
+        """Show one delivery; True once a final result is in front of the user.
+
+        The delivery loop runs each job's deliveries in a lane of its own, so one chat's flood wait or
+        slow upload never delays another chat's job; status edits go through the StatusBoard, which
+        merges them at the chat's pace. Any error goes to the one error hook (`_on_error`) and leaves
+        the job undelivered: its result is sent again on the next start.
+        """
+        try:
+            return await self._show(delivery)
+        except Exception as error:
+            await self.application.process_error(delivery, error)
+            return False
+
+    async def _show(self, delivery: Delivery) -> bool:
         job = delivery.job
         chat_id = job.reply_to.get("chat_id")
         status_id = job.reply_to.get("status_message_id")
@@ -307,8 +310,6 @@ class TelegramAdapter:
         except (Forbidden, BadRequest) as error:
             # The bot was removed from the chat, or the chat is gone: this result can never be shown.
             log.warning("cannot deliver job %s to chat %s: %s", job.id, chat_id, error)
-        # Any other error goes to the delivery loop's error hook: the job stays undelivered and is
-        # sent again on the next start.
         return True
 
     async def _send_results(self, delivery: Delivery, intro: str = "") -> None:
@@ -318,6 +319,7 @@ class TelegramAdapter:
         pictures = [(image, self.core.store.read_bytes(image.sha256)) for image in images]
         buttons = render.result_buttons(job, images)
         where = self._where(target)
+        bot = self.application.bot
 
         def caption(image: ShownImage) -> str:
             text = render.photo_caption(job, image, first=image is images[0])
@@ -325,16 +327,15 @@ class TelegramAdapter:
 
         if len(pictures) == 1:
             image, data = pictures[0]
-            await self.sender.call(chat_id, lambda: self.application.bot.send_photo(
-                chat_id, data, caption=caption(image), reply_markup=buttons, has_spoiler=image.spoiler, **where))
+            await bot.send_photo(chat_id, data, caption=caption(image), reply_markup=buttons,
+                                 has_spoiler=image.spoiler, **where)
         else:
-            album = await self.sender.call(chat_id, lambda: self.application.bot.send_media_group(chat_id, [
+            album = await bot.send_media_group(chat_id, [
                 InputMediaPhoto(data, caption=caption(image), has_spoiler=image.spoiler)
-                for image, data in pictures], **where))
+                for image, data in pictures], **where)
             # An album cannot carry buttons: they go on a message right under it.
-            await self.sender.call(chat_id, lambda: self.application.bot.send_message(
-                chat_id, render.album_summary(job, images), reply_markup=buttons,
-                **self._where({**target, "message_id": album[0].message_id})))
+            await bot.send_message(chat_id, render.album_summary(job, images), reply_markup=buttons,
+                                   **self._where({**target, "message_id": album[0].message_id}))
         # A document has no spoiler in Telegram: a flagged image is never sent as a file.
         files = [(image, data) for image, data in pictures if not image.spoiler]
         if self.config.send_png_files and files:
@@ -344,24 +345,23 @@ class TelegramAdapter:
         chat_id = job.reply_to["chat_id"]
         files = [InputFile(data, filename=render.png_filename(job, image)) for image, data in pictures]
         if len(files) == 1:
-            await self.sender.call(chat_id, lambda: self.application.bot.send_document(
-                chat_id, files[0], caption=f"Lossless PNG · seed {pictures[0][0].seed}", **where))
+            await self.application.bot.send_document(
+                chat_id, files[0], caption=f"Lossless PNG · seed {pictures[0][0].seed}", **where)
             return
-        await self.sender.call(chat_id, lambda: self.application.bot.send_media_group(chat_id, [
+        await self.application.bot.send_media_group(chat_id, [
             InputMediaDocument(file, caption=f"seed {image.seed}") for file, (image, _) in zip(
-                files, pictures, strict=True)], **where))
+                files, pictures, strict=True)], **where)
 
     # -- sending ----------------------------------------------------------------------------------
 
     async def _say(self, message: Message, text: str) -> Message:
-        """Answer a message (in its forum topic, if any) at the chat's pace."""
+        """Answer a message (in its forum topic, if any); the ChatPacer keeps it to the chat's pace."""
         target = {"chat_id": message.chat.id, "message_id": message.message_id,
                   "thread_id": message.message_thread_id if message.is_topic_message else None}
         return await self._send_text(message.chat.id, text, target)
 
     async def _send_text(self, chat_id: int, text: str, target: dict[str, Any]) -> Message:
-        return await self.sender.call(chat_id, lambda: self.application.bot.send_message(
-            chat_id, text[: render.MAX_TEXT], **self._where(target)))
+        return await self.application.bot.send_message(chat_id, text[: render.MAX_TEXT], **self._where(target))
 
     @staticmethod
     def _where(target: dict[str, Any]) -> dict[str, Any]:
@@ -418,6 +418,15 @@ class TelegramAdapter:
     # -- the one error hook -----------------------------------------------------------------------
 
     async def _on_error(self, update: object, context: CallbackContext) -> None:
+        """Every error of this adapter ends here: a handler's (with its `Update`), a status edit's
+        (an `Application.create_task` task, no update) and a delivery's (with its `Delivery`)."""
+        if isinstance(update, Delivery):
+            # Not marked delivered: a final result is sent again on the next start.
+            log.error("showing the %s event of job %s failed", update.kind.value, update.job.id, exc_info=context.error)
+            return
+        if update is None:
+            log.error("a Telegram background task failed", exc_info=context.error)
+            return
         log.error("Telegram update %s failed", getattr(update, "update_id", "?"), exc_info=context.error)
         if isinstance(update, Update) and update.effective_message is not None:
             with contextlib.suppress(TelegramError):

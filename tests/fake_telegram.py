@@ -4,7 +4,7 @@ It speaks the Bot API's HTTP protocol (form and multipart requests in, `{"ok": .
 out) closely enough for `Application`, long polling and file transfers to run unchanged, and it
 keeps what a person in each chat would see: the bot's messages with their latest text, photos,
 albums, files and buttons. Tests script what users do (`send`, `press`) and can make the next calls
-of a method fail with 429 (flood control, with `retry_after`) or a 5xx.
+of a method (to any chat, or to one) fail with 429 (flood control, with `retry_after`) or a 5xx.
 
     async with FakeTelegram() as fake:
         settings.telegram.base_url, settings.telegram.base_file_url = fake.base_url, fake.base_file_url
@@ -85,7 +85,7 @@ class FakeTelegram:
         self._message_ids = itertools.count(1000)
         self._file_ids = itertools.count(1)
         self._new_update = asyncio.Event()
-        self._failures: dict[str, list[tuple[int, int | None]]] = {}
+        self._failures: dict[tuple[str, int | None], list[tuple[int, int | None]]] = {}  # (method, chat)
         self.slow_files: dict[str, asyncio.Event] = {}  # file id -> download held until the event is set
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -123,7 +123,7 @@ class FakeTelegram:
         params, files = await _read_parameters(request)
         call = Call(method, params, files, time.monotonic())
         self.calls.append(call)
-        failures = self._failures.get(method)
+        failures = self._failures.get((method, params.get("chat_id"))) or self._failures.get((method, None))
         if failures:
             status, retry_after = failures.pop(0)
             call.status = status
@@ -209,9 +209,11 @@ class FakeTelegram:
         self._new_update.set()
         return update
 
-    def fail_next(self, method: str, status: int = 429, *, times: int = 1, retry_after: int | None = 1) -> None:
-        """Answer the next `times` calls of `method` with `status` (429 carries `retry_after`)."""
-        self._failures.setdefault(method, []).extend([(status, retry_after)] * times)
+    def fail_next(self, method: str, status: int = 429, *, times: int = 1, retry_after: int | None = 1,
+                  chat: int | None = None) -> None:
+        """Answer the next `times` calls of `method` (to `chat` only, when given) with `status` (429
+        carries `retry_after`)."""
+        self._failures.setdefault((method, chat), []).extend([(status, retry_after)] * times)
 
     # -- what tests look at -----------------------------------------------------------------------
 

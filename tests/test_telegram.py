@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import logging
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -304,24 +305,73 @@ async def test_results_missed_while_stopped_arrive_after_a_restart_and_a_redeliv
                                                                         photos(fake, ALICE)[0].message_id]
 
 
+async def test_flood_control_in_one_chat_delays_no_other_chat(tg: Core, fake: FakeTelegram) -> None:
+    fake.fail_next("sendMessage", 429, retry_after=3, chat=ALICE)
+    async with running_bot(tg, fake):
+        alices = fake.send(fake.private(ALICE), "/quota")
+        await fake.wait_for(lambda: [c for c in fake.calls_of("sendMessage") if c.status == 429], what="the 429")
+        bobs = fake.send(fake.private(BOB), "/quota")
+        await fake.wait_for(lambda: replies_to(fake, BOB, bobs), what="Bob's answer")
+        assert replies_to(fake, ALICE, alices) == []  # Alice's chat is still held
+        await fake.wait_for(lambda: replies_to(fake, ALICE, alices), what="Alice's answer")
+    flooded, to_alice = [c for c in fake.calls_of("sendMessage") if c.params["chat_id"] == ALICE]
+    [to_bob] = [c for c in fake.calls_of("sendMessage") if c.params["chat_id"] == BOB]
+    assert flooded.status == 429 and to_alice.at - flooded.at >= 2.95  # Alice waited as told...
+    assert to_bob.at - flooded.at < 2.0  # ...and Bob did not wait with her
+
+
+async def test_an_error_while_delivering_goes_to_the_error_hook_and_the_result_comes_after_a_restart(
+        tg: Core, fake: FakeTelegram, generator, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    read_bytes, failed = tg.store.read_bytes, []
+
+    def fails_once(sha256: str) -> bytes:
+        if not failed:
+            failed.append(sha256)
+            raise OSError(f"cannot read image {sha256}")
+        return read_bytes(sha256)
+
+    monkeypatch.setattr(tg.store, "read_bytes", fails_once)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(fake.private(ALICE), "/imagine a lantern --steps 2")
+        error = await fake.wait_for(lambda: [r for r in caplog.records if r.levelno >= logging.ERROR],
+                                    what="the error logged")
+        [job] = await tg.service.list_jobs()
+    # Logged once, by the adapter's one error hook, and the job is left undelivered.
+    assert [(r.name, r.getMessage()) for r in error] == [("easel.telegram",
+                                                          f"showing the done event of job {job.id} failed")]
+    assert isinstance(error[0].exc_info[1], OSError)
+    assert photos(fake, ALICE) == [] and not await delivered(tg, job.id)
+    async with running_bot(tg, fake):  # the next start
+        await fake.wait_for(lambda: photos(fake, ALICE), what="photo after restart")
+        await fake.wait_for(lambda: delivered(tg, job.id), what="marked delivered")
+    [status] = [m for m in fake.chat(ALICE) if m.text is not None]
+    assert status.text == f"✅ Done · job {job.id} · 1 image below"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == error
+
+
 async def test_a_burst_of_progress_becomes_one_edit_with_the_newest_text(fake: FakeTelegram) -> None:
-    from telegram import Bot
+    from telegram.ext import Application
 
-    from adapters.telegram_send import Sender, StatusBoard
+    from adapters.telegram_send import ChatPacer, StatusBoard
 
-    async with Bot(TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url) as bot:
-        status = await bot.send_message(ALICE, "⏳ Queuing…")
-        tasks: set[asyncio.Task] = set()
-        board = StatusBoard(bot, Sender(private_interval_s=0.3, group_interval_s=0.3), tasks)
-        for step in range(1, 51):
+    pacer = ChatPacer(private_interval_s=1.0, group_interval_s=1.0)
+    application = (Application.builder().token(TOKEN).base_url(fake.base_url).base_file_url(fake.base_file_url)
+                   .rate_limiter(pacer).build())
+    async with application:
+        await application.start()
+        board = StatusBoard(application, pacer)
+        status = await application.bot.send_message(ALICE, "⏳ Queuing…")
+        board.show(ALICE, status.message_id, "step 1/50", rank=(1, 1))
+        await asyncio.sleep(0.1)  # the edit is waiting for the chat's turn (a second after the message)
+        for step in range(2, 51):
             board.show(ALICE, status.message_id, f"step {step}/50", rank=(1, step))
         board.show(ALICE, status.message_id, "queued", rank=(0, 0))  # older news, arriving late: dropped
         await fake.wait_for(lambda: fake.calls_of("editMessageText"), what="an edit")
         await board.settle(ALICE, status.message_id, "✅ Done")
-        await asyncio.gather(*tasks)
+        await application.stop()  # awaits the board's tasks
     [shown] = fake.chat(ALICE)
-    assert shown.history == ["⏳ Queuing…", "step 50/50", "✅ Done"]
-
+    assert shown.history == ["⏳ Queuing…", "step 50/50", "✅ Done"]  # the newest text when its turn came
 
 
 # -- groups and concurrency --------------------------------------------------------------------------
