@@ -169,3 +169,16 @@ async def test_a_withheld_image_is_a_notice_in_the_page_never_a_picture(
     [job] = await server.core.service.list_jobs()
     assert await page.evaluate(f"document.body.innerHTML.includes('{job.images[0].sha256}')") is False
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_the_page_has_an_icon_and_favicon_ico_is_it(server, browser) -> None:
+    page = await open_chat(browser, server.url)
+    response = await page.request.get(f"{server.url}/favicon.ico")
+    assert response.status == 200 and response.headers["content-type"] == "image/svg+xml"
+    icon = await page.locator("link[rel=icon]").get_attribute("href")
+    assert icon == "/favicon.ico"
+    # The browser draws it (the page's Content-Security-Policy allows it): a picture, not an error page.
+    width = await page.evaluate("""async (href) => {
+        const icon = new Image(); icon.src = href; await icon.decode(); return icon.naturalWidth; }""", icon)
+    assert width > 0
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -25,6 +25,13 @@ async def web_chat() -> FileResponse:
                                                          "Cache-Control": "no-cache"})
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    # The page links this icon; browsers and tools that ask for /favicon.ico regardless get it too.
+    return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
+
+
 @router.get("/healthz", tags=["operations"])
 async def healthz(core: CoreDep) -> dict[str, str]:
     await core.bus.latest_id()  # a read that fails when the database does
