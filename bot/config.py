@@ -83,6 +83,19 @@ class QueueConfig(Section):
     max_attempts: int = Field(3, ge=1)  # a job whose worker died this often is failed, not retried
     # A plain images-per-UTC-day cap per user, on top of the cost-unit quota in [quota]; 0 = none.
     daily_images_per_user: int = Field(200, ge=0)
+    # A running job whose heartbeat is older than this is taken back for another worker. A worker
+    # heartbeats its batch only while it makes progress, and looks for abandoned jobs every lease_s/4:
+    # a killed worker's job is taken back within lease_s/4 (same host) or lease_s * 1.25 (another host).
+    lease_s: float = Field(15.0, gt=0)
+    # One diffusers call may take base + per_megapixel_step * width * height / 1e6 * steps * images
+    # seconds, counted from its first step; past that its jobs fail saying what to lower. A batch stuck
+    # in one step (or loading its model) longer than base + per_megapixel_step * megapixels * images
+    # no longer has its lease renewed.
+    time_limit_base_s: float = Field(60.0, ge=0)
+    time_limit_s_per_megapixel_step: float = Field(60.0, ge=0)
+    # A worker whose batch makes no progress this long (or one step's allowance, if longer) logs why
+    # and exits with status 70, for its supervisor to restart it. 0 = no watchdog.
+    watchdog_s: float = Field(300.0, ge=0)
 
 
 class ModelConfig(Section):

@@ -5,9 +5,11 @@ was served longest ago, so one user's backlog of fifty jobs never delays another
 A batch is then filled with waiting jobs that can share the same diffusers call (equal
 `GenerationParams.batch_key()`), other users' first jobs before anyone's second.
 
-Every claim records the worker ("host:pid") and a heartbeat. A job left `running` by a worker that
-died goes back to the queue when any worker starts or polls (`requeue_abandoned`), and fails with a
-clear reason once it has been attempted `queue.max_attempts` times.
+Every claim records the worker ("host:pid") and a heartbeat, which the worker renews while its batch
+makes progress. A job left `running` by a worker that died (on this host), or whose heartbeat is older
+than `queue.lease_s` (any host), goes back to the queue when another worker looks
+(`requeue_abandoned`), and fails with a clear reason once it has been attempted `queue.max_attempts`
+times.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 
@@ -65,8 +67,6 @@ BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.
 
 
 class JobQueue:
-    # How long a running job may go without a heartbeat before another host's worker may take it back.
-    LEASE = timedelta(minutes=5)
     # How long progress events stay readable (a reader that fell further behind skips them).
     PROGRESS_KEPT = timedelta(hours=1)
 
@@ -76,6 +76,11 @@ class JobQueue:
         self.store = store
         self.bus = bus
         self.policy = Policy(settings)
+
+    @property
+    def LEASE(self) -> timedelta:  # upper case: it was a constant before it was configurable
+        """How long a running job may go without a heartbeat before another worker takes it back."""
+        return timedelta(seconds=self.settings.queue.lease_s)
 
     async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
         """Mark up to `max_images` images' worth of compatible jobs running and return them."""
@@ -145,10 +150,11 @@ class JobQueue:
                 .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))
 
     async def report_progress(self, job_ids: Sequence[str], step: int, total: int,
-                              previews: Sequence[bytes] | None = None) -> set[str]:
+                              previews: Sequence[bytes] | None = None, worker_id: str | None = None) -> set[str]:
         """Record step i/n for running jobs (also the heartbeat), with a JPEG preview per job when
-        given. Returns the ids no longer running (cancelled by their owner), so the worker can stop
-        spending time on them."""
+        given. Returns the ids no longer running (cancelled by their owner) or, with `worker_id`, no
+        longer this worker's (taken back after its lease ran out), so the worker can stop spending
+        time on them."""
         now = utcnow()
         preview_of = dict(zip(job_ids, previews, strict=True)) if previews else {}
         async with self.db.unit_of_work() as uow:
@@ -156,7 +162,7 @@ class JobQueue:
                 select(Job).where(Job.id.in_(job_ids)).options(lazyload(Job.images)))).unique().all()
             gone = set()
             for job in jobs:
-                if job.status != JobStatus.RUNNING.value:
+                if job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
                     gone.add(job.id)
                     continue
                 job.progress_step, job.progress_total, job.heartbeat_at = step, total, now
@@ -167,6 +173,17 @@ class JobQueue:
             await uow.commit()
         self.bus.notify(job_ids)
         return gone
+
+    async def heartbeat(self, worker_id: str, job_ids: Sequence[str]) -> set[str]:
+        """Renew the lease of `worker_id` on its running jobs among `job_ids`. Returns the ids that are
+        no longer running or no longer its own."""
+        async with self.db.unit_of_work() as uow:
+            kept = set(await uow.session.scalars(select(Job.id).where(
+                Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.worker == worker_id)))
+            if kept:
+                await uow.session.execute(update(Job).where(Job.id.in_(kept)).values(heartbeat_at=utcnow()))
+            await uow.commit()
+        return set(job_ids) - kept
 
     async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]],
                        verdicts: Sequence[ImageVerdict | None] = ()) -> bool:
@@ -204,28 +221,47 @@ class JobQueue:
         self.bus.notify([job_id])
         return True
 
-    async def fail(self, job_id: str, error: str) -> None:
+    async def fail(self, job_id: str, error: str, worker_id: str | None = None) -> None:
+        """Mark a running job failed with `error`, the message its owner reads. With `worker_id`, only
+        while it is still that worker's: a job taken back meanwhile belongs to its new worker."""
         async with self.db.unit_of_work() as uow:
             job = await uow.session.scalar(select(Job).where(Job.id == job_id))
-            if job is None or job.status != JobStatus.RUNNING.value:
+            if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
                 return
             await finish_job(uow, self.bus, job, JobStatus.FAILED, error=error)
             await uow.commit()
         self.bus.notify([job_id])
 
     async def requeue_abandoned(
-        self, is_dead: Callable[[str], bool] = is_local_process_dead, now: datetime | None = None
+        self, is_dead: Callable[[str], bool] = is_local_process_dead, now: datetime | None = None,
+        by: str | None = None,
     ) -> RecoveryReport:
-        """Give jobs of dead workers back to the queue, or fail those tried too often."""
+        """Give jobs of dead workers, and jobs whose lease ran out, back to the queue, or fail those
+        tried too often. The jobs of worker `by` (the caller) are left alone: it is running them, or
+        it is stuck and cannot run them again anyway; another worker or its watchdog acts then."""
         now = now or utcnow()
         report = RecoveryReport([], [])
         max_attempts = self.settings.queue.max_attempts
+
+        def abandoned(worker: str | None, heartbeat_at: datetime | None) -> bool:
+            if by is not None and worker == by:
+                return False
+            stale = heartbeat_at is None or now - heartbeat_at > self.LEASE
+            return stale or bool(worker and is_dead(worker))
+
+        # Every worker asks this every lease_s/4: look in a read-only transaction first, so that the
+        # usual answer (nothing abandoned) never takes the write lock submissions need.
+        async with self.db.unit_of_work(write=False) as uow:
+            running = (await uow.session.execute(select(Job.seq, Job.worker, Job.heartbeat_at)
+                                                 .where(Job.status == JobStatus.RUNNING.value))).all()
+        candidates = [seq for seq, worker, heartbeat_at in running if abandoned(worker, heartbeat_at)]
+        if not candidates:
+            return report
         async with self.db.unit_of_work() as uow:
-            running = (await uow.session.scalars(
-                select(Job).where(Job.status == JobStatus.RUNNING.value))).unique().all()
+            running = (await uow.session.scalars(select(Job).where(
+                Job.seq.in_(candidates), Job.status == JobStatus.RUNNING.value))).unique().all()
             for job in running:
-                stale = job.heartbeat_at is None or now - job.heartbeat_at > self.LEASE
-                if not (stale or (job.worker and is_dead(job.worker))):
+                if not abandoned(job.worker, job.heartbeat_at):  # its worker renewed it meanwhile
                     continue
                 if job.attempts >= max_attempts:
                     await finish_job(uow, self.bus, job, JobStatus.FAILED, error=(
