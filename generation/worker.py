@@ -7,12 +7,20 @@
 A job that raises never kills the worker: the batch is retried one job at a time so one bad job
 cannot fail its neighbours, and each job that still fails gets a message saying what went wrong.
 Final writes are shielded from cancellation, so a shutdown never loses a finished image.
+
+Nor does a job hold the worker forever (settings in [queue]): each diffusers call has a time limit
+that grows with its pixels x steps x images, checked at every step; the lease of the jobs in hand is
+renewed only while their batch makes progress, so another worker takes back the jobs of one stuck
+inside a step; and a watchdog thread ends a process whose batch stopped, for its supervisor to
+restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,8 +31,8 @@ from typing import Any, Protocol, TypeVar
 from PIL import Image
 
 from bot.bootstrap import Core
-from bot.config import Settings
-from bot.errors import EaselError
+from bot.config import QueueConfig, Settings
+from bot.errors import EaselError, GenerationFailed
 from bot.queue import JobQueue, this_worker_id
 from bot.service import utcnow
 from bot.store import ImageStore
@@ -36,7 +44,8 @@ log = logging.getLogger("easel.worker")
 
 StepCallback = Callable[[int, int], None]
 T = TypeVar("T")
-UPKEEP_EVERY_S = 30
+PRUNE_EVERY_S = 30  # progress events are kept an hour: deleting them this often is plenty
+WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor (systemd, Docker, ...) restarts the worker
 
 # All torch work of the process (generation, warm-up, the output check) runs on this one thread:
 # torch keeps per-thread state, and on the CPU each calling thread gets a pool of OpenMP threads of
@@ -56,7 +65,36 @@ class Generator(Protocol):
 
 
 class BatchCancelled(Exception):
-    """Raised from the step callback when every job of the running batch was cancelled."""
+    """Raised from the step callback when every job of the running batch was cancelled, or taken
+    back by another worker after this one's lease ran out."""
+
+
+class TimeLimitExceeded(GenerationFailed):
+    """Raised from the step callback when a diffusers call runs past its time limit."""
+
+
+@dataclass(frozen=True)
+class TimeLimit:
+    """How long one diffusers call may take, from the size of its work (queue.time_limit_*)."""
+
+    total_s: float  # from its first step to its last
+    step_s: float  # one step (or loading the model, or decoding) before the batch counts as stuck
+    work: str  # what the user can lower, in their words: "64x64, 20 steps, 2 image(s)"
+
+    @classmethod
+    def of(cls, tasks: Sequence[GenerationTask], config: QueueConfig) -> TimeLimit:
+        params = tasks[0].params  # the tasks of one call share size and steps (batch_key)
+        images = sum(task.params.n for task in tasks)
+        per_step = config.time_limit_s_per_megapixel_step * params.width * params.height / 1e6 * images
+        together = " in one batch with other jobs" if len(tasks) > 1 else ""
+        return cls(total_s=config.time_limit_base_s + per_step * params.steps,
+                   step_s=config.time_limit_base_s + per_step,
+                   work=f"{params.width}x{params.height}, {params.steps} steps, {images} image(s){together}")
+
+    def exceeded(self) -> TimeLimitExceeded:
+        seconds = f"{self.total_s:.0f}" if self.total_s >= 10 else f"{self.total_s:.2g}"
+        return TimeLimitExceeded(f"this job ran past its time limit of {seconds} s ({self.work}); "
+                                 "lower --steps, --size or --n")
 
 
 @dataclass
@@ -71,7 +109,9 @@ class WorkerStats:
 
 class Worker:
     def __init__(self, queue: JobQueue, generator: Generator, store: ImageStore, settings: Settings,
-                 worker_id: str | None = None, image_checker: ImageChecker | None = None) -> None:
+                 worker_id: str | None = None, image_checker: ImageChecker | None = None,
+                 exit_process: Callable[[int], object] = os._exit) -> None:
+        """`exit_process` is what the watchdog calls to end a stuck worker (tests pass a fake)."""
         self.queue = queue
         self.generator = generator
         # The output check runs on every image before it is stored as done (generation/safety_checker.py).
@@ -81,6 +121,12 @@ class Worker:
         self.worker_id = worker_id or this_worker_id()
         self.stats = WorkerStats()
         self._stop = asyncio.Event()
+        self._exit_process = exit_process
+        self._in_hand: ProgressReporter | None = None  # the batch being generated or finished
+
+    @property
+    def batch_in_hand(self) -> ProgressReporter | None:
+        return self._in_hand
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run()."""
@@ -90,25 +136,38 @@ class Worker:
         poll_s = self.settings.generation.poll_interval_ms / 1000
         if self.settings.generation.compile:  # trace the compiled UNet now, not in a user's first job
             await on_torch_thread(self.generator.warm, self.settings.generation.default_model)
-        last_upkeep = -float("inf")
-        while not self._stop.is_set():
-            if time.monotonic() - last_upkeep > UPKEEP_EVERY_S:
-                await self._upkeep()
-                last_upkeep = time.monotonic()
-            await self._wait_for_a_fuller_batch()
-            # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
-            marker = self.queue.bus.change_marker()
-            batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
-            if not batch:
-                if burst:
-                    break
-                await self._idle(poll_s, marker)
-                continue
-            started = time.monotonic()
-            await self._run_batch(batch)
-            self.stats.batches += 1
-            self.stats.busy_seconds += time.monotonic() - started
+        await self._upkeep(prune=True)  # before the first claim: what a dead worker left goes first
+        watchdog = self._start_watchdog()
+        upkeep = asyncio.create_task(self._keep_up(), name=f"easel-upkeep-{self.worker_id}")
+        try:
+            while not self._stop.is_set():
+                await self._wait_for_a_fuller_batch()
+                # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
+                marker = self.queue.bus.change_marker()
+                batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
+                if not batch:
+                    if burst:
+                        break
+                    await self._idle(poll_s, marker)
+                    continue
+                started = time.monotonic()
+                await self._run_batch(batch)
+                self.stats.batches += 1
+                self.stats.busy_seconds += time.monotonic() - started
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+            if watchdog is not None:
+                watchdog.stop()
         return self.stats
+
+    def _start_watchdog(self) -> Watchdog | None:
+        if not self.settings.queue.watchdog_s:
+            return None
+        watchdog = Watchdog(self.settings.queue.watchdog_s, lambda: self._in_hand,
+                            asyncio.get_running_loop(), exit_process=self._exit_process)
+        watchdog.start()
+        return watchdog
 
     async def _wait_for_a_fuller_batch(self) -> None:
         """With `generation.batch_wait_ms`, give a part-full queue a moment to fill a batch.
@@ -137,25 +196,62 @@ class Worker:
             for wait in waits:
                 wait.cancel()
 
-    async def _upkeep(self) -> None:
-        """At start and every UPKEEP_EVERY_S: take back the jobs of workers that died (here or on
-        another host), and delete progress events nobody needs any more."""
-        report = await self.queue.requeue_abandoned()
+    async def _keep_up(self) -> None:
+        """Every lease_s/4 while the worker runs, generating or not: renew the lease of the batch in
+        hand while it makes progress, and take back the jobs of workers that died or stalled."""
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.queue.lease_s / 4)
+            try:
+                await self._heartbeat()
+            except Exception:  # the database may be briefly busy: the next beat comes soon
+                log.warning("heartbeat of %s failed", self.worker_id, exc_info=True)
+            prune = time.monotonic() - last_prune > PRUNE_EVERY_S
+            try:
+                await self._upkeep(prune=prune)
+            except Exception:
+                log.warning("upkeep of %s failed", self.worker_id, exc_info=True)
+            if prune:
+                last_prune = time.monotonic()
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease of the jobs in hand, only while their batch makes progress: a worker stuck
+        inside a step lets its lease run out, and another worker takes its jobs back."""
+        batch = self._in_hand
+        if batch is None or not batch.making_progress():
+            return
+        gone = await self.queue.heartbeat(self.worker_id, batch.job_ids)
+        if gone.issuperset(batch.job_ids):
+            batch.drop()  # cancelled or taken back, every one: stop at the next step
+
+    async def _upkeep(self, *, prune: bool) -> None:
+        """Take back the jobs of workers that died (on this host) or whose lease ran out (any host),
+        and, with `prune`, delete progress events nobody needs any more."""
+        report = await self.queue.requeue_abandoned(by=self.worker_id)
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
                         len(report.requeued), ", ".join(report.requeued))
         if report.failed:
             log.warning("failed %d job(s) that stopped a worker too often: %s",
                         len(report.failed), ", ".join(report.failed))
-        await self.queue.prune_progress_events()
+        if prune:
+            await self.queue.prune_progress_events()
 
     async def _run_batch(self, batch: Sequence[JobView]) -> None:
+        try:
+            await self._run_batch_in_hand(batch)
+        finally:
+            self._in_hand = None
+
+    async def _run_batch_in_hand(self, batch: Sequence[JobView]) -> None:
         try:
             results = await self._generate(batch)
         except BatchCancelled:
             self.stats.cancelled += len(batch)
             return
         except Exception as error:
+            # A time limit is an EaselError too: it grows with the images, so alone each job would
+            # run past its own limit as well. It is never retried.
             if len(batch) > 1 and not isinstance(error, EaselError):
                 log.warning("batch of %d failed (%r); retrying its jobs one at a time", len(batch), error)
                 for job in batch:
@@ -166,14 +262,19 @@ class Worker:
             return
         for job, images in zip(batch, results, strict=True):
             await asyncio.shield(self._finish(job, images))
+            if self._in_hand is not None:
+                self._in_hand.progressed()
 
     async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
         tasks = [self._task_for(job) for job in batch]
         progress = ProgressReporter(self.queue, [job.id for job in batch],
-                                    self.settings.generation.progress_every_s)
+                                    self.settings.generation.progress_every_s,
+                                    TimeLimit.of(tasks, self.settings.queue), worker_id=self.worker_id)
+        self._in_hand = progress
         try:
             return await on_torch_thread(self.generator.generate, tasks, progress.on_step)
         finally:
+            progress.progressed()  # generation is over: the check and the stores come next
             await progress.settle()  # its last write lands before the jobs' final events
 
     def _task_for(self, job: JobView) -> GenerationTask:
@@ -203,6 +304,8 @@ class Worker:
             await self._fail(job, error)
 
     async def _fail(self, job: JobView, error: BaseException) -> None:
+        if isinstance(error, TimeLimitExceeded):
+            log.warning("job %s failed: %s", job.id, error.message)
         if isinstance(error, EaselError):
             message = error.message
         else:
@@ -210,18 +313,29 @@ class Worker:
             message = (f"Generation failed with an internal error ({type(error).__name__}); "
                        "it has been logged. Try again, or with other settings.")
         self.stats.failed += 1
-        await asyncio.shield(self.queue.fail(job.id, message))
+        await asyncio.shield(self.queue.fail(job.id, message, worker_id=self.worker_id))
 
 
 class ProgressReporter:
-    """The step callback of one batch, called on the generation thread: throttled progress writes
-    that never hold up generation (they run on the event loop, in order, while the next steps
-    compute), and a stop once every job of the batch was cancelled."""
+    """The step callback of one batch, called on the generation thread, and how the batch is doing:
+    throttled progress writes that never hold up generation (they run on the event loop, in order,
+    while the next steps compute), a stop once every job of the batch was cancelled or taken back,
+    and the batch's time limit, checked at every step.
 
-    def __init__(self, queue: JobQueue, job_ids: list[str], every_s: float) -> None:
+    `last_progress` (monotonic seconds: the start, each step, the generation's end, each job
+    finished) is read by the worker's heartbeat and by the watchdog thread.
+    """
+
+    def __init__(self, queue: JobQueue, job_ids: list[str], every_s: float, limit: TimeLimit,
+                 worker_id: str | None = None) -> None:
         self.queue = queue
         self.job_ids = job_ids
         self.every_s = every_s
+        self.limit = limit
+        self.worker_id = worker_id  # progress writes find jobs another worker took back gone
+        self.last_progress = time.monotonic()
+        self.step, self.total = 0, 0
+        self._first_step_at: float | None = None
         self._loop = asyncio.get_running_loop()
         # The first report comes `every_s` after the start ("started" was just published), and none
         # at the last step ("done" follows): a job quicker than every_s costs no progress writes.
@@ -235,6 +349,12 @@ class ProgressReporter:
         if self._all_cancelled:
             raise BatchCancelled()
         now = time.monotonic()
+        self.last_progress, self.step, self.total = now, step, total
+        # The clock starts at the first step: loading or compiling a model is not the job's doing.
+        if self._first_step_at is None:
+            self._first_step_at = now
+        elif now - self._first_step_at > self.limit.total_s:
+            raise self.limit.exceeded()
         if previews is None and now - self._last_sent < self.every_s:
             return
         self._last_sent = now
@@ -246,18 +366,104 @@ class ProgressReporter:
         if previous is not None:
             await asyncio.wrap_future(previous)  # writes land in step order
         try:
-            gone = await self.queue.report_progress(self.job_ids, step, total, previews)
+            gone = await self.queue.report_progress(self.job_ids, step, total, previews, self.worker_id)
         except Exception:  # a lost progress report costs a progress bar tick, never the job
             log.warning("progress report for %s failed", ", ".join(self.job_ids), exc_info=True)
             return
         if gone.issuperset(self.job_ids):
             self._all_cancelled = True
 
+    def drop(self) -> None:
+        """Every job of the batch was cancelled or taken back: stop at the next step."""
+        self._all_cancelled = True
+
+    def progressed(self) -> None:
+        """Progress made outside a step: the generation returned, a job was finished."""
+        self.last_progress = time.monotonic()
+
+    def stalled_s(self, now: float | None = None) -> float:
+        """Seconds since the batch last made progress."""
+        return (time.monotonic() if now is None else now) - self.last_progress
+
+    def making_progress(self) -> bool:
+        """Whether the batch's lease deserves renewing: its current step (or model load, or decode)
+        has not yet taken longer than one step's allowance."""
+        return self.stalled_s() < self.limit.step_s
+
+    def describe(self) -> str:
+        return f"batch {', '.join(self.job_ids)} at step {self.step}/{self.total or '?'}"
+
     async def settle(self) -> None:
         """Wait for the last progress write (on the event loop, once generation returned), so it
         lands before the jobs' final events."""
         if self._writing is not None:
             await asyncio.wrap_future(self._writing)
+
+
+class Watchdog:
+    """Ends a worker process whose batch stopped making progress, so that its supervisor restarts it.
+
+    A thread of its own: the torch thread may be stuck inside a step, and the event loop blocked;
+    either would silence a watchdog that ran there. Every `poll_s` it asks the event loop to answer,
+    and while a batch is in hand it fires when the batch made no progress for `timeout_s` (or for
+    one step's allowance, when the time limit grants a step longer) or the event loop has not
+    answered for `timeout_s`. Firing logs why and calls `exit_process(WATCHDOG_EXIT_STATUS)`:
+    os._exit, since a thread stuck in native code cannot be interrupted or joined.
+
+        watchdog = Watchdog(300, lambda: worker.batch_in_hand, asyncio.get_running_loop())
+        watchdog.start()
+    """
+
+    def __init__(self, timeout_s: float, batch_in_hand: Callable[[], ProgressReporter | None],
+                 loop: asyncio.AbstractEventLoop, *, exit_process: Callable[[int], object] = os._exit,
+                 clock: Callable[[], float] = time.monotonic, poll_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s if poll_s is not None else min(1.0, timeout_s / 4)
+        self._batch_in_hand = batch_in_hand
+        self._loop = loop
+        self._exit_process = exit_process
+        self._clock = clock
+        self._loop_seen = clock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="easel-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def check(self, now: float) -> str | None:
+        """Why the worker counts as stuck at monotonic time `now`, or None."""
+        batch = self._batch_in_hand()
+        if batch is None:
+            self._loop_seen = now  # nothing in hand, nothing held up; a batch starts from a running loop
+            return None
+        allowed = max(self.timeout_s, batch.limit.step_s)
+        if (stalled := batch.stalled_s(now)) > allowed:
+            return (f"{batch.describe()} made no progress for {stalled:.0f} s (allowed: {allowed:.0f} s, "
+                    f"queue.watchdog_s or one step's share of the time limit)")
+        if (silent := now - self._loop_seen) > self.timeout_s:
+            return (f"the event loop has not run for {silent:.0f} s (queue.watchdog_s = {self.timeout_s:g}) "
+                    f"while {batch.describe()} was in hand")
+        return None
+
+    def loop_answered(self) -> None:
+        """Called on the event loop, when it runs the watchdog's probe."""
+        self._loop_seen = self._clock()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            try:
+                self._loop.call_soon_threadsafe(self.loop_answered)
+            except RuntimeError:  # the loop was closed: the worker is gone
+                return
+            reason = self.check(self._clock())
+            if reason is not None:
+                log.critical("watchdog: %s; ending the worker process with status %d for its supervisor "
+                             "to restart it", reason, WATCHDOG_EXIT_STATUS)
+                self._exit_process(WATCHDOG_EXIT_STATUS)
+                return
 
 
 def build_worker(core: Core, generator: Generator | None = None) -> Worker:
