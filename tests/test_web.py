@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from generation.shapes import caption, training_combinations
 from generation.worker import Worker
 from tests import http_fixtures
 from tests.conftest import png_bytes
@@ -181,4 +183,31 @@ async def test_the_page_has_an_icon_and_favicon_ico_is_it(server, browser) -> No
     width = await page.evaluate("""async (href) => {
         const icon = new Image(); icon.src = href; await icon.decode(); return icon.naturalWidth; }""", icon)
     assert width > 0
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def shapes_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The users' default, builtin:shapes (conftest makes builtin:tiny the tests' only model)."""
+    monkeypatch.setenv("EASEL_GENERATION__DEFAULT_MODEL", "shapes")
+    monkeypatch.delenv("EASEL_MODELS")
+
+
+async def test_the_page_suggests_prompts_the_default_model_draws(shapes_by_default, server, browser) -> None:
+    page = await open_chat(browser, server.url)
+    await expect(page.locator("#examples-model")).to_have_text("shapes")
+    examples = page.locator("#examples button.example")
+    await expect(examples).to_have_count(3)
+    known = {caption(*combo) for combo in training_combinations()}  # what builtin:shapes learned to draw
+    for prompt in await examples.all_inner_texts():
+        assert prompt in known, prompt
+    first_step = await page.locator("#first-step code").inner_text()
+    assert re.fullmatch(r"/imagine (.+) --seed 42", first_step)[1] in known, first_step
+    assert "lighthouse" not in await page.locator("#log").inner_text()
+    await screenshot(page, "web-examples.png")
+
+    await examples.nth(1).click()  # puts the command in the box, ready for flags or Enter
+    command = page.locator("#command")
+    await expect(command).to_be_focused()
+    await expect(command).to_have_value(f"/imagine {await examples.nth(1).inner_text()} ")
     assert page.errors == []  # type: ignore[attr-defined]

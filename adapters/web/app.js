@@ -255,6 +255,19 @@ async function follow(job) {
   }
 }
 
+// The server says which prompts its default model draws (builtin:shapes knows only its captions' words).
+async function showExamples() {
+  const { examples } = await api("GET", "/v1/help");
+  const first = `/imagine ${examples.prompts[0]}`;
+  $("#first-step").replaceChildren("Type ", element("code", { text: `${first} --seed 42` }), " and press Enter.");
+  commandBox.placeholder = `${first} --seed 4`;
+  $("#examples-model").textContent = examples.model;
+  $("#examples .examples").replaceChildren(...examples.prompts.map((prompt) => element("button", {
+    type: "button", class: "example", text: prompt, "aria-label": `Put /imagine ${prompt} in the command box`,
+    onclick: () => { commandBox.value = `/imagine ${prompt} `; commandBox.focus(); } })));
+  $("#examples").hidden = false;
+}
+
 // -- history and quota -------------------------------------------------------------------------
 
 async function refreshSide() {
@@ -411,9 +424,9 @@ $("#key-form").addEventListener("submit", (event) => {
   localStorage.setItem(TOKEN_KEY, token);
   $("#key-form").hidden = true;
   $("#composer").hidden = false;
-  run(async () => { if (await ensureIdentity()) await refreshSide(); });
+  run(async () => { if (await ensureIdentity()) await Promise.all([refreshSide(), showExamples()]); });
 });
 
 run(async () => {
-  if (await ensureIdentity()) await refreshSide();
+  if (await ensureIdentity()) await Promise.all([refreshSide(), showExamples()]);
 });
