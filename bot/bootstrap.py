@@ -81,7 +81,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         service=service,
         moderation=Moderation(settings, db, policy, bus, clock),
         apikeys=ApiKeys(db, clock),
-        queue=JobQueue(settings, db, store, bus),
+        queue=JobQueue(settings, db, store, bus, policy, clock),
         deliveries=Deliveries(settings),
     )
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from types import SimpleNamespace
-from typing import cast
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import QuotaTier, Settings
 from bot.database import UnitOfWork
@@ -140,11 +137,10 @@ class Policy:
             raise Refused(f"You are banned {when(user.banned_until, now)}.{reason} "
                           "If you think this is a mistake: /appeal ban <why>")
 
-    async def record(self, uow: UnitOfWork | AsyncSession, user: User, *, subject: str, category: str,
+    async def record(self, uow: UnitOfWork, user: User, *, subject: str, category: str,
                      reason_code: str, source: str, action: str, now: datetime, job_id: str | None = None,
                      detail: str | None = None, actor: str | None = None) -> SafetyFlag:
         """Write one safety decision (flushed, so it has an id)."""
-        uow = _unit_of_work(uow)
         flag = SafetyFlag(user_id=user.id, job_id=job_id, subject=subject[:128], category=category[:64],
                           reason_code=reason_code[:64], source=source, action=action, created_at=now,
                           detail=detail[:2000] if detail else None, actor=actor)
@@ -160,10 +156,9 @@ class Policy:
                           source=source, action="ban", now=now, actor=actor,
                           detail=f"{reason} ({when(until, now)})")
 
-    async def strike(self, uow: UnitOfWork | AsyncSession, user: User, now: datetime) -> str:
+    async def strike(self, uow: UnitOfWork, user: User, now: datetime) -> str:
         """Count the user's strikes after a new one was recorded; ban at the configured number.
         Returns the sentence that tells the user where they stand."""
-        uow = _unit_of_work(uow)
         config = self.settings.moderation
         if config.strikes_to_ban == 0:
             return ""
@@ -321,14 +316,6 @@ class Policy:
             cost=cost_milli(params) / 1000 if params is not None else None,
             cost_of=_described_params(params) if params is not None else "",
         )
-
-
-def _unit_of_work(uow: UnitOfWork | AsyncSession) -> UnitOfWork:
-    """For bot/queue.py, which still passes `uow.session` to `record` and `strike`; remove once it
-    passes its unit of work (Policy reads only `uow.session`)."""
-    if isinstance(uow, AsyncSession):
-        return cast(UnitOfWork, SimpleNamespace(session=uow))
-    return uow
 
 
 def _minute_lifts_at(usage: Usage, cost: int, limit: float, now: datetime) -> datetime:

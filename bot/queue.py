@@ -26,14 +26,15 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 
+from bot.clock import Clock
 from bot.config import Settings
 from bot.database import Database
 from bot.domain import JobStatus
-from bot.events import EventBus
+from bot.events import EventBus, EventKind
 from bot.models import Image, Job, JobEvent, User
 from bot.policy import Policy
 from bot.safety import ImageVerdict, image_action
-from bot.service import finish_job, utcnow
+from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView, job_view
 
@@ -70,12 +71,14 @@ class JobQueue:
     # How long progress events stay readable (a reader that fell further behind skips them).
     PROGRESS_KEPT = timedelta(hours=1)
 
-    def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus) -> None:
+    def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus, policy: Policy,
+                 clock: Clock) -> None:
         self.settings = settings
         self.db = db
         self.store = store
-        self.bus = bus
-        self.policy = Policy(settings)
+        self.bus = bus  # staged events are announced by the unit of work's commit
+        self.policy = policy
+        self.clock = clock
 
     @property
     def LEASE(self) -> timedelta:  # upper case: it was a constant before it was configurable
@@ -93,12 +96,11 @@ class JobQueue:
                 return []
             views = await self._start(worker_id, chosen)
             if views:  # else another worker took all of them meanwhile: choose again
-                self.bus.notify(view.id for view in views)
                 return views
 
     async def _start(self, worker_id: str, chosen: list[int]) -> list[JobView]:
         """Mark the chosen jobs running, leaving out any another worker took after they were chosen."""
-        now = utcnow()
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
             batch = (await uow.session.scalars(
                 select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
@@ -112,7 +114,7 @@ class JobQueue:
                 job.progress_step, job.progress_total = 0, job.steps
                 job.batch_size = images
                 job.user.last_served_at = now
-                self.bus.stage(uow, job, "started", {"batch_size": images})
+                self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
             await uow.commit()
             return [job_view(job, self.store.path_of) for job in batch]
 
@@ -155,7 +157,7 @@ class JobQueue:
         given. Returns the ids no longer running (cancelled by their owner) or, with `worker_id`, no
         longer this worker's (taken back after its lease ran out), so the worker can stop spending
         time on them."""
-        now = utcnow()
+        now = self.clock()
         preview_of = dict(zip(job_ids, previews, strict=True)) if previews else {}
         async with self.db.unit_of_work() as uow:
             jobs = (await uow.session.scalars(
@@ -169,9 +171,8 @@ class JobQueue:
                 payload: dict[str, Any] = {"step": step, "total": total}
                 if job.id in preview_of:
                     payload["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview_of[job.id]).decode()
-                self.bus.stage(uow, job, "progress", payload)
+                self.bus.stage(uow, job, EventKind.PROGRESS, payload)
             await uow.commit()
-        self.bus.notify(job_ids)
         return gone
 
     async def heartbeat(self, worker_id: str, job_ids: Sequence[str]) -> set[str]:
@@ -181,22 +182,23 @@ class JobQueue:
             kept = set(await uow.session.scalars(select(Job.id).where(
                 Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value, Job.worker == worker_id)))
             if kept:
-                await uow.session.execute(update(Job).where(Job.id.in_(kept)).values(heartbeat_at=utcnow()))
+                await uow.session.execute(update(Job).where(Job.id.in_(kept)).values(heartbeat_at=self.clock()))
             await uow.commit()
         return set(job_ids) - kept
 
     async def complete(self, job_id: str, images: Sequence[tuple[int, StoredImage]],
-                       verdicts: Sequence[ImageVerdict | None] = ()) -> bool:
-        """Store the image rows and mark the job done. False if it was cancelled meanwhile.
+                       verdicts: Sequence[ImageVerdict | None] = (), worker_id: str | None = None) -> bool:
+        """Store the image rows and mark the job done. False if it was cancelled meanwhile or, with
+        `worker_id`, taken back by another worker after this one lost its lease.
 
         `verdicts` are the output check's, one per image (None = not flagged). A flagged image is
         spoilered where the job's place allows NSFW, else withheld; each is recorded on the image and
         as a safety flag row (a withheld one may be a strike, see moderation.strike_actions).
         """
-        now = utcnow()
+        now = self.clock()
         async with self.db.unit_of_work() as uow:
             job = await uow.session.scalar(select(Job).where(Job.id == job_id))
-            if job is None or job.status != JobStatus.RUNNING.value:
+            if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
                 return False
             verdicts = list(verdicts) or [None] * len(images)
             for index, ((seed, stored), verdict) in enumerate(zip(images, verdicts, strict=True)):
@@ -206,19 +208,18 @@ class JobQueue:
                                         safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
                                         created_at=now))
                 if verdict is not None:
-                    await self.policy.record(uow.session, job.user, subject=f"image:{stored.sha256}",
+                    await self.policy.record(uow, job.user, subject=f"image:{stored.sha256}",
                                              category=verdict.category, reason_code=verdict.reason_code,
                                              source="image_check", action=action, now=now, job_id=job.id,
                                              detail=f"image {index + 1} of job {job.id}: {job.prompt}")
             if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in job.images) \
                     and "withhold" in self.settings.moderation.strike_actions:
-                await self.policy.strike(uow.session, job.user, now)
+                await self.policy.strike(uow, job.user, now)
             await uow.session.flush()
             job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
             # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
             await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
             await uow.commit()
-        self.bus.notify([job_id])
         return True
 
     async def fail(self, job_id: str, error: str, worker_id: str | None = None) -> None:
@@ -230,7 +231,6 @@ class JobQueue:
                 return
             await finish_job(uow, self.bus, job, JobStatus.FAILED, error=error)
             await uow.commit()
-        self.bus.notify([job_id])
 
     async def requeue_abandoned(
         self, is_dead: Callable[[str], bool] = is_local_process_dead, now: datetime | None = None,
@@ -239,7 +239,7 @@ class JobQueue:
         """Give jobs of dead workers, and jobs whose lease ran out, back to the queue, or fail those
         tried too often. The jobs of worker `by` (the caller) are left alone: it is running them, or
         it is stuck and cannot run them again anyway; another worker or its watchdog acts then."""
-        now = now or utcnow()
+        now = now or self.clock()
         report = RecoveryReport([], [])
         max_attempts = self.settings.queue.max_attempts
 
@@ -270,17 +270,15 @@ class JobQueue:
                     report.failed.append(job.id)
                 else:
                     job.status, job.worker, job.progress_step = JobStatus.QUEUED.value, None, 0
-                    self.bus.stage(uow, job, "queued", {"position": 1, "requeued": True})
+                    self.bus.stage(uow, job, EventKind.QUEUED, {"position": 1, "requeued": True})
                     report.requeued.append(job.id)
             await uow.commit()
-        if report.requeued or report.failed:
-            self.bus.notify(report.requeued + report.failed)
         return report
 
     async def prune_progress_events(self, now: datetime | None = None) -> int:
         """Delete progress events older than PROGRESS_KEPT: they only matter while a job runs, and
         there are several per job. The other events (a job's story) are kept. Returns how many."""
-        cutoff = (now or utcnow()) - self.PROGRESS_KEPT
+        cutoff = (now or self.clock()) - self.PROGRESS_KEPT
         async with self.db.unit_of_work() as uow:
             deleted = await uow.session.execute(
                 delete(JobEvent).where(JobEvent.kind == "progress", JobEvent.created_at < cutoff))

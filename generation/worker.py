@@ -30,11 +30,9 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from bot.bootstrap import Core
 from bot.config import QueueConfig, Settings
 from bot.errors import EaselError, GenerationFailed
 from bot.queue import JobQueue, this_worker_id
-from bot.service import utcnow
 from bot.store import ImageStore
 from bot.views import JobView
 from generation.pipelines import GenerationTask
@@ -180,7 +178,7 @@ class Worker:
             images, oldest = await self.queue.waiting()
             if images == 0 or images >= self.settings.generation.max_batch or oldest is None:
                 return
-            left = (oldest + wait - utcnow()).total_seconds()
+            left = (oldest + wait - self.queue.clock()).total_seconds()
             if left <= 0:
                 return
             await self.queue.bus.wait_for_change(left)
@@ -295,7 +293,7 @@ class Worker:
             for seed, image in zip(job.params.image_seeds(), images, strict=True):
                 saved = await asyncio.to_thread(self.store.save_generated, image, job.params, seed)
                 stored.append((seed, saved))
-            if await self.queue.complete(job.id, stored, verdicts):
+            if await self.queue.complete(job.id, stored, verdicts, worker_id=self.worker_id):
                 self.stats.succeeded += 1
                 self.stats.images += len(stored)
             else:
@@ -466,7 +464,16 @@ class Watchdog:
                 return
 
 
-def build_worker(core: Core, generator: Generator | None = None) -> Worker:
+class CoreParts(Protocol):
+    """What a worker is built from (bot.bootstrap.Core has these); the worker never imports the
+    composition root, it is handed its parts."""
+
+    queue: JobQueue
+    store: ImageStore
+    settings: Settings
+
+
+def build_worker(core: CoreParts, generator: Generator | None = None) -> Worker:
     """The worker `easel serve` and `easel worker` run: diffusers on the configured device."""
     if generator is None:
         from generation.pipelines import DiffusersGenerator
