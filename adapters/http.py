@@ -37,7 +37,6 @@ from bot.apikeys import PLATFORM
 from bot.bootstrap import Core
 from bot.delivery import deliver_events
 from bot.errors import EaselError
-from bot.metrics import PrometheusExporter
 
 
 def build_app(core: Core) -> FastAPI:
@@ -49,7 +48,7 @@ def build_app(core: Core) -> FastAPI:
                   docs_url="/docs", redoc_url=None, exception_handlers=EXCEPTION_HANDLERS)
     app.state.core = core
     app.state.keys = core.apikeys
-    app.state.metrics = PrometheusExporter(core.db)
+    app.state.metrics = core.metrics
     # Included in this order so /openapi.json lists the paths as it always has.
     app.include_router(operations.router)
     app.include_router(jobs.router)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
 from bot.delivery import Delivery, ShownImage
-from bot.domain import JobKind
+from bot.domain import JobKind, JobStatus
 from bot.events import EventKind
 from bot.views import JobView
 
@@ -162,7 +162,7 @@ def describe_job(delivery: Delivery) -> str:
     lines.append(f"{p.n} image{'s' if p.n != 1 else ''} · seed{'s' if p.n != 1 else ''} {seeds}")
     if p.kind is not JobKind.IMAGINE and p.strength is not None:
         lines.append(f"strength {p.strength:g}")
-    if job.status.value == "running" and job.progress_total:
+    if job.status is JobStatus.RUNNING and job.progress_total:
         lines.append(f"step {job.progress_step}/{job.progress_total}")
     timings = []
     if job.queue_wait_s is not None:

@@ -27,6 +27,7 @@ from bot.delivery import Deliveries
 from bot.events import EventBus
 from bot.fetch import ImageFetcher
 from bot.grammar import CommandParser
+from bot.metrics import PrometheusExporter
 from bot.moderation import Moderation
 from bot.policy import Policy
 from bot.queue import JobQueue
@@ -48,6 +49,7 @@ class Core:
     service: JobService
     moderation: Moderation  # /mod and /appeal
     apikeys: ApiKeys
+    metrics: PrometheusExporter  # /metrics, read from the job rows at each scrape
     queue: JobQueue
     deliveries: Deliveries  # what each surface may show of a job (bot/delivery.py)
 
@@ -81,6 +83,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         service=service,
         moderation=Moderation(settings, db, policy, bus, clock),
         apikeys=ApiKeys(db, clock),
+        metrics=PrometheusExporter(db, clock),
         queue=JobQueue(settings, db, store, bus, policy, clock),
         deliveries=Deliveries(settings),
     )

@@ -6,7 +6,7 @@ same whichever process serves `/metrics` and include workers on other hosts. Rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,10 +17,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.clock import utcnow
 from bot.database import Database
 from bot.domain import JobStatus
 from bot.models import Image, Job
-from bot.service import utcnow
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Metrics:
     window_s: float
 
 
-async def read_metrics(db: Database, window_s: float = 300.0) -> Metrics:
-    now = utcnow()
+async def read_metrics(db: Database, window_s: float = 300.0, clock: Callable[[], datetime] = utcnow) -> Metrics:
+    now = clock()
     since = now - timedelta(seconds=window_s)
     async with db.unit_of_work(write=False) as uow:
         session = uow.session
@@ -119,12 +119,13 @@ class PrometheusExporter:
     """`/metrics` for one database: a registry of its own (never the process-wide default, so two apps in
     one process don't collide), read fresh from the database at every scrape:
 
-        exporter = PrometheusExporter(core.db)
+        exporter = core.metrics  # built once by bot.bootstrap: PrometheusExporter(db, clock)
         body = await exporter.scrape()  # b"# HELP easel_queue_length Jobs waiting for a worker.\\n..."
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Callable[[], datetime] = utcnow) -> None:
         self.db = db
+        self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
@@ -132,5 +133,5 @@ class PrometheusExporter:
     async def scrape(self) -> bytes:
         # Collectors are synchronous and the reading is not: read first, then render with no await in
         # between, so concurrent scrapes never mix two readings.
-        self._snapshot.metrics = await read_metrics(self.db)
+        self._snapshot.metrics = await read_metrics(self.db, clock=self.clock)
         return generate_latest(self.registry)
