@@ -25,7 +25,7 @@ from adapters.mcp_server import EaselApi
 from bot.bootstrap import Core
 from bot.config import load_settings
 from bot.delivery import Deliveries
-from bot.domain import AppealCommand, GenerationParams, JobKind, JobStatus, ModResolveCommand
+from bot.domain import AppealCommand, GenerationParams, JobKind, JobStatus, ModResolveCommand, Requester
 from bot.events import Event, EventKind
 from bot.models import Appeal
 from bot.views import ImageView, JobView
@@ -197,3 +197,31 @@ async def test_the_http_api_never_hands_out_a_withheld_image_until_an_appeal_rel
         async with server.client() as anonymous:
             assert (await anonymous.get(link)).status_code == 200
         await owner.aclose()
+
+
+async def test_an_accepted_appeal_releases_the_withheld_images_on_each_database(
+        any_core: Core, generator, flag_all_checker) -> None:
+    core = any_core
+    owner = Requester("console", "alice", "Alice")
+    job = (await core.service.submit(owner, core.parser.parse("/imagine a statue --steps 2 --n 2"))).job
+    await Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1",
+                 image_checker=flag_all_checker).run(burst=True)
+    withheld = core.deliveries.of_job(await core.service.get_job(job.id))
+    assert withheld.images == () and len(withheld.withheld) == 2
+    assert await core.service.image_withheld((await core.service.get_job(job.id)).images[0].sha256)
+
+    await core.moderation.handle(owner, AppealCommand(job.id, "it is a statue"))
+    async with core.db.unit_of_work(write=False) as uow:
+        appeal_id = await uow.session.scalar(select(Appeal.id))
+    moderator = Requester("console", "mod", "Mod", is_platform_moderator=True)
+    before = await core.bus.latest_id()
+    await core.moderation.handle(moderator, ModResolveCommand(appeal_id, accept=True))
+
+    [released] = await core.bus.read_after(before, job_id=job.id)  # what the owner's platform follows
+    assert released.kind is EventKind.RELEASED
+    finished = await core.service.get_job(job.id)
+    delivery = core.deliveries.of_event(released, finished)
+    assert [image.index for image in delivery.images] == [0, 1] and delivery.withheld == ()
+    assert core.deliveries.of_job(finished).withheld == ()
+    assert not await core.service.image_withheld(finished.images[0].sha256)
+
