@@ -211,3 +211,34 @@ async def test_the_page_suggests_prompts_the_default_model_draws(shapes_by_defau
     await expect(command).to_be_focused()
     await expect(command).to_have_value(f"/imagine {await examples.nth(1).inner_text()} ")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_an_attached_picture_leaves_the_results_in_view_on_a_desktop(
+        server, generator, browser, tmp_path: Path) -> None:
+    page = await open_chat(browser, server.url)  # 1100x800, the browser fixture's window
+    await page.locator("#command").fill("/imagine a fox --steps 2 --seed 5 --n 4")
+    await page.keyboard.press("Enter")
+    async with running_worker(server.core, generator):
+        await expect(page.locator("article.job figure img")).to_have_count(4, timeout=60_000)
+    picture = tmp_path / "street.png"
+    picture.write_bytes(png_bytes(512, 512, (90, 90, 160)))
+    await page.locator("#file").set_input_files(str(picture))
+    await expect(page.locator("#mask")).to_be_in_viewport()  # the painter comes into view to paint on
+    await expect(page.locator("#command")).to_be_in_viewport()
+    remove = page.locator("#remove-image")  # its tools are clear of the composer's row
+    box = await remove.bounding_box()
+    assert await remove.evaluate("(button, [x, y]) => document.elementFromPoint(x, y) === button",
+                                 [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+    await page.screenshot(path=str(ARTIFACTS / "web-attached-desktop.png"))  # the window, not the page
+
+    # Scroll back up to the results, as a person does to pick one: the composer must not sit on them.
+    await page.evaluate("window.scrollTo(0, 0)")
+    image = page.locator("article.job figure img").first
+    box, composer = await image.bounding_box(), await page.locator("#composer").bounding_box()
+    centre = [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2]
+    assert 0 < centre[1] < 800, box
+    assert await image.evaluate("(img, [x, y]) => document.elementFromPoint(x, y) === img", centre)
+    assert composer["y"] >= box["y"] + box["height"], (composer, box)
+    await expect(page.locator("#command")).to_be_in_viewport()  # the command box still follows the reader
+    await page.screenshot(path=str(ARTIFACTS / "web-attached-desktop-results.png"))  # the window, not the page
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -295,6 +295,7 @@ fileInput.addEventListener("change", () => {
     maskCanvas.height = preview.naturalHeight;
     clearMask();
     $("#attachment").hidden = false;
+    $("#attachment").scrollIntoView({ block: "nearest" });
   };
   preview.onerror = () => { say(`${file.name} is not a picture this browser can show.`, "error"); removeImage(); };
   preview.src = url;
