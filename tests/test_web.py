@@ -242,3 +242,31 @@ async def test_an_attached_picture_leaves_the_results_in_view_on_a_desktop(
     await expect(page.locator("#command")).to_be_in_viewport()  # the command box still follows the reader
     await page.screenshot(path=str(ARTIFACTS / "web-attached-desktop-results.png"))  # the window, not the page
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_a_follow_up_card_says_which_button_made_it(server, generator, browser) -> None:
+    page = await open_chat(browser, server.url)
+    await page.locator("#command").fill("/imagine a fox --steps 2 --seed 5 --n 2")
+    await page.keyboard.press("Enter")
+    cards = page.locator("article.job")
+    async with running_worker(server.core, generator):
+        await expect(cards.first.locator(".status")).to_have_text("done, seeds 5, 6", timeout=60_000)
+        [first] = await server.core.service.list_jobs()
+        assert await cards.first.locator(".origin").count() == 0  # typed, not made by a button
+        buttons = (f"Variations of image 2 of job {first.id}", f"Upscale of image 1 of job {first.id}",
+                   f"Re-roll job {first.id} with a new seed")
+        for count, name in enumerate(buttons, start=2):
+            await page.get_by_role("button", name=name).click()
+            await expect(cards).to_have_count(count)  # one at a time, so the cards come in this order
+        for card in (cards.nth(1), cards.nth(2), cards.nth(3)):
+            await expect(card.locator(".status")).to_contain_text("done, seed", timeout=60_000)
+    await expect(cards.nth(1).locator(".origin")).to_have_text(f"Variations of image 2 of job {first.id}")
+    await expect(cards.nth(2).locator(".origin")).to_have_text(f"Upscale of image 1 of job {first.id}")
+    await expect(cards.nth(3).locator(".origin")).to_have_text(f"Re-roll of job {first.id}")
+    await expect(page.locator("#history li").first).to_contain_text(f"Re-roll of job {first.id}: a fox")
+    await screenshot(page, "web-follow-ups.png")
+    kinds = {job.id: job.params.kind.value for job in await server.core.service.list_jobs()}
+    for card, kind in zip((cards.nth(1), cards.nth(2), cards.nth(3)), ("edit", "edit", "imagine"), strict=True):
+        job_id = (await card.get_attribute("aria-label")).removeprefix("Job ")
+        assert kinds[job_id] == kind, (job_id, kinds)
+    assert page.errors == []  # type: ignore[attr-defined]

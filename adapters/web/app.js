@@ -15,6 +15,7 @@ let token = localStorage.getItem(TOKEN_KEY);
 let attached = null; // the File attached for /edit and /inpaint
 let maskPainted = false;
 const cards = new Map(); // job id -> its card in the log
+const origins = new Map(); // job id -> the button that made it ("Upscale of image 1 of job k7mq2x9a")
 
 // -- talking to the API ------------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ function cardFor(job) {
   const card = {
     node: element("article", { class: "job", "aria-label": `Job ${job.id}` },
       element("header", {}, element("strong", { text: `Job ${job.id}` }), status),
+      ...(origins.has(job.id) ? [element("p", { class: "origin", text: origins.get(job.id) })] : []),
       element("p", { class: "prompt", text: `${job.kind}: ${job.prompt}${job.negative ? ` (not: ${job.negative})` : ""}` }),
       progress),
     status, progress, images: element("div", { class: "images" }), actions: element("div", { class: "actions" }),
@@ -194,7 +196,7 @@ function render(card, job) {
   } else if (job.status === "succeeded") {
     card.actions.append(element("button", { type: "button", text: "Re-roll",
       "aria-label": `Re-roll job ${job.id} with a new seed`,
-      onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/reroll`))) }));
+      onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/reroll`), `Re-roll of job ${job.id}`)) }));
   }
   if (isFinal(job.status)) card.progress.hidden = true;
 }
@@ -209,7 +211,8 @@ function figure(job, image) {
   const n = image.index + 1;
   const followUp = (kind, label) => element("button", { type: "button", text: label,
     "aria-label": `${label} of image ${n} of job ${job.id}`,
-    onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/${kind}`, { index: image.index }))) });
+    onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/${kind}`, { index: image.index }),
+      `${label} of image ${n} of job ${job.id}`)) });
   const picture = element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
     width: String(image.width), height: String(image.height) });
   const shown = image.spoiler ? spoiler(picture, `Image ${n} was flagged by the image check. Show it`)
@@ -231,7 +234,9 @@ function spoiler(picture, label) {
   return button;
 }
 
-async function follow(job) {
+// `origin` says which button made the job, for a follow-up: the server records only what to draw.
+async function follow(job, origin) {
+  if (origin) origins.set(job.id, origin);
   const card = showJob(job);
   try {
     for await (const event of events(job.id)) {
@@ -279,7 +284,7 @@ async function refreshSide() {
   if (!jobs.length) $("#history").replaceChildren(element("li", { class: "meta", text: "No jobs yet." }));
   else $("#history").replaceChildren(...jobs.map((job) => element("li", {},
     element("button", { type: "button", onclick: () => run(async () => showJob(await api("GET", `/v1/jobs/${job.id}`))) },
-      element("span", { text: `${job.kind}: ${job.prompt}` }),
+      element("span", { text: `${origins.get(job.id) ?? job.kind}: ${job.prompt}` }),
       element("span", { class: "meta", text: `${job.id} · ${job.status} · ${new Date(job.created_at).toLocaleString()}` })))));
 }
 
