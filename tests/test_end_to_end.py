@@ -204,10 +204,19 @@ async def test_progress_events_carry_live_previews_when_switched_on(core: Core, 
 async def test_a_short_batch_wait_gathers_a_job_submitted_just_after(core: Core, generator) -> None:
     import asyncio
 
-    core.settings.generation.batch_wait_ms = 1500
+    # A wait far longer than the test, ended by the second job filling the batch: nothing hangs on timing.
+    core.settings.generation.batch_wait_ms = 60_000
+    core.settings.generation.max_batch = 2
     first = await core.service.submit(alice(), core.parser.parse("/imagine a cat --steps 2"))
+    waiting, wait_for_change = asyncio.Event(), core.bus.wait_for_change
+
+    async def wait_noted(*args, **kwargs) -> None:
+        waiting.set()  # the worker holds back its claim, for a fuller batch
+        await wait_for_change(*args, **kwargs)
+
+    core.bus.wait_for_change = wait_noted
     draining = asyncio.create_task(worker_for(core, generator).run(burst=True))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(waiting.wait(), timeout=30)
     second = await core.service.submit(bob(), core.parser.parse("/imagine a dog --steps 2"))
     await draining
     jobs = [await core.service.get_job(result.job.id) for result in (first, second)]

@@ -216,10 +216,12 @@ async def test_a_watcher_hears_its_own_job_at_once_and_sleeps_through_other_jobs
         return await read_after(*args, **kwargs)
 
     core.bus.read_after = counted
+    [wake_up] = core.bus._job_wake_ups[mine.id]  # what the sleeping watcher waits on
     for _ in range(5):  # other users' jobs change: the watcher of Alice's job stays asleep
         await submit(core, "/imagine a dog", who=bob)
-    await asyncio.sleep(0.05)
-    assert reads == 0
+    # A commit notifies before submit returns, so a wrong wake-up would already be set here: checking
+    # it (not sleeping, then counting reads) holds however slow the machine is.
+    assert not wake_up.is_set() and reads == 0
     await core.queue.claim_batch("test:1", 1)
     await core.queue.fail(mine.id, "out of luck")
     await asyncio.wait_for(watching, timeout=5)

@@ -279,7 +279,8 @@ async def test_flood_control_waits_as_told_and_network_errors_are_retried(tg: Co
 
 
 async def test_results_missed_while_stopped_arrive_after_a_restart_and_a_redelivered_message_is_one_job(
-        tg: Core, fake: FakeTelegram, generator) -> None:
+        tg: Core, fake: FakeTelegram, generator, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="easel.telegram")
     chat = fake.private(ALICE)
     async with running_bot(tg, fake):
         command = fake.send(chat, "/imagine a harbour --steps 2")
@@ -297,7 +298,9 @@ async def test_results_missed_while_stopped_arrive_after_a_restart_and_a_redeliv
         await fake.wait_for(lambda: photos(fake, ALICE), what="photo after restart")
         await fake.wait_for(lambda: delivered(tg, job.id), what="marked delivered")
         await fake.wait_for(lambda: fake.served.count(again["update_id"]) == 2, what="the command, again")
-        await asyncio.sleep(0.5)  # room for a wrong second answer to the redelivered command
+        # The bot has handled the redelivered command (and answers nothing) once it says so.
+        await fake.wait_for(lambda: [r for r in caplog.records if "was delivered again" in r.getMessage()],
+                            what="the redelivery recognised")
     assert status.text == f"✅ Done · job {job.id} · 1 image below"
     assert photos(fake, ALICE)[0].reply_to == command["message_id"]
     assert len(await tg.service.list_jobs()) == 1
@@ -386,7 +389,8 @@ async def test_groups_follow_the_configured_policy_and_ignore_other_bots(tg: Cor
         for_us = fake.send(group, "/imagine@easel_test_bot a cat --steps 2", user=ALICE)
         await fake.wait_for(lambda: replies_to(fake, -100999, elsewhere) and
                             [m for m in replies_to(fake, GROUP, for_us) if "Queued" in m.shown], what="answers")
-        await asyncio.sleep(0.3)  # room for a wrong answer to the other bots' commands
+    # Answers to the later messages mean the earlier ones were fetched too, and stopping the bot handles
+    # every fetched update before it returns: a wrong answer to the other bots' commands would be here now.
     assert replies_to(fake, GROUP, other_bot) == [] and replies_to(fake, GROUP, unknown) == []
     [refusal] = replies_to(fake, -100999, elsewhere)
     assert refusal.shown == ("Easel is not enabled in this chat; its operator can add chat id -100999 to "
