@@ -49,10 +49,15 @@ async def core(settings: Settings) -> AsyncIterator[Core]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server for the session (installed and started by tests/postgres.py)."""
-    from tests.postgres import postgres_server
+    """A real PostgreSQL server for the session, started by tests/postgres.py (`make install` installs it)."""
+    from tests.postgres import find_bin_dir, postgres_server
 
-    with postgres_server() as url:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on PATH): run "
+                    "`make install` as root, which installs Debian's postgresql, or install it yourself",
+                    pytrace=False)
+    with postgres_server(bin_dir) as url:
         yield url
 
 

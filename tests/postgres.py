@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for the tests, started from the machine's own PostgreSQL binaries.
 
-When no PostgreSQL is installed and we are root (CI on a fresh machine), it is installed with apt
-first. The server listens on 127.0.0.1 on a free port and is stopped when the session ends.
+PostgreSQL itself is installed by `make install` (its `system-deps` step), never here. The server
+listens on 127.0.0.1 on a free port and is stopped when the session ends.
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _find_bin_dir() -> Path | None:
+def find_bin_dir() -> Path | None:
+    """The folder of the newest installed PostgreSQL's initdb and pg_ctl, or None when there is none."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if candidates:
         return Path(candidates[-1]).parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def _install() -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, env=env, capture_output=True)
 
 
 def _free_port() -> int:
@@ -38,15 +33,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
+def postgres_server(bin_dir: Path) -> Iterator[str]:
     """Yield a `postgresql+asyncpg://` URL of a fresh server's `postgres` database."""
     # Not under pytest's tmp folder: that is private to root, and the server may run as `postgres`.
     base_dir = Path(tempfile.mkdtemp(prefix="easel-pg-"))
-    bin_dir = _find_bin_dir()
-    if bin_dir is None:
-        _install()
-        bin_dir = _find_bin_dir()
-    assert bin_dir is not None, "PostgreSQL could not be found or installed"
     data = base_dir / "pgdata"
     data.mkdir(parents=True)
     # initdb refuses to run as root: run the server as the `postgres` system user then.
