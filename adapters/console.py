@@ -40,8 +40,9 @@ ATTACHMENTS = {"edit": 1, "inpaint": 2}
 
 
 def console_requester() -> Requester:
+    """The person at the keyboard: they run this Easel, so their quota tier is `console.tier`."""
     user = getpass.getuser()
-    return Requester(platform=PLATFORM, user_id=user, display_name=user)
+    return Requester(platform=PLATFORM, user_id=user, display_name=user, is_local_operator=True)
 
 
 def read_attachment(path: str, what: str) -> bytes:

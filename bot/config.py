@@ -313,6 +313,13 @@ class QuotaConfig(Section):
         return self
 
 
+class ConsoleConfig(Section):
+    """The console (`easel chat`, `easel imagine` and the other commands): its user is the person at the
+    keyboard, who runs this Easel and can read its database anyway."""
+
+    tier: str = "owner"  # the [quota.tiers.*] the console user's jobs count against; "user" to test as one
+
+
 class FetchConfig(Section):
     """Reference images given as `{https://...}` links in a prompt (bot/fetch.py)."""
 
@@ -355,6 +362,7 @@ class Settings(BaseSettings):
     moderation: ModerationConfig = ModerationConfig()
     quota: QuotaConfig = QuotaConfig()
     fetch: FetchConfig = FetchConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _names_exist(self) -> Settings:
@@ -366,6 +374,13 @@ class Settings(BaseSettings):
         if self.generation.default_sampler not in SAMPLERS:
             raise ValueError(f"generation.default_sampler = {self.generation.default_sampler!r} is not "
                              f"one of {', '.join(SAMPLERS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _console_tier_exists(self) -> Settings:
+        if self.console.tier not in self.quota.tiers:
+            raise ValueError(f"console.tier = {self.console.tier!r} is not one of the [quota.tiers.*]: "
+                             f"{', '.join(self.quota.tiers)}")
         return self
 
     @property

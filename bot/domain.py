@@ -200,6 +200,8 @@ class Requester:
     # What the platform itself says about this user and place; the policy layer decides what it means.
     is_platform_moderator: bool = False  # e.g. Discord "Manage Messages", Telegram chat admin
     nsfw_allowed_here: bool = False  # e.g. a Discord channel marked NSFW, a Telegram chat allowed by config
+    # The console's user: the person at the keyboard runs this Easel (quota tier `console.tier`).
+    is_local_operator: bool = False
 
 
 @dataclass(frozen=True)

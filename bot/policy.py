@@ -11,7 +11,8 @@ refund is the status change itself. Every check that reads the ledger runs in th
 work, after locking the user's row (SQLite: `BEGIN IMMEDIATE` already serialises writers), so
 concurrent submissions can never spend the same units twice.
 
-Every refusal says which limit it is and when it lifts. Every safety decision is a `SafetyFlag` row.
+Every refusal says which limit it is, when it lifts, and the setting that raises it. Every safety
+decision is a `SafetyFlag` row.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class Policy:
         tiers = self.settings.quota.tiers
         if self.is_owner(user.platform, user.platform_user_id) and "owner" in tiers:
             return "owner"
+        if requester is not None and requester.is_local_operator:
+            return self.settings.console.tier  # Settings checked that the tier exists
         if requester is not None and requester.is_platform_moderator and "moderator" in tiers \
                 and user.role in ("user", "moderator"):
             return "moderator"
@@ -197,8 +200,8 @@ class Policy:
         unfinished jobs (`mine`) and all waiting jobs (`waiting`), as `uow.jobs.queue_load` counts them."""
         cap = self.settings.queue.max_queued_per_user
         if mine >= cap:
-            raise QueueFull(f"You already have {mine} jobs waiting or running (the limit is {cap}); "
-                            "wait for one to finish or /cancel one")
+            raise QueueFull(f"You already have {mine} jobs waiting or running (the limit is {cap}, "
+                            "queue.max_queued_per_user); wait for one to finish or /cancel one")
         total_cap = self.settings.quota.max_queued_total
         if total_cap and waiting >= total_cap:
             lifts = await self._lift_estimate(uow, waiting - total_cap + 1, now)
@@ -213,7 +216,7 @@ class Policy:
                     f"Easel is busy ({waiting} jobs waiting), so images may have at most {tightest.max_pixels} "
                     f"pixels for now (e.g. --size {side}x{side}); yours is {params.width}x{params.height}. "
                     f"Use a smaller --size or --ar, or try again when fewer than {tightest.queued_jobs} "
-                    "jobs are waiting.")
+                    "jobs are waiting (quota.busy_size_caps).")
 
     async def _lift_estimate(self, uow: UnitOfWork, jobs_to_finish: int, now: datetime) -> str:
         """'in about N min' from how fast jobs finished in the last 15 minutes, when that is known."""
@@ -276,23 +279,28 @@ class Policy:
                 f"Daily quota reached ({name} tier): {units(usage.daily_milli)} of {units(daily)} units used "
                 f"today, this job needs {units(cost)}. " + (
                     too_big[0].upper() + too_big[1:] + "." if cost > daily else
-                    f"It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}); /quota shows what is left."))
+                    f"It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}); /quota shows what is left.")
+                + f" {_raised_by(f'quota.tiers.{name}.daily_units')}")
         per_minute = tier.per_minute_units * 1000
         if usage.minute_milli + cost > per_minute:
+            raised_by = _raised_by(f"quota.tiers.{name}.per_minute_units")
             if cost > per_minute:
                 raise QuotaExceeded(f"Per-minute quota ({name} tier, {units(per_minute)} units a minute): "
-                                    + too_big + ".")
+                                    f"{too_big}. {raised_by}")
             lifts = _minute_lifts_at(usage, cost, per_minute, now)
             raise QuotaExceeded(
                 f"Per-minute quota reached ({name} tier): {units(usage.minute_milli)} of {units(per_minute)} "
                 f"units used in the last minute, this job needs {units(cost)}. Try again in "
-                f"{max(1, math.ceil((lifts - now).total_seconds()))} s.")
+                f"{max(1, math.ceil((lifts - now).total_seconds()))} s. {raised_by}")
         images_cap = self.images_limit(user)
         if images_cap and usage.daily_images + params.n > images_cap:
             lifts = next_midnight(now)
+            setting = "this API key's --quota (easel apikey create)" if user.daily_images_limit is not None \
+                else "queue.daily_images_per_user"
             raise QuotaExceeded(
                 f"Daily image limit reached: {usage.daily_images} of {images_cap} images used today, this "
-                f"job needs {params.n}. It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}).")
+                f"job needs {params.n}. It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}). "
+                + _raised_by(setting))
         return cost
 
     async def status(self, uow: UnitOfWork, user: User | None, requester: Requester,
@@ -316,6 +324,11 @@ class Policy:
             cost=cost_milli(params) / 1000 if params is not None else None,
             cost_of=_described_params(params) if params is not None else "",
         )
+
+
+def _raised_by(setting: str) -> str:
+    """The sentence every quota refusal ends with: which setting the operator changes to lift it."""
+    return f"(Set by the operator: {setting}.)"
 
 
 def _minute_lifts_at(usage: Usage, cost: int, limit: float, now: datetime) -> datetime:
