@@ -160,6 +160,8 @@ async def test_a_withheld_image_is_a_notice_in_the_page_never_a_picture(
     page = await open_chat(browser, server.url)
     await page.locator("#command").fill("/imagine a statue --steps 2 --seed 9")
     await page.keyboard.press("Enter")
+    # Queued before the burst worker looks, or it finds nothing to do and returns.
+    await expect(page.locator("article.job .status")).to_have_text("queued, position 1")
     worker = Worker(server.core.queue, generator, server.core.store, server.core.settings,
                     worker_id="test-worker:1", image_checker=flag_all_checker)
     await worker.run(burst=True)
