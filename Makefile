@@ -35,5 +35,9 @@ $(VENV)/.installed: pyproject.toml constraints/torch.txt
 lint: install
 	$(BIN)/ruff check .
 
+# One pytest-xdist worker per core, each test sent to whichever worker is free (`make test TEST_WORKERS=0`
+# runs the suite in one process).
+TEST_WORKERS ?= auto
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
