@@ -24,6 +24,7 @@ from bot.domain import (
     InputImages,
     JobCommand,
     JobKind,
+    JobsCommand,
     ModCommand,
     QuotaCommand,
     Requester,
@@ -37,6 +38,13 @@ PLATFORM = "console"
 
 # How many file names each command takes before its prompt: the console's attachments.
 ATTACHMENTS = {"edit": 1, "inpaint": 2}
+# /help's lines for them (bot/grammar.py's ATTACHMENT_FORMS are for platforms with attachments).
+HELP_FORMS = {
+    "edit": "/edit <image file> <prompt> [flags]  redraw the picture in that file guided by the prompt",
+    "inpaint": "/inpaint <image file> <mask file> <prompt> [flags]  repaint the white parts of the mask",
+    "edit example": "/edit street.png the same street in winter --strength 0.6",
+}
+RECENT_JOBS = 10  # how many /jobs lists
 
 
 def console_requester() -> Requester:
@@ -108,11 +116,13 @@ class ConsoleChat:
             self.say(await self.core.moderation.handle(self.requester, command))
         elif isinstance(command, JobCommand):
             self.say(describe_job(self.core.deliveries.of_job(await self.core.service.get_job(command.job_id))))
+        elif isinstance(command, JobsCommand):
+            self.say(describe_jobs(await self.core.service.list_jobs(RECENT_JOBS, self.requester)))
         elif isinstance(command, CancelCommand):
             job = await self.core.service.cancel(self.requester, command.job_id)
             self.say(f"Job {job.id} cancelled.")
         elif isinstance(command, HelpCommand):
-            self.say(self.core.parser.help_text())
+            self.say(self.core.parser.help_text(HELP_FORMS))
         return None
 
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
@@ -161,6 +171,20 @@ class ConsoleChat:
 
 def _seeds(job: JobView) -> str:
     return ", ".join(str(seed) for seed in job.seeds)
+
+
+def describe_jobs(jobs: list[JobView]) -> str:
+    """/jobs: a line per job, newest first."""
+    if not jobs:
+        return "You have no jobs yet; try /imagine a red circle on a blue background"
+    lines = [f"Your {len(jobs)} most recent job(s), newest first (/job <id> shows one):"]
+    lines += [f"  {job.id}  {job.status.value:<9}  {job.params.kind.value:<7}  {job.created_at:%Y-%m-%d %H:%M}  "
+              f"{_clipped(job.params.prompt, 60)}" for job in jobs]
+    return "\n".join(lines)
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def describe_job(delivery: Delivery) -> str:

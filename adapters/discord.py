@@ -25,6 +25,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord_render import (
+    MAX_CONTENT_CHARS,
     JobButton,
     cancelled_text,
     done_text,
@@ -32,6 +33,7 @@ from adapters.discord_render import (
     failed_text,
     handoff_text,
     info_text,
+    jobs_text,
     pack_results,
     progress_text,
     queued_text,
@@ -52,6 +54,7 @@ from bot.service import SubmitResult
 
 PLATFORM = "discord"
 log = logging.getLogger("easel.discord")
+RECENT_JOBS = 10  # how many /jobs lists
 
 # Slash command options and the grammar flag each one becomes. `negative` comes last: --no takes
 # every word up to the next flag.
@@ -198,6 +201,12 @@ class DiscordAdapter:
 
         await self._deferred_answer(interaction, answer)
 
+    async def jobs(self, interaction: discord.Interaction) -> None:
+        async def answer() -> str:
+            return jobs_text(await self.core.service.list_jobs(RECENT_JOBS, self.requester(interaction)))
+
+        await self._deferred_answer(interaction, answer)
+
     async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
         async def answer() -> str:
             job = await self.core.service.cancel(self.requester(interaction), job_id)
@@ -206,10 +215,15 @@ class DiscordAdapter:
         await self._deferred_answer(interaction, answer)
 
     async def help(self, interaction: discord.Interaction) -> None:
+        """The grammar's /help, in as many private messages as Discord's 2000 characters need."""
+        parts = _code_blocks(self.core.parser.help_text())
+
         async def answer() -> str:
-            return f"```\n{self.core.parser.help_text()[:1900]}\n```"
+            return parts[0]
 
         await self._deferred_answer(interaction, answer)
+        for part in parts[1:]:
+            await interaction.followup.send(part, ephemeral=True)
 
     async def button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
                              index: int | None) -> None:
@@ -360,6 +374,18 @@ def _choices(names: Any, current: str) -> list[app_commands.Choice[str]]:
     return [app_commands.Choice(name=name, value=name) for name in names if current in name.lower()][:25]
 
 
+def _code_blocks(text: str, limit: int = MAX_CONTENT_CHARS) -> list[str]:
+    """`text` as code blocks of whole lines, each message within `limit` characters."""
+    room = limit - len("```\n\n```")
+    blocks: list[list[str]] = [[]]
+    for line in text.splitlines():
+        line = line[:room]
+        if blocks[-1] and sum(len(kept) + 1 for kept in blocks[-1]) + len(line) > room:
+            blocks.append([])
+        blocks[-1].append(line)
+    return ["```\n" + "\n".join(block) + "\n```" for block in blocks]
+
+
 def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
@@ -428,6 +454,10 @@ def _build_tree(adapter: DiscordAdapter) -> app_commands.CommandTree:
     @app_commands.describe(id="the job id, e.g. k7mq2x9a")
     async def job(interaction: discord.Interaction, id: str) -> None:
         await adapter.job(interaction, id)
+
+    @tree.command(name="jobs", description="Your recent jobs, newest first")
+    async def jobs(interaction: discord.Interaction) -> None:
+        await adapter.jobs(interaction)
 
     @tree.command(name="cancel", description="Cancel a job; without an id, your newest unfinished one")
     @app_commands.describe(id="the job id (optional)")

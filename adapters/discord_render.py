@@ -8,6 +8,7 @@ are `discord.ui.DynamicItem`s whose custom id holds the action and the job id
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,6 +100,15 @@ def info_text(delivery: Delivery) -> str:
     lines.append(f"Again: `/imagine {p.prompt} --seed {p.seed} --steps {p.steps} --cfg {p.cfg:g} "
                  f"--size {p.width}x{p.height} --sampler {p.sampler} --model {p.model}"
                  + (f" --no {p.negative}" if p.negative else "") + "`")
+    return _clip("\n".join(lines))
+
+
+def jobs_text(jobs: Sequence[JobView]) -> str:
+    """/jobs: a line per job, newest first."""
+    if not jobs:
+        return "You have no jobs yet; try `/imagine a red circle on a blue background`"
+    lines = [f"**Your {len(jobs)} most recent job(s)**, newest first (`/job id` shows one):"]
+    lines += [f"`{job.id}` · {job.status.value} · {job.params.kind.value} · {_prompt(job, 80)}" for job in jobs]
     return _clip("\n".join(lines))
 
 

@@ -111,6 +111,11 @@ class JobCommand:
 
 
 @dataclass(frozen=True)
+class JobsCommand:
+    """/jobs: the user's recent jobs, newest first, a line each."""
+
+
+@dataclass(frozen=True)
 class CancelCommand:
     """/cancel [id]: cancel one job, or the user's newest unfinished job when no id is given."""
 
@@ -181,8 +186,8 @@ class ModResolveCommand:
 
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
               | ModResolveCommand)
-Command = (GenerateCommand | QuotaCommand | JobCommand | CancelCommand | HelpCommand | AppealCommand
-           | ModCommand)
+Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
+           | AppealCommand | ModCommand)
 
 
 @dataclass(frozen=True)

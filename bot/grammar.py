@@ -34,6 +34,7 @@ from bot.domain import (
     HelpCommand,
     JobCommand,
     JobKind,
+    JobsCommand,
     ModAppealsCommand,
     ModBanCommand,
     ModCommand,
@@ -45,7 +46,8 @@ from bot.domain import (
 )
 from bot.errors import ConfigError, InvalidCommand
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "cancel", "help", "appeal", "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "appeal",
+                             "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
 MAX_SEED = 2**32 - 1
@@ -64,6 +66,12 @@ _ASPECT = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
 _LINK = re.compile(r"\{\s*(https?://[^\s{}]+)\s*\}", re.IGNORECASE)
 _DURATION = re.compile(r"([0-9]{1,12})(m|min|h|d|w)", re.IGNORECASE)
 _DURATION_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# How /help writes the commands that take pictures where they come as attachments (Discord, Telegram).
+ATTACHMENT_FORMS = {
+    "edit": "/edit <prompt> [flags]  redraw an attached picture guided by the prompt",
+    "inpaint": "/inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
+    "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
+}
 
 
 class CommandParser:
@@ -104,6 +112,10 @@ class CommandParser:
                 raise InvalidCommand("/job needs exactly one job id, e.g. /job 42 (the id is in the reply "
                                      "to your /imagine)")
             return JobCommand(job_id=args[0])
+        if name == "jobs":
+            if args:
+                raise InvalidCommand("/jobs takes nothing after it; /job <id> shows one job")
+            return JobsCommand()
         if name == "cancel":
             if len(args) > 1:
                 raise InvalidCommand("/cancel takes one job id, or none to cancel your newest job")
@@ -156,20 +168,30 @@ class CommandParser:
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
                                reference_urls=links)
 
-    def help_text(self) -> str:
-        """The /help answer: every command and flag, with the allowed ranges and a few examples."""
+    def help_text(self, forms: Mapping[str, str] | None = None) -> str:
+        """The /help answer: every command and flag, with the allowed ranges and a few examples.
+
+        `forms` replaces the lines of the commands that take pictures, for a platform that takes them
+        otherwise than as attachments (keys "edit", "inpaint" and "edit example", as in
+        ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
+        """
         limits = self.limits
         model = self.models[self.default_model]
         models = ", ".join(f"{name} ({m.default_width}x{m.default_height})"
                            for name, m in self.models.items())
+        form = {**ATTACHMENT_FORMS, **(forms or {})}
+        fitted = "x".join(map(str, fit_size(512, 384, model.default_width * model.default_height, limits)))
         return "\n".join([
             "Commands:",
             "  /imagine <prompt> [flags]  make images from text",
-            "  /edit <prompt> [flags]  repaint an attached picture",
-            "  /inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
+            f"  {form['edit']}",
+            f"  {form['inpaint']}",
+            "  /edit and /inpaint results keep the picture's shape at the model's pixel count (512x384 in "
+            f"gives {fitted} on {self.default_model}); --size or --ar set another",
             "  /quota [command]  quota units left, when they reset, and what a command costs "
             "(e.g. /quota /imagine a cat --n 4)",
             "  /job <id>  a job's settings, seeds and status",
+            "  /jobs  your recent jobs, newest first",
             "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
             "  /help  this message",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
@@ -198,7 +220,7 @@ class CommandParser:
             "Examples:",
             "  /imagine a lighthouse at dusk, oil painting --ar 16:9 --seed 42",
             "  /imagine a castle (-blurry -text) at night --steps 30 --n 2",
-            "  /edit the same street in winter --strength 0.6   (attach a picture)",
+            f"  {form['edit example']}",
         ])
 
     def _quota(self, rest: str) -> QuotaCommand:

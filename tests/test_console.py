@@ -23,6 +23,24 @@ async def answer(core: Core, line: str, requester: Requester | None = None) -> s
     return out.getvalue()
 
 
+async def test_jobs_lists_my_recent_jobs_newest_first(core: Core) -> None:
+    assert "You have no jobs yet" in await answer(core, "/jobs", alice())
+    for prompt in ("a red fox", "a blue whale"):
+        await core.service.submit(alice(), core.parser.parse(f"/imagine {prompt}"))  # type: ignore[arg-type]
+    await core.service.submit(bob(), core.parser.parse("/imagine bob's owl"))  # type: ignore[arg-type]
+    lines = (await answer(core, "/jobs", alice())).splitlines()
+    assert lines[0] == "Your 2 most recent job(s), newest first (/job <id> shows one):"
+    assert "queued" in lines[1] and "imagine" in lines[1] and lines[1].endswith("a blue whale")
+    assert lines[2].endswith("a red fox") and len(lines) == 3
+
+
+async def test_help_gives_the_console_form_of_edit_and_inpaint(core: Core) -> None:
+    text = await answer(core, "/help")
+    assert "/edit <image file> <prompt> [flags]" in text
+    assert "/inpaint <image file> <mask file> <prompt> [flags]" in text
+    assert "/edit street.png the same street in winter" in text and "(attach a picture)" not in text
+
+
 async def test_the_person_at_the_keyboard_has_the_owner_tier(core: Core) -> None:
     big: GenerateCommand = core.parser.parse(BIG)  # type: ignore[assignment]
     assert (await core.service.estimate(console_requester(), big)).cost == 6

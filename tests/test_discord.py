@@ -508,6 +508,31 @@ async def test_quota_job_and_cancel_answer_only_the_user(core: Core, fake: FakeD
     assert cancelled.status == 200
 
 
+async def test_jobs_lists_the_users_own_recent_jobs_newest_first(core: Core, fake: FakeDiscord) -> None:
+    async with running(core) as bot:
+        for user, prompt in ((ALICE, "a red fox"), (BOB, "bob's owl"), (ALICE, "a blue whale")):
+            token = bot.dispatch(slash("imagine", user=user, prompt=prompt, steps=2))
+            await fake.wait_for(lambda r, t=token: r.method == "PATCH" and t in r.path
+                                and "queued" in (r.content or ""))
+        token = bot.dispatch(slash("jobs"))
+        listing = (await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path)).content
+        assert callbacks(fake, token)[0].json["data"]["flags"] == 64  # only Alice sees it
+    lines = listing.splitlines()
+    assert lines[0].startswith("**Your 2 most recent job(s)**, newest first")
+    assert "queued · imagine · a blue whale" in lines[1] and lines[2].endswith("a red fox") and len(lines) == 3
+
+
+async def test_help_comes_whole_in_as_many_messages_as_it_needs(core: Core, fake: FakeDiscord) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("help"))
+        first = await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path)
+        rest = await fake.wait_for(lambda r: r.method == "POST" and r.path.endswith(token))
+    text = first.content.removeprefix("```\n").removesuffix("\n```") + "\n" + \
+        rest.json["content"].removeprefix("```\n").removesuffix("\n```")
+    assert text == core.parser.help_text()
+    assert len(first.content) <= 2000 and rest.json["flags"] == 64
+
+
 # -- command registration ------------------------------------------------------------------------------
 
 
@@ -519,12 +544,12 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "cancel", "help"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 7 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 8 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:

@@ -17,6 +17,7 @@ from bot.domain import (
     HelpCommand,
     JobCommand,
     JobKind,
+    JobsCommand,
     QuotaCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
@@ -264,6 +265,29 @@ def test_help_lists_every_command_flag_and_range(parser: CommandParser) -> None:
         assert f"--{flag} " in text
     assert "1 to 50" in text and "0.05 to 1" in text and "64 to 1024" in text
     assert "Examples:" in text
+
+
+def test_jobs_lists_mine_and_takes_nothing(parser: CommandParser) -> None:
+    assert parser.parse("/jobs") == JobsCommand()
+    with pytest.raises(InvalidCommand, match=r"^/jobs takes nothing after it; /job <id> shows one job$"):
+        parser.parse("/jobs 5")
+    assert "/jobs  your recent jobs" in parser.help_text()
+
+
+def test_help_says_what_size_an_edit_comes_out(parser: CommandParser) -> None:
+    shapes = CommandParser(LIMITS, {"shapes": ModelConfig(source="builtin:shapes", default_width=64,
+                                                          default_height=64)}, "shapes", "euler")
+    assert "512x384 in gives 88x64 on shapes" in shapes.help_text()
+    assert "512x384 in gives 592x440 on sd15" in parser.help_text()  # about 512x512's pixels, 4:3
+
+
+def test_help_takes_a_platforms_own_form_of_the_picture_commands(parser: CommandParser) -> None:
+    forms = {"edit": "/edit <image file> <prompt>  redraw it", "inpaint": "/inpaint <a> <b> <prompt>  repaint",
+             "edit example": "/edit photo.png make it winter"}
+    text = parser.help_text(forms)
+    assert "  /edit <image file> <prompt>  redraw it\n  /inpaint <a> <b> <prompt>  repaint\n" in text
+    assert text.endswith("\n  /edit photo.png make it winter")
+    assert "attach" not in text.split("Reference images")[0]
 
 
 def test_help_examples_parse(parser: CommandParser) -> None:
