@@ -1,8 +1,9 @@
 """`easel`: the command line. Every command builds the same core (bot/bootstrap.py) and, where it
 generates, runs the same worker as `easel serve`.
 
-Errors a user can fix print one line (`error: ...`) and exit with status 2; anything else is a bug:
-one line plus `--debug` for the traceback, status 1.
+Errors a user can fix print one line (`error: ...`) and exit with status 2, also when a task group
+wrapped them; anything else is a bug: one line plus `--debug` for the traceback, status 1. Ctrl+C
+exits with 130, and a closed pipe (`easel jobs | head -3`) quietly with 141, as for SIGPIPE.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ from bot.domain import InputImages, JobKind
 from bot.errors import EaselError
 
 log = logging.getLogger("easel")
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a program Ctrl+C ended
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as for `yes | head -1`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,19 +86,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _dispatch(args)
-    except EaselError as error:
+        status = _dispatch(args)
+        sys.stdout.flush()  # a reader that closed the pipe shows here, not as noise at exit
+        return status
+    except (Exception, KeyboardInterrupt, BaseExceptionGroup) as raised:
+        return _report(raised, debug=args.debug)
+
+
+def _report(raised: BaseException, *, debug: bool) -> int:
+    """The one error hook: the error a user can act on, unwrapped from any task group, in one line;
+    the exit status."""
+    error = _cause(raised)
+    if isinstance(error, EaselError):
         print(f"error: {error.message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    if isinstance(error, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if args.debug:
-            raise
-        print(f"internal error: {type(error).__name__}: {error} (run with --debug for details)",
-              file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
+    if isinstance(error, BrokenPipeError):
+        # The reader has what it wanted. Point stdout at /dev/null so the flush at exit is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    if debug:
+        raise raised
+    print(f"internal error: {type(error).__name__}: {error} (run with --debug for details)", file=sys.stderr)
+    return 1
+
+
+def _cause(error: BaseException) -> BaseException:
+    """What a task group (or nested ones) wrapped: the first error a user can act on, else the first."""
+    leaves = list(_leaves(error))
+    for kind in (EaselError, KeyboardInterrupt, BrokenPipeError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 def _dispatch(args: argparse.Namespace) -> int:

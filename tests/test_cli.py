@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,3 +124,26 @@ def test_config_check_says_loudly_when_a_real_model_runs_without_the_image_check
     assert "WARNING: the image check is off" in warned.stderr and "sd15" in warned.stderr
     builtin_only = easel(env, "config", "check")
     assert "WARNING" not in builtin_only.stderr
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = easel({**env, "EASEL_HTTP__PORT": str(port)}, "serve", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); set "
+                                     "another port with http.port or EASEL_HTTP__PORT")
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(env: dict[str, str]) -> None:
+    """`easel jobs | head -3`: the reader has gone before the first line is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "adapters.cli", "jobs"], env=env, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141
