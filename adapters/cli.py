@@ -15,17 +15,19 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter
 from adapters.console import ConsoleChat, describe_job, read_attachment
+from adapters.local_worker import announce_worker, import_generation, serving_the_queue
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings, safety_warning
 from bot.database import upgrade_database
-from bot.domain import InputImages, JobKind
-from bot.errors import EaselError
+from bot.domain import InputImages, JobKind, JobStatus
+from bot.errors import EaselError, InvalidCommand
+from bot.views import JobView
 
 log = logging.getLogger("easel")
 
@@ -160,38 +162,81 @@ async def _with_core(settings: Any, body: Callable[[Core], Awaitable[int]]) -> i
         await core.close()
 
 
-@contextlib.asynccontextmanager
-async def running_worker(core: Core):
-    """A worker serving the queue in the background while the body runs."""
-    from generation.worker import build_worker  # torch loads only for commands that generate
-
-    worker = build_worker(core)
-    task = asyncio.create_task(worker.run(), name="easel-worker")
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
-
-
 async def _generate(core: Core, args: argparse.Namespace) -> int:
+    # 1. Check what needs no worker: the output folder, the command, the files. The job service checks
+    #    the images, the prompt and the quota as it queues the job, still before torch is loaded.
+    check_output_folder(args.out)
     kind = JobKind(args.command)
     command = core.parser.parse(f"/{kind.value} {args.text}")
     files = [getattr(args, name) for name in ("image", "mask") if hasattr(args, name)]
-    chat = ConsoleChat(core, sys.stdout, output_dir=args.out)
     inputs = InputImages(
         image=read_attachment(str(files[0]), "image") if files else None,
         mask=read_attachment(str(files[1]), "mask") if len(files) > 1 else None,
     )
-    async with running_worker(core):
-        job = await chat.generate(command, inputs)
-    return 0 if job.status.value == "succeeded" else 1
+    chat = ConsoleChat(core, sys.stdout, output_dir=args.out)
+    # 2. Queue it.
+    job = (await chat.submit(command, inputs)).job
+    # 3. Follow it to the end, served by the worker of `easel serve` or `easel worker` when one runs,
+    #    else by one of our own. Ctrl+C cancels it.
+    async with cancelling_on_ctrl_c(chat, job) as interrupted, serving_the_queue(core, debug=args.debug):
+        job = await chat.follow(job)
+    if interrupted.is_set():
+        return EXIT_INTERRUPTED
+    return 0 if job.status is JobStatus.SUCCEEDED else 1
+
+
+def check_output_folder(folder: Path) -> None:
+    """`-o`: a folder that exists, or can be made, and can be written in; checked before anything is
+    queued, so a bad one costs no job and no quota."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidCommand(f"-o {folder} is a file, not a folder; name a folder for the images")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidCommand(f"-o {folder}: cannot make that folder ({error.strerror}); name a folder you "
+                             "can write in") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidCommand(f"-o {folder}: cannot write in that folder (permission denied); name a folder "
+                             "you can write in")
+
+
+@contextlib.asynccontextmanager
+async def cancelling_on_ctrl_c(chat: ConsoleChat, job: JobView) -> AsyncIterator[asyncio.Event]:
+    """First Ctrl+C: cancel the job (its quota is refunded) and let the body see it end; the event it
+    yields is then set. Second: quit at once."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    cancelling: set[asyncio.Task[None]] = set()
+
+    async def cancel() -> None:
+        with contextlib.suppress(EaselError):  # it finished meanwhile: its result is shown as usual
+            await chat.core.service.cancel(chat.requester, job.id)
+
+    def first_ctrl_c() -> None:
+        print(f"\nCtrl+C: cancelling job {job.id} (its quota is refunded; a running job stops at its next "
+              "step). Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
+        interrupted.set()
+        loop.add_signal_handler(signal.SIGINT, second_ctrl_c)
+        task = loop.create_task(cancel(), name=f"easel-cancel-{job.id}")
+        cancelling.add(task)
+
+    def second_ctrl_c() -> None:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)  # the torch thread may be inside a step: nothing else stops it now
+
+    loop.add_signal_handler(signal.SIGINT, first_ctrl_c)
+    try:
+        yield interrupted
+        await asyncio.gather(*cancelling)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def _chat(core: Core, args: argparse.Namespace) -> int:
     chat = ConsoleChat(core, sys.stdout)
     chat.say("Easel console chat. Type /help for commands, /quit or Ctrl+D to leave.")
-    async with running_worker(core):
+    async with serving_the_queue(core, debug=args.debug):  # loads in the background: the prompt shows now
         while True:
             try:
                 line = await asyncio.to_thread(input, "> ")
@@ -232,20 +277,19 @@ async def _apikey(core: Core, args: argparse.Namespace) -> int:
 
 
 async def _worker(core: Core, args: argparse.Namespace) -> int:
-    from generation.worker import build_worker
-
-    worker = build_worker(core)
+    worker = (await import_generation(args.debug)).build_worker(core)
     _stop_on_signals(worker.stop)
-    stats = await worker.run(burst=args.burst)
+    with announce_worker(core.settings):  # `easel imagine` on this data folder leaves its jobs to us
+        if not args.burst:
+            print(f"Easel worker: database {core.settings.database_url_safe}; Ctrl+C to stop", flush=True)
+        stats = await worker.run(burst=args.burst)
     print(f"worker stopped: {stats.succeeded} job(s) done, {stats.failed} failed, "
           f"{stats.cancelled} cancelled, {stats.images} image(s)")
     return 0
 
 
 async def _serve(core: Core, args: argparse.Namespace) -> int:
-    from generation.worker import build_worker
-
-    worker = build_worker(core)
+    worker = (await import_generation(args.debug)).build_worker(core)
     adapters = configured_adapters(core)
     stop = asyncio.Event()
 
@@ -259,10 +303,11 @@ async def _serve(core: Core, args: argparse.Namespace) -> int:
           flush=True)
     if (warning := safety_warning(core.settings)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    async with asyncio.TaskGroup() as group:
-        group.create_task(worker.run(), name="easel-worker")
-        for adapter in adapters:
-            group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
+    with announce_worker(core.settings):  # `easel imagine` on this data folder leaves its jobs to us
+        async with asyncio.TaskGroup() as group:
+            group.create_task(worker.run(), name="easel-worker")
+            for adapter in adapters:
+                group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
     return 0
 
 

@@ -32,6 +32,7 @@ from bot.domain import (
 from bot.errors import EaselError, InvalidCommand, InvalidImage
 from bot.events import EventKind
 from bot.policy import describe_quota
+from bot.service import SubmitResult
 from bot.views import JobView
 
 PLATFORM = "console"
@@ -126,9 +127,16 @@ class ConsoleChat:
         return None
 
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
+        """Submit, then follow the job to its end: the finished job."""
+        return await self.follow((await self.submit(command, inputs)).job)
+
+    async def submit(self, command: GenerateCommand, inputs: InputImages) -> SubmitResult:
         result = await self.core.service.submit(self.requester, command, inputs)
-        job = result.job
-        self.say(f"Job {job.id} queued (position {result.position}); seeds {_seeds(job)}")
+        self.say(f"Job {result.job.id} queued (position {result.position}); seeds {_seeds(result.job)}")
+        return result
+
+    async def follow(self, job: JobView) -> JobView:
+        """Show the job's progress until it ends, then its result; the finished job."""
         bar: tqdm | None = None
         try:
             async for event in self.core.bus.watch(job.id):

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -34,6 +35,55 @@ def easel(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Com
     return result
 
 
+def easel_in_python(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Run the CLI's main() in a fresh interpreter; also whether torch was imported by the end."""
+    code = ("import sys; from adapters.cli import main; status = main(sys.argv[1:]); "
+            "print('torch imported:', 'torch' in sys.modules); sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                            timeout=240)
+    return result, "torch imported: True" in result.stdout
+
+
+def slow_imagine(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
+    """`easel imagine` with a job of 40 steps: seconds to interrupt it in."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "adapters.cli", "imagine", "a slow one --size 192x192 --steps 40 --seed 9",
+         "-o", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def running_job(tmp_path: Path, process: subprocess.Popen[str]) -> str:
+    """The id of the job an `easel imagine` process runs, once its first step is done."""
+    settings = load_settings(None, storage={"data_dir": tmp_path / "data"})
+
+    async def look() -> str | None:
+        # Only read: the `easel imagine` process may still be creating the schema.
+        core = await open_core(settings, migrate=False)
+        try:
+            jobs = await core.service.list_jobs()
+        except OperationalError:  # no tables yet
+            return None
+        finally:
+            await core.close()
+        if jobs and jobs[0].status is JobStatus.RUNNING and jobs[0].progress_step >= 1:
+            return jobs[0].id
+        return None
+
+    job_id = None
+    deadline = time.monotonic() + 120
+    while job_id is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        if (tmp_path / "data" / "easel.db").exists():
+            job_id = asyncio.run(look())
+    assert job_id is not None, "the job never started running"
+    return job_id
+
+
+def job_row(tmp_path: Path, job_id: str) -> tuple[str, str | None]:
+    """(status, worker) straight from the database."""
+    with sqlite3.connect(tmp_path / "data" / "easel.db") as db:
+        return db.execute("SELECT status, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+
 def test_imagine_twice_with_a_seed_writes_byte_identical_files(env: dict[str, str], tmp_path: Path) -> None:
     outputs = []
     for run in ("first", "second"):
@@ -44,6 +94,8 @@ def test_imagine_twice_with_a_seed_writes_byte_identical_files(env: dict[str, st
         assert len(files) == 2
         assert "seeds 42, 43" in result.stdout
         assert all(str(f) in result.stdout for f in files)
+        # The model loads here; the libraries' loading bars and advice stay out of the output.
+        assert "Loading" not in result.stdout + result.stderr and "float32" not in result.stdout + result.stderr
         outputs.append([f.read_bytes() for f in files])
     assert outputs[0] == outputs[1]
 
@@ -82,31 +134,8 @@ def test_config_check_names_every_bad_key(env: dict[str, str], tmp_path: Path) -
 
 def test_a_worker_killed_mid_job_loses_nothing(env: dict[str, str], tmp_path: Path) -> None:
     """SIGKILL during generation; the next `easel worker --burst` finishes the job."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "adapters.cli", "imagine", "a slow one --size 192x192 --steps 40 --seed 9",
-         "-o", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    settings = load_settings(None, storage={"data_dir": tmp_path / "data"})
-
-    async def running_job() -> str | None:
-        # Only read: the `easel imagine` process may still be creating the schema.
-        core = await open_core(settings, migrate=False)
-        try:
-            jobs = await core.service.list_jobs()
-        except OperationalError:  # no tables yet
-            return None
-        finally:
-            await core.close()
-        if jobs and jobs[0].status is JobStatus.RUNNING and jobs[0].progress_step >= 1:
-            return jobs[0].id
-        return None
-
-    job_id = None
-    deadline = time.monotonic() + 120
-    while job_id is None and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-        if (tmp_path / "data" / "easel.db").exists():
-            job_id = asyncio.run(running_job())
-    assert job_id is not None, "the job never started running"
+    process = slow_imagine(env, tmp_path)
+    job_id = running_job(tmp_path, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
 
@@ -137,6 +166,17 @@ def test_serve_on_a_taken_port_says_so_in_one_line(env: dict[str, str]) -> None:
                                      "another port with http.port or EASEL_HTTP__PORT")
 
 
+def test_a_bad_output_folder_is_refused_before_anything_is_queued(env: dict[str, str], tmp_path: Path) -> None:
+    a_file = tmp_path / "taken.png"
+    a_file.write_bytes(b"")
+    for out, message in ((a_file, f"error: -o {a_file} is a file, not a folder; name a folder for the images"),
+                         (Path("/proc/x"), "error: -o /proc/x: cannot make that folder (No such file or directory)"
+                                           "; name a folder you can write in")):
+        result, torch_imported = easel_in_python(env, "imagine", "a cat --steps 2", "-o", str(out))
+        assert result.returncode == 2 and result.stderr.strip() == message and not torch_imported
+    assert "no jobs yet" in easel(env, "jobs").stdout
+
+
 def test_a_closed_pipe_ends_the_listing_quietly(env: dict[str, str]) -> None:
     """`easel jobs | head -3`: the reader has gone before the first line is written."""
     read_end, write_end = os.pipe()
@@ -147,3 +187,62 @@ def test_a_closed_pipe_ends_the_listing_quietly(env: dict[str, str]) -> None:
     finally:
         os.close(write_end)
     assert result.stderr == "" and result.returncode == 141
+
+
+def test_ctrl_c_cancels_the_job_refunds_it_and_exits(env: dict[str, str], tmp_path: Path) -> None:
+    process = slow_imagine(env, tmp_path)
+    job_id = running_job(tmp_path, process)
+    process.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout + stderr
+    assert time.monotonic() - interrupted < 20  # the worker stops at the next step, not after 40
+    assert f"Ctrl+C: cancelling job {job_id} (its quota is refunded; a running job stops at its next step)" \
+        in stderr
+    assert f"Job {job_id} was cancelled." in stdout
+    assert job_row(tmp_path, job_id)[0] == "cancelled"  # and a cancelled job's charge counts no more
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_a_bad_file_is_refused_before_torch_is_loaded(env: dict[str, str], tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    for path, message in (("missing.png", "error: the image file 'missing.png' does not exist"),
+                          (str(text_file), "error: the image is not a PNG, JPEG, WebP, GIF or BMP file")):
+        result, torch_imported = easel_in_python(env, "edit", path, "a cat")
+        assert result.returncode == 2 and result.stderr.startswith(message) and not torch_imported
+
+
+def test_imagine_leaves_its_job_to_the_running_worker(env: dict[str, str], tmp_path: Path) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "adapters.cli", "worker"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().startswith("Easel worker: database")
+        result, torch_imported = easel_in_python(env, "imagine", "a cat --steps 2 --seed 3", "-o",
+                                                 str(tmp_path / "out"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "a worker is already running on this data folder" in result.stderr
+        assert not torch_imported and len(list((tmp_path / "out").glob("*.png"))) == 1
+        job_id = result.stdout.split()[1]
+        assert job_row(tmp_path, job_id) == ("succeeded", f"{socket.gethostname()}:{worker.pid}")
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.communicate(timeout=60)
+
+
+def test_the_console_prompts_at_once_and_answers_while_torch_loads(env: dict[str, str], tmp_path: Path) -> None:
+    """A torch that never finishes importing: the chat still prompts, answers and ends."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("import time\ntime.sleep(3600)\n")
+    chat = subprocess.Popen([sys.executable, "-m", "adapters.cli", "chat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "PYTHONPATH": str(stub.parent)})
+    assert chat.stdout is not None and chat.stdin is not None
+    welcome = chat.stdout.readline()
+    assert welcome.startswith("Easel console chat.") and chat.stdout.read(2) == "> "
+    stdout, stderr = chat.communicate("/help\n/jobs\n/quota /imagine a cat --size 512x512 --n 4 --steps 30\n",
+                                      timeout=60)
+    assert chat.returncode == 0, stdout + stderr
+    assert "/edit <image file> <prompt> [flags]" in stdout and "You have no jobs yet" in stdout
+    assert "Quota (owner tier): no daily limit" in stdout and "costs 6 units" in stdout
