@@ -45,7 +45,6 @@ HELP_FORMS = {
     "inpaint": "/inpaint <image file> <mask file> <prompt> [flags]  repaint the white parts of the mask",
     "edit example": "/edit street.png the same street in winter --strength 0.6",
 }
-RECENT_JOBS = 10  # how many /jobs lists
 
 
 def console_requester() -> Requester:
@@ -118,7 +117,7 @@ class ConsoleChat:
         elif isinstance(command, JobCommand):
             self.say(describe_job(self.core.deliveries.of_job(await self.core.service.get_job(command.job_id))))
         elif isinstance(command, JobsCommand):
-            self.say(describe_jobs(await self.core.service.list_jobs(RECENT_JOBS, self.requester)))
+            self.say(describe_jobs(await self.core.service.list_jobs(command.limit, self.requester)))
         elif isinstance(command, CancelCommand):
             job = await self.core.service.cancel(self.requester, command.job_id)
             self.say(f"Job {job.id} cancelled.")

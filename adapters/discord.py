@@ -46,7 +46,7 @@ from bot import followups
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
 from bot.delivery import Delivery, deliver_events
-from bot.domain import SAMPLERS, InputImages, JobKind, Requester
+from bot.domain import SAMPLERS, InputImages, JobKind, JobsCommand, Requester
 from bot.errors import ConfigError, EaselError, InvalidImage, Refused
 from bot.events import EventKind
 from bot.policy import describe_quota
@@ -54,7 +54,6 @@ from bot.service import SubmitResult
 
 PLATFORM = "discord"
 log = logging.getLogger("easel.discord")
-RECENT_JOBS = 10  # how many /jobs lists
 
 # Slash command options and the grammar flag each one becomes. `negative` comes last: --no takes
 # every word up to the next flag.
@@ -203,7 +202,7 @@ class DiscordAdapter:
 
     async def jobs(self, interaction: discord.Interaction) -> None:
         async def answer() -> str:
-            return jobs_text(await self.core.service.list_jobs(RECENT_JOBS, self.requester(interaction)))
+            return jobs_text(await self.core.service.list_jobs(JobsCommand().limit, self.requester(interaction)))
 
         await self._deferred_answer(interaction, answer)
 

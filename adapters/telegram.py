@@ -3,7 +3,7 @@
 It runs python-telegram-bot's `Application` with long polling, handling updates concurrently so
 one slow download never holds up another chat:
 
-- `/imagine`, `/quota`, `/job`, `/cancel`, `/help`, `/appeal`, `/mod` (and `/start`) in messages; `/edit` and
+- `/imagine`, `/quota`, `/job`, `/jobs`, `/cancel`, `/help`, `/appeal`, `/mod` (and `/start`) in messages; `/edit` and
   `/inpaint` in the caption of a picture or in a reply to one (python-telegram-bot's
   CommandHandler reads only text, hence `SlashCommand`). Commands for another bot
   (`/imagine@otherbot`) are left alone.
@@ -46,6 +46,7 @@ from bot.domain import (
     GenerateCommand,
     HelpCommand,
     JobCommand,
+    JobsCommand,
     ModCommand,
     QuotaCommand,
     Requester,
@@ -189,6 +190,8 @@ class TelegramAdapter:
                 await self._say(message, describe_quota(await self.core.service.quota(requester, command.command)))
             elif isinstance(command, AppealCommand | ModCommand):
                 await self._say(message, await self.core.moderation.handle(requester, command))
+            elif isinstance(command, JobsCommand):
+                await self._say(message, render.jobs_text(await self.core.service.list_jobs(command.limit, requester)))
             elif isinstance(command, JobCommand):
                 await self._say(message, render.describe_job(self.core.deliveries.of_job(
                     await self.core.service.get_job(command.job_id))))

@@ -178,6 +178,16 @@ def describe_job(delivery: Delivery) -> str:
     return _clip("\n".join(lines), MAX_TEXT)
 
 
+def jobs_text(jobs: Sequence[JobView]) -> str:
+    """/jobs: a line per job, newest first (plain text, like every Telegram answer)."""
+    if not jobs:
+        return "You have no jobs yet; try /imagine a red circle on a blue background"
+    lines = [f"Your {len(jobs)} most recent job(s), newest first (/job ID shows one):"]
+    lines += [f"{job.id} · {job.status.value} · {job.params.kind.value} · {_clip(job.params.prompt, 80)}"
+              for job in jobs]
+    return _clip("\n".join(lines), MAX_TEXT)
+
+
 def error_text(message: str) -> str:
     return _clip(f"⚠️ {message}", MAX_TEXT)
 

@@ -114,6 +114,8 @@ class JobCommand:
 class JobsCommand:
     """/jobs: the user's recent jobs, newest first, a line each."""
 
+    limit: int = 10  # how many: enough to find a job again, short enough for one chat message
+
 
 @dataclass(frozen=True)
 class CancelCommand:
