@@ -90,7 +90,8 @@ async def test_imagine_shows_the_queue_progress_and_the_image_then_re_roll_by_ke
         seen = await page.evaluate("window.progressSeen")
         assert any(0 < value < maximum for value, maximum in seen), seen  # progress showed part-way
         image = first.locator("figure img")
-        assert await image.evaluate("img => img.complete && img.naturalWidth") == 64
+        # decode() waits for the picture to load: the card shows the seed before the browser has fetched it.
+        assert await image.evaluate("async img => { await img.decode(); return img.naturalWidth; }") == 64
         await screenshot(page, "web-imagine.png")
 
         # Tab to the Re-roll button and press Enter: no mouse needed.
