@@ -178,8 +178,9 @@ class TelegramAdapter:
         text = message.text or message.caption or ""
         name, _, _ = split_command(text)
         if name == "start":
-            await self._say(message, "Hello! I draw pictures from your words. Try /imagine a lighthouse at "
-                                     "dusk --ar 16:9\n\n" + self._help())
+            example = self.core.parser.example_prompts()[0]
+            await self._say(message, f"Hello! I draw pictures from your words. Try /imagine {example}\n\n"
+                            + self._help())
             return
         try:
             command = self.core.parser.parse(text)

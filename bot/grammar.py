@@ -74,6 +74,19 @@ ATTACHMENT_FORMS = {
 }
 
 
+# Prompts to suggest, by model source. builtin:shapes knows only the words of its captions (see
+# generation/shapes.py; these three are training combinations, so it draws them right); builtin:tiny
+# draws noise whatever it is told, and real weights take any prompt.
+SHAPES_EXAMPLES = ("a red circle on a blue background", "a white square on a green background",
+                   "a yellow triangle on a black background")
+GENERAL_EXAMPLES = ("a lighthouse at dusk, oil painting", "a red fox in the snow", "a bowl of ramen, studio photo")
+
+
+def example_prompts(source: str) -> list[str]:
+    """Prompts a model of this source draws what they say (for builtin:tiny, none does)."""
+    return list(SHAPES_EXAMPLES if source == "builtin:shapes" else GENERAL_EXAMPLES)
+
+
 class CommandParser:
     """Turns the text of a slash command into a Command, enforcing the configured limits."""
 
@@ -168,6 +181,10 @@ class CommandParser:
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
                                reference_urls=links)
 
+    def example_prompts(self) -> list[str]:
+        """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
+        return example_prompts(self.models[self.default_model].source)
+
     def help_text(self, forms: Mapping[str, str] | None = None) -> str:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
 
@@ -180,6 +197,7 @@ class CommandParser:
         models = ", ".join(f"{name} ({m.default_width}x{m.default_height})"
                            for name, m in self.models.items())
         form = {**ATTACHMENT_FORMS, **(forms or {})}
+        examples = self.example_prompts()
         fitted = "x".join(map(str, fit_size(512, 384, model.default_width * model.default_height, limits)))
         return "\n".join([
             "Commands:",
@@ -218,8 +236,8 @@ class CommandParser:
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
             f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
             "Examples:",
-            "  /imagine a lighthouse at dusk, oil painting --ar 16:9 --seed 42",
-            "  /imagine a castle (-blurry -text) at night --steps 30 --n 2",
+            f"  /imagine {examples[0]} --ar 16:9 --seed 42",
+            f"  /imagine {examples[1]} (-blurry -text) --steps 30 --n 2",
             f"  {form['edit example']}",
         ])
 

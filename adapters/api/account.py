@@ -11,19 +11,6 @@ from adapters.api.render import quota_out
 
 router = APIRouter(tags=["account"])
 
-# Prompts to suggest, by model source. builtin:shapes knows only the words of its captions (see
-# generation/shapes.py; these three are training combinations, so it draws them right); builtin:tiny
-# draws noise whatever it is told, and real weights take any prompt.
-SHAPES_EXAMPLES = ("a red circle on a blue background", "a white square on a green background",
-                   "a yellow triangle on a black background")
-GENERAL_EXAMPLES = ("a lighthouse at dusk, oil painting", "a red fox in the snow", "a bowl of ramen, studio photo")
-
-
-def example_prompts(source: str) -> list[str]:
-    """Prompts a model of this source draws what they say (for builtin:tiny, none does)."""
-    return list(SHAPES_EXAMPLES if source == "builtin:shapes" else GENERAL_EXAMPLES)
-
-
 @router.get("/v1/quota")
 async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     """Cost units (512x512, 20 steps, 1 image = 1 unit) used and left today and this minute, and
@@ -45,4 +32,4 @@ async def help_text(core: CoreDep, key: Key) -> dict[str, Any]:
     model draws (`{"model": "shapes", "prompts": ["a red circle on a blue background", ...]}`)."""
     default = core.settings.generation.default_model
     return {"text": core.parser.help_text(),
-            "examples": {"model": default, "prompts": example_prompts(core.settings.models[default].source)}}
+            "examples": {"model": default, "prompts": core.parser.example_prompts()}}
