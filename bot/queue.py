@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from bot.clock import Clock
 from bot.config import Settings
@@ -104,9 +105,11 @@ class JobQueue:
         async with self.db.unit_of_work() as uow:
             batch = (await uow.session.scalars(
                 select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
+                .options(lazyload(Job.images))
                 .order_by(Job.seq).with_for_update(skip_locked=True, of=Job))).unique().all()
             images = sum(job.n for job in batch)
             for job in batch:
+                set_committed_value(job, "images", [])  # not read: a queued job has no images yet
                 job.status = JobStatus.RUNNING.value
                 job.attempts += 1
                 job.worker = worker_id
@@ -121,19 +124,28 @@ class JobQueue:
     async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
         """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.
 
-        Only a few columns of the candidates are read; the chosen rows are loaded by the caller.
+        Only a few columns of the candidates are read; the chosen rows are loaded by the caller. One
+        query usually settles it: the fair heads come with each user's count of waiting jobs, so when
+        they are all there and each user waits for one job, there is nothing else to look for.
         """
-        head = (await session.execute(self._fair_heads().limit(1))).first()
-        if head is None:
+        limit = 4 * max_images
+        heads = (await session.execute(self._fair_heads().limit(limit))).all()
+        if not heads:
             return []
+        head, key = heads[0], tuple(heads[0][3:])
         same_key = [column == value if value is not None else column.is_(None)
-                    for column, value in zip(BATCH_KEY_COLUMNS, head[2:], strict=True)]
+                    for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
         chosen, images = [head.seq], head.n
+        every_waiting_job_seen = len(heads) < limit and all(row.waiting == 1 for row in heads)
         # Fill: other users' first jobs in fair order, then anyone's in submission order.
-        for query in (self._fair_heads().where(*same_key),
-                      select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key)
-                      .order_by(Job.seq)):
-            for seq, n, *_ in (await session.execute(query.limit(4 * max_images))).all():
+        fair = [row for row in heads[1:] if tuple(row[3:]) == key]
+        queries = [] if every_waiting_job_seen else [
+            select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key).order_by(Job.seq)]
+        if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
+            fair, queries = [], [self._fair_heads().where(*same_key), *queries]
+        for query in (None, *queries):
+            rows = fair if query is None else (await session.execute(query.limit(limit))).all()
+            for seq, n, *_ in rows:
                 if images >= max_images:
                     return chosen
                 if seq not in chosen and images + n <= max_images:
@@ -143,10 +155,11 @@ class JobQueue:
 
     @staticmethod
     def _fair_heads() -> Select[Any]:
-        """Each user's oldest waiting job (seq, n, batch key), the least recently served user first."""
-        heads = (select(Job.user_id, func.min(Job.seq).label("seq"))
+        """Each user's oldest waiting job (seq, n, the user's waiting jobs, batch key), the least
+        recently served user first."""
+        heads = (select(Job.user_id, func.min(Job.seq).label("seq"), func.count().label("waiting"))
                  .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
-        return (select(Job.seq, Job.n, *BATCH_KEY_COLUMNS)
+        return (select(Job.seq, Job.n, heads.c.waiting, *BATCH_KEY_COLUMNS)
                 .join(heads, Job.seq == heads.c.seq)
                 .join(User, User.id == Job.user_id)
                 .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))
@@ -197,22 +210,25 @@ class JobQueue:
         """
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            job = await uow.session.scalar(select(Job).where(Job.id == job_id))
+            # The images are not read: a running job has none yet, and its rows are added below.
+            job = await uow.session.scalar(select(Job).where(Job.id == job_id).options(lazyload(Job.images)))
             if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
                 return False
             verdicts = list(verdicts) or [None] * len(images)
+            rows = []
             for index, ((seed, stored), verdict) in enumerate(zip(images, verdicts, strict=True)):
                 action = image_action(job.nsfw_allowed) if verdict is not None else None
-                job.images.append(Image(index=index, seed=seed, sha256=stored.sha256, width=stored.width,
-                                        height=stored.height, size_bytes=stored.size_bytes,
-                                        safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
-                                        created_at=now))
+                rows.append(Image(job_id=job.id, index=index, seed=seed, sha256=stored.sha256, width=stored.width,
+                                  height=stored.height, size_bytes=stored.size_bytes,
+                                  safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
+                                  created_at=now))
+                uow.session.add(rows[-1])
                 if verdict is not None:
                     await self.policy.record(uow, job.user, subject=f"image:{stored.sha256}",
                                              category=verdict.category, reason_code=verdict.reason_code,
                                              source="image_check", action=action, now=now, job_id=job.id,
                                              detail=f"image {index + 1} of job {job.id}: {job.prompt}")
-            if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in job.images) \
+            if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in rows) \
                     and "withhold" in self.settings.moderation.strike_actions:
                 await self.policy.strike(uow, job.user, now)
             await uow.session.flush()

@@ -33,7 +33,8 @@ from PIL import Image
 from bot.config import QueueConfig, Settings
 from bot.errors import EaselError, GenerationFailed
 from bot.queue import JobQueue, this_worker_id
-from bot.store import ImageStore
+from bot.safety import ImageVerdict
+from bot.store import ImageStore, StoredImage
 from bot.views import JobView
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
@@ -288,11 +289,8 @@ class Worker:
     async def _finish(self, job: JobView, images: list[Image.Image]) -> None:
         try:
             # A checker that fails fails the job (below): an unchecked image is never delivered.
-            verdicts = await on_torch_thread(self.image_checker.check, images)
-            stored = []
-            for seed, image in zip(job.params.image_seeds(), images, strict=True):
-                saved = await asyncio.to_thread(self.store.save_generated, image, job.params, seed)
-                stored.append((seed, saved))
+            verdicts = await self._check(images)
+            stored = await asyncio.to_thread(self._save, job, images)
             if await self.queue.complete(job.id, stored, verdicts, worker_id=self.worker_id):
                 self.stats.succeeded += 1
                 self.stats.images += len(stored)
@@ -300,6 +298,16 @@ class Worker:
                 self.stats.cancelled += 1
         except Exception as error:
             await self._fail(job, error)
+
+    async def _check(self, images: list[Image.Image]) -> list[ImageVerdict | None]:
+        if isinstance(self.image_checker, NoImageCheck):  # no torch work: not worth a trip to its thread
+            return self.image_checker.check(images)
+        return await on_torch_thread(self.image_checker.check, images)
+
+    def _save(self, job: JobView, images: list[Image.Image]) -> list[tuple[int, StoredImage]]:
+        """Store a job's images (PNG encode, write, fsync), on a thread of its own."""
+        return [(seed, self.store.save_generated(image, job.params, seed))
+                for seed, image in zip(job.params.image_seeds(), images, strict=True)]
 
     async def _fail(self, job: JobView, error: BaseException) -> None:
         if isinstance(error, TimeLimitExceeded):
