@@ -60,6 +60,7 @@ def bench_settings(setup: BenchSetup, data_dir: Path | None = None, **generation
         queue={"max_queued_per_user": 100_000, "daily_images_per_user": 0},
         quota={"tiers": {"user": {"daily_units": float("inf"), "per_minute_units": float("inf")}},
                "max_queued_total": 0},
+        console={"tier": "user"},  # the one tier above; the benchmarks' users are all plain users
     )
 
 
