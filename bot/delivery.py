@@ -29,14 +29,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from bot.config import Settings
+from bot.domain import JobStatus
 from bot.events import Event, EventKind
+from bot.safety import SPOILER, WITHHOLD, flagged_category
 from bot.service import JobService
-from bot.views import ImageView, JobView
+from bot.views import JobView
 
 log = logging.getLogger("easel.delivery")
 
 SHUTDOWN_GRACE_S = 10.0  # how long deliveries in flight may finish when an adapter stops
-RELEASED_FLAG = "released"  # a withheld image's action after a moderator accepted its appeal
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,6 @@ class Delivery:
     images: tuple[ShownImage, ...] = ()
     withheld: tuple[WithheldNotice, ...] = ()
     position: int | None = None  # QUEUED: 1 = next to run
-    requeued: bool = False  # QUEUED again after its worker stopped
     step: int = 0  # PROGRESS: step of total
     total: int = 0
     preview: str | None = None  # PROGRESS: a data: URL of a rough picture so far, when allowed here
@@ -97,11 +97,6 @@ def withheld_message(job_id: str, index: int, category: str) -> str:
             f"here. If this is a mistake: /appeal {job_id} <why>")
 
 
-def flagged_category(image: ImageView, action: str) -> str | None:
-    """The category of the image's flag with `action` ("withhold", "spoiler"), or None."""
-    return next((flag.rsplit(":", 1)[0] for flag in image.safety_flags if flag.endswith(f":{action}")), None)
-
-
 class Deliveries:
     """Builds deliveries under the settings' safety rules. Built once (bot/bootstrap.py)."""
 
@@ -110,7 +105,7 @@ class Deliveries:
 
     def of_job(self, job: JobView, kind: EventKind | None = None) -> Delivery:
         """The job as it stands: for redelivery after a restart, /job, and the HTTP API's job JSON."""
-        kind = kind or _KIND_OF_STATUS.get(job.status.value, EventKind.QUEUED)
+        kind = kind or _KIND_OF_STATUS.get(job.status, EventKind.QUEUED)
         if kind is EventKind.FAILED:
             return Delivery(kind, job, error=job.error)
         if kind is EventKind.PROGRESS:
@@ -122,8 +117,7 @@ class Deliveries:
         """What `event` shows of `job` (the job as read after the event)."""
         payload = event.payload
         if event.kind is EventKind.QUEUED:
-            return Delivery(event.kind, job, position=int(payload.get("position", 1)),
-                            requeued=bool(payload.get("requeued")))
+            return Delivery(event.kind, job, position=int(payload.get("position", 1)))
         if event.kind is EventKind.PROGRESS:
             preview, spoiler = self._preview(job, payload.get("preview"))
             return Delivery(event.kind, job, step=int(payload.get("step", 0)), total=int(payload.get("total", 0)),
@@ -143,13 +137,13 @@ class Deliveries:
         shown: list[ShownImage] = []
         withheld: list[WithheldNotice] = []
         for image in job.images:
-            category = flagged_category(image, "withhold")
+            category = flagged_category(image.safety_flags, WITHHOLD)
             if category is not None:
                 withheld.append(WithheldNotice(image.index, image.seed, category,
                                                withheld_message(job.id, image.index, category)))
                 continue
             shown.append(ShownImage(image.index, image.seed, image.sha256, image.path, image.width, image.height,
-                                    spoiler=flagged_category(image, "spoiler") is not None))
+                                    spoiler=flagged_category(image.safety_flags, SPOILER) is not None))
         return tuple(shown), tuple(withheld)
 
     def _preview(self, job: JobView, preview: str | None) -> tuple[str | None, bool]:
@@ -161,8 +155,8 @@ class Deliveries:
 
 
 _PASSING_KINDS = (EventKind.QUEUED, EventKind.STARTED, EventKind.PROGRESS)
-_KIND_OF_STATUS = {"succeeded": EventKind.DONE, "failed": EventKind.FAILED, "cancelled": EventKind.CANCELLED,
-                   "running": EventKind.PROGRESS}
+_KIND_OF_STATUS = {JobStatus.SUCCEEDED: EventKind.DONE, JobStatus.FAILED: EventKind.FAILED,
+                   JobStatus.CANCELLED: EventKind.CANCELLED, JobStatus.RUNNING: EventKind.PROGRESS}
 
 
 # -- the delivery loop ---------------------------------------------------------------------------------

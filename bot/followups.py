@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from bot.delivery import flagged_category
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
 from bot.errors import InvalidCommand, Refused
 from bot.grammar import fit_size
+from bot.safety import WITHHOLD, flagged_category
 from bot.service import JobService, SubmitResult
 from bot.views import ImageView, JobView
 
@@ -90,7 +90,7 @@ def _result_image(job: JobView, index: int) -> ImageView:
     if not 0 <= index < len(job.images):
         raise InvalidCommand(f"job {job.id} has {len(job.images)} image(s); there is no image {index + 1}")
     image = job.images[index]
-    category = flagged_category(image, "withhold")
+    category = flagged_category(image.safety_flags, WITHHOLD)
     if category is not None:
         # A follow-up would show (a copy of) a picture that may not be shown: every kind is refused.
         raise Refused(f"image {index + 1} of job {job.id} was withheld (the image check flagged it as "

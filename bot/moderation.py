@@ -22,7 +22,6 @@ from sqlalchemy import select
 
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
-from bot.delivery import RELEASED_FLAG
 from bot.domain import (
     AppealCommand,
     Command,
@@ -38,6 +37,7 @@ from bot.errors import InvalidCommand, NotFound, Refused
 from bot.events import EventBus, EventKind
 from bot.models import Appeal, QuotaGrant, SafetyFlag, User
 from bot.policy import PERMANENT, Policy, describe_quota, units, user_key, when
+from bot.safety import WITHHOLD, flagged_category, released_flags
 
 _MENTION = re.compile(r"<@!?(\d+)>")
 _PLATFORM_ID = re.compile(r"([a-z][a-z0-9_-]{0,31}):(\S+)")
@@ -251,9 +251,8 @@ class Moderation:
             return []
         released = []
         for image in job.images:
-            if any(flag.endswith(":withhold") for flag in image.safety_flags or ()):
-                image.safety_flags = [flag.removesuffix(":withhold") + f":{RELEASED_FLAG}"
-                                      if flag.endswith(":withhold") else flag for flag in image.safety_flags]
+            if flagged_category(image.safety_flags or (), WITHHOLD) is not None:
+                image.safety_flags = released_flags(image.safety_flags)
                 released.append(image.index)
         if released:
             self.bus.stage(uow, job, EventKind.RELEASED, {"indexes": released})

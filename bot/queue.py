@@ -34,7 +34,7 @@ from bot.domain import JobStatus
 from bot.events import EventBus, EventKind
 from bot.models import Image, Job, JobEvent, User
 from bot.policy import Policy
-from bot.safety import ImageVerdict, image_action
+from bot.safety import WITHHOLD, ImageVerdict, flagged_category, image_action
 from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView, job_view
@@ -228,8 +228,8 @@ class JobQueue:
                                              category=verdict.category, reason_code=verdict.reason_code,
                                              source="image_check", action=action, now=now, job_id=job.id,
                                              detail=f"image {index + 1} of job {job.id}: {job.prompt}")
-            if any(image.safety_flags and image.safety_flags[0].endswith(":withhold") for image in rows) \
-                    and "withhold" in self.settings.moderation.strike_actions:
+            if any(flagged_category(image.safety_flags, WITHHOLD) is not None for image in rows) \
+                    and WITHHOLD in self.settings.moderation.strike_actions:
                 await self.policy.strike(uow, job.user, now)
             await uow.session.flush()
             job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +262,21 @@ class ImageVerdict:
     reason_code: str  # which check said so, e.g. "diffusers_safety_checker", "nudenet:BUTTOCKS_EXPOSED"
 
 
+# An image's flags are "CATEGORY:ACTION" (e.g. "nsfw:withhold"); these helpers are the one place that
+# reads or rewrites them.
+WITHHOLD, SPOILER, RELEASED = "withhold", "spoiler", "released"  # RELEASED: a moderator accepted an appeal
+
+
 def image_action(nsfw_allowed: bool) -> str:
     """A flagged image is never blacked out: spoilered where NSFW is allowed, else withheld with a reason."""
-    return "spoiler" if nsfw_allowed else "withhold"
+    return SPOILER if nsfw_allowed else WITHHOLD
+
+
+def flagged_category(flags: Iterable[str], action: str) -> str | None:
+    """The category of the flag with `action` (WITHHOLD, SPOILER, RELEASED) among an image's flags, or None."""
+    return next((flag.rsplit(":", 1)[0] for flag in flags if flag.endswith(f":{action}")), None)
+
+
+def released_flags(flags: Iterable[str]) -> list[str]:
+    """An image's flags once a moderator has released it: each withhold becomes a release."""
+    return [f"{flag.rsplit(':', 1)[0]}:{RELEASED}" if flag.endswith(f":{WITHHOLD}") else flag for flag in flags]

@@ -29,7 +29,7 @@ from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
 from bot.models import IdempotencyKey, Image, Job, User
 from bot.policy import Policy
-from bot.safety import Decision, PromptCheck
+from bot.safety import WITHHOLD, Decision, PromptCheck, flagged_category
 from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
@@ -219,7 +219,7 @@ class JobService:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
         async with self.db.unit_of_work(write=False) as uow:
             flags = (await uow.session.scalars(select(Image.safety_flags).where(Image.sha256 == sha256))).all()
-        return any(flag.endswith(":withhold") for image_flags in flags for flag in image_flags or ())
+        return any(flagged_category(image_flags or (), WITHHOLD) is not None for image_flags in flags)
 
     async def position(self, job_id: str) -> int | None:
         """1 = next to run; None once the job has started or finished."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from bot.domain import GenerationParams, JobKind, JobStatus
 from bot.models import Image, Job
+from bot.safety import WITHHOLD, flagged_category
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ImageView:
     @property
     def withheld(self) -> bool:
         """Flagged by the image check where NSFW is not allowed (and not released by a moderator)."""
-        return any(flag.endswith(":withhold") for flag in self.safety_flags)
+        return flagged_category(self.safety_flags, WITHHOLD) is not None
 
 
 
