@@ -18,7 +18,6 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.clock import utcnow as utcnow  # bot/queue.py, bot/metrics.py and generation/worker.py import it here
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester

@@ -6,9 +6,9 @@ from datetime import timedelta
 import pytest
 
 from bot.bootstrap import Core
+from bot.clock import utcnow
 from bot.domain import InputImages, JobKind, JobStatus
 from bot.errors import InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
-from bot.service import utcnow
 from tests.conftest import alice, bob, mask_bytes, png_bytes
 
 
