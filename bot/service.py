@@ -10,6 +10,8 @@ worker's side).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -213,6 +215,18 @@ class JobService:
     async def get_job(self, job_id: str) -> JobView:
         async with self.db.unit_of_work(write=False) as uow:
             return job_view(await uow.jobs.get(job_id), self.store.path_of)
+
+    async def wait_until_final(self, job_id: str, timeout_s: float) -> JobView:
+        """The job once it is done, failed or cancelled, or as it is after `timeout_s` (check
+        `status.is_final`): for callers that answer with the result in one response (the OpenAI and
+        AUTOMATIC1111 routes), where the job keeps running and is found later by its id."""
+        async def final_event() -> None:
+            async for _event in self.bus.watch(job_id):
+                pass  # watch ends after the final event
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(final_event(), timeout=timeout_s)
+        return await self.get_job(job_id)
 
     async def image_withheld(self, sha256: str) -> bool:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""

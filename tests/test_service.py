@@ -1,6 +1,7 @@
 """The job service and the queue on a real SQLite database (no model needed: the worker's side is
 driven by hand here; tests/test_end_to_end.py runs the real worker)."""
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -115,6 +116,17 @@ async def test_only_the_owner_cancels_and_only_unfinished_jobs(core: Core) -> No
         await core.service.cancel(alice(), job.id)
     with pytest.raises(NotFound):
         await core.service.cancel(alice(), "nosuchid")
+
+
+async def test_a_caller_waiting_for_the_result_gets_the_job_when_it_ends_or_as_it_is_at_the_deadline(
+        core: Core) -> None:
+    job = (await submit(core, "/imagine a cat")).job
+    waiting = asyncio.create_task(core.service.wait_until_final(job.id, timeout_s=60))
+    await core.service.cancel(alice(), job.id)
+    assert (await waiting).status is JobStatus.CANCELLED
+
+    other = (await submit(core, "/imagine a dog")).job
+    assert (await core.service.wait_until_final(other.id, timeout_s=0.05)).status is JobStatus.QUEUED
 
 
 async def test_cancelling_a_running_job_tells_the_worker_to_drop_it(core: Core) -> None:
