@@ -1,4 +1,8 @@
-"""One error hook for the API: every failure answers `{"code": ..., "message": ...}`, never a bare 500."""
+"""One error hook for the API: every failure answers `{"code": ..., "message": ...}`, never a bare 500.
+
+Routes that speak another API's dialect (the OpenAI- and AUTOMATIC1111-compatible routers) register
+their own error body for their path prefix with `register_dialect`, since their clients parse errors
+in their own shapes; status codes and messages stay the same everywhere."""
 
 from __future__ import annotations
 
@@ -55,29 +59,52 @@ def describe_errors(errors: Any) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
-async def easel_error(_request: Request, error: EaselError) -> JSONResponse:
+# An error body in one API's dialect, from the status, Easel's error code and the message.
+ErrorBody = Callable[[int, str, str], dict[str, Any]]
+
+
+def easel_body(_status: int, code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+_DIALECTS: dict[str, ErrorBody] = {}  # path prefix -> how errors under it are written
+
+
+def register_dialect(path_prefix: str, body: ErrorBody) -> None:
+    """Errors of requests under `path_prefix` are written by `body` (e.g. OpenAI's `{"error": {...}}`)."""
+    _DIALECTS[path_prefix] = body
+
+
+def error_response(request: Request, status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one place an error becomes a response, in the dialect of the route that was asked."""
+    path = request.url.path
+    body = next((make for prefix, make in _DIALECTS.items() if path.startswith(prefix)), easel_body)
+    return JSONResponse(body(status, code, message), status, headers=headers)
+
+
+async def easel_error(request: Request, error: EaselError) -> JSONResponse:
     status = error.status if isinstance(error, HttpError) else next(
         (code for cls, code in STATUS_OF.items() if isinstance(error, cls)), 400)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"code": error.code, "message": error.message}, status, headers=headers)
+    return error_response(request, status, error.code, error.message, headers)
 
 
-async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"code": InvalidCommand.code, "message": describe_errors(error.errors())}, 422)
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    return error_response(request, 422, InvalidCommand.code, describe_errors(error.errors()))
 
 
-async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     # 400 here is a malformed multipart body (too many files or fields, a broken boundary).
     code = {400: InvalidCommand.code, 404: NotFound.code, 405: "method_not_allowed"}.get(error.status_code,
                                                                                           "http_error")
-    return JSONResponse({"code": code, "message": str(error.detail)}, error.status_code,
-                        headers=getattr(error, "headers", None))
+    return error_response(request, error.status_code, code, str(error.detail), getattr(error, "headers", None))
 
 
-async def internal_error(_request: Request, error: Exception) -> JSONResponse:
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
     log.exception("HTTP request failed", exc_info=error)
-    return JSONResponse({"code": "internal_error", "message": "Something went wrong on our side; it has "
-                         "been logged. Try again."}, 500)
+    return error_response(request, 500, "internal_error", "Something went wrong on our side; it has "
+                          "been logged. Try again.")
 
 
 # For `FastAPI(exception_handlers=...)`: every error, whichever layer raised it, becomes the same JSON.
