@@ -1,8 +1,14 @@
 """The Discord adapter: slash commands and buttons in, job events rendered back as edited messages.
 
-    adapter = DiscordAdapter(core)       # `easel serve` builds it when discord.token is set
+`EaselCog` is the one implementation of Easel on Discord: a discord.py Cog with the slash commands,
+the result buttons and the delivery loop. It runs on any `commands.Bot`:
+
+    adapter = DiscordAdapter(core)       # `easel serve`: a bot of Easel's own with the cog, when discord.token is set
     await adapter.run(stop)              # log in, connect, deliver job events until `stop` is set
     await adapter.sync_commands(guild)   # `easel discord sync [--guild ID]`: register the commands
+
+    await bot.add_cog(EaselCog(bot, core))               # inside someone else's bot (a plugin), or
+    await bot.load_extension("adapters.discord_plugin")  # the same as a discord.py extension
 
 Translation only: command options become the grammar's flags (so `/imagine prompt:a cat steps:500`
 fails with the same message as `/imagine a cat --steps 500`), attachments go to the job service,
@@ -23,8 +29,10 @@ from typing import Any
 
 import discord
 from discord import app_commands
+from discord.ext import commands
 
 from adapters.discord_render import (
+    COG_NAME,
     MAX_CONTENT_CHARS,
     JobButton,
     cancelled_text,
@@ -91,80 +99,193 @@ def check_attachment(attachment: discord.Attachment, limits: LimitsConfig, what:
                            f"attach a PNG, JPEG, WebP, GIF or BMP")
 
 
-class EaselClient(discord.Client):
-    """discord.py's client, knowing the adapter that answers its buttons."""
-
-    def __init__(self, adapter: DiscordAdapter) -> None:
-        # Easel never joins voice: silence discord.py's start-up warnings about voice libraries.
-        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-        # No privileged intents: interactions carry the member, permissions and channel they need.
-        super().__init__(intents=discord.Intents(guilds=True))
-        self.adapter = adapter
-
-    async def job_button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
-                                 index: int | None) -> None:
-        await self.adapter.button_pressed(interaction, action, job_id, index)
+_GENERATION_HELP = {
+    "prompt": "what to draw; flags work here too, e.g. a castle --seed 5",
+    "negative": "what to keep out of the picture (--no)",
+    "seed": "repeat a picture with the same seed and settings (--seed)",
+    "steps": "more is slower and finer (--steps)",
+    "cfg": "how closely to follow the prompt (--cfg)",
+    "aspect": "aspect ratio W:H, e.g. 16:9 (--ar)",
+    "count": "how many images (--n)",
+    "sampler": "the sampler (--sampler)",
+    "model": "the model (--model)",
+}
 
 
-class DiscordAdapter:
-    platform = PLATFORM
+class EaselCog(commands.Cog, name=COG_NAME):
+    """Easel's slash commands, result buttons and job deliveries, on any discord.py `commands.Bot`.
 
-    def __init__(self, core: Core, *, gateway: bool = True, clock: Callable[[], float] = time.time) -> None:
-        """`gateway=False` logs in over HTTP only: tests feed interactions to the client's state."""
+        await bot.add_cog(EaselCog(bot, core))  # best in setup_hook: returns once job events are followed
+
+    Adding it puts the commands in `bot.tree` beside the bot's own (sync the tree as usual), registers
+    the buttons (`bot.add_dynamic_items`) and starts the delivery loop; removing it, unloading
+    adapters.discord_plugin or closing the bot stops the loop. Added before the bot logs in, it
+    starts delivering once the bot is ready, and holds interactions until then.
+    """
+
+    def __init__(self, bot: commands.Bot, core: Core, *, clock: Callable[[], float] = time.time,
+                 owns_core: bool = False) -> None:
+        """`owns_core`: close `core` when the cog is removed (the extension opened it)."""
+        self.bot = bot
         self.core = core
         self.config = core.settings.discord
-        self.gateway = gateway
         self.clock = clock
-        self.client = EaselClient(self)
-        self.client.add_dynamic_items(JobButton)
-        self.tree = _build_tree(self)
-        self.replier = Replier(self.client, self.config.token_margin_s, clock)
+        self.owns_core = owns_core
+        self.replier = Replier(bot, self.config.token_margin_s, clock)
+        self.delivery: asyncio.Task[None] | None = None  # the delivery loop, while the cog is loaded
         self._last_edit: dict[str, float] = {}  # job id -> when its message was last edited
-        self.ready = asyncio.Event()  # set once logged in and following job events
+        self._stop = asyncio.Event()
+        self._following = asyncio.Event()  # set once every new job event is sure to be delivered
+        self._start_awaited = False  # whether cog_load waits for (and raises) a failed start
 
-    # -- running --------------------------------------------------------------------------------
+    # -- loading and unloading ------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Log in, listen (gateway), and deliver job events until `stop` is set."""
-        async with self.client:
-            await self._login()
-            following = asyncio.Event()
-            async with asyncio.TaskGroup() as group:
-                delivery = group.create_task(
-                    deliver_events(self.core.service, self.core.deliveries, PLATFORM, self.deliver, stop,
-                                   ready=following, concurrency=self.core.settings.delivery.concurrency),
-                    name="easel-discord-delivery")
-                # Take interactions only once new job events are sure to be followed.
-                await asyncio.wait([delivery, group.create_task(following.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
-                self.ready.set()
-                if self.gateway and not delivery.done():
-                    group.create_task(self.client.connect(), name="easel-discord-gateway")
-                try:
-                    await delivery
-                finally:
-                    await self.client.close()  # ends connect()
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(JobButton)
+        self._stop.clear()
+        self._following.clear()
+        # Logged in (setup_hook, or a running bot): wait here, so the bot takes no interaction before
+        # every new job event is sure to be followed, and a start that fails fails add_cog.
+        self._start_awaited = self.bot.user is not None
+        self.delivery = asyncio.create_task(self._deliver(), name="easel-discord-delivery")
+        if self._start_awaited:
+            await self._until_following()
+            if self.delivery.done():
+                self.bot.remove_dynamic_items(JobButton)
+                self.delivery.result()  # raises why it stopped
 
-    async def sync_commands(self, guild_id: int | None = None) -> list[str]:
-        """Register the slash commands: in one server at once with `guild_id`, else globally."""
-        async with self.client:
-            await self._login()
-            guild = discord.Object(id=guild_id) if guild_id is not None else None
-            if guild is not None:
-                self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
-        return [command.name for command in synced]
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(JobButton)
+        self._stop.set()
+        if self.delivery is not None:
+            if not self._following.is_set():
+                self.delivery.cancel()  # still waiting for the bot to be ready
+            await asyncio.gather(self.delivery, return_exceptions=True)  # an error was logged in _deliver
+        if self.owns_core:
+            await self.core.close()
 
-    async def _login(self) -> None:
-        if self.config.token is None:
-            raise ConfigError("discord.token is not set; set the DISCORD_TOKEN environment variable")
+    async def _deliver(self) -> None:
         try:
-            await self.client.login(self.config.token.get_secret_value())
-        except discord.LoginFailure:
-            raise ConfigError("Discord refused the bot token (discord.token / DISCORD_TOKEN); copy it again "
-                              "from the Bot page of your application in the Developer Portal") from None
+            if self.bot.user is None:
+                await self.bot.wait_until_ready()  # Discord's API needs the bot logged in
+            await deliver_events(self.core.service, self.core.deliveries, PLATFORM, self.deliver, self._stop,
+                                 ready=self._following, concurrency=self.core.settings.delivery.concurrency)
+        except Exception:
+            if self._following.is_set() or not self._start_awaited:  # nobody else will hear of it
+                log.exception("Easel's Discord delivery loop stopped; undelivered results are sent after "
+                              "the next start")
+            raise
 
-    # -- commands -------------------------------------------------------------------------------
+    async def _until_following(self) -> None:
+        """Return once new job events are followed (or the delivery loop has stopped)."""
+        if self._following.is_set() or self.delivery is None or self.delivery.done():
+            return
+        following = asyncio.ensure_future(self._following.wait())
+        await asyncio.wait({following, self.delivery}, return_when=asyncio.FIRST_COMPLETED)
+        following.cancel()
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
+        """Every Easel command waits until job events are followed (only ever waits when the cog was
+        added before the bot logged in), so a job's first events are never missed."""
+        await self._until_following()
+        return True
+
+    # -- the slash commands ---------------------------------------------------------------------
+
+    @app_commands.command(name="imagine", description="Make images from a prompt")
+    @app_commands.describe(**_GENERATION_HELP)
+    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None = None,
+                      seed: int | None = None, steps: int | None = None, cfg: float | None = None,
+                      aspect: str | None = None, count: int | None = None, sampler: str | None = None,
+                      model: str | None = None) -> None:
+        options = {"negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "aspect": aspect,
+                   "count": count, "sampler": sampler, "model": model}
+        await self.generate(interaction, JobKind.IMAGINE, prompt, options)
+
+    @app_commands.command(name="edit", description="Repaint an attached picture guided by a prompt")
+    @app_commands.describe(image="the picture to start from", strength="how much to change, 0 to 1 (--strength)",
+                           **_GENERATION_HELP)
+    async def edit(self, interaction: discord.Interaction, image: discord.Attachment, prompt: str,
+                   strength: float | None = None, negative: str | None = None, seed: int | None = None,
+                   steps: int | None = None, cfg: float | None = None, aspect: str | None = None,
+                   count: int | None = None, sampler: str | None = None, model: str | None = None) -> None:
+        options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+        await self.generate(interaction, JobKind.EDIT, prompt, options, image=image)
+
+    @app_commands.command(name="inpaint", description="Repaint the white parts of a mask")
+    @app_commands.describe(image="the picture", mask="white = repaint, black = keep (same shape as the picture)",
+                           strength="how much to change, 0 to 1 (--strength)", **_GENERATION_HELP)
+    async def inpaint(self, interaction: discord.Interaction, image: discord.Attachment, mask: discord.Attachment,
+                      prompt: str, strength: float | None = None, negative: str | None = None,
+                      seed: int | None = None, steps: int | None = None, cfg: float | None = None,
+                      aspect: str | None = None, count: int | None = None, sampler: str | None = None,
+                      model: str | None = None) -> None:
+        options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+        await self.generate(interaction, JobKind.INPAINT, prompt, options, image=image, mask=mask)
+
+    @imagine.autocomplete("model")
+    @edit.autocomplete("model")
+    @inpaint.autocomplete("model")
+    async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return _choices(self.core.settings.models, current)
+
+    @imagine.autocomplete("sampler")
+    @edit.autocomplete("sampler")
+    @inpaint.autocomplete("sampler")
+    async def complete_sampler(self, interaction: discord.Interaction,
+                               current: str) -> list[app_commands.Choice[str]]:
+        return _choices(SAMPLERS, current)
+
+    @app_commands.command(name="quota", description="How many images you have left today")
+    async def quota(self, interaction: discord.Interaction) -> None:
+        async def answer() -> str:
+            return describe_quota(await self.core.service.quota(self.requester(interaction)))
+
+        await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="job", description="A job's settings, seeds and status")
+    @app_commands.describe(id="the job id, e.g. k7mq2x9a")
+    async def job(self, interaction: discord.Interaction, id: str) -> None:
+        await self._job_info(interaction, id)
+
+    @app_commands.command(name="jobs", description="Your recent jobs, newest first")
+    async def jobs(self, interaction: discord.Interaction) -> None:
+        async def answer() -> str:
+            return jobs_text(await self.core.service.list_jobs(JobsCommand().limit, self.requester(interaction)))
+
+        await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="cancel", description="Cancel a job; without an id, your newest unfinished one")
+    @app_commands.describe(id="the job id (optional)")
+    async def cancel(self, interaction: discord.Interaction, id: str | None = None) -> None:
+        async def answer() -> str:
+            job = await self.core.service.cancel(self.requester(interaction), id)
+            return f"Job `{job.id}` cancelled."
+
+        await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="help", description="Commands, flags, limits and examples")
+    async def help_(self, interaction: discord.Interaction) -> None:
+        """The grammar's /help, in as many private messages as Discord's 2000 characters need."""
+        parts = _code_blocks(self.core.parser.help_text())
+
+        async def answer() -> str:
+            return parts[0]
+
+        await self._deferred_answer(interaction, answer)
+        for part in parts[1:]:
+            await interaction.followup.send(part, ephemeral=True)
+
+    async def cog_app_command_error(self, interaction: discord.Interaction,  # type: ignore[override]
+                                    error: app_commands.AppCommandError) -> None:
+        # The commands' one error hook (the host bot's tree.on_error stays its own): a bug is logged, and
+        # the user hears that something failed on our side.
+        log.error("Discord command failed", exc_info=error)
+        await _tell_failure(interaction)
+
+    # -- what the commands do -------------------------------------------------------------------
 
     async def generate(self, interaction: discord.Interaction, kind: JobKind, prompt: str,
                        options: Mapping[str, object], image: discord.Attachment | None = None,
@@ -188,55 +309,26 @@ class DiscordAdapter:
 
         await self._deferred_submit(interaction, submit)
 
-    async def quota(self, interaction: discord.Interaction) -> None:
-        async def answer() -> str:
-            return describe_quota(await self.core.service.quota(self.requester(interaction)))
-
-        await self._deferred_answer(interaction, answer)
-
-    async def job(self, interaction: discord.Interaction, job_id: str) -> None:
+    async def _job_info(self, interaction: discord.Interaction, job_id: str) -> None:
         async def answer() -> str:
             return info_text(self.core.deliveries.of_job(await self.core.service.get_job(job_id)))
 
         await self._deferred_answer(interaction, answer)
 
-    async def jobs(self, interaction: discord.Interaction) -> None:
-        async def answer() -> str:
-            return jobs_text(await self.core.service.list_jobs(JobsCommand().limit, self.requester(interaction)))
-
-        await self._deferred_answer(interaction, answer)
-
-    async def cancel(self, interaction: discord.Interaction, job_id: str | None) -> None:
-        async def answer() -> str:
-            job = await self.core.service.cancel(self.requester(interaction), job_id)
-            return f"Job `{job.id}` cancelled."
-
-        await self._deferred_answer(interaction, answer)
-
-    async def help(self, interaction: discord.Interaction) -> None:
-        """The grammar's /help, in as many private messages as Discord's 2000 characters need."""
-        parts = _code_blocks(self.core.parser.help_text())
-
-        async def answer() -> str:
-            return parts[0]
-
-        await self._deferred_answer(interaction, answer)
-        for part in parts[1:]:
-            await interaction.followup.send(part, ephemeral=True)
-
     async def button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
                              index: int | None) -> None:
         """Re-roll, Variations and Upscale make a new job for the presser; Info and Delete act on this one."""
         try:
+            await self._until_following()
             await self._button(interaction, action, job_id, index)
         except Exception:
-            # The buttons' error hook, as tree.error is the commands': log, and tell the user.
+            # The buttons' error hook, as cog_app_command_error is the commands': log, and tell the user.
             log.exception("Discord button %s on job %s failed", action, job_id)
             await _tell_failure(interaction)
 
     async def _button(self, interaction: discord.Interaction, action: str, job_id: str, index: int | None) -> None:
         if action == "info":
-            await self.job(interaction, job_id)
+            await self._job_info(interaction, job_id)
         elif action == "delete":
             await self._delete(interaction, job_id)
         elif action == "reroll":
@@ -293,12 +385,6 @@ class DiscordAdapter:
         return Requester(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name,
                          reply_to=target.as_dict() if target else {}, is_platform_moderator=moderator,
                          nsfw_allowed_here=self.config.nsfw == "nsfw_channels" and nsfw_channel)
-
-    def complete_model(self, current: str) -> list[app_commands.Choice[str]]:
-        return _choices(self.core.settings.models, current)
-
-    def complete_sampler(self, current: str) -> list[app_commands.Choice[str]]:
-        return _choices(SAMPLERS, current)
 
     # -- delivering job events ------------------------------------------------------------------
 
@@ -360,6 +446,74 @@ class DiscordAdapter:
             await self.replier.post(target, content, files=files, view=buttons)
 
 
+class EaselBot(commands.Bot):
+    """The bot `easel serve` runs when Easel is the whole bot: EaselCog and nothing else."""
+
+    def __init__(self) -> None:
+        # Easel never joins voice: silence discord.py's start-up warnings about voice libraries.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        # No privileged intents: interactions carry the member, permissions and channel they need.
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True),
+                         help_command=None)
+
+
+class DiscordAdapter:
+    """Easel as a Discord bot of its own: `EaselCog` on an `EaselBot`, logged in with discord.token."""
+
+    platform = PLATFORM
+
+    def __init__(self, core: Core, *, gateway: bool = True, clock: Callable[[], float] = time.time) -> None:
+        """`gateway=False` logs in over HTTP only: tests feed interactions to the client's state."""
+        self.core = core
+        self.config = core.settings.discord
+        self.gateway = gateway
+        self.client = EaselBot()
+        self.cog = EaselCog(self.client, core, clock=clock)
+        self.ready = asyncio.Event()  # set once logged in and following job events
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Log in, listen (gateway), and deliver job events until `stop` is set."""
+        async with self.client:
+            await self._login()
+            await self.client.add_cog(self.cog)  # returns once new job events are sure to be followed
+            self.ready.set()
+            assert self.cog.delivery is not None
+            tasks = [asyncio.ensure_future(stop.wait()), self.cog.delivery]
+            if self.gateway:
+                tasks.append(asyncio.create_task(self.client.connect(), name="easel-discord-gateway"))
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raise why the delivery loop or the gateway stopped
+            finally:
+                await self.client.remove_cog(COG_NAME)  # stops delivering; deliveries in flight finish
+                await self.client.close()  # ends connect()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def sync_commands(self, guild_id: int | None = None) -> list[str]:
+        """Register the slash commands: in one server at once with `guild_id`, else globally."""
+        async with self.client:
+            await self._login()
+            for command in self.cog.get_app_commands():  # the commands alone: no delivery loop
+                self.client.tree.add_command(command)
+            guild = discord.Object(id=guild_id) if guild_id is not None else None
+            if guild is not None:
+                self.client.tree.copy_global_to(guild=guild)
+            synced = await self.client.tree.sync(guild=guild)
+        return [command.name for command in synced]
+
+    async def _login(self) -> None:
+        if self.config.token is None:
+            raise ConfigError("discord.token is not set; set the DISCORD_TOKEN environment variable")
+        try:
+            await self.client.login(self.config.token.get_secret_value())
+        except discord.LoginFailure:
+            raise ConfigError("Discord refused the bot token (discord.token / DISCORD_TOKEN); copy it again "
+                              "from the Bot page of your application in the Developer Portal") from None
+
+
 async def _download(attachment: discord.Attachment, what: str) -> bytes:
     try:
         return await attachment.read()
@@ -389,93 +543,6 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-# -- the slash commands ------------------------------------------------------------------------------
-
-_GENERATION_HELP = {
-    "prompt": "what to draw; flags work here too, e.g. a castle --seed 5",
-    "negative": "what to keep out of the picture (--no)",
-    "seed": "repeat a picture with the same seed and settings (--seed)",
-    "steps": "more is slower and finer (--steps)",
-    "cfg": "how closely to follow the prompt (--cfg)",
-    "aspect": "aspect ratio W:H, e.g. 16:9 (--ar)",
-    "count": "how many images (--n)",
-    "sampler": "the sampler (--sampler)",
-    "model": "the model (--model)",
-}
-
-
-def _build_tree(adapter: DiscordAdapter) -> app_commands.CommandTree:
-    """The commands, each a thin call into the adapter. Registered with Discord by `easel discord sync`."""
-    tree = app_commands.CommandTree(adapter.client)
-
-    @tree.command(name="imagine", description="Make images from a prompt")
-    @app_commands.describe(**_GENERATION_HELP)
-    async def imagine(interaction: discord.Interaction, prompt: str, negative: str | None = None,
-                      seed: int | None = None, steps: int | None = None, cfg: float | None = None,
-                      aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
-        options = {"negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "aspect": aspect,
-                   "count": count, "sampler": sampler, "model": model}
-        await adapter.generate(interaction, JobKind.IMAGINE, prompt, options)
-
-    @tree.command(name="edit", description="Repaint an attached picture guided by a prompt")
-    @app_commands.describe(image="the picture to start from", strength="how much to change, 0 to 1 (--strength)",
-                           **_GENERATION_HELP)
-    async def edit(interaction: discord.Interaction, image: discord.Attachment, prompt: str,
-                   strength: float | None = None, negative: str | None = None, seed: int | None = None,
-                   steps: int | None = None, cfg: float | None = None, aspect: str | None = None,
-                   count: int | None = None, sampler: str | None = None, model: str | None = None) -> None:
-        options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
-        await adapter.generate(interaction, JobKind.EDIT, prompt, options, image=image)
-
-    @tree.command(name="inpaint", description="Repaint the white parts of a mask")
-    @app_commands.describe(image="the picture", mask="white = repaint, black = keep (same shape as the picture)",
-                           strength="how much to change, 0 to 1 (--strength)", **_GENERATION_HELP)
-    async def inpaint(interaction: discord.Interaction, image: discord.Attachment, mask: discord.Attachment,
-                      prompt: str, strength: float | None = None, negative: str | None = None,
-                      seed: int | None = None, steps: int | None = None, cfg: float | None = None,
-                      aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
-        options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
-        await adapter.generate(interaction, JobKind.INPAINT, prompt, options, image=image, mask=mask)
-
-    for command in (imagine, edit, inpaint):
-        command.autocomplete("model")(_autocomplete(adapter.complete_model))
-        command.autocomplete("sampler")(_autocomplete(adapter.complete_sampler))
-
-    @tree.command(name="quota", description="How many images you have left today")
-    async def quota(interaction: discord.Interaction) -> None:
-        await adapter.quota(interaction)
-
-    @tree.command(name="job", description="A job's settings, seeds and status")
-    @app_commands.describe(id="the job id, e.g. k7mq2x9a")
-    async def job(interaction: discord.Interaction, id: str) -> None:
-        await adapter.job(interaction, id)
-
-    @tree.command(name="jobs", description="Your recent jobs, newest first")
-    async def jobs(interaction: discord.Interaction) -> None:
-        await adapter.jobs(interaction)
-
-    @tree.command(name="cancel", description="Cancel a job; without an id, your newest unfinished one")
-    @app_commands.describe(id="the job id (optional)")
-    async def cancel(interaction: discord.Interaction, id: str | None = None) -> None:
-        await adapter.cancel(interaction, id)
-
-    @tree.command(name="help", description="Commands, flags, limits and examples")
-    async def help_(interaction: discord.Interaction) -> None:
-        await adapter.help(interaction)
-
-    @tree.error
-    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        # The one error hook: a bug is logged, and the user hears that something failed on our side.
-        log.error("Discord command failed", exc_info=error)
-        await _tell_failure(interaction)
-
-    return tree
-
-
 async def _tell_failure(interaction: discord.Interaction) -> None:
     """After a bug: the user hears that something failed on our side (the log has the details)."""
     text = error_text("something went wrong on the bot's side; it has been logged, please try again")
@@ -486,10 +553,3 @@ async def _tell_failure(interaction: discord.Interaction) -> None:
             await interaction.response.send_message(text, ephemeral=True)
     except discord.HTTPException:
         log.warning("could not tell the user about the failed interaction")
-
-
-def _autocomplete(complete: Callable[[str], list[app_commands.Choice[str]]]) -> Any:
-    async def callback(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return complete(current)
-
-    return callback

@@ -199,11 +199,14 @@ def _file_name(job: JobView, image: ShownImage, extension: str) -> str:
 # -- buttons --------------------------------------------------------------------------------------
 
 
-class ButtonHandler(Protocol):
-    """What the client behind a button press must offer (adapters/discord.py's client does)."""
+COG_NAME = "Easel"  # the name of adapters/discord.py's EaselCog, by which a button press finds it
 
-    async def job_button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
-                                 index: int | None) -> None: ...
+
+class ButtonHandler(Protocol):
+    """What answers a button press: the bot's cog named COG_NAME (adapters/discord.py's EaselCog)."""
+
+    async def button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
+                             index: int | None) -> None: ...
 
 
 _LABELS = {"reroll": "Re-roll", "info": "Info", "delete": "Delete", "vary": "Variations", "upscale": "Upscale"}
@@ -232,8 +235,11 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button],
         return cls(match["action"], match["job_id"], index, label=getattr(item, "label", None))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        client: ButtonHandler = interaction.client  # type: ignore[assignment]
-        await client.job_button_pressed(interaction, self.action, self.job_id, self.index)
+        # Through the bot's cog, so a press works the same in Easel's own bot and in a host bot.
+        get_cog = getattr(interaction.client, "get_cog", None)
+        handler: ButtonHandler | None = get_cog(COG_NAME) if get_cog is not None else None
+        if handler is not None:  # None only between unloading the cog and discord.py dropping the buttons
+            await handler.button_pressed(interaction, self.action, self.job_id, self.index)
 
 
 def result_view(delivery: Delivery) -> discord.ui.View:

@@ -21,6 +21,7 @@ from typing import Any
 import discord
 import numpy as np
 import pytest
+from discord.ext import commands
 from PIL import Image
 
 from adapters.cli import build_parser
@@ -484,7 +485,7 @@ async def test_requester_carries_moderator_and_nsfw_channel_for_the_policy(
     async with running(core) as bot:
         payload = slash("quota", permissions=permissions, nsfw=nsfw)
         interaction = discord.Interaction(data=payload, state=bot.adapter.client._connection)
-        requester = bot.adapter.requester(interaction)
+        requester = bot.adapter.cog.requester(interaction)
     assert (requester.is_platform_moderator, requester.nsfw_allowed_here) == (moderator, nsfw_allowed)
     assert requester.user_id == str(ALICE)
 
@@ -608,3 +609,76 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
     # Alice was held up (three 429s, 5 s apart) while Bob's whole job ran and his result was shown:
     # it arrived before Alice's last 429, not after her wait.
     assert len(limited) == 3 and limited[0] < order[id(bob_result)] < limited[-1] < order[id(alice_result)]
+
+
+# -- inside another bot: the extension ------------------------------------------------------------------
+
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help"}
+
+
+def host_bot(core: Core | None = None) -> commands.Bot:
+    """A server owner's own bot with its own slash command, loading Easel as the README shows."""
+
+    class MyBot(commands.Bot):
+        async def setup_hook(self) -> None:
+            await self.load_extension("adapters.discord_plugin")
+
+    bot = MyBot(command_prefix="!", intents=discord.Intents.default())
+    if core is not None:
+        bot.easel_core = core  # type: ignore[attr-defined]
+
+    @bot.tree.command(description="Is the bot alive?")
+    async def ping(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("pong")
+
+    return bot
+
+
+def dispatch(bot: commands.Bot, payload: dict[str, Any]) -> str:
+    bot._connection.parsers["INTERACTION_CREATE"](payload)
+    return payload["token"]
+
+
+async def test_as_an_extension_of_another_bot_easel_and_the_hosts_own_command_both_answer(
+        core: Core, generator, fake: FakeDiscord) -> None:
+    bot = host_bot(core)
+    async with bot:
+        await bot.login(BOT_TOKEN)  # runs setup_hook: Easel is loaded, following job events
+        assert {command.name for command in bot.tree.get_commands()} == EASEL_COMMANDS | {"ping"}
+        ping = dispatch(bot, slash("ping"))
+        pong = await fake.wait_for(lambda r: r.path.endswith(f"/{ping}/callback"))
+        imagine = dispatch(bot, slash("imagine", prompt="a lighthouse --seed 4", steps=2))
+        final = await work_until(core, generator, fake, is_final_edit(imagine))
+        job = await only_job(core)
+        # The result's buttons are answered through the host bot as well.
+        message = fake.messages[_original_id(fake, callbacks(fake, imagine)[0])]
+        info = dispatch(bot, press(fake, message, f"easel:info:{job.id}"))
+        info_answer = await fake.wait_for(lambda r: r.method == "PATCH" and info in r.path)
+
+        await bot.unload_extension("adapters.discord_plugin")
+        assert [command.name for command in bot.tree.get_commands()] == ["ping"]
+        ping_again = dispatch(bot, slash("ping"))
+        pong_again = await fake.wait_for(lambda r: r.path.endswith(f"/{ping_again}/callback"))
+    assert pong.json["data"]["content"] == pong_again.json["data"]["content"] == "pong"
+    assert [f.name for f in final.files] == [f"{job.id}-1-seed4.png"]
+    assert f"easel:reroll:{job.id}" in final.custom_ids
+    assert "image 1: 4" in info_answer.content
+    assert (await core.service.get_job(job.id)).delivered_at is not None  # the host's core is still open
+
+
+async def test_the_extension_opens_easels_own_configuration_when_the_bot_brings_no_core(
+        core: Core, fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "easel.toml"
+    config.write_text(f'[storage]\ndata_dir = "{core.settings.storage.data_dir}"\n'
+                      f'models_dir = "{core.settings.storage.model_cache}"\n')
+    monkeypatch.setenv("EASEL_CONFIG", str(config))
+    async with running(core) as standalone:  # a job made through Easel's own bot, in the same data folder
+        token = standalone.dispatch(slash("imagine", prompt="a red fox", steps=2))
+        await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path and "queued" in (r.content or ""))
+    job = await only_job(core)
+    bot = host_bot()
+    async with bot:
+        await bot.login(BOT_TOKEN)
+        token = dispatch(bot, slash("job", id=job.id))
+        answer = await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path)
+    assert f"Job `{job.id}`" in answer.content and "a red fox" in answer.content
