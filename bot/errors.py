@@ -29,9 +29,15 @@ class InvalidImage(EaselError):
 
 
 class QuotaExceeded(EaselError):
-    """The user has used up a quota window."""
+    """The user has used up a quota window. `retry_after_s`: how long until it lifts enough for this
+    job (None when waiting does not help: the job is bigger than the whole window), for the HTTP
+    API's Retry-After header."""
 
     code = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFull(EaselError):

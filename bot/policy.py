@@ -280,7 +280,8 @@ class Policy:
                 f"today, this job needs {units(cost)}. " + (
                     too_big[0].upper() + too_big[1:] + "." if cost > daily else
                     f"It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}); /quota shows what is left.")
-                + f" {_raised_by(f'quota.tiers.{name}.daily_units')}")
+                + f" {_raised_by(f'quota.tiers.{name}.daily_units')}",
+                retry_after_s=None if cost > daily else (lifts - now).total_seconds())
         per_minute = tier.per_minute_units * 1000
         if usage.minute_milli + cost > per_minute:
             raised_by = _raised_by(f"quota.tiers.{name}.per_minute_units")
@@ -291,7 +292,8 @@ class Policy:
             raise QuotaExceeded(
                 f"Per-minute quota reached ({name} tier): {units(usage.minute_milli)} of {units(per_minute)} "
                 f"units used in the last minute, this job needs {units(cost)}. Try again in "
-                f"{max(1, math.ceil((lifts - now).total_seconds()))} s. {raised_by}")
+                f"{max(1, math.ceil((lifts - now).total_seconds()))} s. {raised_by}",
+                retry_after_s=(lifts - now).total_seconds())
         images_cap = self.images_limit(user)
         if images_cap and usage.daily_images + params.n > images_cap:
             lifts = next_midnight(now)
@@ -300,7 +302,8 @@ class Policy:
             raise QuotaExceeded(
                 f"Daily image limit reached: {usage.daily_images} of {images_cap} images used today, this "
                 f"job needs {params.n}. It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}). "
-                + _raised_by(setting))
+                + _raised_by(setting),
+                retry_after_s=None if params.n > images_cap else (lifts - now).total_seconds())
         return cost
 
     async def status(self, uow: UnitOfWork, user: User | None, requester: Requester,

@@ -7,6 +7,7 @@ in their own shapes; status codes and messages stay the same everywhere."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,8 +87,18 @@ def error_response(request: Request, status: int, code: str, message: str,
 async def easel_error(request: Request, error: EaselError) -> JSONResponse:
     status = error.status if isinstance(error, HttpError) else next(
         (code for cls, code in STATUS_OF.items() if isinstance(error, cls)), 400)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if isinstance(error, QuotaExceeded) and error.retry_after_s is not None:
+        headers.update(retry_after_headers(error.retry_after_s))
     return error_response(request, status, error.code, error.message, headers)
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds. A wait over a minute also says `x-should-retry: false`: the
+    openai SDK (and other Stainless-made SDKs) would otherwise retry at once, twice, in vain, since
+    they honour Retry-After only up to 60 s."""
+    wait = max(1, math.ceil(seconds))
+    return {"Retry-After": str(wait), **({"x-should-retry": "false"} if wait > 60 else {})}
 
 
 async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
