@@ -12,6 +12,7 @@ page that uses this same API with a per-browser key from POST /v1/sessions.
     POST   /v1/jobs/{id}/reroll|variations|upscale
     GET    /v1/images/{sha256}        a PNG (a capability link: no key needed)
     GET    /v1/quota, /v1/models, /v1/help, /healthz, /metrics
+    POST   /v1/images/generations|edits|variations   the OpenAI Images API (api/openai_images.py)
 
 The routes live in adapters/api/, one router per resource; this module composes them into the app
 and serves it. Errors are `{"code": ..., "message": ...}` with the EaselError codes; a bad payload is
@@ -29,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from adapters.api import account, images, jobs, operations
+from adapters.api import account, images, jobs, openai_images, operations
 from adapters.api.errors import EXCEPTION_HANDLERS
 from adapters.api.render import base_url, job_out
 from adapters.webhooks import WebhookSender
@@ -54,6 +55,7 @@ def build_app(core: Core) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(images.router)
     app.include_router(account.router)
+    app.include_router(openai_images.router)
     # A router cannot carry a mount, so the web chat's static files are mounted on the app.
     app.mount("/web", StaticFiles(directory=operations.WEB_DIR), name="web")
     return app

@@ -195,6 +195,10 @@ class HttpConfig(Section):
     # Webhooks to loopback, private and link-local addresses are refused (a key holder could otherwise
     # make this server call internal services). Turn on for local development and tests.
     allow_private_webhooks: bool = False
+    # The OpenAI Images API (/v1/images/generations, edits, variations) answers with the images, so it
+    # waits this long for the job; a job still running then gets an error naming its id (GET
+    # /v1/jobs/{id} has it when done). Below the clients' own timeouts (Open WebUI, LibreChat: minutes).
+    openai_wait_s: float = Field(240.0, gt=0)
 
 
 class SafetyCategoryConfig(Section):

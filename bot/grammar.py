@@ -325,6 +325,13 @@ def split_command(text: str) -> tuple[str, str | None, str]:
     return name.lower(), (bot or None) if at else None, rest[0].strip() if rest else ""
 
 
+def flags_in(text: str) -> set[str]:
+    """The names of the flags written in `text` (`{"seed", "steps"}` for "a fox --seed 4 --steps 30"), for
+    an adapter that adds its own client's fields as flags only where the person wrote none: the
+    flags they typed win. Raises InvalidCommand for a malformed flag, as parsing would."""
+    return set(_read_flags(text.split())[1])
+
+
 def fit_size(aspect_w: float, aspect_h: float, area: int, limits: LimitsConfig) -> tuple[int, int]:
     """Width/height with the given aspect ratio and about `area` pixels, multiples of 8, within
     min_side/max_side/max_pixels.

@@ -71,9 +71,11 @@ async def server(core: Core) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(core: Core, generator) -> AsyncIterator[Worker]:
-    """The real worker serving the queue in the background, as under `easel serve`."""
-    worker = Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1")
+async def running_worker(core: Core, generator, image_checker=None) -> AsyncIterator[Worker]:
+    """The real worker serving the queue in the background, as under `easel serve` (with the output
+    check given, none by default)."""
+    worker = Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1",
+                    image_checker=image_checker)
     task = asyncio.create_task(worker.run())
     try:
         yield worker

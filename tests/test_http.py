@@ -324,7 +324,8 @@ async def test_quota_models_help_health_metrics_and_openapi(server, generator) -
         openapi = (await client.get("/openapi.json")).json()
         unknown = await client.get("/v1/nothing-here")
     assert quota["images"]["used"] == 2 and quota["used"] > 0 and "units left today" in quota["text"]
-    assert models == {"default": "tiny", "models": [{"name": "tiny", "default_width": 64, "default_height": 64}]}
+    assert models == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "easel",
+                                                  "default": True, "default_width": 64, "default_height": 64}]}
     assert "/imagine" in help_text and "--steps N" in help_text
     lines = metrics.text.splitlines()
     assert metrics.headers["content-type"].startswith("text/plain")

@@ -1,4 +1,5 @@
-"""What a key may ask about itself and the server: its quota, the models, the chat commands."""
+"""What a key may ask about itself and the server: its quota, the models (in the shape of OpenAI's
+`models.list` and `models.retrieve`), the chat commands."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from adapters.api.deps import CoreDep, Key
+from adapters.api.openai_images import OpenAIErrorOut
 from adapters.api.render import quota_out
+from bot.bootstrap import Core
+from bot.errors import NotFound
 
 router = APIRouter(tags=["account"])
 
@@ -18,12 +22,28 @@ async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     return quota_out(await core.service.quota(key.requester()))
 
 
+def model_out(core: Core, name: str) -> dict[str, Any]:
+    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), Easel's own fields beside them.
+    `created` is 0: Easel does not record when a model was configured."""
+    model = core.settings.models[name]
+    return {"id": name, "object": "model", "created": 0, "owned_by": "easel",
+            "default": name == core.settings.generation.default_model,
+            "default_width": model.default_width, "default_height": model.default_height}
+
+
 @router.get("/v1/models")
 async def models(core: CoreDep, key: Key) -> dict[str, Any]:
-    settings = core.settings
-    return {"default": settings.generation.default_model,
-            "models": [{"name": name, "default_width": m.default_width, "default_height": m.default_height}
-                       for name, m in settings.models.items()]}
+    """The models, as OpenAI's `models.list` answers: `{"object": "list", "data": [...]}`; `default`
+    marks the one a job gets without --model (and an OpenAI model name such as dall-e-3)."""
+    return {"object": "list", "data": [model_out(core, name) for name in core.settings.models]}
+
+
+@router.get("/v1/models/{model_id}", responses={404: {"model": OpenAIErrorOut}})
+async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
+    """One model, as OpenAI's `models.retrieve` answers."""
+    if model_id not in core.settings.models:
+        raise NotFound(f"No model {model_id!r}; the models are {', '.join(core.settings.models)}")
+    return model_out(core, model_id)
 
 
 @router.get("/v1/help")

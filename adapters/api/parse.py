@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.api.errors import HttpError, describe_errors
@@ -56,7 +56,7 @@ def decode_image(value: str | None, what: str, max_bytes: int) -> bytes | None:
                            "multipart upload)") from None
 
 
-def fingerprint(body: JobRequest, inputs: InputImages) -> str:
+def fingerprint(body: BaseModel, inputs: InputImages) -> str:
     """A hash of what was asked, the same for a JSON or multipart retry of one request."""
     asked = body.model_dump(mode="json", exclude={"image", "mask"}, exclude_none=True)
     for name, data in (("image", inputs.image), ("mask", inputs.mask)):
@@ -65,8 +65,8 @@ def fingerprint(body: JobRequest, inputs: InputImages) -> str:
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
 
 
-async def read_job_request(request: Request, max_upload: int) -> tuple[JobRequest, InputImages]:
-    # The whole body is capped before it is read: two images, base64's overhead, and the fields.
+def check_body_length(request: Request, max_upload: int) -> None:
+    """Refuse a body over the cap before reading it: two images, base64's overhead, and the fields."""
     cap = 2 * ((max_upload + 2) // 3 * 4) + 256 * 1024
     length = request.headers.get("content-length")
     if length is None or not length.isdigit():
@@ -74,6 +74,19 @@ async def read_job_request(request: Request, max_upload: int) -> tuple[JobReques
     if int(length) > cap:
         raise HttpError(413, InvalidImage.code, f"the request is {int(length)} bytes; the limit is {cap} "
                         "(two images of limits.max_upload_bytes)")
+
+
+async def read_upload(upload: UploadFile, name: str, max_upload: int) -> bytes:
+    """An uploaded file's bytes, reading no more than one byte past the limit."""
+    data = await upload.read(max_upload + 1)
+    if len(data) > max_upload:
+        raise HttpError(413, InvalidImage.code, f"`{name}` is over {max_upload // (1024 * 1024)} MiB "
+                        "(limits.max_upload_bytes); send a smaller file")
+    return data
+
+
+async def read_job_request(request: Request, max_upload: int) -> tuple[JobRequest, InputImages]:
+    check_body_length(request, max_upload)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         return await _read_multipart(request, max_upload)
@@ -96,11 +109,7 @@ async def _read_multipart(request: Request, max_upload: int) -> tuple[JobRequest
         if isinstance(value, UploadFile):
             if name not in ("image", "mask"):
                 raise InvalidCommand(f"unexpected file field `{name}`; the files are `image` and `mask`")
-            data = await value.read(max_upload + 1)
-            if len(data) > max_upload:
-                raise HttpError(413, InvalidImage.code, f"`{name}` is over {max_upload // (1024 * 1024)} MiB "
-                                "(limits.max_upload_bytes); send a smaller file")
-            files[name] = data
+            files[name] = await read_upload(value, name, max_upload)
         elif name in ("webhook_url", "webhook_secret"):
             fields.setdefault("webhook", {})[name.removeprefix("webhook_")] = value
         else:
