@@ -147,9 +147,19 @@ class CommandParser:
         # 2. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
         prompt, negatives = _take_negative_groups(" ".join(prompt_words))
         if "no" in flags:
-            negatives.append(flags["no"])
-        negative = ", ".join(negatives)
+            negatives.append(flags.pop("no"))
         # 3. Check the text, then each flag against the limits.
+        return self.generation(kind, prompt, ", ".join(negatives), flags, links)
+
+    def generation(self, kind: JobKind, prompt: str, negative: str, flags: Mapping[str, str],
+                   reference_urls: tuple[str, ...] = ()) -> GenerateCommand:
+        """A generation command from a prompt, a negative prompt and flag values already taken apart (an
+        API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no") to
+        their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags (--steps)."""
+        kind = JobKind(kind)
+        unknown = set(flags) - (set(FLAGS) - {"no"})
+        if unknown:
+            raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
         self._check_text(kind, prompt, negative)
         if "strength" in flags and kind is JobKind.IMAGINE:
@@ -179,7 +189,7 @@ class CommandParser:
                                  f"denoising step; use --steps {fewest} or more, or a higher --strength")
         size_given = "size" in flags or "ar" in flags
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
-                               reference_urls=links)
+                               reference_urls=reference_urls)
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
