@@ -209,6 +209,9 @@ class Requester:
     nsfw_allowed_here: bool = False  # e.g. a Discord channel marked NSFW, a Telegram chat allowed by config
     # The console's user: the person at the keyboard runs this Easel (quota tier `console.tier`).
     is_local_operator: bool = False
+    # A quota tier the surface itself assigns, e.g. `http.a1111_anonymous_tier` for the AUTOMATIC1111
+    # API's keyless requests from a trusted LAN. None: the tier comes from the user's role.
+    quota_tier: str | None = None
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ class Policy:
             return "owner"
         if requester is not None and requester.is_local_operator:
             return self.settings.console.tier  # Settings checked that the tier exists
+        if requester is not None and requester.quota_tier is not None:
+            return requester.quota_tier  # a setting that Settings checked names a tier
         if requester is not None and requester.is_platform_moderator and "moderator" in tiers \
                 and user.role in ("user", "moderator"):
             return "moderator"
