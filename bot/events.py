@@ -113,6 +113,14 @@ class EventBus:
         async with self._db.unit_of_work(write=False) as uow:
             return [_to_event(row) for row in (await uow.session.scalars(query)).all()]
 
+    async def latest_of(self, job_id: str, kind: EventKind) -> Event | None:
+        """A job's newest event of one kind (e.g. its last progress, with the newest preview), or None."""
+        query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == str(kind)) \
+            .order_by(JobEvent.id.desc()).limit(1)
+        async with self._db.unit_of_work(write=False) as uow:
+            row = await uow.session.scalar(query)
+            return _to_event(row) if row is not None else None
+
     async def latest_id(self) -> int:
         async with self._db.unit_of_work(write=False) as uow:
             return (await uow.session.scalar(select(func.max(JobEvent.id)))) or 0
