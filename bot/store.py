@@ -84,6 +84,44 @@ def a1111_parameters(params: GenerationParams, seed: int) -> str:
     return "\n".join(lines)
 
 
+# One `Name: value` pair of the last line, as AUTOMATIC1111 reads it: a value is plain up to the next
+# comma, or a JSON string when it holds a comma, colon or newline (see _a1111_quote).
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """A `parameters` text taken apart as AUTOMATIC1111's png-info does: `Prompt`, `Negative prompt`,
+    then each field of the last line, `Size` as `Size-1` (width) and `Size-2` (height). Values are text.
+
+    >>> fields = parse_a1111_parameters(a1111_parameters(
+    ...     GenerationParams(JobKind.IMAGINE, "a cat, 4k", negative="dogs", seed=42), seed=42))
+    >>> fields["Prompt"], fields["Negative prompt"], fields["Seed"], fields["Size-1"], fields["Sampler"]
+    ('a cat, 4k', 'dogs', '42', '512', 'Euler')
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_FIELD.findall(last)) < 3:  # no settings line: it is all prompt
+        lines, last = [*lines, last], ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        else:
+            (negative if negative else prompt).append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for name, raw in _A1111_FIELD.findall(last):
+        value = raw.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        size = _A1111_SIZE.match(value)
+        if size is not None:
+            fields[f"{name}-1"], fields[f"{name}-2"] = size[1], size[2]
+        else:
+            fields[name] = value
+    return fields
+
+
 def read_parameters(source: Path | str | bytes) -> str | None:
     """The `parameters` text of a PNG file (a path) or PNG bytes; None when it has none."""
     opened = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
