@@ -13,6 +13,7 @@ page that uses this same API with a per-browser key from POST /v1/sessions.
     GET    /v1/images/{sha256}        a PNG (a capability link: no key needed)
     GET    /v1/quota, /v1/models, /v1/help, /healthz, /metrics
     POST   /v1/images/generations|edits|variations   the OpenAI Images API (api/openai_images.py)
+    /sdapi/v1/txt2img, img2img, options, progress...  the AUTOMATIC1111 API (api/a1111.py)
 
 The routes live in adapters/api/, one router per resource; this module composes them into the app
 and serves it. Errors are `{"code": ..., "message": ...}` with the EaselError codes; a bad payload is
@@ -30,7 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from adapters.api import account, images, jobs, openai_images, operations
+from adapters.api import a1111, account, images, jobs, openai_images, operations
 from adapters.api.errors import EXCEPTION_HANDLERS
 from adapters.api.render import base_url, job_out
 from adapters.webhooks import WebhookSender
@@ -56,10 +57,7 @@ def build_app(core: Core) -> FastAPI:
     app.include_router(images.router)
     app.include_router(account.router)
     app.include_router(openai_images.router)
-    if core.settings.telegram.webhook_url:  # Telegram posts the bot's updates here (webhook mode)
-        from adapters import telegram_webhook  # python-telegram-bot only where it is used
-
-        app.include_router(telegram_webhook.router(core.settings.telegram))
+    app.include_router(a1111.router)
     # A router cannot carry a mount, so the web chat's static files are mounted on the app.
     app.mount("/web", StaticFiles(directory=operations.WEB_DIR), name="web")
     return app
@@ -108,6 +106,9 @@ class HttpAdapter:
         webhooks = WebhookSender(self.core, lambda delivery: job_out(delivery, base_url(self.core)))
         host = self.core.settings.http.host
         print(f"Web chat and API: http://{host}:{self.port}/  (OpenAPI: /openapi.json)", flush=True)
+        if tier := self.core.settings.http.a1111_anonymous_tier:
+            print(f"WARNING: /sdapi/v1 serves requests without an API key, as one user on the {tier!r} quota "
+                  "tier (http.a1111_anonymous_tier); keep this server on a trusted network", flush=True)
         try:
             async with asyncio.TaskGroup() as group:
                 serving = group.create_task(server.serve(sockets=[sock]), name="easel-http-server")
