@@ -322,7 +322,8 @@ async def _discord(core: Core, args: argparse.Namespace) -> int:
 
 def configured_adapters(core: Core) -> list[Adapter]:
     """The chat adapters `easel serve` runs: each platform whose token is configured, and the HTTP
-    API and web chat when enabled (by default, when no chat platform is configured)."""
+    API and web chat when enabled (by default, when no chat platform is configured, or when
+    Telegram's updates come by webhook)."""
     settings = core.settings
     adapters: list[Adapter] = []
     if settings.discord.token is not None:
@@ -334,8 +335,8 @@ def configured_adapters(core: Core) -> list[Adapter]:
 
         adapters.append(TelegramAdapter(core))
     http_enabled = settings.http.enabled
-    if http_enabled is None:
-        http_enabled = not adapters
+    if http_enabled is None:  # Telegram's webhook mode receives its updates through the HTTP server
+        http_enabled = not adapters or bool(settings.telegram.webhook_url)
     if http_enabled:
         from adapters.http import HttpAdapter
 

@@ -58,6 +58,10 @@ def build_app(core: Core) -> FastAPI:
     app.include_router(account.router)
     app.include_router(openai_images.router)
     app.include_router(a1111.router)
+    if core.settings.telegram.webhook_url:  # Telegram posts the bot's updates here (webhook mode)
+        from adapters import telegram_webhook  # python-telegram-bot only where it is used
+
+        app.include_router(telegram_webhook.router(core.settings.telegram))
     # A router cannot carry a mount, so the web chat's static files are mounted on the app.
     app.mount("/web", StaticFiles(directory=operations.WEB_DIR), name="web")
     return app

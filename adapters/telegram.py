@@ -1,12 +1,21 @@
-"""The Telegram adapter: Easel as a Telegram bot, in private chats and groups.
+"""The Telegram adapter: Easel on Telegram, in private chats and groups, as a bot of its own or
+inside someone else's python-telegram-bot bot.
 
-It runs python-telegram-bot's `Application` with long polling, handling updates concurrently so
-one slow download never holds up another chat:
+`EaselTelegram` is the one implementation: Easel's handlers and its delivery loop on one
+python-telegram-bot `Application`. Two ways to run it:
 
-- `/imagine`, `/quota`, `/job`, `/jobs`, `/cancel`, `/help`, `/appeal`, `/mod` (and `/start`) in messages; `/edit` and
-  `/inpaint` in the caption of a picture or in a reply to one (python-telegram-bot's
-  CommandHandler reads only text, hence `SlashCommand`). Commands for another bot
-  (`/imagine@otherbot`) are left alone.
+    adapter = TelegramAdapter(core)   # `easel serve` with telegram.token: a bot of Easel's own, which
+    await adapter.run(stop)           # long-polls, or with telegram.webhook_url receives updates from
+                                      # Easel's HTTP server (adapters/telegram_webhook.py)
+
+    easel = add_easel(application)    # inside your bot: Easel's handlers join your Application, and its
+    application.run_polling()         # lifecycle (post_init/post_stop/post_shutdown) starts and stops Easel
+
+What it does:
+- `/imagine`, `/quota`, `/job`, `/jobs`, `/cancel`, `/help`, `/appeal`, `/mod` (and, as a bot of its
+  own, `/start`) in messages; `/edit` and `/inpaint` in the caption of a picture or in a reply to
+  one (python-telegram-bot's CommandHandler reads only text, hence `SlashCommand`). Commands for
+  another bot (`/imagine@otherbot`) are left alone, and so, inside a host bot, are the host's own.
 - Each job gets one status message, sent before the job is queued so its id is stored with the
   job: it is edited with the queue position and progress (telegram_send.StatusBoard keeps to
   Telegram's pace) and says how the job ended, even after a restart.
@@ -15,9 +24,6 @@ one slow download never holds up another chat:
   data holds only a job id.
 - A message delivered twice (Telegram redelivers updates it was never told were read) makes one
   job: its chat and message id are the job's idempotency key.
-
-    adapter = TelegramAdapter(core)       # core.settings.telegram.token must be set
-    await adapter.run(stop)               # until `stop` is set; `easel serve` does this
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -35,10 +42,12 @@ from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
 from telegram.ext import Application, BaseHandler, CallbackContext, CallbackQueryHandler, MessageHandler, filters
 
 from adapters import telegram_render as render
+from adapters import telegram_webhook
 from adapters.telegram_inputs import Albums, gather_inputs
 from adapters.telegram_send import ChatPacer, StatusBoard
 from bot import followups
-from bot.bootstrap import Core
+from bot.bootstrap import Core, open_core
+from bot.config import Settings, load_settings
 from bot.delivery import Delivery, ShownImage, deliver_events
 from bot.domain import (
     AppealCommand,
@@ -64,14 +73,24 @@ PLATFORM = "telegram"
 GROUP_TYPES = (ChatType.GROUP, ChatType.SUPERGROUP)
 ADMIN_CACHE_S = 600.0  # how long a group's administrator list is trusted
 FINGERPRINT = "telegram-message"  # the same key always means the same message: no conflicts to tell
+ALLOWED_UPDATES = ["message", "callback_query"]  # what Easel asks Telegram for (polling or webhook)
+PLUGIN_GROUP = 100  # inside a host bot: Easel's handler groups (this one and the next), after the host's
+
+Callback = Callable[[Update, CallbackContext], Awaitable[None]]
 
 
 class SlashCommand(BaseHandler[Update, CallbackContext, None]):
     """A slash command in a new message's text or caption, meant for this bot.
 
-    Matches known commands (and, in private chats or when addressed as /name@thisbot, unknown ones,
-    so the user hears what went wrong); leaves alone commands addressed to another bot.
+    Matches Easel's `commands`. As a bot of its own (`whole_bot`) it also takes /start, and unknown
+    commands in private chats or addressed as /name@thisbot, so the user hears what went wrong;
+    inside a host bot those are the host's. Commands addressed to another bot are left alone.
     """
+
+    def __init__(self, callback: Callback, *, commands: frozenset[str], whole_bot: bool, block: bool) -> None:
+        super().__init__(callback, block=block)
+        self.commands = commands
+        self.whole_bot = whole_bot
 
     def check_update(self, update: object) -> bool:
         if not isinstance(update, Update) or update.message is None:
@@ -81,86 +100,112 @@ class SlashCommand(BaseHandler[Update, CallbackContext, None]):
         if not text.startswith("/"):
             return False
         name, addressed_to, _ = split_command(text)
-        this_bot = (message.get_bot().username or "").lower()
-        if addressed_to is not None:
-            return addressed_to.lower() == this_bot
-        return name in COMMANDS or name == "start" or message.chat.type == ChatType.PRIVATE
+        if addressed_to is not None and addressed_to.lower() != (message.get_bot().username or "").lower():
+            return False
+        if name in self.commands:
+            return True
+        return self.whole_bot and (name == "start" or addressed_to is not None
+                                   or message.chat.type == ChatType.PRIVATE)
 
 
-class TelegramAdapter:
-    platform = PLATFORM
+def _is_easel_button(data: object) -> bool:
+    return isinstance(data, str) and render.parse_callback(data) is not None
 
-    def __init__(self, core: Core) -> None:
-        if core.settings.telegram.token is None:
-            raise ConfigError("the Telegram adapter needs telegram.token (set TELEGRAM_TOKEN)")
-        self.core = core
-        self.config = core.settings.telegram
+
+class EaselTelegram:
+    """Easel's commands, buttons and job deliveries on one python-telegram-bot `Application`.
+
+    `handlers()` are what the Application adds; `start()` opens the core (when Easel opens its own)
+    and starts the delivery loop, `stop()` ends both. TelegramAdapter and add_easel do the wiring.
+    """
+
+    def __init__(self, application: Application, settings: Settings, core: Core | None = None, *,
+                 whole_bot: bool, commands: Iterable[str] = COMMANDS) -> None:
+        """`core`: None opens one from `settings` at `start()` and closes it at `stop()`. `whole_bot`:
+        the Application is Easel's alone (see SlashCommand). `commands`: which of Easel's to answer."""
+        unknown = sorted(set(commands) - set(COMMANDS))
+        if unknown:
+            raise ConfigError(f"Easel has no command {', '.join('/' + name for name in unknown)}; its "
+                              f"commands are {', '.join('/' + name for name in COMMANDS)}")
+        self.application = application
+        self.settings = settings
+        self.config = settings.telegram
+        self.whole_bot = whole_bot
+        self.commands = frozenset(commands)
+        self._core = core
+        self._owns_core = core is None
         self.albums = Albums(self.config.album_wait_s)
-        self.pacer = ChatPacer(self.config.private_interval_s, self.config.group_interval_s)
+        # The host's ChatPacer, if it installed one; otherwise the host's limiter (if any) sets the pace.
+        limiter = application.bot.rate_limiter
+        self.pacer = limiter if isinstance(limiter, ChatPacer) else ChatPacer(self.config.private_interval_s,
+                                                                              self.config.group_interval_s)
+        self.board = StatusBoard(application, self.pacer)
         self._admins: dict[int, tuple[float, frozenset[int]]] = {}
-        self.application = self._build_application()
-        self.board = StatusBoard(self.application, self.pacer)
-        _keep_token_out_of_logs()
+        self.delivery: asyncio.Task[None] | None = None  # the delivery loop, between start() and stop()
+        self._stop = asyncio.Event()
+        self._following = asyncio.Event()  # set once every new job event is sure to be delivered
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise ConfigError("Easel has not been started: call `await easel.start()` after "
+                              "`application.initialize()` (run_polling and run_webhook do it for you)")
+        return self._core
+
+    def handlers(self, group: int, *, block: bool) -> dict[int, list[BaseHandler]]:
+        """Easel's handlers by group, for `application.add_handlers`: the album recorder in `group`
+        (it sees every picture before any command does), the commands and buttons in `group + 1`.
+        `block=False` runs them beside the Application's other updates (a host bot's own may be
+        handled one at a time)."""
+        return {
+            group: [MessageHandler(filters.PHOTO | filters.Document.ALL, self._remember_album_item)],
+            group + 1: [
+                SlashCommand(self._guarded(self._on_command), commands=self.commands, whole_bot=self.whole_bot,
+                             block=block),
+                # As a bot of its own, every button is Easel's (a stale one is answered); in a host, only Easel's.
+                CallbackQueryHandler(self._guarded(self._on_button), block=block,
+                                     pattern=None if self.whole_bot else _is_easel_button),
+            ],
+        }
 
     # -- running ----------------------------------------------------------------------------------
 
-    def _build_application(self) -> Application:
-        config = self.config
-        assert config.token is not None
-        application = (
-            Application.builder()
-            .token(config.token.get_secret_value())
-            .base_url(config.base_url)
-            .base_file_url(config.base_file_url)
-            .concurrent_updates(config.concurrent_updates)
-            .get_updates_read_timeout(config.poll_timeout_s + 10)
-            .media_write_timeout(120)
-            .rate_limiter(self.pacer)  # every request keeps to Telegram's pace (telegram_send.ChatPacer)
-            .build()
-        )
-        # The album recorder runs first (group -1) for every picture, captioned or not.
-        application.add_handler(MessageHandler(filters.PHOTO | filters.Document.ALL, self._remember_album_item),
-                                group=-1)
-        application.add_handler(SlashCommand(self._on_command))
-        application.add_handler(CallbackQueryHandler(self._on_button))
-        application.add_error_handler(self._on_error)
-        return application
+    async def start(self) -> None:
+        """Start delivering job events; returns once every new one is sure to be followed, so no
+        command's job misses its first event. Call it after `application.initialize()`."""
+        if self.delivery is not None and not self.delivery.done():
+            return
+        if self._core is None:
+            self._core = await open_core(self.settings)
+        self._stop.clear()
+        self._following.clear()
+        self.delivery = asyncio.create_task(self._deliver(), name="easel-telegram-delivery")
+        following = asyncio.ensure_future(self._following.wait())
+        await asyncio.wait({following, self.delivery}, return_when=asyncio.FIRST_COMPLETED)
+        following.cancel()
+        if self.delivery.done():
+            await self.stop()
+            self.delivery.result()  # raises why it could not start
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set: poll for updates and deliver job events (missed ones first)."""
-        application = self.application
+    async def stop(self) -> None:
+        """Stop delivering (deliveries in flight may finish) and close the core Easel opened. Safe to repeat."""
+        self._stop.set()
+        if self.delivery is not None:
+            await asyncio.gather(self.delivery, return_exceptions=True)  # an error was reported in _deliver
+        self.board.cancel_edits()  # a flood wait must not hold up the stop; the next start shows the state
+        if self._owns_core and self._core is not None:
+            await self._core.close()
+            self._core = None
+
+    async def _deliver(self) -> None:
         try:
-            await application.initialize()  # getMe: checks the token
-        except InvalidToken:
-            raise ConfigError("Telegram refused telegram.token (TELEGRAM_TOKEN); copy the token from "
-                              "@BotFather again") from None
-        # Started before deliveries, so status edits (Application.create_task) are tracked from the first.
-        await application.start()
-        ready = asyncio.Event()
-        delivery = asyncio.create_task(
-            deliver_events(self.core.service, self.core.deliveries, PLATFORM, self._on_delivery, stop, ready,
-                           concurrency=self.core.settings.delivery.concurrency), name="telegram-delivery")
-        try:
-            # Take commands only once the delivery loop follows every new event (see deliver_events).
-            following = asyncio.ensure_future(ready.wait())
-            await asyncio.wait({delivery, following}, return_when=asyncio.FIRST_COMPLETED)
-            following.cancel()
-            if not delivery.done():
-                assert application.updater is not None
-                await application.updater.start_polling(timeout=self.config.poll_timeout_s,
-                                                        allowed_updates=["message", "callback_query"])
-                log.info("Telegram bot @%s is serving", application.bot.username)
-            await delivery
-        finally:
-            if not delivery.done():  # start-up failed: stop delivering too
-                delivery.cancel()
-                await asyncio.gather(delivery, return_exceptions=True)
-            if application.updater is not None and application.updater.running:
-                await application.updater.stop()
-            self.board.cancel_edits()
-            if application.running:
-                await application.stop()  # handles the updates already fetched, awaits the tasks it tracks
-            await application.shutdown()
+            await deliver_events(self.core.service, self.core.deliveries, PLATFORM, self._on_delivery, self._stop,
+                                 self._following, concurrency=self.settings.delivery.concurrency)
+        except Exception:
+            if self._following.is_set():  # after start(): nobody else awaits this task
+                log.exception("Easel's Telegram delivery loop stopped; undelivered results are sent after "
+                              "the next start")
+            raise
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -280,13 +325,13 @@ class TelegramAdapter:
 
         The delivery loop runs each job's deliveries in a lane of its own, so one chat's flood wait or
         slow upload never delays another chat's job; status edits go through the StatusBoard, which
-        merges them at the chat's pace. Any error goes to the one error hook (`_on_error`) and leaves
+        merges them at the chat's pace. Any error goes to the one error hook (`report`) and leaves
         the job undelivered: its result is sent again on the next start.
         """
         try:
             return await self._show(delivery)
         except Exception as error:
-            await self.application.process_error(delivery, error)
+            await self.report(delivery, error)
             return False
 
     async def _show(self, delivery: Delivery) -> bool:
@@ -421,21 +466,171 @@ class TelegramAdapter:
 
     # -- the one error hook -----------------------------------------------------------------------
 
-    async def _on_error(self, update: object, context: CallbackContext) -> None:
-        """Every error of this adapter ends here: a handler's (with its `Update`), a status edit's
-        (an `Application.create_task` task, no update) and a delivery's (with its `Delivery`)."""
+    def _guarded(self, callback: Callback) -> Callback:
+        """`callback` with its errors sent to Easel's hook rather than the Application's error
+        handlers: inside a host bot those are the host's, and Easel's hook answers only Easel's updates."""
+        async def handle(update: Update, context: CallbackContext) -> None:
+            try:
+                await callback(update, context)
+            except Exception as error:
+                await self.report(update, error)
+
+        return handle
+
+    async def report(self, update: object, error: BaseException | None) -> None:
+        """Every error of Easel on Telegram ends here: a handler's (with its `Update`), a delivery's
+        (with its `Delivery`) and, in Easel's own bot, the Application's others, such as a status
+        edit's (an `Application.create_task` task, no update)."""
         if isinstance(update, Delivery):
             # Not marked delivered: a final result is sent again on the next start.
-            log.error("showing the %s event of job %s failed", update.kind.value, update.job.id, exc_info=context.error)
+            log.error("showing the %s event of job %s failed", update.kind.value, update.job.id, exc_info=error)
             return
         if update is None:
-            log.error("a Telegram background task failed", exc_info=context.error)
+            log.error("a Telegram background task failed", exc_info=error)
             return
-        log.error("Telegram update %s failed", getattr(update, "update_id", "?"), exc_info=context.error)
+        log.error("Telegram update %s failed", getattr(update, "update_id", "?"), exc_info=error)
         if isinstance(update, Update) and update.effective_message is not None:
             with contextlib.suppress(TelegramError):
                 await self._say(update.effective_message,
                                 "Sorry, something went wrong on our side; it has been logged. Please try again.")
+
+    async def on_application_error(self, update: object, context: CallbackContext) -> None:
+        """The Application's error handler, in Easel's own bot only."""
+        await self.report(update, context.error)
+
+
+def add_easel(application: Application, core: Core | None = None, *, settings: Settings | None = None,
+              group: int = PLUGIN_GROUP, commands: Iterable[str] = COMMANDS) -> EaselTelegram:
+    """Add Easel to a python-telegram-bot Application you built, beside your own handlers:
+
+        application = Application.builder().token(TOKEN).build()
+        application.add_handler(CommandHandler("ping", ping))  # yours
+        add_easel(application)                                  # /imagine, /edit, /inpaint, ... and buttons
+        application.run_polling()                               # or run_webhook
+
+    Easel's handlers go in groups `group` and `group + 1` (after yours in group 0), answer only
+    Easel's `commands` and buttons, and run beside your updates. Its core is `core`, or else one
+    opened from `settings` (default: Easel's config, as `easel` reads it) at start and closed at
+    stop. run_polling and run_webhook start Easel after your post_init and stop it before your
+    post_stop; if you run the Application by hand, call `await easel.start()` after
+    `application.initialize()` and `await easel.stop()` before `application.shutdown()`.
+    """
+    if core is not None:
+        settings = core.settings
+    elif settings is None:
+        settings = load_settings()
+    easel = EaselTelegram(application, settings, core, whole_bot=False, commands=commands)
+    application.add_handlers(easel.handlers(group, block=False))
+    _start_and_stop_with(application, easel)
+    return easel
+
+
+def _start_and_stop_with(application: Application, easel: EaselTelegram) -> None:
+    """Chain Easel into the Application's lifecycle hooks, keeping the host's own."""
+    host_init, host_stop, host_shutdown = application.post_init, application.post_stop, application.post_shutdown
+
+    async def post_init(app: Application) -> None:
+        if host_init is not None:
+            await host_init(app)
+        await easel.start()
+
+    async def post_stop(app: Application) -> None:
+        await easel.stop()
+        if host_stop is not None:
+            await host_stop(app)
+
+    async def post_shutdown(app: Application) -> None:
+        await easel.stop()  # also when start-up failed and post_stop never ran
+        if host_shutdown is not None:
+            await host_shutdown(app)
+
+    application.post_init, application.post_stop, application.post_shutdown = post_init, post_stop, post_shutdown
+
+
+class TelegramAdapter:
+    """Easel as a Telegram bot of its own (`easel serve` with telegram.token): updates by long polling,
+    or, with telegram.webhook_url, posted by Telegram to Easel's HTTP server."""
+
+    platform = PLATFORM
+
+    def __init__(self, core: Core) -> None:
+        if core.settings.telegram.token is None:
+            raise ConfigError("the Telegram adapter needs telegram.token (set TELEGRAM_TOKEN)")
+        self.core = core
+        self.config = core.settings.telegram
+        self.application = self._build_application()
+        self.easel = EaselTelegram(self.application, core.settings, core, whole_bot=True)
+        self.application.add_handlers(self.easel.handlers(-1, block=True))  # concurrent_updates sets the pace
+        self.application.add_error_handler(self.easel.on_application_error)
+        _keep_token_out_of_logs()
+
+    def _build_application(self) -> Application:
+        config = self.config
+        assert config.token is not None
+        return (
+            Application.builder()
+            .token(config.token.get_secret_value())
+            .base_url(config.base_url)
+            .base_file_url(config.base_file_url)
+            .concurrent_updates(config.concurrent_updates)
+            .get_updates_read_timeout(config.poll_timeout_s + 10)
+            .media_write_timeout(120)
+            # Every request keeps to Telegram's pace (telegram_send.ChatPacer).
+            .rate_limiter(ChatPacer(config.private_interval_s, config.group_interval_s))
+            .build()
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set: receive updates and deliver job events (missed ones first)."""
+        application = self.application
+        try:
+            await application.initialize()  # getMe: checks the token
+        except InvalidToken:
+            raise ConfigError("Telegram refused telegram.token (TELEGRAM_TOKEN); copy the token from "
+                              "@BotFather again") from None
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            # Started before deliveries, so status edits (Application.create_task) are tracked from the first.
+            await application.start()
+            await self.easel.start()  # take updates only once every new job event is followed
+            async with self._receiving_updates():
+                assert self.easel.delivery is not None
+                await asyncio.wait({stopping, self.easel.delivery}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            await self.easel.stop()
+            if application.running:
+                await application.stop()  # handles the updates already received, awaits the tasks it tracks
+            await application.shutdown()
+        delivery = self.easel.delivery
+        if delivery is not None and not delivery.cancelled() and delivery.exception() is not None:
+            raise delivery.exception()  # type: ignore[misc]
+
+    @contextlib.asynccontextmanager
+    async def _receiving_updates(self) -> AsyncIterator[None]:
+        """Long polling, or with telegram.webhook_url, Telegram's posts to Easel's HTTP server."""
+        application, config = self.application, self.config
+        if not config.webhook_url:
+            assert application.updater is not None
+            await application.updater.start_polling(timeout=config.poll_timeout_s, allowed_updates=ALLOWED_UPDATES)
+            log.info("Telegram bot @%s is serving (long polling)", application.bot.username)
+            try:
+                yield
+            finally:
+                if application.updater.running:
+                    await application.updater.stop()
+            return
+        assert config.webhook_secret is not None
+        with telegram_webhook.receiving(self.core, application):
+            try:
+                await application.bot.set_webhook(config.webhook_url, allowed_updates=ALLOWED_UPDATES,
+                                                  secret_token=config.webhook_secret.get_secret_value(),
+                                                  max_connections=config.webhook_max_connections)
+            except BadRequest as error:
+                raise ConfigError(f"Telegram refused telegram.webhook_url {config.webhook_url}: {error.message}; "
+                                  "it must be an https URL Telegram can reach") from None
+            log.info("Telegram bot @%s is serving (webhook %s)", application.bot.username, config.webhook_url)
+            yield
 
 
 def _keep_token_out_of_logs() -> None:

@@ -9,11 +9,13 @@ every bad key at once.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -167,6 +169,45 @@ class TelegramConfig(Section):
     album_wait_s: float = Field(1.0, ge=0)  # wait this long for the rest of an album (an inpaint mask)
     poll_timeout_s: int = Field(10, ge=0)  # long polling: how long one getUpdates call waits for news
     concurrent_updates: int = Field(64, ge=1)  # updates handled at once, so a slow download blocks no one
+    # Webhook mode, for hosts that cannot long-poll: Telegram posts each update to this https URL, which
+    # your TLS proxy passes on to Easel's HTTP server (it listens on the URL's path). Empty: long polling.
+    webhook_url: str = ""
+    # Sent by Telegram with every update (X-Telegram-Bot-Api-Secret-Token); posts without it are refused.
+    # Required with webhook_url; prefer the EASEL_TELEGRAM__WEBHOOK_SECRET environment variable.
+    webhook_secret: SecretStr | None = None
+    webhook_max_connections: int = Field(40, ge=1, le=100)  # updates Telegram may post at once
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url_is_one_telegram_accepts(cls, url: str) -> str:
+        if not url:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError("must be an https:// URL (Telegram posts updates over HTTPS only; put a TLS proxy "
+                             "in front of Easel's HTTP server)")
+        if parts.port not in (None, 443, 80, 88, 8443):
+            raise ValueError("may use port 443, 80, 88 or 8443 only (Telegram's rule for webhooks)")
+        if parts.path in ("", "/"):
+            raise ValueError("needs a path for Easel's HTTP server to receive updates at, e.g. "
+                             "https://bot.example.com/telegram/webhook")
+        return url
+
+    @model_validator(mode="after")
+    def _webhook_has_a_valid_secret(self) -> TelegramConfig:
+        # Checked here, not in a field validator, so the error never quotes the secret.
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret is not None else None
+        if secret is not None and not _WEBHOOK_SECRET.fullmatch(secret):
+            raise ValueError("webhook_secret must be 1 to 256 characters, each a letter, a digit, _ or - "
+                             "(Telegram's rule for secret tokens)")
+        if self.webhook_url and secret is None:
+            raise ValueError("webhook_url needs webhook_secret (1 to 256 letters, digits, _ or -; e.g. from "
+                             "`openssl rand -hex 32`), which Telegram sends with every update so that Easel "
+                             "refuses posts from anyone else")
+        return self
+
+
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class DeliveryConfig(Section):
@@ -180,7 +221,8 @@ class DeliveryConfig(Section):
 class HttpConfig(Section):
     """The HTTP API and web chat (adapters/http.py)."""
 
-    enabled: bool | None = None  # None: on when neither Discord nor Telegram is configured
+    # None: on when neither Discord nor Telegram is configured, or when telegram.webhook_url is set.
+    enabled: bool | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0 = any free port (tests)
     # The address clients reach this server at, for the image links in webhooks and MCP answers
@@ -199,6 +241,13 @@ class HttpConfig(Section):
     # waits this long for the job; a job still running then gets an error naming its id (GET
     # /v1/jobs/{id} has it when done). Below the clients' own timeouts (Open WebUI, LibreChat: minutes).
     openai_wait_s: float = Field(240.0, gt=0)
+    # The AUTOMATIC1111 API (/sdapi/v1): txt2img and img2img answer with the images, so they wait this
+    # long for the job; a job still running then gets an error naming its id (it finishes anyway and
+    # GET /v1/jobs/{id} has it). A1111 clients (SillyTavern, Open WebUI, webuiapi) wait minutes or forever.
+    a1111_wait_s: float = Field(300.0, gt=0)
+    # A quota tier ([quota.tiers.*]) for /sdapi/v1 requests that carry no key, for a trusted LAN whose
+    # clients cannot send one; all of them count as one user. Empty: every request needs a key.
+    a1111_anonymous_tier: str = ""
     # The AUTOMATIC1111 API (/sdapi/v1): txt2img and img2img answer with the images, so they wait this
     # long for the job; a job still running then gets an error naming its id (it finishes anyway and
     # GET /v1/jobs/{id} has it). A1111 clients (SillyTavern, Open WebUI, webuiapi) wait minutes or forever.
@@ -388,10 +437,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _telegram_webhook_has_a_server(self) -> Settings:
+        if self.telegram.webhook_url and self.http.enabled is False:
+            raise ValueError("telegram.webhook_url needs Easel's HTTP server to receive Telegram's updates, but "
+                             "http.enabled = false; remove that line or set it to true")
+        return self
+
+    @model_validator(mode="after")
     def _console_tier_exists(self) -> Settings:
         if self.console.tier not in self.quota.tiers:
             raise ValueError(f"console.tier = {self.console.tier!r} is not one of the [quota.tiers.*]: "
                              f"{', '.join(self.quota.tiers)}")
+        return self
+
+    @model_validator(mode="after")
+    def _a1111_anonymous_tier_exists(self) -> Settings:
+        tier = self.http.a1111_anonymous_tier
+        if tier and tier not in self.quota.tiers:
+            raise ValueError(f"http.a1111_anonymous_tier = {tier!r} is not one of the [quota.tiers.*]: "
+                             f"{', '.join(self.quota.tiers)} (or \"\" to require a key)")
         return self
 
     @model_validator(mode="after")

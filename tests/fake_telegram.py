@@ -5,6 +5,9 @@ out) closely enough for `Application`, long polling and file transfers to run un
 keeps what a person in each chat would see: the bot's messages with their latest text, photos,
 albums, files and buttons. Tests script what users do (`send`, `press`) and can make the next calls
 of a method (to any chat, or to one) fail with 429 (flood control, with `retry_after`) or a 5xx.
+Once the bot calls setWebhook, updates are posted to its webhook as Telegram posts them (with the
+secret token it was given), through `webhook_proxy` (the TLS proxy in front of the bot), and
+getUpdates answers 409 Conflict, as Telegram does.
 
     async with FakeTelegram() as fake:
         settings.telegram.base_url, settings.telegram.base_file_url = fake.base_url, fake.base_file_url
@@ -22,14 +25,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Easel", "username": "easel_test_bot"}
 TOKEN = "4242:TEST-TOKEN"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 # Parameters sent as plain strings; every other parameter is JSON-encoded by python-telegram-bot.
-_RAW_PARAMETERS = {"text", "caption", "file_id", "callback_query_id", "parse_mode", "url"}
+_RAW_PARAMETERS = {"text", "caption", "file_id", "callback_query_id", "parse_mode", "url", "secret_token"}
 
 
 @dataclass
@@ -87,6 +93,10 @@ class FakeTelegram:
         self._new_update = asyncio.Event()
         self._failures: dict[tuple[str, int | None], list[tuple[int, int | None]]] = {}  # (method, chat)
         self.slow_files: dict[str, asyncio.Event] = {}  # file id -> download held until the event is set
+        self.webhook: dict[str, Any] | None = None  # setWebhook's parameters, while a webhook is set
+        self.webhook_proxy: str | None = None  # where the webhook URL's https://host leads ("http://127.0.0.1:N")
+        self.webhook_posts: list[tuple[int, int]] = []  # (update_id, HTTP status) of each update posted
+        self._posting: set[asyncio.Task[int]] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -105,6 +115,9 @@ class FakeTelegram:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._posting:
+            task.cancel()
+        await asyncio.gather(*self._posting, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -131,9 +144,13 @@ class FakeTelegram:
                 return _error(429, f"Too Many Requests: retry after {retry_after}",
                               {"retry_after": retry_after})
             return _error(status, "Bad Gateway" if status == 502 else "Internal Server Error")
+        if method == "getUpdates" and self.webhook is not None:
+            call.status = 409
+            return _error(409, "Conflict: can't use getUpdates method while webhook is active; use "
+                               "deleteWebhook to delete the webhook first")
         handler = getattr(self, f"_{method}", None)
         if handler is None:
-            return web.json_response({"ok": True, "result": True})  # deleteWebhook, setMyCommands...
+            return web.json_response({"ok": True, "result": True})  # setMyCommands...
         try:
             result = handler(params, files) if method != "getUpdates" else await handler(params, files)
         except _BadRequest as e:
@@ -174,8 +191,10 @@ class FakeTelegram:
         }
         if text is not None:
             message["text"] = text
+            message["entities"] = _command_entity(text)
         if caption is not None:
             message["caption"] = caption
+            message["caption_entities"] = _command_entity(caption)
         if photo is not None:
             # Telegram offers several sizes, smallest first; the bot should take the largest.
             message["photo"] = [self._add_file(b"thumbnail", width=90, height=90),
@@ -203,11 +222,32 @@ class FakeTelegram:
         return update
 
     def deliver(self, update: dict[str, Any], update_id: int | None = None) -> dict[str, Any]:
-        """Queue an update for getUpdates (again, with its old `update_id`, to redeliver it)."""
+        """Queue an update for getUpdates (again, with its old `update_id`, to redeliver it), or post it
+        to the webhook when one is set."""
         update = {**update, "update_id": update_id if update_id is not None else next(self._update_ids)}
+        if self.webhook is not None:
+            task = asyncio.get_running_loop().create_task(self.post_to_webhook(update))
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
+            return update
         self._pending.append(update)
         self._new_update.set()
         return update
+
+    async def post_to_webhook(self, update: dict[str, Any], headers: dict[str, str] | None = None) -> int:
+        """Post an update to the webhook as Telegram does: JSON, with the secret token setWebhook was
+        given (unless `headers` replaces them). Returns the HTTP status the bot answered."""
+        assert self.webhook is not None and self.webhook_proxy is not None, "no webhook set, or no proxy to it"
+        url = urlsplit(self.webhook["url"])
+        target = self.webhook_proxy + url.path + (f"?{url.query}" if url.query else "")
+        if headers is None:
+            secret = self.webhook.get("secret_token")
+            headers = {SECRET_HEADER: secret} if secret else {}
+        async with aiohttp.ClientSession() as session, session.post(
+                target, data=json.dumps(update), headers={"Content-Type": "application/json", **headers}) as answer:
+            status = answer.status
+        self.webhook_posts.append((update["update_id"], status))
+        return status
 
     def fail_next(self, method: str, status: int = 429, *, times: int = 1, retry_after: int | None = 1,
                   chat: int | None = None) -> None:
@@ -254,6 +294,14 @@ class FakeTelegram:
         served = [u for u in self._pending if u["update_id"] >= offset]
         self.served.extend(u["update_id"] for u in served)
         return served
+
+    def _setWebhook(self, params: dict[str, Any], files: dict[str, bytes]) -> bool:
+        self.webhook = params
+        return True
+
+    def _deleteWebhook(self, params: dict[str, Any], files: dict[str, bytes]) -> bool:
+        self.webhook = None
+        return True
 
     def _getFile(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         file_id = params["file_id"]
@@ -355,6 +403,13 @@ def _error(status: int, description: str, parameters: dict[str, Any] | None = No
     if parameters:
         body["parameters"] = parameters
     return web.json_response(body, status=status)
+
+
+def _command_entity(text: str) -> list[dict[str, Any]]:
+    """The bot_command entity Telegram marks a leading /command with (CommandHandler looks for it)."""
+    if not text.startswith("/"):
+        return []
+    return [{"type": "bot_command", "offset": 0, "length": len(text.split(maxsplit=1)[0])}]
 
 
 def _buttons(params: dict[str, Any]) -> list[list[dict[str, Any]]]:

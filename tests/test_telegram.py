@@ -10,7 +10,12 @@ import contextlib
 import io
 import itertools
 import logging
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,12 +41,17 @@ async def fake() -> AsyncIterator[FakeTelegram]:
         yield server
 
 
+def telegram_config(fake: FakeTelegram, **settings: Any) -> TelegramConfig:
+    """Settings that talk to the fake server at a pace that keeps the tests quick."""
+    return TelegramConfig(token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url,
+                          private_interval_s=0.02, group_interval_s=0.02, album_wait_s=0.3, poll_timeout_s=2,
+                          allowed_chats=[GROUP], **settings)
+
+
 @pytest.fixture
 def tg(core: Core, fake: FakeTelegram) -> Core:
-    """The core, configured to talk to the fake server at a pace that keeps the tests quick."""
-    core.settings.telegram = TelegramConfig(
-        token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url, private_interval_s=0.02,
-        group_interval_s=0.02, album_wait_s=0.3, poll_timeout_s=2, allowed_chats=[GROUP])
+    """The core, configured to talk to the fake server."""
+    core.settings.telegram = telegram_config(fake)
     return core
 
 
@@ -443,3 +453,129 @@ async def test_a_flagged_image_is_a_spoilered_photo_in_an_nsfw_chat_and_never_a_
     assert "Image 1 was withheld" in status.shown and f"/appeal {withheld}" in status.shown
     assert not any(m.buttons for m in fake.chat(BOB))
     assert spoilered != withheld
+
+
+# -- webhook mode ------------------------------------------------------------------------------------
+
+WEBHOOK_URL = "https://easel.example.com/telegram/updates"
+WEBHOOK_SECRET = "test_secret-token-42"
+
+
+async def test_webhook_mode_takes_updates_through_easels_http_server_and_refuses_posts_without_the_secret(
+        tg: Core, fake: FakeTelegram, generator) -> None:
+    from adapters.http import HttpAdapter
+
+    tg.settings.telegram = telegram_config(fake, webhook_url=WEBHOOK_URL, webhook_secret=WEBHOOK_SECRET)
+    tg.settings.http.port = 0
+    http, stop = HttpAdapter(tg), asyncio.Event()
+    serving = [asyncio.create_task(http.run(stop)), asyncio.create_task(TelegramAdapter(tg).run(stop))]
+    try:
+        await fake.wait_for(lambda: http.started.is_set() and fake.webhook, what="the server and setWebhook")
+        fake.webhook_proxy = f"http://127.0.0.1:{http.port}"  # the TLS proxy at easel.example.com
+        forged = {"update_id": 900, "message": {"message_id": 1, "date": 0, "chat": fake.private(BOB),
+                                                "from": fake.user(BOB), "text": "/imagine forged --steps 2"}}
+        refused = [await fake.post_to_webhook(forged, headers={}),
+                   await fake.post_to_webhook(forged, headers={"X-Telegram-Bot-Api-Secret-Token": "guess"})]
+        command = fake.send(fake.private(ALICE), "/imagine a lighthouse --steps 2 --seed 3")
+        async with running_worker(tg, generator):
+            await fake.wait_for(lambda: photos(fake, ALICE), what="the result")
+    finally:
+        stop.set()
+        await asyncio.gather(*serving)
+    assert {key: fake.webhook[key] for key in ("url", "secret_token", "allowed_updates")} == {
+        "url": WEBHOOK_URL, "secret_token": WEBHOOK_SECRET, "allowed_updates": ["message", "callback_query"]}
+    assert fake.calls_of("getUpdates") == []  # never long-polled
+    assert refused == [403, 403] and (command_update := fake.webhook_posts[-1])[1] == 200
+    assert photos(fake, ALICE)[0].reply_to == command["message_id"] and command_update[0] != forged["update_id"]
+    [job] = await tg.service.list_jobs()
+    assert job.params.prompt == "a lighthouse" and fake.chat(BOB) == []  # the forged command did nothing
+
+
+@pytest.mark.parametrize(("telegram", "http", "expected"), [
+    ({"webhook_url": "http://bot.example.com/tg", "webhook_secret": "abc"}, {},
+     "telegram.webhook_url: must be an https:// URL"),
+    ({"webhook_url": "https://bot.example.com:8000/tg", "webhook_secret": "abc"}, {},
+     "may use port 443, 80, 88 or 8443 only"),
+    ({"webhook_url": "https://bot.example.com", "webhook_secret": "abc"}, {}, "needs a path"),
+    ({"webhook_url": "https://bot.example.com/tg"}, {}, "webhook_url needs webhook_secret"),
+    ({"webhook_url": "https://bot.example.com/tg", "webhook_secret": "no spaces+please"}, {},
+     "webhook_secret must be 1 to 256 characters, each a letter, a digit, _ or -"),
+    ({"webhook_url": "https://bot.example.com/tg", "webhook_secret": "abc"}, {"enabled": False},
+     "telegram.webhook_url needs Easel's HTTP server"),
+])
+def test_webhook_settings_are_checked_up_front_without_quoting_the_secret(
+        telegram: dict[str, Any], http: dict[str, Any], expected: str) -> None:
+    from bot.config import load_settings
+    from bot.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, telegram=telegram, http=http)
+    assert expected in refused.value.message and "spaces+please" not in refused.value.message
+
+
+# -- inside another bot: add_easel ------------------------------------------------------------------
+
+# A bot owner's own python-telegram-bot bot, as in the README, pointed at the fake Bot API.
+HOST_BOT = """
+import os
+
+from telegram import Update
+from telegram.ext import Application, CommandHandler, ContextTypes
+
+from adapters.telegram import add_easel
+
+
+async def ping(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    await update.message.reply_text("pong")
+
+
+application = (Application.builder().token(os.environ["TELEGRAM_TOKEN"])
+               .base_url(os.environ["BOT_API"]).base_file_url(os.environ["BOT_API_FILES"]).build())
+application.add_handler(CommandHandler("ping", ping))
+add_easel(application)
+application.run_polling()
+"""
+
+
+async def test_inside_a_host_bot_run_polling_starts_easel_and_the_hosts_own_command_still_answers(
+        core: Core, fake: FakeTelegram, generator, tmp_path: Path) -> None:
+    config = tmp_path / "easel.toml"
+    config.write_text(f'[storage]\ndata_dir = "{core.settings.storage.data_dir}"\n'
+                      f'models_dir = "{core.settings.storage.model_cache}"\n'
+                      "[telegram]\nprivate_interval_s = 0.02\n")
+    env = {**os.environ, "EASEL_CONFIG": str(config), "TELEGRAM_TOKEN": TOKEN, "BOT_API": fake.base_url,
+           "BOT_API_FILES": fake.base_file_url}
+    log = tmp_path / "host.log"
+    with log.open("w") as output:
+        host = await asyncio.create_subprocess_exec(sys.executable, "-c", HOST_BOT, env=env, stdout=output,
+                                                    stderr=output, cwd=Path(__file__).parent.parent)
+    chat = fake.private(ALICE)
+    try:
+        # run_polling calls post_init, where Easel starts following job events, before its first poll.
+        await fake.wait_for(lambda: host.returncode is not None or fake.calls_of("getUpdates"), what="polling")
+        assert host.returncode is None, "the host bot stopped"
+        ping = fake.send(chat, "/ping")
+        command = fake.send(chat, "/imagine a lighthouse --steps 2 --seed 7")
+        await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if m.shown == "pong"] and
+                            [m for m in replies_to(fake, ALICE, command) if "Queued" in m.shown], what="answers")
+        async with running_worker(core, generator):
+            await fake.wait_for(lambda: photos(fake, ALICE), what="the result")
+        result = photos(fake, ALICE)[0]
+        fake.press(chat, result, result.button("ℹ️"))  # Easel's buttons answer inside the host too
+        await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if m.reply_to == result.message_id], what="Info")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nthe host bot printed:\n{log.read_text()}") from None
+    finally:
+        if host.returncode is None:
+            host.send_signal(signal.SIGINT)  # run_polling stops, and post_stop stops Easel
+        await asyncio.wait_for(host.wait(), 60)
+    [job] = await core.service.list_jobs()
+    printed = log.read_text()
+    assert host.returncode == 0 and "Traceback" not in printed and "ERROR" not in printed, printed
+    # The host answered its own command, and Easel left it alone (it answers by replying).
+    assert [m.shown for m in fake.chat(ALICE) if m.reply_to is None] == ["pong"]
+    assert replies_to(fake, ALICE, ping) == []
+    assert photos(fake, ALICE)[0].reply_to == command["message_id"] and "seed 7" in photos(fake, ALICE)[0].caption
+    [info] = [m for m in fake.chat(ALICE) if m.reply_to == result.message_id]
+    assert info.shown.startswith(f"Job {job.id}: succeeded")
+    assert job.delivered_at is not None
