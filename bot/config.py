@@ -248,13 +248,6 @@ class HttpConfig(Section):
     # A quota tier ([quota.tiers.*]) for /sdapi/v1 requests that carry no key, for a trusted LAN whose
     # clients cannot send one; all of them count as one user. Empty: every request needs a key.
     a1111_anonymous_tier: str = ""
-    # The AUTOMATIC1111 API (/sdapi/v1): txt2img and img2img answer with the images, so they wait this
-    # long for the job; a job still running then gets an error naming its id (it finishes anyway and
-    # GET /v1/jobs/{id} has it). A1111 clients (SillyTavern, Open WebUI, webuiapi) wait minutes or forever.
-    a1111_wait_s: float = Field(300.0, gt=0)
-    # A quota tier ([quota.tiers.*]) for /sdapi/v1 requests that carry no key, for a trusted LAN whose
-    # clients cannot send one; all of them count as one user. Empty: every request needs a key.
-    a1111_anonymous_tier: str = ""
 
 
 class SafetyCategoryConfig(Section):
@@ -448,14 +441,6 @@ class Settings(BaseSettings):
         if self.console.tier not in self.quota.tiers:
             raise ValueError(f"console.tier = {self.console.tier!r} is not one of the [quota.tiers.*]: "
                              f"{', '.join(self.quota.tiers)}")
-        return self
-
-    @model_validator(mode="after")
-    def _a1111_anonymous_tier_exists(self) -> Settings:
-        tier = self.http.a1111_anonymous_tier
-        if tier and tier not in self.quota.tiers:
-            raise ValueError(f"http.a1111_anonymous_tier = {tier!r} is not one of the [quota.tiers.*]: "
-                             f"{', '.join(self.quota.tiers)} (or \"\" to require a key)")
         return self
 
     @model_validator(mode="after")
