@@ -463,12 +463,16 @@ WEBHOOK_SECRET = "test_secret-token-42"
 
 async def test_webhook_mode_takes_updates_through_easels_http_server_and_refuses_posts_without_the_secret(
         tg: Core, fake: FakeTelegram, generator) -> None:
+    from adapters.cli import configured_adapters
     from adapters.http import HttpAdapter
 
     tg.settings.telegram = telegram_config(fake, webhook_url=WEBHOOK_URL, webhook_secret=WEBHOOK_SECRET)
     tg.settings.http.port = 0
-    http, stop = HttpAdapter(tg), asyncio.Event()
-    serving = [asyncio.create_task(http.run(stop)), asyncio.create_task(TelegramAdapter(tg).run(stop))]
+    # What `easel serve` runs: the bot, and the HTTP server for its webhook (no other platform asks for it).
+    bot, http = configured_adapters(tg)
+    assert isinstance(bot, TelegramAdapter) and isinstance(http, HttpAdapter)
+    stop = asyncio.Event()
+    serving = [asyncio.create_task(http.run(stop)), asyncio.create_task(bot.run(stop))]
     try:
         await fake.wait_for(lambda: http.started.is_set() and fake.webhook, what="the server and setWebhook")
         fake.webhook_proxy = f"http://127.0.0.1:{http.port}"  # the TLS proxy at easel.example.com
