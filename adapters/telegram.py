@@ -136,7 +136,7 @@ class EaselTelegram:
         self._owns_core = core is None
         self.albums = Albums(self.config.album_wait_s)
         # The host's ChatPacer, if it installed one; otherwise the host's limiter (if any) sets the pace.
-        limiter = application.bot.rate_limiter
+        limiter = getattr(application.bot, "rate_limiter", None)  # a plain telegram.Bot has none
         self.pacer = limiter if isinstance(limiter, ChatPacer) else ChatPacer(self.config.private_interval_s,
                                                                               self.config.group_interval_s)
         self.board = StatusBoard(application, self.pacer)
