@@ -92,14 +92,17 @@ def when(moment: datetime, now: datetime) -> str:
 
 @dataclass(frozen=True)
 class Usage:
+    """What a user's jobs have charged, read in one statement (every submission pays for it)."""
+
     daily_milli: int
     daily_images: int
     reserved_milli: int  # the part of daily_milli held by jobs still queued or running
-    minute_charges: list[tuple[datetime, int]]  # (created_at, cost_milli) in the last 60 s, oldest first
+    minute_milli: int  # charged in the last 60 s
+    minute_oldest: datetime | None  # when the oldest charge of the last 60 s was made
+    granted_milli: int = 0  # extra units a moderator granted for today (/mod quota USER grant N)
 
-    @property
-    def minute_milli(self) -> int:
-        return sum(cost for _, cost in self.minute_charges)
+
+NO_USAGE = Usage(0, 0, 0, 0, None)
 
 
 class Policy:
@@ -231,21 +234,35 @@ class Policy:
     # -- quota ---------------------------------------------------------------------------------------
 
     async def usage(self, uow: UnitOfWork, user: User, now: datetime) -> Usage:
+        """The day's and the last minute's charges and today's grant, in one statement."""
         charged = and_(Job.user_id == user.id, Job.status.in_(CHARGED))
-        day = start_of_day(now)
-        daily_milli, daily_images, reserved = (await uow.session.execute(select(
-            func.coalesce(func.sum(Job.cost_milli), 0), func.coalesce(func.sum(Job.n), 0),
-            func.coalesce(func.sum(Job.cost_milli).filter(Job.status != JobStatus.SUCCEEDED.value), 0),
-        ).where(charged, Job.created_at >= day))).one()
-        minute = (await uow.session.execute(select(Job.created_at, Job.cost_milli).where(
-            charged, Job.created_at > now - MINUTE).order_by(Job.created_at))).all()
-        return Usage(int(daily_milli), int(daily_images), int(reserved), [(t, c) for t, c in minute])
+        day, minute_ago = start_of_day(now), now - MINUTE
+        today, last_minute = Job.created_at >= day, Job.created_at > minute_ago
+        granted = select(QuotaGrant.extra_milli).where(
+            QuotaGrant.user_id == user.id, QuotaGrant.day == now.date()).scalar_subquery()
+        row = (await uow.session.execute(select(
+            func.coalesce(func.sum(Job.cost_milli).filter(today), 0),
+            func.coalesce(func.sum(Job.n).filter(today), 0),
+            func.coalesce(func.sum(Job.cost_milli).filter(today, Job.status != JobStatus.SUCCEEDED.value), 0),
+            func.coalesce(func.sum(Job.cost_milli).filter(last_minute), 0),
+            func.min(Job.created_at).filter(last_minute),
+            func.coalesce(granted, 0),
+        ).where(charged, Job.created_at >= min(day, minute_ago)))).one()
+        daily_milli, daily_images, reserved, minute_milli, minute_oldest, granted_milli = row
+        return Usage(int(daily_milli), int(daily_images), int(reserved), int(minute_milli), minute_oldest,
+                     int(granted_milli))
 
-    async def daily_limit_milli(self, uow: UnitOfWork, user: User, tier: QuotaTier,
-                                now: datetime) -> float:
-        extra = await uow.session.scalar(select(QuotaGrant.extra_milli).where(
-            QuotaGrant.user_id == user.id, QuotaGrant.day == now.date())) or 0
-        return tier.daily_units * 1000 + extra
+    async def minute_charges(self, uow: UnitOfWork, user: User, now: datetime) -> list[tuple[datetime, int]]:
+        """(created_at, cost_milli) of the user's charges in the last 60 s, oldest first: read only to
+        say when a per-minute refusal lifts."""
+        return [(created_at, cost) for created_at, cost in (await uow.session.execute(
+            select(Job.created_at, Job.cost_milli).where(
+                Job.user_id == user.id, Job.status.in_(CHARGED), Job.created_at > now - MINUTE)
+            .order_by(Job.created_at))).all()]
+
+    @staticmethod
+    def daily_limit_milli(tier: QuotaTier, usage: Usage) -> float:
+        return tier.daily_units * 1000 + usage.granted_milli
 
     def images_limit(self, user: User) -> int:
         """The plain images-per-day cap: the user's own (set with an API key), else queue's; 0 = none."""
@@ -270,11 +287,10 @@ class Policy:
         cost = cost_milli(params)
         name = self.tier_name(user, requester)
         tier = self.tier(name)
-        usage = await self.usage(uow, user, now) if user.id is not None else Usage(0, 0, 0, [])
+        usage = await self.usage(uow, user, now) if user.id is not None else NO_USAGE
         too_big = (f"this job alone costs {units_of(cost)}, more than the whole window; make it smaller "
                    "(fewer --n, a smaller --size, fewer --steps)")
-        daily = await self.daily_limit_milli(uow, user, tier, now) if user.id is not None \
-            else tier.daily_units * 1000
+        daily = self.daily_limit_milli(tier, usage)
         if usage.daily_milli + cost > daily:
             lifts = next_midnight(now)
             raise QuotaExceeded(
@@ -290,7 +306,7 @@ class Policy:
             if cost > per_minute:
                 raise QuotaExceeded(f"Per-minute quota ({name} tier, {units(per_minute)} units a minute): "
                                     f"{too_big}. {raised_by}")
-            lifts = _minute_lifts_at(usage, cost, per_minute, now)
+            lifts = _minute_lifts_at(await self.minute_charges(uow, user, now), cost, per_minute, now)
             raise QuotaExceeded(
                 f"Per-minute quota reached ({name} tier): {units(usage.minute_milli)} of {units(per_minute)} "
                 f"units used in the last minute, this job needs {units(cost)}. Try again in "
@@ -313,19 +329,18 @@ class Policy:
         """What /quota shows. `user` is None for someone who never submitted anything."""
         if user is None:  # a newcomer: nothing used, no grants, the default tier
             user = User(platform=requester.platform, platform_user_id=requester.user_id, role="user")
-            usage, daily = Usage(0, 0, 0, []), None
+            usage = NO_USAGE
         else:
             usage = await self.usage(uow, user, now)
-            daily = await self.daily_limit_milli(uow, user, self.tier(self.tier_name(user, requester)), now)
         name = self.tier_name(user, requester)
         tier = self.tier(name)
-        daily = tier.daily_units * 1000 if daily is None else daily
+        daily = self.daily_limit_milli(tier, usage)
         return QuotaStatus(
             used=usage.daily_milli / 1000, limit=daily / 1000, resets_at=next_midnight(now), tier=name,
             reserved=usage.reserved_milli / 1000, minute_used=usage.minute_milli / 1000,
             minute_limit=tier.per_minute_units, images_used=usage.daily_images,
             images_limit=self.images_limit(user),
-            minute_resets_at=usage.minute_charges[0][0] + MINUTE if usage.minute_charges else None,
+            minute_resets_at=usage.minute_oldest + MINUTE if usage.minute_oldest else None,
             cost=cost_milli(params) / 1000 if params is not None else None,
             cost_of=_described_params(params) if params is not None else "",
         )
@@ -336,10 +351,10 @@ def _raised_by(setting: str) -> str:
     return f"(Set by the operator: {setting}.)"
 
 
-def _minute_lifts_at(usage: Usage, cost: int, limit: float, now: datetime) -> datetime:
-    """When enough of the last minute's charges have aged out for `cost` to fit."""
-    remaining = usage.minute_milli
-    for created_at, charge in usage.minute_charges:
+def _minute_lifts_at(charges: list[tuple[datetime, int]], cost: int, limit: float, now: datetime) -> datetime:
+    """When enough of the last minute's `charges` (oldest first) have aged out for `cost` to fit."""
+    remaining = sum(charge for _, charge in charges)
+    for created_at, charge in charges:
         remaining -= charge
         if remaining + cost <= limit:
             return created_at + MINUTE
