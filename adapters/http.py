@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 
 from adapters.api import a1111, account, images, jobs, openai_images, operations
 from adapters.api.errors import EXCEPTION_HANDLERS
+from adapters.api.openapi import openapi_of
 from adapters.api.render import base_url, job_out
 from adapters.webhooks import WebhookSender
 from bot.apikeys import PLATFORM
@@ -64,6 +65,7 @@ def build_app(core: Core) -> FastAPI:
         app.include_router(telegram_webhook.router(core.settings.telegram))
     # A router cannot carry a mount, so the web chat's static files are mounted on the app.
     app.mount("/web", StaticFiles(directory=operations.WEB_DIR), name="web")
+    app.openapi = openapi_of(app, core.settings)  # type: ignore[method-assign]  # + hand-referenced schemas
     return app
 
 

@@ -10,12 +10,13 @@ from fastapi import APIRouter
 from adapters.api.deps import CoreDep, Key
 from adapters.api.openai_images import OpenAIErrorOut
 from adapters.api.render import quota_out
+from adapters.api.schemas import HelpOut, LimitsOut, QuotaOut, errors
 from bot.bootstrap import Core
 from bot.errors import NotFound
 
 router = APIRouter(tags=["account"])
 
-@router.get("/v1/quota")
+@router.get("/v1/quota", response_model=QuotaOut, responses=errors(401))
 async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     """Cost units (512x512, 20 steps, 1 image = 1 unit) used and left today and this minute, and
     `text`, the same as the chat's /quota answer. A limit of null means none."""
@@ -31,7 +32,7 @@ def model_out(core: Core, name: str) -> dict[str, Any]:
             "default_width": model.default_width, "default_height": model.default_height}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={401: {"model": OpenAIErrorOut}})
 async def models(core: CoreDep, key: Key) -> dict[str, Any]:
     """The models, as OpenAI's `models.list` answers: `{"object": "list", "data": [...]}`; `default`
     marks the one a job gets without --model (and an OpenAI model name such as dall-e-3)."""
@@ -46,10 +47,13 @@ async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     return model_out(core, model_id)
 
 
-@router.get("/v1/help")
-async def help_text(core: CoreDep, key: Key) -> dict[str, Any]:
-    """The chat commands, flags and limits, as /help answers them, and `examples`: prompts the default
-    model draws (`{"model": "shapes", "prompts": ["a red circle on a blue background", ...]}`)."""
+@router.get("/v1/help", response_model=HelpOut, responses=errors(401))
+async def help_text(core: CoreDep, key: Key) -> HelpOut:
+    """The chat commands, flags and limits, as /help answers them; `examples`: prompts the default
+    model draws (`{"model": "shapes", "prompts": ["a red circle on a blue background", ...]}`); and
+    `limits`, the same limits in numbers (the ranges of steps, cfg, n, sizes; the models and samplers),
+    for clients that offer the choices themselves (`easel mcp` builds its tools' schemas from them)."""
     default = core.settings.generation.default_model
-    return {"text": core.parser.help_text(),
-            "examples": {"model": default, "prompts": core.parser.example_prompts()}}
+    return HelpOut.model_validate({"text": core.parser.help_text(),
+                                   "examples": {"model": default, "prompts": core.parser.example_prompts()},
+                                   "limits": LimitsOut.of(core.settings)})

@@ -6,14 +6,15 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from adapters.api.deps import CoreDep, Credentials, KeysDep
-from adapters.api.schemas import ErrorOut
+from adapters.api.schemas import errors
 from bot.errors import NotFound, Refused
 
 router = APIRouter()
 
 
-@router.get("/v1/images/{sha256}", tags=["images"], response_class=FileResponse,
-            responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+@router.get("/v1/images/{sha256}", tags=["images"], response_class=FileResponse, responses={
+    200: {"description": "the PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+    **errors(403, 404, 422)}, openapi_extra={"security": [{}]})  # added to the bearer: the key is optional
 async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> FileResponse:
     """A PNG by the SHA-256 in its link. The link is the permission: it needs no key, so it can be
     shown in a browser or chat. An image the image check withheld is served only to a moderator's key."""

@@ -17,7 +17,16 @@ from adapters.api.deps import CoreDep, Key
 from adapters.api.errors import HttpError
 from adapters.api.parse import fingerprint, generation_text, read_job_request
 from adapters.api.render import base_url, event_data, job_out, quota_out
-from adapters.api.schemas import ERRORS, SUBMIT_ERRORS, IndexRequest, JobOut, JobRequest, SubmitOut
+from adapters.api.schemas import (
+    DryRunOut,
+    IndexRequest,
+    JobOut,
+    ListQuery,
+    SubmitOut,
+    SubmitQuery,
+    errors,
+    event_stream_item,
+)
 from adapters.webhooks import check_webhook_target
 from bot.apikeys import PLATFORM, ApiKeyView
 from bot.bootstrap import Core
@@ -47,20 +56,24 @@ async def with_position(core: Core, job: JobView) -> int | None:
     return await core.service.position(job.id) if job.status is JobStatus.QUEUED else None
 
 
-# POST /v1/jobs reads its body itself (JSON or multipart, size-capped first), so the schema is declared here.
+# POST /v1/jobs reads its body itself (JSON or multipart, size-capped first), so the schema is declared
+# here; adapters/api/openapi.py adds the two schemas, with this server's limits, to the document.
 JOB_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "command": {"type": "string"}, "image": {"type": "string", "format": "binary"},
-        "mask": {"type": "string", "format": "binary"}, "webhook_url": {"type": "string"},
-        "webhook_secret": {"type": "string"}},
-        "description": "the fields of the JSON body as form fields, images as files"}}}}}
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/JobForm"}}}}}
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": DryRunOut, "description": "dry_run=true: the job checked and priced; nothing is queued"},
+    202: {"description": "Queued", "headers": {
+        "Location": {"description": "the job's URL", "required": True, "schema": {"type": "string"}},
+        "Idempotent-Replayed": {"description": "`true` when the Idempotency-Key matched an earlier request",
+                                "schema": {"type": "string"}}}},
+    **errors(400, 401, 403, 409, 411, 413, 415, 422, 429)}
 
 
-@router.post("/v1/jobs", tags=["jobs"], status_code=202, response_model=SubmitOut, responses=SUBMIT_ERRORS,
+@router.post("/v1/jobs", tags=["jobs"], status_code=202, response_model=SubmitOut, responses=SUBMIT_RESPONSES,
              openapi_extra=JOB_BODY)
 async def submit_job(request: Request, core: CoreDep, key: Key, response: Response,
-                     dry_run: Annotated[bool, Query(description="validate and price only")] = False,
+                     query: Annotated[SubmitQuery, Query()],
                      idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     """Queue a job; answers 202 with its id and queue position. Retries with the same
     `Idempotency-Key` get the same job back."""
@@ -71,7 +84,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
         raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; the other commands are GET "
                              "/v1/jobs (/jobs), GET /v1/jobs/{id} (/job), DELETE /v1/jobs/{id} (/cancel), "
                              "GET /v1/quota (/quota) and GET /v1/help (/help)")
-    if dry_run:
+    if query.dry_run:
         estimate = await core.service.estimate(key.requester(), command, inputs)
         p = estimate.params
         return JSONResponse({"valid": True, "cost_units": estimate.cost, "images": estimate.images,
@@ -94,23 +107,25 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
     return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed}
 
 
-@router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut])
+@router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=errors(401, 422))
 async def list_jobs(request: Request, core: CoreDep, key: Key,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Any:
+                    query: Annotated[ListQuery, Query()]) -> Any:
     """This key's jobs, newest first."""
     base = base_url(core, request)
-    return [job_out(shown(core, job), base) for job in await core.service.list_jobs(limit, key.requester())]
+    return [job_out(shown(core, job), base) for job in await core.service.list_jobs(query.limit, key.requester())]
 
 
-@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=errors(401, 404, 422))
 async def get_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
     job = await own_job(core, key, job_id)
     return job_out(shown(core, job), base_url(core, request), await with_position(core, job))
 
 
-@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses={
-    200: {"content": {"text/event-stream": {}}, "description": "queued, started, progress, then done, "
-          "failed or cancelled; the stream ends after the final event"}, **ERRORS})
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse, responses={
+    200: {"content": {"text/event-stream": {"itemSchema": event_stream_item()}},
+          "description": "queued, started, progress, then done, failed or cancelled; the stream ends after "
+                         "the final event. Each event's `data` is JSON (its schema by `event`)"},
+    **errors(401, 404, 422)})
 async def job_events(request: Request, core: CoreDep, key: Key, job_id: str,
                      last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     job = await own_job(core, key, job_id)
@@ -129,7 +144,7 @@ async def job_events(request: Request, core: CoreDep, key: Key, job_id: str,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=ERRORS)
+@router.delete("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut, responses=errors(400, 401, 404, 409, 422))
 async def cancel_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
     """Cancel a queued or running job (its quota is refunded). 409 if it already finished."""
     job = await own_job(core, key, job_id)
@@ -149,21 +164,21 @@ async def follow_up(request: Request, core: Core, key: ApiKeyView, job_id: str, 
 
 
 @router.post("/v1/jobs/{job_id}/reroll", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
-             responses=ERRORS)
+             responses=errors(400, 401, 403, 404, 422, 429))
 async def reroll_job(request: Request, core: CoreDep, key: Key, job_id: str) -> Any:
     """The same job again with a new seed."""
     return await follow_up(request, core, key, job_id, reroll)
 
 
 @router.post("/v1/jobs/{job_id}/variations", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
-             responses=ERRORS)
+             responses=errors(400, 401, 403, 404, 422, 429))
 async def variations_of(request: Request, core: CoreDep, key: Key, job_id: str, body: IndexRequest) -> Any:
     """New images close to image `index` of the job (img2img)."""
     return await follow_up(request, core, key, job_id, variation, body.index)
 
 
 @router.post("/v1/jobs/{job_id}/upscale", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
-             responses=ERRORS)
+             responses=errors(400, 401, 403, 404, 422, 429))
 async def upscale_image(request: Request, core: CoreDep, key: Key, job_id: str, body: IndexRequest) -> Any:
     """Image `index` of the job at twice the size (within the limits)."""
     return await follow_up(request, core, key, job_id, upscale, body.index)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 
 from adapters.api.deps import CoreDep, KeysDep
+from adapters.api.schemas import HealthOut, SessionOut, errors
 from bot.errors import Refused
 from bot.metrics import PROMETHEUS_CONTENT_TYPE, PrometheusExporter
 
@@ -32,7 +33,7 @@ async def favicon() -> FileResponse:
                         headers={"Cache-Control": "max-age=86400"})
 
 
-@router.get("/healthz", tags=["operations"])
+@router.get("/healthz", tags=["operations"], response_model=HealthOut)
 async def healthz(core: CoreDep) -> dict[str, str]:
     await core.bus.latest_id()  # a read that fails when the database does
     return {"status": "ok"}
@@ -44,7 +45,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(await exporter.scrape(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 
-@router.post("/v1/sessions", tags=["web chat"], status_code=201)
+@router.post("/v1/sessions", tags=["web chat"], status_code=201, response_model=SessionOut, responses=errors(403))
 async def new_session(core: CoreDep, keys: KeysDep) -> dict[str, str]:
     """A key for one browser of the web chat (when `http.web_sessions` is on)."""
     if not core.settings.http.web_sessions:
