@@ -23,6 +23,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import Config, GenerationMode
@@ -114,6 +115,24 @@ def schema_of(api: LiveApi) -> schemathesis.BaseSchema:
 # Where generated webhooks go: a closed port on this machine. A generated host name would be looked up in
 # the DNS (the tests use no network), and a finished job's webhook is really POSTed.
 LOCAL_HOOK = "http://127.0.0.1:9/hook"
+
+
+def picture(image_format: str) -> bytes:
+    """An 8x8 picture whose left half is transparent where the format keeps transparency (a mask)."""
+    image = Image.new("RGBA", (8, 8), (200, 40, 40, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 4, 8))
+    buffer = io.BytesIO()
+    keeps_alpha = image_format in ("PNG", "WEBP", "GIF")
+    (image if keeps_alpha else image.convert("RGB")).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+# A multipart part the document declares as a picture (`encoding: {contentType: image/png, ...}`, the
+# OpenAI routes' `image` and `mask`) is made as a picture of that type; without these, schemathesis sends
+# random bytes under an image's content type.
+for _media_type, _format in {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF",
+                             "image/bmp": "BMP"}.items():
+    schemathesis.openapi.media_type(_media_type, st.just(picture(_format)))
 
 
 def map_body(context: schemathesis.HookContext, body: Any) -> Any:

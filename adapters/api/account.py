@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 
 from adapters.api.deps import CoreDep, Key
 from adapters.api.openai_images import OpenAIErrorOut
@@ -16,11 +17,27 @@ from bot.errors import NotFound
 
 router = APIRouter(tags=["account"])
 
+
 @router.get("/v1/quota", response_model=QuotaOut, responses=errors(401))
 async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     """Cost units (512x512, 20 steps, 1 image = 1 unit) used and left today and this minute, and
     `text`, the same as the chat's /quota answer. A limit of null means none."""
     return quota_out(await core.service.quota(key.requester()))
+
+
+class ModelOut(BaseModel):
+    id: str = Field(description="the name to give as `model` (or --model)")
+    object: Literal["model"]
+    created: int = Field(description="0: Easel does not record when a model was configured")
+    owned_by: Literal["easel"]
+    default: bool = Field(description="the model a job gets without --model (and for OpenAI's model names)")
+    default_width: int
+    default_height: int
+
+
+class ModelListOut(BaseModel):
+    object: Literal["list"]
+    data: list[ModelOut]
 
 
 def model_out(core: Core, name: str) -> dict[str, Any]:
@@ -32,14 +49,16 @@ def model_out(core: Core, name: str) -> dict[str, Any]:
             "default_width": model.default_width, "default_height": model.default_height}
 
 
-@router.get("/v1/models", responses={401: {"model": OpenAIErrorOut}})
+@router.get("/v1/models", response_model=ModelListOut, responses=errors(401, body=OpenAIErrorOut))
 async def models(core: CoreDep, key: Key) -> dict[str, Any]:
     """The models, as OpenAI's `models.list` answers: `{"object": "list", "data": [...]}`; `default`
     marks the one a job gets without --model (and an OpenAI model name such as dall-e-3)."""
     return {"object": "list", "data": [model_out(core, name) for name in core.settings.models]}
 
 
-@router.get("/v1/models/{model_id}", responses={404: {"model": OpenAIErrorOut}})
+# 422: none is answered (any model_id is a string), but FastAPI would otherwise document its own 422 body.
+@router.get("/v1/models/{model_id}", response_model=ModelOut,
+            responses=errors(401, 404, 422, body=OpenAIErrorOut))
 async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     """One model, as OpenAI's `models.retrieve` answers."""
     if model_id not in core.settings.models:

@@ -42,13 +42,14 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
 from starlette.datastructures import UploadFile
 
 from adapters.api.deps import CoreDep, Key
 from adapters.api.errors import HttpError, error_response, register_dialect
 from adapters.api.parse import check_body_length, fingerprint, read_upload
 from adapters.api.render import base_url, image_url
+from adapters.api.schemas import LimitsOut, SizeLimits, errors, generation_fields, without_none
 from bot.apikeys import ApiKeyView
 from bot.bootstrap import Core
 from bot.domain import GenerateCommand, InputImages, JobKind, JobStatus
@@ -64,7 +65,7 @@ router = APIRouter(tags=["OpenAI Images API"])
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image", "gpt-")
 # What a variation asks for when the request has no `prompt`: nothing that pulls the picture elsewhere.
 VARIATION_PROMPT = "a variation of this picture"
-_SIZE = re.compile(r"\d+x\d+")
+_SIZE = re.compile(r"[0-9]+x[0-9]+")
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
@@ -146,8 +147,71 @@ class OpenAIErrorOut(BaseModel):
     error: OpenAIErrorDetail
 
 
-OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIErrorOut} for status in (400, 401, 403, 409, 411, 413, 415, 422, 429, 500, 504)}
+# What an image request may answer besides 200 (422: an Idempotency-Key over 255 characters).
+OPENAI_ERRORS = errors(400, 401, 403, 409, 411, 413, 415, 422, 429, 500, 504, body=OpenAIErrorOut)
+
+
+# -- the requests as /openapi.json shows them -------------------------------------------------------------
+# The routes read their bodies themselves (JSON, or multipart with files) with the plain models above, so
+# that a wrong field gets OpenAI's 400 naming it; they reference these schemas, which openapi.py adds to
+# the document with this server's limits: the prompt's length, n's range, the model names.
+
+
+def documented_requests(limits: LimitsOut) -> list[type[BaseModel]]:
+    """ImageGenerationRequest (JSON), ImageEditForm and ImageVariationForm (multipart) with `limits`."""
+    easel, size = generation_fields(limits, required=("prompt",)), limits.size
+    model_names = Literal[(*(model.name for model in limits.models), "auto", "default")]  # type: ignore[valid-type]
+    openai_name = Annotated[str, StringConstraints(pattern=f"^({'|'.join(OPENAI_MODEL_PREFIXES)})")]
+    fields: dict[str, Any] = {
+        "prompt": easel["prompt"],
+        "n": easel["n"],
+        "size": (str | None, Field(None, max_length=20, pattern=_size_pattern(size), examples=["auto"],
+                                   description=f"WIDTHxHEIGHT in pixels: each side {size.min_side} to "
+                                   f"{size.max_side}, a multiple of {size.multiple_of}, at most {size.max_pixels} "
+                                   "pixels in all; or auto (the model's default; an edit keeps its picture's "
+                                   "shape)")),
+        "model": (model_names | openai_name | None, Field(None, description=f"{easel['model'][1].description}; "
+                                                          "OpenAI's names (gpt-image-1, dall-e-3...) mean it too")),
+        "stream": (Literal[False] | None, Field(None, description="the answer comes once the job is done; "
+                                                "streaming is not offered")),
+    }
+    variation_prompt = (str, Field(VARIATION_PROMPT, min_length=1, max_length=limits.prompt_chars, pattern=r"\S",
+                                   description=ImageVariationRequest.model_fields["prompt"].description))
+    generation = create_model("ImageGenerationRequest", __base__=ImageGenerationRequest,
+                              __doc__=ImageGenerationRequest.__doc__, **fields)
+    edit = _documented_form("ImageEditForm", ImageEditRequest, fields, {
+        "mask": (bytes, Field(None, description="optional: its transparent pixels are repainted"))})
+    variation = _documented_form("ImageVariationForm", ImageVariationRequest, {**fields, "prompt": variation_prompt})
+    return [generation, edit, variation]
+
+
+def _size_pattern(size: SizeLimits) -> str:
+    """WIDTHxHEIGHT with each side one the grammar allows (a multiple of 8 within the limits), or auto.
+    The pixel cap is in the description only: no pattern short of listing every size can say it."""
+    first = -(-size.min_side // size.multiple_of) * size.multiple_of
+    sides = "|".join(str(side) for side in range(first, size.max_side + 1, size.multiple_of))
+    return f"^(({sides})x({sides})|auto)$"
+
+
+def _documented_form(name: str, request: type[BaseModel], fields: dict[str, Any],
+                     files: dict[str, Any] | None = None) -> type[BaseModel]:
+    """`request`'s fields as multipart form fields (text, never null), with `fields` overriding them, and
+    the picture as the file `image` or `image[]` (of several, the first is used). Unknown fields are
+    refused (400)."""
+    documented = {field: fields.get(field, (info.annotation, info)) for field, info in request.model_fields.items()}
+    form: dict[str, Any] = {field: (without_none(annotation), info) for field, (annotation, info) in documented.items()}
+    # `image` or `image[]`, said as "without image[], image is required" (schemathesis 4.32 cannot generate
+    # bodies with files for the plainer anyOf of two `required`).
+    either_image = {"if": {"not": {"required": ["image[]"]}}, "then": {"required": ["image"]}}
+    return create_model(
+        name, __config__=ConfigDict(extra="forbid", json_schema_extra=either_image),
+        __doc__=f"{request.__doc__ or ''} As multipart/form-data: the fields as form fields, the picture as the "
+                "file `image` (or `image[]`: the first is used).".strip(),
+        **form, **(files or {}),
+        image=(bytes, Field(None, description="the picture")),
+        # A single file here, though several parts may carry it: schemathesis cannot make an array of files.
+        images=(bytes, Field(None, alias="image[]", description="the picture, under the name OpenAI's SDKs "
+                             "give it; of several, the first is used")))
 
 
 # -- errors in OpenAI's shape ---------------------------------------------------------------------------
@@ -179,18 +243,22 @@ IdempotencyKey = Annotated[str | None, Header(max_length=255, description="the s
                                                                          "for the first job")]
 
 
-def _form_body(model: type[BaseModel], files: dict[str, str]) -> dict[str, Any]:
-    """OpenAPI: a multipart body of `model`'s fields as form fields, and its files."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    properties = {**schema["properties"], **{name: {"type": "string", "format": "binary", "description": what}
-                                             for name, what in files.items()}}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties, "required": [*schema.get("required", ()), "image"]}}}}}
+# The media types a picture may be sent as: the formats bot/images.py decodes. A mask must have transparent
+# pixels, so it is documented as a PNG, as OpenAI documents it.
+PICTURE_TYPES = "image/png, image/jpeg, image/webp, image/gif, image/bmp"
+MASK_TYPES = "image/png"
+
+
+def _body(media_type: str, schema: str, files: dict[str, str] | None = None) -> dict[str, Any]:
+    """`openapi_extra`: the request body is the schema `schema` (documented_requests), as `media_type`;
+    `files` are its multipart parts that must be pictures, with the media types each may have."""
+    encoding = {"encoding": {file: {"contentType": types} for file, types in files.items()}} if files else {}
+    return {"requestBody": {"required": True, "content": {media_type: {
+        "schema": {"$ref": f"#/components/schemas/{schema}"}, **encoding}}}}
 
 
 @router.post("/v1/images/generations", response_model=ImagesOut, responses=OPENAI_ERRORS,
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": ImageGenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+             openapi_extra=_body("application/json", "ImageGenerationRequest"))
 async def generate_images(request: Request, core: CoreDep, key: Key,
                           idempotency_key: IdempotencyKey = None) -> Any:
     """OpenAI's `images.generate`: /imagine, answered once the job is done (see the module's notes)."""
@@ -201,9 +269,8 @@ async def generate_images(request: Request, core: CoreDep, key: Key,
 
 
 @router.post("/v1/images/edits", response_model=ImagesOut, responses=OPENAI_ERRORS,
-             openapi_extra=_form_body(ImageEditRequest, {
-                 "image": "the picture to edit (or `image[]`: the first is used)",
-                 "mask": "optional: its transparent pixels are repainted"}))
+             openapi_extra=_body("multipart/form-data", "ImageEditForm", {
+                 "image": PICTURE_TYPES, "image[]": PICTURE_TYPES, "mask": MASK_TYPES}))
 async def edit_image(request: Request, core: CoreDep, key: Key, idempotency_key: IdempotencyKey = None) -> Any:
     """OpenAI's `images.edit`: /inpaint with a mask (its transparent pixels repainted), /edit without."""
     fields, image, mask = await _read_form(request, core)
@@ -215,7 +282,8 @@ async def edit_image(request: Request, core: CoreDep, key: Key, idempotency_key:
 
 
 @router.post("/v1/images/variations", response_model=ImagesOut, responses=OPENAI_ERRORS,
-             openapi_extra=_form_body(ImageVariationRequest, {"image": "the picture to vary"}))
+             openapi_extra=_body("multipart/form-data", "ImageVariationForm", {
+                 "image": PICTURE_TYPES, "image[]": PICTURE_TYPES}))
 async def vary_image(request: Request, core: CoreDep, key: Key, idempotency_key: IdempotencyKey = None) -> Any:
     """OpenAI's `images.create_variation`: /edit of the picture at VARIATION_STRENGTH."""
     fields, image, mask = await _read_form(request, core)
@@ -310,6 +378,8 @@ def command_of(core: Core, kind: JobKind, body: ImageGenerationRequest | ImageEd
     if body.stream:
         raise InvalidCommand("`stream`: streaming is not offered here; leave it out, and the answer comes "
                              "once the images are done")
+    if not body.prompt.strip():
+        raise InvalidCommand("`prompt` is empty: describe the picture, e.g. \"a red fox in the snow\"")
     typed = flags_in(body.prompt)
     size = body.size
     if size is not None and size != "auto" and _SIZE.fullmatch(size) is None:

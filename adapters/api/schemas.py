@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Annotated, Any, Literal, Union, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
@@ -323,7 +324,7 @@ def documented_job_form(limits: LimitsOut) -> type[BaseModel]:
     """POST /v1/jobs as multipart/form-data: JobRequest's fields as form fields, pictures as files."""
     request = documented_job_request(limits)
     # A form field is text or absent, never null.
-    fields: dict[str, Any] = {name: (_not_none(info.annotation), info) for name, info in
+    fields: dict[str, Any] = {name: (without_none(info.annotation), info) for name, info in
                               request.model_fields.items() if name not in ("image", "mask", "webhook")}
     rules = {**COMMAND_OR_PROMPT,
              "dependentRequired": {"webhook_url": ["webhook_secret"], "webhook_secret": ["webhook_url"]}}
@@ -338,7 +339,10 @@ def documented_job_form(limits: LimitsOut) -> type[BaseModel]:
         webhook_secret=(str, Field(None, min_length=16, max_length=256)))
 
 
-def _not_none(annotation: Any) -> Any:
+def without_none(annotation: Any) -> Any:
+    """`annotation` without None: a form field is text or absent, never null."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return annotation
     return Union[tuple(arg for arg in get_args(annotation) if arg is not type(None))]  # noqa: UP007
 
 
@@ -396,8 +400,10 @@ def event_stream_item() -> dict[str, Any]:
         for kind, model in EVENT_DATA.items()]}
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route's error statuses, each answered as ErrorOut in JSON (also on routes whose
-    own answer is not JSON: an image, an event stream; adapters/api/openapi.py adds the schema)."""
-    return {status: {"description": HTTPStatus(status).phrase, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}} for status in statuses}
+def errors(*statuses: int, body: type[BaseModel] = ErrorOut) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route's error statuses, each answered as `body` in JSON (also on routes whose
+    own answer is not JSON: an image, an event stream; adapters/api/openapi.py adds the schema). `body`
+    is ErrorOut, or the error model of the dialect the route's prefix is registered with (errors.py)."""
+    schema = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return {status: {"description": HTTPStatus(status).phrase, "content": {"application/json": {"schema": schema}}}
+            for status in statuses}
