@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "create", help="make a key (printed once; only its hash is stored)")
     create.add_argument("--name", required=True, help="who or what uses the key, e.g. support-bot")
     create.add_argument("--quota", type=int, help="images per UTC day (default: queue.daily_images_per_user)")
+    convert = commands.add_parser(
+        "convert-checkpoint", help="rewrite a pickle checkpoint (.ckpt, .pt) as .safetensors, running none of its "
+        "code (Easel loads only .safetensors)")
+    convert.add_argument("path", type=Path, help="the .ckpt or .pt file")
+    convert.add_argument("--out", type=Path, help="the .safetensors file to write (default: beside it)")
     mcp = commands.add_parser("mcp", help="an MCP server (stdio) with imagine, edit and inpaint tools")
     mcp.add_argument("--url", help="the Easel HTTP API (default: http.public_url, else http://host:port)")
     mcp.add_argument("--key", help="API key (default: the EASEL_API_KEY environment variable)")
@@ -140,6 +145,12 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"models {', '.join(sorted(settings.models))}")
         if (warning := safety_warning(settings)) is not None:
             print(warning, file=sys.stderr)
+        return 0
+    if args.command == "convert-checkpoint":
+        from generation.checkpoints import convert_pickle_checkpoint  # torch loads only for this command
+
+        out = convert_pickle_checkpoint(args.path, args.out)
+        print(f"wrote {out}; the pickle file can go (Easel ignores it when the .safetensors file is beside it)")
         return 0
     settings = load_settings(args.config)
     if args.command == "db":

@@ -130,6 +130,11 @@ class HelpCommand:
 
 
 @dataclass(frozen=True)
+class ModelsCommand:
+    """/models: every model with its family, default size and settings, and what it is for (bot/catalog.py)."""
+
+
+@dataclass(frozen=True)
 class AppealCommand:
     """/appeal <job id | fNN | ban> <text>: ask a moderator to look at a withheld image, a refused
     prompt (the flag id its refusal named) or a ban."""
@@ -189,7 +194,7 @@ class ModResolveCommand:
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
               | ModResolveCommand)
 Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
-           | AppealCommand | ModCommand)
+           | ModelsCommand | AppealCommand | ModCommand)
 
 
 @dataclass(frozen=True)

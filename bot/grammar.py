@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import TypeVar
 
+from bot.catalog import CatalogModel, ModelCatalog
 from bot.config import LimitsConfig, ModelConfig, Settings
 from bot.domain import (
     SAMPLERS,
@@ -38,6 +39,7 @@ from bot.domain import (
     ModAppealsCommand,
     ModBanCommand,
     ModCommand,
+    ModelsCommand,
     ModFlagsCommand,
     ModQuotaCommand,
     ModResolveCommand,
@@ -46,8 +48,8 @@ from bot.domain import (
 )
 from bot.errors import ConfigError, InvalidCommand
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "appeal",
-                             "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models",
+                             "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
 MAX_SEED = 2**32 - 1
@@ -96,17 +98,20 @@ class CommandParser:
         models: Mapping[str, ModelConfig],
         default_model: str,
         default_sampler: str,
+        catalog: ModelCatalog | None = None,
     ) -> None:
+        """`models` are the [models.*] tables; `catalog` adds the checkpoints folder's (bot/catalog.py)."""
         self.limits = limits
-        self.models = dict(models)
         self.default_model = default_model
         self.default_sampler = default_sampler.lower()
-        _check_configuration(limits, self.models, default_model, self.default_sampler)
+        _check_configuration(limits, models, default_model, self.default_sampler)
+        self.catalog = catalog or ModelCatalog(models, limits=limits, default_sampler=self.default_sampler,
+                                               default_model=default_model)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CommandParser:
         return cls(settings.limits, settings.models, settings.generation.default_model,
-                   settings.generation.default_sampler)
+                   settings.generation.default_sampler, catalog=ModelCatalog.from_settings(settings))
 
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
@@ -135,6 +140,10 @@ class CommandParser:
             return CancelCommand(job_id=args[0] if args else None)
         if name == "help":
             return HelpCommand()
+        if name == "models":
+            if args:
+                raise InvalidCommand("/models takes nothing after it; pick a model with --model NAME")
+            return ModelsCommand()
         raise InvalidCommand(f"unknown command /{_shown(name)}{_did_you_mean(name, COMMANDS, '/')}; "
                              f"the commands are {_listed(COMMANDS, '/')}")
 
@@ -162,11 +171,12 @@ class CommandParser:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
         self._check_text(kind, prompt, negative)
+        model = self._model(flags.get("model"))
+        negative = negative or model.negative  # the model's default, unless the user gave a negative
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
                                  "repaint); /imagine starts from noise, so leave it out")
-        model = self._model(flags.get("model"))
-        width, height = self._size(flags, self.models[model])
+        width, height = self._size(flags, model)
         default_strength = None if kind is JobKind.IMAGINE else limits.default_strength
         params = GenerationParams(
             kind=kind,
@@ -174,11 +184,11 @@ class CommandParser:
             negative=negative,
             width=width,
             height=height,
-            steps=_whole_number(flags, "steps", limits.min_steps, limits.max_steps, limits.default_steps),
-            cfg=_number(flags, "cfg", limits.min_cfg, limits.max_cfg, limits.default_cfg),
+            steps=_whole_number(flags, "steps", limits.min_steps, limits.max_steps, model.steps),
+            cfg=_number(flags, "cfg", limits.min_cfg, limits.max_cfg, model.cfg),
             n=_whole_number(flags, "n", 1, limits.max_n, limits.default_n),
-            sampler=self._sampler(flags.get("sampler")),
-            model=model,
+            sampler=self._sampler(flags.get("sampler"), model.sampler),
+            model=model.name,
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
         )
@@ -193,7 +203,7 @@ class CommandParser:
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
-        return example_prompts(self.models[self.default_model].source)
+        return example_prompts(self.catalog.default.source)
 
     def help_text(self, forms: Mapping[str, str] | None = None) -> str:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
@@ -203,12 +213,11 @@ class CommandParser:
         ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
         """
         limits = self.limits
-        model = self.models[self.default_model]
-        models = ", ".join(f"{name} ({m.default_width}x{m.default_height})"
-                           for name, m in self.models.items())
+        model = self.catalog.default
+        models = ", ".join(m.name for m in self.catalog.list() if m.usable)
         form = {**ATTACHMENT_FORMS, **(forms or {})}
         examples = self.example_prompts()
-        fitted = "x".join(map(str, fit_size(512, 384, model.default_width * model.default_height, limits)))
+        fitted = "x".join(map(str, fit_size(512, 384, model.width * model.height, limits)))
         return "\n".join([
             "Commands:",
             "  /imagine <prompt> [flags]  make images from text",
@@ -222,27 +231,29 @@ class CommandParser:
             "  /jobs  your recent jobs, newest first",
             "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
             "  /help  this message",
+            "  /models  the models, each with its family, size, default settings and what it is for",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
             "Reference images: /edit {https://cdn.discordapp.com/...} <prompt> fetches the linked picture "
             "(platform image links only)",
-            "Flags (put them after the prompt; --flag=value works too):",
+            f"Flags (put them after the prompt; --flag=value works too; defaults are for {model.name}, "
+            "/models has each model's):",
             "  --no <words>  what to keep out of the image, up to the next flag; or write "
             "(-bad hands -blur) inside the prompt",
             f"  --seed N  0 to {MAX_SEED} (default: random); the same seed and settings repeat a picture",
-            f"  --steps N  {limits.min_steps} to {limits.max_steps} (default {limits.default_steps}); "
+            f"  --steps N  {limits.min_steps} to {limits.max_steps} (default {model.steps}); "
             "more is slower and finer",
             f"  --cfg X  {_num(limits.min_cfg)} to {_num(limits.max_cfg)} "
-            f"(default {_num(limits.default_cfg)}); higher follows the prompt more closely",
+            f"(default {_num(model.cfg)}); higher follows the prompt more closely",
             f"  --ar W:H  aspect ratio from 1:{MAX_ASPECT:g} to {MAX_ASPECT:g}:1, e.g. 16:9 "
-            f"(about {model.default_width * model.default_height} pixels)",
+            f"(about {model.width * model.height} pixels)",
             f"  --size WxH  multiples of 8, each side {limits.min_side} to {limits.max_side}, at most "
-            f"{limits.max_pixels} pixels (default {model.default_width}x{model.default_height}); "
+            f"{limits.max_pixels} pixels (default {model.width}x{model.height}); "
             "not with --ar",
             f"  --n N  images, 1 to {limits.max_n} (default {limits.default_n})",
-            f"  --sampler NAME  {', '.join(SAMPLERS)} (default {self.default_sampler})",
-            f"  --model NAME  {models} (default {self.default_model})",
+            f"  --sampler NAME  {', '.join(SAMPLERS)} (default {model.sampler})",
+            f"  --model NAME  {models} (default {self.default_model}; /models describes them)",
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
             f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
             "Examples:",
@@ -274,24 +285,28 @@ class CommandParser:
             raise InvalidCommand(f"the negative prompt (--no and (-...) groups) is {len(negative)} "
                                  f"characters; the limit is {limit}")
 
-    def _model(self, value: str | None) -> str:
-        if value is None:
-            return self.default_model
-        by_lower = {name.lower(): name for name in self.models}
-        if value.lower() not in by_lower:
-            raise InvalidCommand(f"--model must be one of {', '.join(self.models)}; "
-                                 f"got {_shown(value)}{_did_you_mean(value.lower(), list(by_lower))}")
-        return by_lower[value.lower()]
+    def _model(self, value: str | None) -> CatalogModel:
+        """The model a job runs on, with its defaults; a checkpoint new in the folder is found too."""
+        requested = value if value is not None else self.default_model
+        model = self.catalog.get(requested)
+        if model is None:
+            names = {m.name.lower(): m.name for m in self.catalog.list() if m.usable}
+            close = difflib.get_close_matches(requested.lower(), list(names), n=1)
+            raise InvalidCommand(f"--model must be one of {', '.join(names.values())}; got {_shown(requested)}"
+                                 f"{f' (did you mean {names[close[0]]}?)' if close else ''} (/models lists them)")
+        if model.problem is not None:
+            raise InvalidCommand(f"model {model.name} cannot be used: {model.problem}")
+        return model
 
-    def _sampler(self, value: str | None) -> str:
+    def _sampler(self, value: str | None, default: str) -> str:
         if value is None:
-            return self.default_sampler
+            return default
         if value.lower() not in SAMPLERS:
             raise InvalidCommand(f"--sampler must be one of {', '.join(SAMPLERS)}; "
                                  f"got {_shown(value)}{_did_you_mean(value.lower(), SAMPLERS)}")
         return value.lower()
 
-    def _size(self, flags: Mapping[str, str], model: ModelConfig) -> tuple[int, int]:
+    def _size(self, flags: Mapping[str, str], model: CatalogModel) -> tuple[int, int]:
         if "size" in flags and "ar" in flags:
             raise InvalidCommand("give --ar or --size, not both: --ar picks the shape at the model's usual "
                                  "size, --size sets exact pixels")
@@ -299,8 +314,8 @@ class CommandParser:
             return self._exact_size(flags["size"])
         if "ar" in flags:
             aspect_w, aspect_h = _aspect(flags["ar"])
-            return fit_size(aspect_w, aspect_h, model.default_width * model.default_height, self.limits)
-        return model.default_width, model.default_height
+            return fit_size(aspect_w, aspect_h, model.width * model.height, self.limits)
+        return model.width, model.height
 
     def _exact_size(self, value: str) -> tuple[int, int]:
         limits = self.limits
@@ -590,11 +605,17 @@ def _check_configuration(limits: LimitsConfig, models: Mapping[str, ModelConfig]
         raise ConfigError(f"limits.max_pixels = {limits.max_pixels} is below the smallest image, "
                           f"{low}x{low} (limits.min_side)")
     for name, model in models.items():
-        width, height = model.default_width, model.default_height
+        width, height = model.default_width or low, model.default_height or low  # unset: the model's, fitted
         if width % 8 or height % 8 or not (low <= width <= high and low <= height <= high) \
                 or width * height > limits.max_pixels:
             raise ConfigError(f"models.{name}: default size {width}x{height} must be multiples of 8 within "
                               f"limits.min_side/max_side/max_pixels ({low} to {high}, {limits.max_pixels})")
+        if model.default_steps is not None and not limits.min_steps <= model.default_steps <= limits.max_steps:
+            raise ConfigError(f"models.{name}: default_steps = {model.default_steps} must lie between "
+                              f"limits.min_steps = {limits.min_steps} and limits.max_steps = {limits.max_steps}")
+        if model.default_cfg is not None and not limits.min_cfg <= model.default_cfg <= limits.max_cfg:
+            raise ConfigError(f"models.{name}: default_cfg = {_num(model.default_cfg)} must lie between "
+                              f"limits.min_cfg = {_num(limits.min_cfg)} and limits.max_cfg = {_num(limits.max_cfg)}")
 
 
 def _side_range(limits: LimitsConfig) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bot.catalog import ModelCatalog
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
@@ -65,8 +66,10 @@ class JobService:
     """Built once by `bot.bootstrap.open_core`, with the policy, prompt check, fetcher and clock it shares."""
 
     def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus, *, policy: Policy,
-                 prompt_check: PromptCheck, fetcher: ImageFetcher, clock: Callable[[], datetime]) -> None:
+                 prompt_check: PromptCheck, fetcher: ImageFetcher, clock: Callable[[], datetime],
+                 catalog: ModelCatalog | None = None) -> None:
         self.settings = settings
+        self.catalog = catalog or ModelCatalog.from_settings(settings)  # the models and their defaults
         self.db = db
         self.store = store
         self.bus = bus

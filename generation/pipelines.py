@@ -25,35 +25,53 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers import (
+    AutoPipelineForText2Image,
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusers.utils import deprecation_utils
 
+from bot.catalog import (
+    BUILTIN_PREFIX,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_SUFFIX,
+    CatalogModel,
+    ModelCatalog,
+    ModelFamily,
+    looks_like_local_path,
+    pickle_refusal,
+)
 from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
-from bot.errors import ConfigError, GenerationFailed
+from bot.errors import ConfigError, GenerationFailed, first_line
 from generation.builtin import ensure_builtin
 from generation.samplers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("data") / "models"
-BUILTIN_PREFIX = "builtin:"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # diffusers renamed `torch_dtype` to `dtype` (huggingface/diffusers#14205); releases before that
 # ignore `dtype`, and later ones warn about `torch_dtype`.
 DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
-PIPELINE_CLASSES: dict[JobKind, type[DiffusionPipeline]] = {
-    JobKind.IMAGINE: StableDiffusionPipeline,
-    JobKind.EDIT: StableDiffusionImg2ImgPipeline,
-    JobKind.INPAINT: StableDiffusionInpaintPipeline,
+# Per latent family (see _latent_family): SD 1.x and 2.x share Stable Diffusion's pipelines.
+PIPELINE_CLASSES: dict[str, dict[JobKind, type[DiffusionPipeline]]] = {
+    "sd": {JobKind.IMAGINE: StableDiffusionPipeline, JobKind.EDIT: StableDiffusionImg2ImgPipeline,
+           JobKind.INPAINT: StableDiffusionInpaintPipeline},
+    "sdxl": {JobKind.IMAGINE: StableDiffusionXLPipeline, JobKind.EDIT: StableDiffusionXLImg2ImgPipeline,
+             JobKind.INPAINT: StableDiffusionXLInpaintPipeline},
 }
+# Where diffusers finds the configuration of a single-file checkpoint's parts when `config` is unset.
+REFERENCE_MODELS = {ModelFamily.SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    ModelFamily.SD2: "stabilityai/stable-diffusion-2-1",
+                    ModelFamily.SDXL: "stabilityai/stable-diffusion-xl-base-1.0"}
 
 # on_step(step, total) after each denoising step; with previews on, some calls add a third
 # argument: one JPEG preview per task.
@@ -98,35 +116,45 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 def load_pipeline(
-    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path, offload: bool = False
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x model onto `device`.
+    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path, offload: bool = False, *,
+    family: ModelFamily | None = None, config: str = "",
+) -> DiffusionPipeline:
+    """Load a Stable Diffusion 1.x, 2.x or SDXL model onto `device`: its text-to-image pipeline.
 
     `source` is "builtin:NAME" (built under `cache_dir` on first use), a local diffusers folder, a
-    single-file checkpoint ending in .safetensors or .ckpt, or a Hugging Face hub id (downloaded into
-    the usual Hugging Face cache). Raises GenerationFailed, naming the source, when it cannot be loaded.
+    single-file .safetensors checkpoint, or a Hugging Face hub id (downloaded into the usual Hugging
+    Face cache). A single file is read by the pipeline of its `family` (bot/catalog.py reads it from
+    the file's header), its parts described by `config` (a diffusers folder or hub id of the same
+    family; empty: the family's reference model on the hub, whose few small configuration files are
+    fetched once and cached). Pickle checkpoints (.ckpt, .pt) are refused: loading one runs code.
+    Raises GenerationFailed, naming the source, when it cannot be loaded.
     """
     # 1. Find the weights
     path = Path(source).expanduser()
+    by_dtype = {DTYPE_KEYWORD: dtype}
     try:
         if source.startswith(BUILTIN_PREFIX):
             folder = ensure_builtin(source.removeprefix(BUILTIN_PREFIX), Path(cache_dir))
-            pipe = StableDiffusionPipeline.from_pretrained(folder, **{DTYPE_KEYWORD: dtype})
-        elif source.endswith(SINGLE_FILE_SUFFIXES):
+            pipe = AutoPipelineForText2Image.from_pretrained(folder, **by_dtype)
+        elif source.lower().endswith(PICKLE_SUFFIXES):
+            raise GenerationFailed(pickle_refusal(source))
+        elif source.lower().endswith(SINGLE_FILE_SUFFIX):
             if not path.is_file():
                 raise GenerationFailed(f"model file {source} does not exist; fix the model's `source` "
                                        f"in the [models.*] table of the configuration")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **{DTYPE_KEYWORD: dtype})
-        elif path.is_dir() or _looks_like_local_path(source):
+            pipe = _load_single_file(path, family or ModelFamily.SD1, config, dtype)
+        elif path.is_dir() or looks_like_local_path(source):
             if not path.is_dir():
                 raise GenerationFailed(f"model folder {source} does not exist; fix the model's `source` "
                                        f"in the [models.*] table of the configuration")
-            pipe = StableDiffusionPipeline.from_pretrained(path, **{DTYPE_KEYWORD: dtype})
+            pipe = AutoPipelineForText2Image.from_pretrained(path, **by_dtype)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(source, **{DTYPE_KEYWORD: dtype})
+            pipe = AutoPipelineForText2Image.from_pretrained(source, **by_dtype)
     except (OSError, ValueError) as error:  # missing files, no network, not a Stable Diffusion model
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GenerationFailed(f"could not load model {source!r}: {reason}") from error
+        raise GenerationFailed(f"could not load model {source!r}: {first_line(error)}") from error
+    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
+        raise GenerationFailed(f"model {source!r} is a {type(pipe).__name__}; Easel runs Stable Diffusion 1.x, "
+                               "2.x and SDXL models")
 
     # 2. Place it: on the device, or (CPU offload, for small GPUs) moved there part by part when used
     if offload and torch.device(device).type == "cuda":
@@ -137,9 +165,22 @@ def load_pipeline(
     return pipe
 
 
-def _looks_like_local_path(source: str) -> bool:
-    """Hub ids are "name" or "owner/name"; anything else with a path shape is meant to be local."""
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+def _load_single_file(path: Path, family: ModelFamily, config: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """diffusers' own single-file loader: it renames the original (CompVis) weights to its parts."""
+    pipeline_class = StableDiffusionXLPipeline if family is ModelFamily.SDXL else StableDiffusionPipeline
+    try:
+        return pipeline_class.from_single_file(str(path), config=config or REFERENCE_MODELS[family],
+                                               **{DTYPE_KEYWORD: dtype})
+    except OSError as error:
+        if config:
+            raise
+        raise GenerationFailed(
+            f"could not load {path.name}: a single-file {family.label} checkpoint is described by the "
+            f"configuration files of {REFERENCE_MODELS[family]} on the Hugging Face hub, fetched once and then "
+            f"cached, and they could not be had ({first_line(error)}); connect once, or set `config` in the "
+            "model's [models.*] table to a local diffusers folder of the same family") from error
+
+
 
 
 class DiffusersGenerator:
@@ -151,13 +192,13 @@ class DiffusersGenerator:
 
     def __init__(
         self,
-        models: Mapping[str, ModelConfig],
+        models: Mapping[str, ModelConfig] | ModelCatalog,
         device: str = "auto",
         dtype: str = "auto",
         cache_dir: Path = DEFAULT_CACHE_DIR,
         options: GenerationConfig | None = None,
     ) -> None:
-        self.models = dict(models)
+        self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog(models)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.cache_dir = Path(cache_dir)
         self.options = options or GenerationConfig()
@@ -280,8 +321,9 @@ class DiffusersGenerator:
     def _pipeline(self, model_name: str, kind: JobKind) -> DiffusionPipeline:
         """The cached pipeline for a model and job kind; the kinds share one set of weights."""
         if (model_name, JobKind.IMAGINE) not in self._pipelines:
-            base = load_pipeline(self.models[model_name].source, self.device, self.dtype, self.cache_dir,
-                                 offload=self.options.cpu_offload)
+            model = self._model(model_name)
+            base = load_pipeline(model.source, self.device, self.dtype, self.cache_dir,
+                                 offload=self.options.cpu_offload, family=model.family, config=model.config)
             self._apply_switches(base)
             self._pipelines[model_name, JobKind.IMAGINE] = base
             self._scheduler_configs[model_name] = base.scheduler.config
@@ -291,7 +333,7 @@ class DiffusersGenerator:
         if (model_name, kind) not in self._pipelines:
             base = self._pipelines[model_name, JobKind.IMAGINE]
             # The dtype matters: from_pipe casts the (shared) modules to float32 when it is left out.
-            derived = PIPELINE_CLASSES[kind].from_pipe(base, **{DTYPE_KEYWORD: self.dtype})
+            derived = PIPELINE_CLASSES[_latent_family(base)][kind].from_pipe(base, **{DTYPE_KEYWORD: self.dtype})
             derived.set_progress_bar_config(disable=True)
             self._pipelines[model_name, kind] = derived
         return self._pipelines[model_name, kind]
@@ -322,9 +364,17 @@ class DiffusersGenerator:
         return list(self._weights_bytes)
 
     def _check_model(self, model_name: str) -> None:
-        if model_name not in self.models:
+        self._model(model_name)
+
+    def _model(self, model_name: str) -> CatalogModel:
+        """The catalog's model (a checkpoint added since the last look is found too), if it can be loaded."""
+        model = self.catalog.get(model_name)
+        if model is None:
             raise ValueError(f"model {model_name!r} is not configured; the models are "
-                             f"{', '.join(sorted(self.models))}")
+                             f"{', '.join(sorted(m.name for m in self.catalog.list()))}")
+        if model.problem is not None:
+            raise GenerationFailed(f"model {model.name} cannot be used: {model.problem}")
+        return model
 
     def _check_tasks(self, tasks: list[GenerationTask]) -> None:
         if not tasks:

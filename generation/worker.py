@@ -484,10 +484,12 @@ class CoreParts(Protocol):
 def build_worker(core: CoreParts, generator: Generator | None = None) -> Worker:
     """The worker `easel serve` and `easel worker` run: diffusers on the configured device."""
     if generator is None:
+        from bot.catalog import ModelCatalog
         from generation.pipelines import DiffusersGenerator
 
         gen = core.settings.generation
-        generator = DiffusersGenerator(core.settings.models, device=gen.device, dtype=gen.dtype,
+        catalog = ModelCatalog.from_settings(core.settings)  # the configured models and the checkpoints folder
+        generator = DiffusersGenerator(catalog, device=gen.device, dtype=gen.dtype,
                                        cache_dir=core.settings.storage.model_cache, options=gen)
     return Worker(core.queue, generator, core.store, core.settings,
                   image_checker=build_image_checker(core.settings))
