@@ -26,6 +26,7 @@ from bot.domain import (
     JobKind,
     JobsCommand,
     ModCommand,
+    ModelsCommand,
     QuotaCommand,
     Requester,
 )
@@ -123,6 +124,8 @@ class ConsoleChat:
             self.say(f"Job {job.id} cancelled.")
         elif isinstance(command, HelpCommand):
             self.say(self.core.parser.help_text(HELP_FORMS))
+        elif isinstance(command, ModelsCommand):
+            self.say(self.core.catalog.describe())
         return None
 
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:

@@ -229,7 +229,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @edit.autocomplete("model")
     @inpaint.autocomplete("model")
     async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return _choices(self.core.settings.models, current)
+        return _choices([model.name for model in self.core.catalog.list() if model.usable], current)
 
     @imagine.autocomplete("sampler")
     @edit.autocomplete("sampler")
@@ -269,14 +269,12 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @app_commands.command(name="help", description="Commands, flags, limits and examples")
     async def help_(self, interaction: discord.Interaction) -> None:
         """The grammar's /help, in as many private messages as Discord's 2000 characters need."""
-        parts = _code_blocks(self.core.parser.help_text())
+        await self._answer_in_code_blocks(interaction, self.core.parser.help_text())
 
-        async def answer() -> str:
-            return parts[0]
-
-        await self._deferred_answer(interaction, answer)
-        for part in parts[1:]:
-            await interaction.followup.send(part, ephemeral=True)
+    @app_commands.command(name="models", description="The models: family, size, default settings, what each is for")
+    async def models(self, interaction: discord.Interaction) -> None:
+        """bot/catalog.py's /models answer (the checkpoints folder read again), privately."""
+        await self._answer_in_code_blocks(interaction, self.core.catalog.describe())
 
     async def cog_app_command_error(self, interaction: discord.Interaction,  # type: ignore[override]
                                     error: app_commands.AppCommandError) -> None:
@@ -365,6 +363,17 @@ class EaselCog(commands.Cog, name=COG_NAME):
         except EaselError as error:
             await interaction.edit_original_response(content=error_text(error.message))
         # The delivery loop shows the queue position, progress and result from the job's events.
+
+    async def _answer_in_code_blocks(self, interaction: discord.Interaction, text: str) -> None:
+        """A long answer to the user alone, as code blocks of whole lines in as many messages as it needs."""
+        parts = _code_blocks(text)
+
+        async def answer() -> str:
+            return parts[0]
+
+        await self._deferred_answer(interaction, answer)
+        for part in parts[1:]:
+            await interaction.followup.send(part, ephemeral=True)
 
     async def _deferred_answer(self, interaction: discord.Interaction, answer: Callable[[], Awaitable[str]]) -> None:
         """Defer privately, then show the answer (or the error) to the user alone."""

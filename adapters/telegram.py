@@ -48,6 +48,7 @@ from bot.domain import (
     JobCommand,
     JobsCommand,
     ModCommand,
+    ModelsCommand,
     QuotaCommand,
     Requester,
 )
@@ -201,6 +202,8 @@ class TelegramAdapter:
                 await self._say(message, f"🚫 Job {job.id} cancelled.")
             elif isinstance(command, HelpCommand):
                 await self._say(message, self._help())
+            elif isinstance(command, ModelsCommand):
+                await self._say(message, self.core.catalog.describe())
         except EaselError as error:
             await self._say(message, render.error_text(error.message))
 

@@ -324,8 +324,11 @@ async def test_quota_models_help_health_metrics_and_openapi(server, generator) -
         openapi = (await client.get("/openapi.json")).json()
         unknown = await client.get("/v1/nothing-here")
     assert quota["images"]["used"] == 2 and quota["used"] > 0 and "units left today" in quota["text"]
-    assert models == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "easel",
-                                                  "default": True, "default_width": 64, "default_height": 64}]}
+    assert models["data"] == [{"id": "tiny", "object": "model", "created": 0, "owned_by": "easel", "default": True,
+                               "default_width": 64, "default_height": 64, "family": "sd1", "family_name": "SD 1.x",
+                               "defaults": {"steps": 20, "cfg": 7.0, "sampler": "euler", "negative_prompt": ""},
+                               "description": "untrained, draws noise: for testing Easel itself", "origin": "config"}]
+    assert models["object"] == "list" and models["refused"] == [] and "tiny (default)  SD 1.x" in models["text"]
     assert "/imagine" in help_text and "--steps N" in help_text
     lines = metrics.text.splitlines()
     assert metrics.headers["content-type"].startswith("text/plain")

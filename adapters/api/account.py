@@ -11,6 +11,7 @@ from adapters.api.deps import CoreDep, Key
 from adapters.api.openai_images import OpenAIErrorOut
 from adapters.api.render import quota_out
 from bot.bootstrap import Core
+from bot.catalog import CatalogModel, describe_models
 from bot.errors import NotFound
 
 router = APIRouter(tags=["account"])
@@ -22,28 +23,43 @@ async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     return quota_out(await core.service.quota(key.requester()))
 
 
-def model_out(core: Core, name: str) -> dict[str, Any]:
-    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), Easel's own fields beside them.
-    `created` is 0: Easel does not record when a model was configured."""
-    model = core.settings.models[name]
-    return {"id": name, "object": "model", "created": 0, "owned_by": "easel",
-            "default": name == core.settings.generation.default_model,
-            "default_width": model.default_width, "default_height": model.default_height}
+def model_out(core: Core, model: CatalogModel) -> dict[str, Any]:
+    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), Easel's own fields beside them:
+    its family ("sd1", "sd2", "sdxl"; null until a hub model is downloaded), default size and settings
+    (which a job's own values override) and description. `created` is 0: Easel does not record when a
+    model was configured."""
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "easel",
+            "default": model.name == core.catalog.default_name,
+            "default_width": model.width, "default_height": model.height,
+            "family": model.family.value if model.family else None, "family_name": model.family_label,
+            "defaults": {"steps": model.steps, "cfg": model.cfg, "sampler": model.sampler,
+                         "negative_prompt": model.negative},
+            "description": model.description, "origin": model.origin}
 
 
 @router.get("/v1/models")
 async def models(core: CoreDep, key: Key) -> dict[str, Any]:
     """The models, as OpenAI's `models.list` answers: `{"object": "list", "data": [...]}`; `default`
-    marks the one a job gets without --model (and an OpenAI model name such as dall-e-3)."""
-    return {"object": "list", "data": [model_out(core, name) for name in core.settings.models]}
+    marks the one a job gets without --model (and an OpenAI model name such as dall-e-3). Beside
+    them, `refused`: files in the checkpoints folder that cannot be used, each with why (`file`,
+    `reason`), and `text`, the chat's /models answer. The checkpoints folder is read again first."""
+    listed = core.catalog.list()
+    return {"object": "list", "data": [model_out(core, model) for model in listed if model.usable],
+            "refused": [{"file": model.file or model.name, "reason": model.problem}
+                        for model in listed if not model.usable],
+            "text": describe_models(listed, core.catalog.default_name)}
 
 
 @router.get("/v1/models/{model_id}", responses={404: {"model": OpenAIErrorOut}})
 async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     """One model, as OpenAI's `models.retrieve` answers."""
-    if model_id not in core.settings.models:
-        raise NotFound(f"No model {model_id!r}; the models are {', '.join(core.settings.models)}")
-    return model_out(core, model_id)
+    found = core.catalog.get(model_id)
+    if found is None:
+        usable = [model.name for model in core.catalog.list() if model.usable]
+        raise NotFound(f"No model {model_id!r}; the models are {', '.join(usable)}")
+    if found.problem is not None:
+        raise NotFound(f"Model {found.name!r} cannot be used: {found.problem}")
+    return model_out(core, found)
 
 
 @router.get("/v1/help")

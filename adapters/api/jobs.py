@@ -70,7 +70,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
     if not isinstance(command, GenerateCommand):
         raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; the other commands are GET "
                              "/v1/jobs (/jobs), GET /v1/jobs/{id} (/job), DELETE /v1/jobs/{id} (/cancel), "
-                             "GET /v1/quota (/quota) and GET /v1/help (/help)")
+                             "GET /v1/quota (/quota), GET /v1/models (/models) and GET /v1/help (/help)")
     if dry_run:
         estimate = await core.service.estimate(key.requester(), command, inputs)
         p = estimate.params

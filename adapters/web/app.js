@@ -119,6 +119,8 @@ async function handle(text) {
     sayBlock((await api("GET", "/v1/help")).text);
   } else if (command === "/quota") {
     sayBlock((await api("GET", "/v1/quota")).text);
+  } else if (command === "/models" && !args.length) {
+    sayBlock((await api("GET", "/v1/models")).text);
   } else if (command === "/job" && args.length === 1) {
     showJob(await api("GET", `/v1/jobs/${encodeURIComponent(args[0])}`));
   } else if (command === "/cancel" && args.length <= 1) {
