@@ -260,11 +260,10 @@ class JobService:
 
     def _default_params(self) -> GenerationParams:
         """A plain /imagine with the configured defaults, to price when /quota names no command."""
-        limits, generation = self.settings.limits, self.settings.generation
-        model = self.settings.models[generation.default_model]
-        return GenerationParams(kind=JobKind.IMAGINE, prompt="", width=model.default_width,
-                                height=model.default_height, steps=limits.default_steps, n=limits.default_n,
-                                model=generation.default_model)
+        model = self.catalog.default
+        return GenerationParams(kind=JobKind.IMAGINE, prompt="", width=model.width, height=model.height,
+                                steps=model.steps, cfg=model.cfg, n=self.settings.limits.default_n,
+                                sampler=model.sampler, model=model.name)
 
     # -- cancelling and delivery -----------------------------------------------------------------
 

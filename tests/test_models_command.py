@@ -13,7 +13,9 @@ import pytest
 from playwright.async_api import BrowserContext, expect
 
 from adapters.console import ConsoleChat
-from bot.bootstrap import Core
+from bot.bootstrap import Core, open_core
+from bot.config import load_settings
+from bot.policy import describe_quota
 from tests import http_fixtures
 from tests.conftest import alice
 from tests.fake_telegram import FakeTelegram
@@ -106,3 +108,17 @@ async def test_the_web_chat_shows_the_models(server: Server, browser: BrowserCon
     await expect(answer).to_contain_text("Models (pick one with --model NAME; default tiny):")
     await expect(answer).to_contain_text("juggernaut_xl  SDXL; defaults 1024x1024")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_quota_prices_a_plain_imagine_at_the_default_models_own_size_and_steps(
+        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EASEL_GENERATION__DEFAULT_MODEL", "juggernaut_xl")  # a checkpoint, by a table of its name
+    monkeypatch.setenv("EASEL_MODELS", '{"juggernaut_xl": {"default_steps": 30}}')
+    settings = load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir})
+    family_checkpoint(settings.storage.checkpoints / "juggernaut_xl.safetensors", "sdxl")
+    core = await open_core(settings)
+    try:
+        answer = describe_quota(await core.service.quota(alice()))
+    finally:
+        await core.close()
+    assert "/imagine 1024x1024, 30 steps, 1 image costs 6 units" in answer  # 4x the pixels, 1.5x the steps
