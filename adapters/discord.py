@@ -59,6 +59,7 @@ from bot.errors import ConfigError, EaselError, InvalidImage, Refused
 from bot.events import EventKind
 from bot.policy import describe_quota
 from bot.service import SubmitResult
+from bot.styles import describe_styles, style_flag
 
 PLATFORM = "discord"
 log = logging.getLogger("easel.discord")
@@ -67,7 +68,7 @@ log = logging.getLogger("easel.discord")
 # every word up to the next flag.
 OPTION_FLAGS: dict[str, str] = {
     "seed": "seed", "steps": "steps", "cfg": "cfg", "aspect": "ar", "count": "n", "sampler": "sampler",
-    "model": "model", "strength": "strength", "negative": "no",
+    "model": "model", "strength": "strength", "style": "style", "negative": "no",
 }
 
 
@@ -109,6 +110,7 @@ _GENERATION_HELP = {
     "count": "how many images (--n)",
     "sampler": "the sampler (--sampler)",
     "model": "the model (--model)",
+    "style": "a style from /styles (--style; more with --style in the prompt)",
 }
 
 
@@ -197,9 +199,9 @@ class EaselCog(commands.Cog, name=COG_NAME):
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None = None,
                       seed: int | None = None, steps: int | None = None, cfg: float | None = None,
                       aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
+                      model: str | None = None, style: str | None = None) -> None:
         options = {"negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "aspect": aspect,
-                   "count": count, "sampler": sampler, "model": model}
+                   "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.IMAGINE, prompt, options)
 
     @app_commands.command(name="edit", description="Repaint an attached picture guided by a prompt")
@@ -208,9 +210,10 @@ class EaselCog(commands.Cog, name=COG_NAME):
     async def edit(self, interaction: discord.Interaction, image: discord.Attachment, prompt: str,
                    strength: float | None = None, negative: str | None = None, seed: int | None = None,
                    steps: int | None = None, cfg: float | None = None, aspect: str | None = None,
-                   count: int | None = None, sampler: str | None = None, model: str | None = None) -> None:
+                   count: int | None = None, sampler: str | None = None, model: str | None = None,
+                   style: str | None = None) -> None:
         options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.EDIT, prompt, options, image=image)
 
     @app_commands.command(name="inpaint", description="Repaint the white parts of a mask")
@@ -220,9 +223,9 @@ class EaselCog(commands.Cog, name=COG_NAME):
                       prompt: str, strength: float | None = None, negative: str | None = None,
                       seed: int | None = None, steps: int | None = None, cfg: float | None = None,
                       aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
+                      model: str | None = None, style: str | None = None) -> None:
         options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.INPAINT, prompt, options, image=image, mask=mask)
 
     @imagine.autocomplete("model")
@@ -230,6 +233,12 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @inpaint.autocomplete("model")
     async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return _choices([model.name for model in self.core.catalog.list() if model.usable], current)
+
+    @imagine.autocomplete("style")
+    @edit.autocomplete("style")
+    @inpaint.autocomplete("style")
+    async def complete_style(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return _choices([style_flag(style.name) for style in self.core.parser.styles.styles()], current)
 
     @imagine.autocomplete("sampler")
     @edit.autocomplete("sampler")
@@ -256,6 +265,10 @@ class EaselCog(commands.Cog, name=COG_NAME):
             return jobs_text(await self.core.service.list_jobs(JobsCommand().limit, self.requester(interaction)))
 
         await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="styles", description="The styles --style NAME puts a prompt into")
+    async def styles(self, interaction: discord.Interaction) -> None:
+        await self._answer_in_code_blocks(interaction, describe_styles(self.core.parser.styles.styles()))
 
     @app_commands.command(name="cancel", description="Cancel a job; without an id, your newest unfinished one")
     @app_commands.describe(id="the job id (optional)")
@@ -391,8 +404,11 @@ class EaselCog(commands.Cog, name=COG_NAME):
         moderator = interaction.permissions.manage_messages or bool(role_ids & set(self.config.moderator_role_ids))
         channel = interaction.channel
         nsfw_channel = bool(channel is not None and getattr(channel, "is_nsfw", lambda: False)())
+        # A permutation prompt's further jobs post results of their own rather than edit this message.
+        others = {**target.as_dict(), "message_id": None} if target else None
         return Requester(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name,
-                         reply_to=target.as_dict() if target else {}, is_platform_moderator=moderator,
+                         reply_to=target.as_dict() if target else {}, reply_to_others=others,
+                         is_platform_moderator=moderator,
                          nsfw_allowed_here=self.config.nsfw == "nsfw_channels" and nsfw_channel)
 
     # -- delivering job events ------------------------------------------------------------------

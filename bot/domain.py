@@ -94,6 +94,13 @@ class GenerateCommand:
     # `{https://...}` links taken out of the prompt: the image (and, for /inpaint, the mask) to fetch
     # when none is attached (bot/fetch.py).
     reference_urls: tuple[str, ...] = ()
+    # A permutation prompt, `a {red, green} circle` (bot/permutations.py): the params of every
+    # combination after the first, `params`. Each becomes a job of its own, with its own seed.
+    permutations: tuple[GenerationParams, ...] = ()
+
+    def every_params(self) -> tuple[GenerationParams, ...]:
+        """The params of each job this command makes: one, or one per permutation."""
+        return (self.params, *self.permutations)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,11 @@ class CancelCommand:
 @dataclass(frozen=True)
 class HelpCommand:
     """/help: the commands with examples."""
+
+
+@dataclass(frozen=True)
+class StylesCommand:
+    """/styles: the styles of styles.csv that --style NAME applies (bot/styles.py)."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,7 @@ class ModResolveCommand:
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
               | ModResolveCommand)
 Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
-           | ModelsCommand | AppealCommand | ModCommand)
+           | StylesCommand | ModelsCommand | AppealCommand | ModCommand)
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,9 @@ class Requester:
     user_id: str
     display_name: str = ""
     reply_to: dict[str, Any] = field(default_factory=dict)
+    # Where the further jobs of one command answer (a permutation prompt makes several); None: as
+    # `reply_to`. E.g. Discord's other jobs post messages of their own instead of editing the first's.
+    reply_to_others: dict[str, Any] | None = None
     # What the platform itself says about this user and place; the policy layer decides what it means.
     is_platform_moderator: bool = False  # e.g. Discord "Manage Messages", Telegram chat admin
     nsfw_allowed_here: bool = False  # e.g. a Discord channel marked NSFW, a Telegram chat allowed by config

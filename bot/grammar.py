@@ -19,10 +19,12 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import TypeVar
 
+from bot.attention import MAX_WEIGHT, MIN_WEIGHT, weighted_groups
 from bot.catalog import CatalogModel, ModelCatalog
 from bot.config import LimitsConfig, ModelConfig, Settings
 from bot.domain import (
@@ -45,13 +47,17 @@ from bot.domain import (
     ModResolveCommand,
     ModUnbanCommand,
     QuotaCommand,
+    StylesCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
+from bot.permutations import check_permutations, expand_permutations
+from bot.styles import StyleBook
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models",
-                             "appeal", "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "styles",
+                             "models", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
-FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
+FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style")
+REPEATABLE_FLAGS: tuple[str, ...] = ("style",)  # each use adds one: --style a --style b
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -59,8 +65,9 @@ _Default = TypeVar("_Default", int, float, None)
 # `--seed`, and `—seed` / `–seed` as iOS and Android autocorrect it; a letter must follow, so that a
 # dash used as punctuation ("a cat — sleeping", "1990–2000") stays prompt text.
 _FLAG = re.compile(r"(?:--|[—–])-*(?P<name>[^\W\d_][^=]*)(?:=(?P<value>.*))?")
-# `(-bad hands -extra fingers)`: a negative group, as users already write them inside the prompt.
-_NEGATIVE_GROUP = re.compile(r"\(\s*[-—–][^()]*\)")
+# `(-bad hands -extra fingers)`: a negative group, as users already write them inside the prompt. Its
+# items may carry AUTOMATIC1111 weights, `(-(bad hands:1.3) -blur)`; `\(-x\)` is literal text.
+_NEGATIVE_GROUP = re.compile(r"(?<!\\)\(\s*[-—–](?:[^()]|\([^()]*\))*\)")
 _NEGATIVE_ITEM_START = re.compile(r"(?:^|\s)[-—–]+\s*")
 _SIZE = re.compile(r"(\d+)[xX×](\d+)")
 _ASPECT = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
@@ -98,20 +105,24 @@ class CommandParser:
         models: Mapping[str, ModelConfig],
         default_model: str,
         default_sampler: str,
+        styles: StyleBook | None = None,
         catalog: ModelCatalog | None = None,
     ) -> None:
         """`models` are the [models.*] tables; `catalog` adds the checkpoints folder's (bot/catalog.py)."""
         self.limits = limits
         self.default_model = default_model
         self.default_sampler = default_sampler.lower()
+        self.styles = styles or StyleBook(None)
         _check_configuration(limits, models, default_model, self.default_sampler)
         self.catalog = catalog or ModelCatalog(models, limits=limits, default_sampler=self.default_sampler,
                                                default_model=default_model)
+        self.styles.check()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CommandParser:
         return cls(settings.limits, settings.models, settings.generation.default_model,
-                   settings.generation.default_sampler, catalog=ModelCatalog.from_settings(settings))
+                   settings.generation.default_sampler, StyleBook(settings.storage.styles_path),
+                   ModelCatalog.from_settings(settings))
 
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
@@ -140,6 +151,10 @@ class CommandParser:
             return CancelCommand(job_id=args[0] if args else None)
         if name == "help":
             return HelpCommand()
+        if name == "styles":
+            if args:
+                raise InvalidCommand("/styles takes nothing after it; use a style with --style NAME")
+            return StylesCommand()
         if name == "models":
             if args:
                 raise InvalidCommand("/models takes nothing after it; pick a model with --model NAME")
@@ -152,27 +167,38 @@ class CommandParser:
         kind = JobKind(kind)
         # 1. Take out reference links, then split the words into prompt text and flag values.
         text, links = _take_links(kind, text)
-        prompt_words, flags = _read_flags(text.split())
-        # 2. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
-        prompt, negatives = _take_negative_groups(" ".join(prompt_words))
-        if "no" in flags:
-            negatives.append(flags.pop("no"))
-        # 3. Check the text, then each flag against the limits.
-        return self.generation(kind, prompt, ", ".join(negatives), flags, links)
+        prompt_words, flags, repeated = _read_flags(text.split())
+        no, styles = flags.pop("no", None), repeated.get("style", [])
+        flags.pop("style", None)
+        # 2. One prompt per combination of its `{red, green}` options (counted before they are made).
+        check_permutations(" ".join(prompt_words), self.limits.max_permutations)
+        commands = []
+        for combination in expand_permutations(" ".join(prompt_words)):
+            # 3. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
+            prompt, negatives = _take_negative_groups(combination)
+            if no is not None:
+                negatives.append(no)
+            # 4. Check the text, then each flag against the limits.
+            commands.append(self.generation(kind, prompt, ", ".join(negatives), flags, links, styles))
+        first, *others = commands
+        return replace(first, permutations=tuple(command.params for command in others))
 
     def generation(self, kind: JobKind, prompt: str, negative: str, flags: Mapping[str, str],
-                   reference_urls: tuple[str, ...] = ()) -> GenerateCommand:
+                   reference_urls: tuple[str, ...] = (), styles: Sequence[str] = ()) -> GenerateCommand:
         """A generation command from a prompt, a negative prompt and flag values already taken apart (an
-        API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no") to
-        their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags (--steps)."""
+        API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no" and
+        "style") to their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags
+        (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py)."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no"})
+        unknown = set(flags) - (set(FLAGS) - {"no", "style"})
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
         self._check_text(kind, prompt, negative)
         model = self._model(flags.get("model"))
         negative = negative or model.negative  # the model's default, unless the user gave a negative
+        prompt, negative = self.styles.apply(list(styles), prompt, negative)
+        _check_weights(prompt, negative)
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
                                  "repaint); /imagine starts from noise, so leave it out")
@@ -231,12 +257,18 @@ class CommandParser:
             "  /jobs  your recent jobs, newest first",
             "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
             "  /help  this message",
+            "  /styles  the styles --style NAME applies",
             "  /models  the models, each with its family, size, default settings and what it is for",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
             "Reference images: /edit {https://cdn.discordapp.com/...} <prompt> fetches the linked picture "
             "(platform image links only)",
+            "Prompt syntax (as in AUTOMATIC1111): (word) or (word:1.3) weighs a word more, [word] less, "
+            f"from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}; \\( is a bracket; long prompts are read whole, 75 tokens "
+            "at a time",
+            f"Permutations: a {{red, green}} circle makes one job per option, each with its own seed (at most "
+            f"{limits.max_permutations} jobs)",
             f"Flags (put them after the prompt; --flag=value works too; defaults are for {model.name}, "
             "/models has each model's):",
             "  --no <words>  what to keep out of the image, up to the next flag; or write "
@@ -256,6 +288,7 @@ class CommandParser:
             f"  --model NAME  {models} (default {self.default_model}; /models describes them)",
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
             f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
+            "  --style NAME  put the prompt into a style from /styles; repeat it for several",
             "Examples:",
             f"  /imagine {examples[0]} --ar 16:9 --seed 42",
             f"  /imagine {examples[1]} (-blurry -text) --steps 30 --n 2",
@@ -385,10 +418,14 @@ def fit_size(aspect_w: float, aspect_h: float, area: int, limits: LimitsConfig) 
 # -- tokenizing -------------------------------------------------------------------------------------
 
 
-def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Separate prompt words from flags. `--no` takes the words up to the next flag; the rest one word."""
+def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """Separate prompt words from flags. `--no` takes the words up to the next flag; the rest one word.
+
+    Returns the prompt words, each flag's value, and every value of each REPEATABLE_FLAGS flag in order.
+    """
     prompt: list[str] = []
     flags: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     position = 0
     while position < len(words):
         word = words[position]
@@ -398,7 +435,7 @@ def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
             prompt.append(word)
             continue
         name, inline_value = flag
-        if name in flags:
+        if name in flags and name not in REPEATABLE_FLAGS:
             raise InvalidCommand(f"--{name} was given twice; give it once")
         taken = _value_words(name, inline_value, words[position:])
         position += len(taken)
@@ -406,7 +443,8 @@ def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
         if not value:
             raise InvalidCommand(f"--{name} needs a value after it, e.g. {_EXAMPLES[name]}")
         flags[name] = value
-    return prompt, flags
+        repeated.setdefault(name, []).append(value)
+    return prompt, flags, repeated
 
 
 def _flag(word: str) -> tuple[str, str | None] | None:
@@ -444,6 +482,16 @@ def _take_negative_groups(prompt: str) -> tuple[str, list[str]]:
         items = (item.strip(" ,") for item in _NEGATIVE_ITEM_START.split(group[1:-1].strip()))
         negatives.extend(item for item in items if item)
     return " ".join(_NEGATIVE_GROUP.sub(" ", prompt).split()), negatives
+
+
+def _check_weights(prompt: str, negative: str) -> None:
+    """AUTOMATIC1111 weights, `(red:1.3)`, within the range that still draws something."""
+    for which, text in (("prompt", prompt), ("negative prompt", negative)):
+        for group in weighted_groups(text):
+            if not MIN_WEIGHT <= group.weight <= MAX_WEIGHT:
+                words = _shown(group.text, 30)
+                raise InvalidCommand(f"the weight in ({words}:{group.weight:g}) in the {which} must be from "
+                                     f"{MIN_WEIGHT:g} to {MAX_WEIGHT:g}, e.g. ({words}:1.3)")
 
 
 def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
@@ -640,6 +688,7 @@ _EXAMPLES = {
     "sampler": "--sampler euler_a",
     "model": "--model <name from /help>",
     "strength": "--strength 0.6",
+    "style": "--style <name from /styles>",
 }
 
 

@@ -50,6 +50,7 @@ from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed, first_line
 from generation.builtin import ensure_builtin
+from generation.prompt_embeds import PromptEncoder
 from generation.samplers import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -272,13 +273,19 @@ class DiffusersGenerator:
     def _run(
         self, pipe: DiffusionPipeline, tasks: list[GenerationTask], on_step: StepCallback | None
     ) -> list[list[PIL.Image.Image]]:
-        """One diffusers call: prompts, negatives and images repeated per image, one generator each."""
+        """One diffusers call: prompts, negatives and images repeated per image, one generator each.
+
+        Prompts become embeddings the AUTOMATIC1111 way (weights, long prompts: generation/prompt_embeds.py);
+        prompts of different lengths in 75-token chunks run as separate calls."""
+        encoder = PromptEncoder(pipe)
+        chunk_counts = [encoder.chunk_count(task.params.prompt, task.params.negative) for task in tasks]
+        if len(set(chunk_counts)) > 1:
+            return self._run_by_chunk_count(pipe, tasks, chunk_counts, on_step)
         params = tasks[0].params
         per_image = [task for task in tasks for _ in range(task.params.n)]
         seeds = [seed for task in tasks for seed in task.params.image_seeds()]
         arguments: dict[str, Any] = {
-            "prompt": [task.params.prompt for task in per_image],
-            "negative_prompt": [task.params.negative for task in per_image],
+            **encoder.encode([task.params.prompt for task in per_image], [task.params.negative for task in per_image]),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg,
             # CPU generators: the same seed gives the same starting noise on every device.
@@ -317,6 +324,19 @@ class DiffusersGenerator:
             results.append([image.convert("RGB") for image in images[start : start + task.params.n]])
             start += task.params.n
         return results
+
+    def _run_by_chunk_count(self, pipe: DiffusionPipeline, tasks: list[GenerationTask], chunk_counts: list[int],
+                            on_step: StepCallback | None) -> list[list[PIL.Image.Image]]:
+        """One call per prompt length. Padding the shorter prompts with empty chunks instead would make
+        an image depend on its batch mates; this way every image can be made again alone from its seed."""
+        results: dict[int, list[PIL.Image.Image]] = {}
+        # A call's previews list only its own tasks: progress goes on, previews wait for a whole batch.
+        progress = (lambda step, total, *_previews: on_step(step, total)) if on_step else None
+        for count in dict.fromkeys(chunk_counts):
+            indices = [i for i, each in enumerate(chunk_counts) if each == count]
+            for i, images in zip(indices, self._run(pipe, [tasks[i] for i in indices], progress), strict=True):
+                results[i] = images
+        return [results[i] for i in range(len(tasks))]
 
     def _pipeline(self, model_name: str, kind: JobKind) -> DiffusionPipeline:
         """The cached pipeline for a model and job kind; the kinds share one set of weights."""

@@ -379,3 +379,21 @@ async def test_easel_serve_runs_the_http_adapter_when_no_chat_platform_is_config
     assert [type(adapter) for adapter in configured_adapters(core)] == [HttpAdapter]
     core.settings.http.enabled = False
     assert configured_adapters(core) == []
+
+
+async def test_styles_are_listed_and_a_permutation_prompt_answers_with_every_job(server, generator) -> None:
+    server.core.settings.storage.styles_path.write_text("name,prompt,negative_prompt\nNight Sky,{prompt} at night,"
+                                                        "day\n", encoding="utf-8")
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        styles = (await client.get("/v1/styles")).json()
+        response = await client.post("/v1/jobs", json={
+            "command": "/imagine a {red, green} fox --style night_sky --steps 2 --seed 5"})
+        assert response.status_code == 202, response.text
+        first = response.json()
+        done = [await wait_done(client, job["id"]) for job in (first, *first["others"])]
+    assert styles["styles"] == [{"name": "Night Sky", "flag": "night_sky", "prompt": "{prompt} at night",
+                                 "negative_prompt": "day"}]
+    assert styles["text"].splitlines()[1] == "  night_sky: {prompt} at night  (not: day)"
+    assert [(job["prompt"], job["negative"], job["seeds"], job["status"]) for job in done] == [
+        ("a red fox at night", "day", [5], "succeeded"), ("a green fox at night", "day", [6], "succeeded")]

@@ -443,3 +443,23 @@ async def test_a_flagged_image_is_a_spoilered_photo_in_an_nsfw_chat_and_never_a_
     assert "Image 1 was withheld" in status.shown and f"/appeal {withheld}" in status.shown
     assert not any(m.buttons for m in fake.chat(BOB))
     assert spoilered != withheld
+
+
+# -- prompt syntax: /styles and permutation prompts ---------------------------------------------------
+
+
+async def test_styles_are_listed_and_each_permutation_job_answers_the_command(
+        tg: Core, fake: FakeTelegram, generator) -> None:
+    tg.settings.storage.styles_path.write_text("name,prompt,negative_prompt\nnight,{prompt} at night,day\n",
+                                               encoding="utf-8")
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        styles = fake.send(chat, "/styles")
+        command = fake.send(chat, "/imagine a {red, green} fox --style night --steps 2 --seed 5")
+        await fake.wait_for(lambda: replies_to(fake, ALICE, styles) and len(
+            [m for m in replies_to(fake, ALICE, command) if m.photo is not None]) == 2, what="both results")
+    [listing] = replies_to(fake, ALICE, styles)
+    assert listing.shown.splitlines()[1] == "  night: {prompt} at night  (not: day)"
+    jobs = sorted(await tg.service.list_jobs(), key=lambda job: job.params.seed or 0)
+    assert [(job.params.prompt, job.params.negative, job.seeds) for job in jobs] == [
+        ("a red fox at night", "day", [5]), ("a green fox at night", "day", [6])]

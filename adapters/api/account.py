@@ -13,6 +13,7 @@ from adapters.api.render import quota_out
 from bot.bootstrap import Core
 from bot.catalog import CatalogModel, describe_models
 from bot.errors import NotFound
+from bot.styles import describe_styles, style_flag
 
 router = APIRouter(tags=["account"])
 
@@ -60,6 +61,17 @@ async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     if found.problem is not None:
         raise NotFound(f"Model {found.name!r} cannot be used: {found.problem}")
     return model_out(core, found)
+
+
+@router.get("/v1/styles")
+async def styles(core: CoreDep, key: Key) -> dict[str, Any]:
+    """The styles of styles.csv (`--style NAME` in a command, `flag` being the NAME to write), each with
+    its prompt (`{prompt}` marks where the user's goes) and negative prompt; `text` is the chat's
+    /styles answer. The file is read again when it has changed."""
+    listed = core.parser.styles.styles()
+    return {"styles": [{"name": style.name, "flag": style_flag(style.name), "prompt": style.prompt,
+                        "negative_prompt": style.negative} for style in listed],
+            "text": describe_styles(listed)}
 
 
 @router.get("/v1/help")

@@ -91,7 +91,9 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
         response.headers["Idempotent-Replayed"] = "true"
     base = base_url(core, request)
     response.headers["Location"] = f"{base}/v1/jobs/{result.job.id}"
-    return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed}
+    others = [job_out(shown(core, other.job), base, other.position) for other in result.others]
+    return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed,
+            "others": others}
 
 
 @router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut])
