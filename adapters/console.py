@@ -25,11 +25,13 @@ from bot.domain import (
     JobCommand,
     JobKind,
     JobsCommand,
+    LorasCommand,
     ModCommand,
     ModelsCommand,
     QuotaCommand,
     Requester,
     StylesCommand,
+    lora_tags,
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
 from bot.events import EventKind
@@ -130,6 +132,8 @@ class ConsoleChat:
             self.say(describe_styles(self.core.parser.styles.styles()))
         elif isinstance(command, ModelsCommand):
             self.say(self.core.catalog.describe())
+        elif isinstance(command, LorasCommand):
+            self.say(self.core.parser.networks.listing())
         return None
 
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
@@ -217,6 +221,8 @@ def describe_job(delivery: Delivery) -> str:
     ]
     if p.negative:
         lines.append(f"  negative  {p.negative}")
+    if p.loras:
+        lines.append(f"  loras     {lora_tags(p.loras)}")
     lines += [
         f"  model     {p.model}   sampler {p.sampler}   steps {p.steps}   cfg {p.cfg:g}",
         f"  size      {p.width}x{p.height}   images {p.n}   seeds {_seeds(job)}",

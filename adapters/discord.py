@@ -42,6 +42,7 @@ from adapters.discord_render import (
     handoff_text,
     info_text,
     jobs_text,
+    listing_text,
     pack_results,
     progress_text,
     queued_text,
@@ -263,6 +264,13 @@ class EaselCog(commands.Cog, name=COG_NAME):
     async def jobs(self, interaction: discord.Interaction) -> None:
         async def answer() -> str:
             return jobs_text(await self.core.service.list_jobs(JobsCommand().limit, self.requester(interaction)))
+
+        await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="loras", description="The installed LoRAs and embeddings, and what each is for")
+    async def loras(self, interaction: discord.Interaction) -> None:
+        async def answer() -> str:
+            return listing_text(self.core.parser.networks.listing())
 
         await self._deferred_answer(interaction, answer)
 

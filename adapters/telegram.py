@@ -47,6 +47,7 @@ from bot.domain import (
     HelpCommand,
     JobCommand,
     JobsCommand,
+    LorasCommand,
     ModCommand,
     ModelsCommand,
     QuotaCommand,
@@ -208,6 +209,8 @@ class TelegramAdapter:
                 await self._say(message, describe_styles(self.core.parser.styles.styles()))
             elif isinstance(command, ModelsCommand):
                 await self._say(message, self.core.catalog.describe())
+            elif isinstance(command, LorasCommand):
+                await self._say(message, self.core.parser.networks.listing())
         except EaselError as error:
             await self._say(message, render.error_text(error.message))
 

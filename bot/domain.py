@@ -5,6 +5,8 @@ Nothing here touches the database, a platform or torch: these are the words the 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -68,17 +70,39 @@ class GenerationParams:
     model: str = "tiny"
     seed: int | None = None
     strength: float | None = None  # edit and inpaint only: how much of the input to repaint
+    # (LoRA name, weight) pairs sorted by name, so equal sets compare equal (see with_loras).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ)."""
+        """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ).
+        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one."""
         return (self.kind, self.model, self.width, self.height, self.steps, self.sampler, self.cfg,
-                self.strength)
+                self.strength, loras_text(self.loras))
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: the base seed, then the next ones."""
         if self.seed is None:
             raise ValueError("image_seeds() needs a seed; the job service assigns one before queuing")
         return [self.seed + i for i in range(self.n)]
+
+
+def sorted_loras(loras: Iterable[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """LoRAs in the one order GenerationParams keeps them: by name, weights as floats."""
+    return tuple(sorted((name, float(weight)) for name, weight in loras))
+
+
+def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
+    """The LoRAs as the database stores them (and the queue compares them): `[["cyan", 0.8]]`, `[]`."""
+    return json.dumps([[name, weight] for name, weight in sorted_loras(loras)], ensure_ascii=False)
+
+
+def loras_of_text(text: str | None) -> tuple[tuple[str, float], ...]:
+    return sorted_loras((name, weight) for name, weight in json.loads(text or "[]"))
+
+
+def lora_tags(loras: tuple[tuple[str, float], ...]) -> str:
+    """The LoRAs as AUTOMATIC1111's prompt tags, as users type them: `<lora:ring:0.8> <lora:cross:1>`."""
+    return " ".join(f"<lora:{name}:{weight:g}>" for name, weight in loras)
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,11 @@ class HelpCommand:
 @dataclass(frozen=True)
 class StylesCommand:
     """/styles: the styles of styles.csv that --style NAME applies (bot/styles.py)."""
+
+
+@dataclass(frozen=True)
+class LorasCommand:
+    """/loras: the installed LoRAs and embeddings, each with what it is for (bot/extra_networks.py)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +235,7 @@ class ModResolveCommand:
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
               | ModResolveCommand)
 Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
-           | StylesCommand | ModelsCommand | AppealCommand | ModCommand)
+           | StylesCommand | ModelsCommand | LorasCommand | AppealCommand | ModCommand)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from bot.domain import (
     JobCommand,
     JobKind,
     JobsCommand,
+    LorasCommand,
     ModAppealsCommand,
     ModBanCommand,
     ModCommand,
@@ -50,14 +51,16 @@ from bot.domain import (
     StylesCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
+from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, take_lora_tags
 from bot.permutations import check_permutations, expand_permutations
 from bot.styles import StyleBook
 
 COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "styles",
-                             "models", "appeal", "mod")
+                             "models", "loras", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
-FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style")
-REPEATABLE_FLAGS: tuple[str, ...] = ("style",)  # each use adds one: --style a --style b
+FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
+                          "lora")
+REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -107,6 +110,7 @@ class CommandParser:
         default_sampler: str,
         styles: StyleBook | None = None,
         catalog: ModelCatalog | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
         """`models` are the [models.*] tables; `catalog` adds the checkpoints folder's (bot/catalog.py)."""
         self.limits = limits
@@ -117,12 +121,13 @@ class CommandParser:
         self.catalog = catalog or ModelCatalog(models, limits=limits, default_sampler=self.default_sampler,
                                                default_model=default_model)
         self.styles.check()
+        self.networks = networks or ExtraNetworks(None, None)  # the installed LoRAs and embeddings
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CommandParser:
         return cls(settings.limits, settings.models, settings.generation.default_model,
                    settings.generation.default_sampler, StyleBook(settings.storage.styles_path),
-                   ModelCatalog.from_settings(settings))
+                   ModelCatalog.from_settings(settings), ExtraNetworks.from_settings(settings))
 
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
@@ -159,6 +164,10 @@ class CommandParser:
             if args:
                 raise InvalidCommand("/models takes nothing after it; pick a model with --model NAME")
             return ModelsCommand()
+        if name == "loras":
+            if args:
+                raise InvalidCommand("/loras takes nothing after it; use a LoRA with <lora:NAME:WEIGHT> in the prompt")
+            return LorasCommand()
         raise InvalidCommand(f"unknown command /{_shown(name)}{_did_you_mean(name, COMMANDS, '/')}; "
                              f"the commands are {_listed(COMMANDS, '/')}")
 
@@ -170,6 +179,8 @@ class CommandParser:
         prompt_words, flags, repeated = _read_flags(text.split())
         no, styles = flags.pop("no", None), repeated.get("style", [])
         flags.pop("style", None)
+        loras = repeated.get("lora", [])
+        flags.pop("lora", None)
         # 2. One prompt per combination of its `{red, green}` options (counted before they are made).
         check_permutations(" ".join(prompt_words), self.limits.max_permutations)
         commands = []
@@ -179,18 +190,20 @@ class CommandParser:
             if no is not None:
                 negatives.append(no)
             # 4. Check the text, then each flag against the limits.
-            commands.append(self.generation(kind, prompt, ", ".join(negatives), flags, links, styles))
+            commands.append(self.generation(kind, prompt, ", ".join(negatives), flags, links, styles, loras))
         first, *others = commands
         return replace(first, permutations=tuple(command.params for command in others))
 
     def generation(self, kind: JobKind, prompt: str, negative: str, flags: Mapping[str, str],
-                   reference_urls: tuple[str, ...] = (), styles: Sequence[str] = ()) -> GenerateCommand:
+                   reference_urls: tuple[str, ...] = (), styles: Sequence[str] = (),
+                   loras: Sequence[str] = ()) -> GenerateCommand:
         """A generation command from a prompt, a negative prompt and flag values already taken apart (an
         API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no" and
         "style") to their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags
-        (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py)."""
+        (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py).
+        `loras` are `--lora` values, "NAME:WEIGHT"; `<lora:NAME:WEIGHT>` tags in the prompt count too."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no", "style"})
+        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"})
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
@@ -198,6 +211,7 @@ class CommandParser:
         model = self._model(flags.get("model"))
         negative = negative or model.negative  # the model's default, unless the user gave a negative
         prompt, negative = self.styles.apply(list(styles), prompt, negative)
+        prompt, chosen_loras = self._loras(kind, prompt, negative, loras, model)
         _check_weights(prompt, negative)
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
@@ -217,6 +231,7 @@ class CommandParser:
             model=model.name,
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
+            loras=chosen_loras,
         )
         if params.strength is not None and int(params.steps * params.strength) < 1:
             # img2img runs steps x strength denoising steps; zero would return the input untouched.
@@ -259,6 +274,7 @@ class CommandParser:
             "  /help  this message",
             "  /styles  the styles --style NAME applies",
             "  /models  the models, each with its family, size, default settings and what it is for",
+            "  /loras  the installed LoRAs and embeddings, and what each is for",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
@@ -289,11 +305,36 @@ class CommandParser:
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
             f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
             "  --style NAME  put the prompt into a style from /styles; repeat it for several",
+            f"  --lora NAME:W  a LoRA from /loras at weight W (default 1, {_num(-limits.max_lora_weight)} to "
+            f"{_num(limits.max_lora_weight)}); or write <lora:NAME:W> in the prompt; up to {limits.max_loras}",
+            "Embeddings from /loras are words: write the name in the prompt or after --no",
             "Examples:",
             f"  /imagine {examples[0]} --ar 16:9 --seed 42",
             f"  /imagine {examples[1]} (-blurry -text) --steps 30 --n 2",
             f"  {form['edit example']}",
         ])
+
+    def _loras(self, kind: JobKind, prompt: str, negative: str, flagged: Sequence[str],
+               model: CatalogModel) -> tuple[str, tuple[tuple[str, float], ...]]:
+        """Take `<lora:NAME:WEIGHT>` tags out of the prompt and check them with the `--lora` values:
+        the prompt without its tags, and the (name, weight) pairs sorted by name. A LoRA whose file says
+        it is for another family than the model's is refused here; the worker checks the rest (a
+        model's exact text width is known once it is loaded)."""
+        prompt, tagged = take_lora_tags(prompt)
+        if has_lora_tag(negative):
+            raise InvalidCommand("<lora:NAME:WEIGHT> tags go in the prompt, not in the negative prompt")
+        if not prompt and tagged:
+            raise InvalidCommand(f"/{kind} needs a prompt besides its <lora:...> tags, e.g. /{kind} a ring "
+                                 "<lora:ring:0.8>")
+        limits = self.limits
+        chosen = parse_lora_specs([*tagged, *flagged], self.networks, limits.max_loras, limits.max_lora_weight)
+        for name, _ in chosen:
+            family = self.networks.lora_family(self.networks.lora(name))
+            if family is not None and model.family is not None and family != model.family.label:
+                raise InvalidCommand(f"LoRA {name!r} is for {family} models, and model {model.name!r} is an "
+                                     f"{model.family.label} model; use a LoRA made for {model.name} (/loras says "
+                                     "what each is for)")
+        return prompt, chosen
 
     def _quota(self, rest: str) -> QuotaCommand:
         """/quota, or /quota /imagine a cat --n 4 to price that command."""
@@ -689,6 +730,7 @@ _EXAMPLES = {
     "model": "--model <name from /help>",
     "strength": "--strength 0.6",
     "style": "--style <name from /styles>",
+    "lora": "--lora <name from /loras>:0.8",
 }
 
 

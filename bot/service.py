@@ -23,7 +23,7 @@ from sqlalchemy import select
 from bot.catalog import ModelCatalog
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
-from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
+from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester, loras_text
 from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
 from bot.events import EventBus, EventKind
 from bot.fetch import ImageFetcher
@@ -149,7 +149,7 @@ class JobService:
             id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
             prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
             steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
-            seed=params.seed, strength=params.strength, init_image_sha=image_sha,
+            seed=params.seed, strength=params.strength, loras=loras_text(params.loras), init_image_sha=image_sha,
             mask_image_sha=mask_sha, platform=requester.platform,
             reply_to=dict(requester.reply_to if reply_to is None else reply_to),
             attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,

@@ -49,7 +49,9 @@ from bot.catalog import (
 from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed, first_line
+from bot.extra_networks import ExtraNetworks
 from generation.builtin import ensure_builtin
+from generation.extra_networks import ModelNetworks
 from generation.prompt_embeds import PromptEncoder
 from generation.samplers import make_scheduler
 
@@ -198,7 +200,9 @@ class DiffusersGenerator:
         dtype: str = "auto",
         cache_dir: Path = DEFAULT_CACHE_DIR,
         options: GenerationConfig | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
+        """`networks`: the installed LoRAs and embeddings (none when left out)."""
         self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog(models)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.cache_dir = Path(cache_dir)
@@ -207,6 +211,8 @@ class DiffusersGenerator:
         self._pipelines: dict[tuple[str, JobKind], DiffusionPipeline] = {}
         self._scheduler_configs: dict[str, Mapping[str, Any]] = {}  # as each model was saved
         self._weights_bytes: OrderedDict[str, int] = OrderedDict()  # loaded models, least recent first
+        self.networks = networks or ExtraNetworks(None, None)
+        self._loaded_networks: dict[str, ModelNetworks] = {}  # each loaded model's LoRAs and embeddings
         self._lock = threading.Lock()
 
     def warm(self, model_name: str) -> None:
@@ -237,8 +243,9 @@ class DiffusersGenerator:
         params = tasks[0].params
 
         with self._lock:
-            # 2. Pipeline for this model and kind (loaded on first use)
+            # 2. Pipeline for this model and kind (loaded on first use), with its LoRAs and embeddings
             pipe = self._pipeline(params.model, params.kind)
+            self._prepare_networks(params)
 
             # 3. All tasks in one call
             try:
@@ -348,6 +355,7 @@ class DiffusersGenerator:
             self._pipelines[model_name, JobKind.IMAGINE] = base
             self._scheduler_configs[model_name] = base.scheduler.config
             self._weights_bytes[model_name] = _weights_bytes(base)
+            self._loaded_networks[model_name] = ModelNetworks(model_name, base, self.networks)
             self._evict_beyond_budget(keep=model_name)
         self._weights_bytes.move_to_end(model_name)
         if (model_name, kind) not in self._pipelines:
@@ -367,13 +375,39 @@ class DiffusersGenerator:
         if self.options.compile:
             pipe.unet = torch.compile(pipe.unet)
 
-    def _evict_beyond_budget(self, keep: str) -> None:
-        """Unload least recently used models until the loaded weights fit `memory_budget_mb`."""
+    def _prepare_networks(self, params: GenerationParams) -> None:
+        """Load new embeddings and this batch's LoRAs into the model, and switch to exactly its LoRAs."""
+        loaded = self._loaded_networks[params.model]
+        loaded.sync_embeddings()
+        in_use = loaded.activate(params.loras)
+        self._evict_beyond_budget(keep=params.model, keep_adapters=set(in_use))
+
+    def _loaded_bytes(self) -> int:
+        return sum(self._weights_bytes.values()) + sum(n.adapter_bytes for n in self._loaded_networks.values())
+
+    def _evict_beyond_budget(self, keep: str, keep_adapters: set[str] | None = None) -> None:
+        """Unload least recently used LoRAs, then models, until the loaded weights fit `memory_budget_mb`.
+
+        LoRAs go first: reloading one costs a file read, reloading a model much more.
+        """
         budget = self.options.memory_budget_mb * 2**20
-        while budget and sum(self._weights_bytes.values()) > budget and len(self._weights_bytes) > 1:
+        keep_adapters = keep_adapters or set()
+        while budget and self._loaded_bytes() > budget:
+            spare = [(loaded, adapter) for name in self._weights_bytes  # least recently used model first
+                     for loaded in [self._loaded_networks[name]] for adapter in loaded.adapters
+                     if not (name == keep and adapter in keep_adapters)]
+            if spare:
+                loaded, adapter = spare[0]
+                logger.info("unloading LoRA %s of model %s to stay within generation.memory_budget_mb", adapter,
+                            loaded.model_name)
+                loaded.unload(adapter)
+                continue
+            if len(self._weights_bytes) <= 1:
+                return
             oldest = next(name for name in self._weights_bytes if name != keep)
             logger.info("unloading model %s to stay within generation.memory_budget_mb", oldest)
             del self._weights_bytes[oldest]
+            del self._loaded_networks[oldest]
             for key in [key for key in self._pipelines if key[0] == oldest]:
                 del self._pipelines[key]
             _free_memory(self.device)

@@ -63,6 +63,17 @@ async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     return model_out(core, found)
 
 
+@router.get("/v1/loras")
+async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
+    """The installed LoRAs (`<lora:NAME:WEIGHT>` in a prompt) and textual-inversion embeddings (their
+    name as a word in a prompt or negative prompt), each with `for` (the models it fits), its size and
+    AUTOMATIC1111's short hash; `text` is the chat's /loras answer."""
+    networks = core.parser.networks
+    return {"loras": [networks.entry(found) for found in networks.loras().values()],
+            "embeddings": [networks.entry(found) for found in networks.embeddings().values()],
+            "text": networks.listing()}
+
+
 @router.get("/v1/styles")
 async def styles(core: CoreDep, key: Key) -> dict[str, Any]:
     """The styles of styles.csv (`--style NAME` in a command, `flag` being the NAME to write), each with

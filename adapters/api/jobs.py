@@ -79,7 +79,8 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
                              "params": {"kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
                                         "width": p.width, "height": p.height, "steps": p.steps,
                                         "cfg": p.cfg, "n": p.n, "sampler": p.sampler, "model": p.model,
-                                        "seed": p.seed, "strength": p.strength}})
+                                        "seed": p.seed, "strength": p.strength,
+                                        "loras": [{"name": name, "weight": weight} for name, weight in p.loras]}})
     reply_to = {}
     if body.webhook is not None:
         await check_webhook_target(body.webhook.url, settings.http.allow_private_webhooks)

@@ -123,6 +123,8 @@ async function handle(text) {
     sayBlock((await api("GET", "/v1/models")).text);
   } else if (command === "/styles" && !args.length) {
     sayBlock((await api("GET", "/v1/styles")).text);
+  } else if (command === "/loras" && !args.length) {
+    sayBlock((await api("GET", "/v1/loras")).text);
   } else if (command === "/job" && args.length === 1) {
     showJob(await api("GET", `/v1/jobs/${encodeURIComponent(args[0])}`));
   } else if (command === "/cancel" && args.length <= 1) {
