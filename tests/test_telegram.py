@@ -164,7 +164,7 @@ async def test_other_commands_answer_in_one_message_each(tg: Core, fake: FakeTel
     assert "/inpaint" in help_answer.shown and "album" in help_answer.shown and "Examples:" in help_answer.shown
     [typo_answer] = replies_to(fake, ALICE, typo)
     assert typo_answer.shown == "⚠️ unknown flag --sed (did you mean --seed?); the flags are " + \
-        "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength"
+        "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength, --style, --lora"
     [about_answer] = replies_to(fake, ALICE, about)
     assert about_answer.shown.startswith(f"Job {job.id}: queued\nimagine: a red fox")
     [cancel_answer] = replies_to(fake, ALICE, cancel)
