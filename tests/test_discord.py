@@ -545,12 +545,13 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles",
+                             "loras"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 10 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 11 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -613,7 +614,7 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 
 # -- inside another bot: the extension ------------------------------------------------------------------
 
-EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help"}
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles", "loras"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:
