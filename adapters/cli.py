@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "create", help="make a key (printed once; only its hash is stored)")
     create.add_argument("--name", required=True, help="who or what uses the key, e.g. support-bot")
     create.add_argument("--quota", type=int, help="images per UTC day (default: queue.daily_images_per_user)")
+    convert = commands.add_parser(
+        "convert-checkpoint", help="rewrite a pickle checkpoint (.ckpt, .pt) as .safetensors, running none of its "
+        "code (Easel loads only .safetensors)")
+    convert.add_argument("path", type=Path, help="the .ckpt or .pt file")
+    convert.add_argument("--out", type=Path, help="the .safetensors file to write (default: beside it)")
     mcp = commands.add_parser("mcp", help="an MCP server (stdio) with imagine, edit and inpaint tools")
     mcp.add_argument("--url", help="the Easel HTTP API (default: http.public_url, else http://host:port)")
     mcp.add_argument("--key", help="API key (default: the EASEL_API_KEY environment variable)")
@@ -141,6 +146,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if (warning := safety_warning(settings)) is not None:
             print(warning, file=sys.stderr)
         return 0
+    if args.command == "convert-checkpoint":
+        from generation.checkpoints import convert_pickle_checkpoint  # torch loads only for this command
+
+        out = convert_pickle_checkpoint(args.path, args.out)
+        print(f"wrote {out}; the pickle file can go (Easel ignores it when the .safetensors file is beside it)")
+        return 0
     settings = load_settings(args.config)
     if args.command == "db":
         upgrade_database(settings.database_url)
@@ -174,15 +185,15 @@ async def _generate(core: Core, args: argparse.Namespace) -> int:
         mask=read_attachment(str(files[1]), "mask") if len(files) > 1 else None,
     )
     chat = ConsoleChat(core, sys.stdout, output_dir=args.out)
-    # 2. Queue it.
-    job = (await chat.submit(command, inputs)).job
-    # 3. Follow it to the end, served by the worker of `easel serve` or `easel worker` when one runs,
-    #    else by one of our own. Ctrl+C cancels it.
-    async with cancelling_on_ctrl_c(chat, job) as interrupted, serving_the_queue(core, debug=args.debug):
-        job = await chat.follow(job)
+    # 2. Queue it (a permutation prompt: one job per combination).
+    jobs = [each.job for each in (await chat.submit(command, inputs)).every]
+    # 3. Follow them to the end, served by the worker of `easel serve` or `easel worker` when one runs,
+    #    else by one of our own. Ctrl+C cancels them.
+    async with cancelling_on_ctrl_c(chat, jobs) as interrupted, serving_the_queue(core, debug=args.debug):
+        jobs = [await chat.follow(job) for job in jobs]
     if interrupted.is_set():
         return EXIT_INTERRUPTED
-    return 0 if job.status is JobStatus.SUCCEEDED else 1
+    return 0 if all(job.status is JobStatus.SUCCEEDED for job in jobs) else 1
 
 
 def check_output_folder(folder: Path) -> None:
@@ -201,23 +212,25 @@ def check_output_folder(folder: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def cancelling_on_ctrl_c(chat: ConsoleChat, job: JobView) -> AsyncIterator[asyncio.Event]:
-    """First Ctrl+C: cancel the job (its quota is refunded) and let the body see it end; the event it
+async def cancelling_on_ctrl_c(chat: ConsoleChat, jobs: list[JobView]) -> AsyncIterator[asyncio.Event]:
+    """First Ctrl+C: cancel the jobs (their quota is refunded) and let the body see them end; the event it
     yields is then set. Second: quit at once."""
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     cancelling: set[asyncio.Task[None]] = set()
+    ids = ", ".join(job.id for job in jobs)
 
     async def cancel() -> None:
-        with contextlib.suppress(EaselError):  # it finished meanwhile: its result is shown as usual
-            await chat.core.service.cancel(chat.requester, job.id)
+        for job in jobs:
+            with contextlib.suppress(EaselError):  # it finished meanwhile: its result is shown as usual
+                await chat.core.service.cancel(chat.requester, job.id)
 
     def first_ctrl_c() -> None:
-        print(f"\nCtrl+C: cancelling job {job.id} (its quota is refunded; a running job stops at its next "
+        print(f"\nCtrl+C: cancelling job {ids} (its quota is refunded; a running job stops at its next "
               "step). Ctrl+C again to quit at once.", file=sys.stderr, flush=True)
         interrupted.set()
         loop.add_signal_handler(signal.SIGINT, second_ctrl_c)
-        task = loop.create_task(cancel(), name=f"easel-cancel-{job.id}")
+        task = loop.create_task(cancel(), name=f"easel-cancel-{jobs[0].id}")
         cancelling.add(task)
 
     def second_ctrl_c() -> None:

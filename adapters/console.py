@@ -25,14 +25,19 @@ from bot.domain import (
     JobCommand,
     JobKind,
     JobsCommand,
+    LorasCommand,
     ModCommand,
+    ModelsCommand,
     QuotaCommand,
     Requester,
+    StylesCommand,
+    lora_tags,
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
 from bot.events import EventKind
 from bot.policy import describe_quota
 from bot.service import SubmitResult
+from bot.styles import describe_styles
 from bot.views import JobView
 
 PLATFORM = "console"
@@ -123,15 +128,25 @@ class ConsoleChat:
             self.say(f"Job {job.id} cancelled.")
         elif isinstance(command, HelpCommand):
             self.say(self.core.parser.help_text(HELP_FORMS))
+        elif isinstance(command, StylesCommand):
+            self.say(describe_styles(self.core.parser.styles.styles()))
+        elif isinstance(command, ModelsCommand):
+            self.say(self.core.catalog.describe())
+        elif isinstance(command, LorasCommand):
+            self.say(self.core.parser.networks.listing())
         return None
 
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
-        """Submit, then follow the job to its end: the finished job."""
-        return await self.follow((await self.submit(command, inputs)).job)
+        """Submit, then follow the job to its end: the finished job. A permutation prompt's jobs are
+        followed one after another; the first is returned."""
+        jobs = [await self.follow(each.job) for each in (await self.submit(command, inputs)).every]
+        return jobs[0]
 
     async def submit(self, command: GenerateCommand, inputs: InputImages) -> SubmitResult:
         result = await self.core.service.submit(self.requester, command, inputs)
-        self.say(f"Job {result.job.id} queued (position {result.position}); seeds {_seeds(result.job)}")
+        for each in result.every:  # a permutation prompt's jobs say which prompt each one draws
+            prompt = f": {each.job.params.prompt}" if result.others else ""
+            self.say(f"Job {each.job.id} queued (position {each.position}){prompt}; seeds {_seeds(each.job)}")
         return result
 
     async def follow(self, job: JobView) -> JobView:
@@ -206,6 +221,8 @@ def describe_job(delivery: Delivery) -> str:
     ]
     if p.negative:
         lines.append(f"  negative  {p.negative}")
+    if p.loras:
+        lines.append(f"  loras     {lora_tags(p.loras)}")
     lines += [
         f"  model     {p.model}   sampler {p.sampler}   steps {p.steps}   cfg {p.cfg:g}",
         f"  size      {p.width}x{p.height}   images {p.n}   seeds {_seeds(job)}",

@@ -42,6 +42,7 @@ from adapters.discord_render import (
     handoff_text,
     info_text,
     jobs_text,
+    listing_text,
     pack_results,
     progress_text,
     queued_text,
@@ -59,6 +60,7 @@ from bot.errors import ConfigError, EaselError, InvalidImage, Refused
 from bot.events import EventKind
 from bot.policy import describe_quota
 from bot.service import SubmitResult
+from bot.styles import describe_styles, style_flag
 
 PLATFORM = "discord"
 log = logging.getLogger("easel.discord")
@@ -67,7 +69,7 @@ log = logging.getLogger("easel.discord")
 # every word up to the next flag.
 OPTION_FLAGS: dict[str, str] = {
     "seed": "seed", "steps": "steps", "cfg": "cfg", "aspect": "ar", "count": "n", "sampler": "sampler",
-    "model": "model", "strength": "strength", "negative": "no",
+    "model": "model", "strength": "strength", "style": "style", "negative": "no",
 }
 
 
@@ -109,6 +111,7 @@ _GENERATION_HELP = {
     "count": "how many images (--n)",
     "sampler": "the sampler (--sampler)",
     "model": "the model (--model)",
+    "style": "a style from /styles (--style; more with --style in the prompt)",
 }
 
 
@@ -197,9 +200,9 @@ class EaselCog(commands.Cog, name=COG_NAME):
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None = None,
                       seed: int | None = None, steps: int | None = None, cfg: float | None = None,
                       aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
+                      model: str | None = None, style: str | None = None) -> None:
         options = {"negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "aspect": aspect,
-                   "count": count, "sampler": sampler, "model": model}
+                   "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.IMAGINE, prompt, options)
 
     @app_commands.command(name="edit", description="Repaint an attached picture guided by a prompt")
@@ -208,9 +211,10 @@ class EaselCog(commands.Cog, name=COG_NAME):
     async def edit(self, interaction: discord.Interaction, image: discord.Attachment, prompt: str,
                    strength: float | None = None, negative: str | None = None, seed: int | None = None,
                    steps: int | None = None, cfg: float | None = None, aspect: str | None = None,
-                   count: int | None = None, sampler: str | None = None, model: str | None = None) -> None:
+                   count: int | None = None, sampler: str | None = None, model: str | None = None,
+                   style: str | None = None) -> None:
         options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.EDIT, prompt, options, image=image)
 
     @app_commands.command(name="inpaint", description="Repaint the white parts of a mask")
@@ -220,16 +224,22 @@ class EaselCog(commands.Cog, name=COG_NAME):
                       prompt: str, strength: float | None = None, negative: str | None = None,
                       seed: int | None = None, steps: int | None = None, cfg: float | None = None,
                       aspect: str | None = None, count: int | None = None, sampler: str | None = None,
-                      model: str | None = None) -> None:
+                      model: str | None = None, style: str | None = None) -> None:
         options = {"strength": strength, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                   "aspect": aspect, "count": count, "sampler": sampler, "model": model}
+                   "aspect": aspect, "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.INPAINT, prompt, options, image=image, mask=mask)
 
     @imagine.autocomplete("model")
     @edit.autocomplete("model")
     @inpaint.autocomplete("model")
     async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return _choices(self.core.settings.models, current)
+        return _choices([model.name for model in self.core.catalog.list() if model.usable], current)
+
+    @imagine.autocomplete("style")
+    @edit.autocomplete("style")
+    @inpaint.autocomplete("style")
+    async def complete_style(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return _choices([style_flag(style.name) for style in self.core.parser.styles.styles()], current)
 
     @imagine.autocomplete("sampler")
     @edit.autocomplete("sampler")
@@ -257,6 +267,17 @@ class EaselCog(commands.Cog, name=COG_NAME):
 
         await self._deferred_answer(interaction, answer)
 
+    @app_commands.command(name="loras", description="The installed LoRAs and embeddings, and what each is for")
+    async def loras(self, interaction: discord.Interaction) -> None:
+        async def answer() -> str:
+            return listing_text(self.core.parser.networks.listing())
+
+        await self._deferred_answer(interaction, answer)
+
+    @app_commands.command(name="styles", description="The styles --style NAME puts a prompt into")
+    async def styles(self, interaction: discord.Interaction) -> None:
+        await self._answer_in_code_blocks(interaction, describe_styles(self.core.parser.styles.styles()))
+
     @app_commands.command(name="cancel", description="Cancel a job; without an id, your newest unfinished one")
     @app_commands.describe(id="the job id (optional)")
     async def cancel(self, interaction: discord.Interaction, id: str | None = None) -> None:
@@ -269,14 +290,12 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @app_commands.command(name="help", description="Commands, flags, limits and examples")
     async def help_(self, interaction: discord.Interaction) -> None:
         """The grammar's /help, in as many private messages as Discord's 2000 characters need."""
-        parts = _code_blocks(self.core.parser.help_text())
+        await self._answer_in_code_blocks(interaction, self.core.parser.help_text())
 
-        async def answer() -> str:
-            return parts[0]
-
-        await self._deferred_answer(interaction, answer)
-        for part in parts[1:]:
-            await interaction.followup.send(part, ephemeral=True)
+    @app_commands.command(name="models", description="The models: family, size, default settings, what each is for")
+    async def models(self, interaction: discord.Interaction) -> None:
+        """bot/catalog.py's /models answer (the checkpoints folder read again), privately."""
+        await self._answer_in_code_blocks(interaction, self.core.catalog.describe())
 
     async def cog_app_command_error(self, interaction: discord.Interaction,  # type: ignore[override]
                                     error: app_commands.AppCommandError) -> None:
@@ -366,6 +385,17 @@ class EaselCog(commands.Cog, name=COG_NAME):
             await interaction.edit_original_response(content=error_text(error.message))
         # The delivery loop shows the queue position, progress and result from the job's events.
 
+    async def _answer_in_code_blocks(self, interaction: discord.Interaction, text: str) -> None:
+        """A long answer to the user alone, as code blocks of whole lines in as many messages as it needs."""
+        parts = _code_blocks(text)
+
+        async def answer() -> str:
+            return parts[0]
+
+        await self._deferred_answer(interaction, answer)
+        for part in parts[1:]:
+            await interaction.followup.send(part, ephemeral=True)
+
     async def _deferred_answer(self, interaction: discord.Interaction, answer: Callable[[], Awaitable[str]]) -> None:
         """Defer privately, then show the answer (or the error) to the user alone."""
         await interaction.response.defer(thinking=True, ephemeral=True)
@@ -382,8 +412,11 @@ class EaselCog(commands.Cog, name=COG_NAME):
         moderator = interaction.permissions.manage_messages or bool(role_ids & set(self.config.moderator_role_ids))
         channel = interaction.channel
         nsfw_channel = bool(channel is not None and getattr(channel, "is_nsfw", lambda: False)())
+        # A permutation prompt's further jobs post results of their own rather than edit this message.
+        others = {**target.as_dict(), "message_id": None} if target else None
         return Requester(platform=PLATFORM, user_id=str(user.id), display_name=user.display_name,
-                         reply_to=target.as_dict() if target else {}, is_platform_moderator=moderator,
+                         reply_to=target.as_dict() if target else {}, reply_to_others=others,
+                         is_platform_moderator=moderator,
                          nsfw_allowed_here=self.config.nsfw == "nsfw_channels" and nsfw_channel)
 
     # -- delivering job events ------------------------------------------------------------------

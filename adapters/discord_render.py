@@ -16,7 +16,7 @@ import discord
 from PIL import Image
 
 from bot.delivery import Delivery, ShownImage
-from bot.domain import JobKind
+from bot.domain import JobKind, lora_tags
 from bot.views import JobView
 
 MAX_CONTENT_CHARS = 2000  # Discord's limit for a message's text
@@ -77,6 +77,11 @@ def handoff_text(job: JobView) -> str:
                  "edit this message for 15 minutes, so the result will be posted in this channel.")
 
 
+def listing_text(listing: str) -> str:
+    """A listing (/loras) within Discord's 2000 characters."""
+    return _clip(listing)
+
+
 def error_text(message: str) -> str:
     return _clip(f"⚠️ {message}")
 
@@ -88,6 +93,8 @@ def info_text(delivery: Delivery) -> str:
              f"Prompt: {p.prompt}"]
     if p.negative:
         lines.append(f"Negative: {p.negative}")
+    if p.loras:
+        lines.append(f"LoRAs: {lora_tags(p.loras)}")
     lines.append(f"Model {p.model} · sampler {p.sampler} · steps {p.steps} · cfg {p.cfg:g} · "
                  f"size {p.width}x{p.height} · images {p.n}")
     if p.kind is not JobKind.IMAGINE:
@@ -97,7 +104,8 @@ def info_text(delivery: Delivery) -> str:
         lines.append(delivery.notice)
     if job.error:
         lines.append(f"Error: {job.error}")
-    lines.append(f"Again: `/imagine {p.prompt} --seed {p.seed} --steps {p.steps} --cfg {p.cfg:g} "
+    tags = f" {lora_tags(p.loras)}" if p.loras else ""
+    lines.append(f"Again: `/imagine {p.prompt}{tags} --seed {p.seed} --steps {p.steps} --cfg {p.cfg:g} "
                  f"--size {p.width}x{p.height} --sampler {p.sampler} --model {p.model}"
                  + (f" --no {p.negative}" if p.negative else "") + "`")
     return _clip("\n".join(lines))

@@ -56,15 +56,19 @@ from bot.domain import (
     HelpCommand,
     JobCommand,
     JobsCommand,
+    LorasCommand,
     ModCommand,
+    ModelsCommand,
     QuotaCommand,
     Requester,
+    StylesCommand,
 )
 from bot.errors import ConfigError, EaselError
 from bot.events import EventKind
 from bot.grammar import COMMANDS, split_command
 from bot.idempotency import earlier_job
 from bot.policy import describe_quota
+from bot.styles import describe_styles
 from bot.views import JobView
 
 log = logging.getLogger("easel.telegram")
@@ -246,6 +250,12 @@ class EaselTelegram:
                 await self._say(message, f"🚫 Job {job.id} cancelled.")
             elif isinstance(command, HelpCommand):
                 await self._say(message, self._help())
+            elif isinstance(command, StylesCommand):
+                await self._say(message, describe_styles(self.core.parser.styles.styles()))
+            elif isinstance(command, ModelsCommand):
+                await self._say(message, self.core.catalog.describe())
+            elif isinstance(command, LorasCommand):
+                await self._say(message, self.core.parser.networks.listing())
         except EaselError as error:
             await self._say(message, render.error_text(error.message))
 
@@ -260,7 +270,9 @@ class EaselTelegram:
                                      self.core.settings.limits)
         # 2. The status message, first, so its id is stored with the job and survives a restart.
         status = await self._say(message, "⏳ Queuing…")
-        requester = replace(requester, reply_to={**requester.reply_to, "status_message_id": status.message_id})
+        # A permutation prompt's further jobs send their results as replies of their own.
+        requester = replace(requester, reply_to={**requester.reply_to, "status_message_id": status.message_id},
+                            reply_to_others=requester.reply_to)
         # 3. Submit under the message's idempotency key.
         await self._submit(status, lambda: self.core.service.submit(
             requester, command, inputs, idempotency_key=key, fingerprint=FINGERPRINT))
@@ -276,7 +288,11 @@ class EaselTelegram:
             await self.board.settle(status.chat.id, status.message_id,
                                     f"This was already received as job {result.job.id}.")
             return result.job
-        self.board.show(status.chat.id, status.message_id, render.queued_text(result.job.id, result.position))
+        text = render.queued_text(result.job.id, result.position)
+        if result.others:
+            text += f"\n+ {len(result.others)} more job(s), one per {{...}} option: " + \
+                ", ".join(other.job.id for other in result.others)
+        self.board.show(status.chat.id, status.message_id, text)
         return result.job
 
     # -- buttons ----------------------------------------------------------------------------------

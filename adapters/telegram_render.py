@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
 from bot.delivery import Delivery, ShownImage
-from bot.domain import JobKind, JobStatus
+from bot.domain import JobKind, JobStatus, lora_tags
 from bot.events import EventKind
 from bot.views import JobView
 
@@ -157,6 +157,8 @@ def describe_job(delivery: Delivery) -> str:
     lines = [f"Job {job.id}: {job.status.value}", f"{p.kind.value}: {_clip(p.prompt, 1500)}"]
     if p.negative:
         lines.append(f"negative: {_clip(p.negative, 800)}")
+    if p.loras:
+        lines.append(f"loras: {lora_tags(p.loras)}")
     lines.append(f"model {p.model} · {p.sampler} · {p.steps} steps · cfg {p.cfg:g} · {p.width}x{p.height}")
     seeds = ", ".join(str(seed) for seed in job.seeds)
     lines.append(f"{p.n} image{'s' if p.n != 1 else ''} · seed{'s' if p.n != 1 else ''} {seeds}")

@@ -20,6 +20,7 @@ import asyncio
 from dataclasses import dataclass
 
 from bot.apikeys import ApiKeys
+from bot.catalog import ModelCatalog
 from bot.clock import Clock
 from bot.config import SafetyConfig, Settings
 from bot.database import Database, upgrade_database
@@ -44,6 +45,7 @@ class Core:
     store: ImageStore
     bus: EventBus
     parser: CommandParser
+    catalog: ModelCatalog  # the models: [models.*] and the checkpoints folder, with their defaults
     policy: Policy
     prompt_check: PromptCheck
     service: JobService
@@ -69,15 +71,17 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     store = ImageStore(settings.storage.data_dir / "images")
     bus = EventBus(db, clock=clock)
     policy = Policy(settings)
+    parser = CommandParser.from_settings(settings)
     service = JobService(settings, db, store, bus, policy=policy, prompt_check=prompt_check,
-                         fetcher=ImageFetcher(settings.fetch), clock=clock)
+                         fetcher=ImageFetcher(settings.fetch), clock=clock, catalog=parser.catalog)
     return Core(
         settings=settings,
         clock=clock,
         db=db,
         store=store,
         bus=bus,
-        parser=CommandParser.from_settings(settings),
+        parser=parser,
+        catalog=parser.catalog,
         policy=policy,
         prompt_check=prompt_check,
         service=service,

@@ -37,10 +37,32 @@ class DatabaseConfig(Section):
 class StorageConfig(Section):
     data_dir: Path = Path("data")  # the SQLite database, images/ and the built-in models live here
     models_dir: Path | None = None  # where built-in models are built and cached; default data_dir/models
+    lora_dir: Path | None = None  # LoRA .safetensors files, used by file stem; default data_dir/loras
+    embeddings_dir: Path | None = None  # textual-inversion embeddings; default data_dir/embeddings
+    styles_file: Path | None = None  # AUTOMATIC1111's styles.csv for --style; default data_dir/styles.csv
+    # Diffusers folders and .safetensors checkpoints dropped here are models named by their stem
+    # (bot/catalog.py); default data_dir/checkpoints.
+    checkpoints_dir: Path | None = None
 
     @property
     def model_cache(self) -> Path:
         return self.models_dir or self.data_dir / "models"
+
+    @property
+    def loras(self) -> Path:
+        return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.embeddings_dir or self.data_dir / "embeddings"
+
+    @property
+    def styles_path(self) -> Path:
+        return self.styles_file or self.data_dir / "styles.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoints_dir or self.data_dir / "checkpoints"
 
 
 class LimitsConfig(Section):
@@ -54,6 +76,7 @@ class LimitsConfig(Section):
     max_cfg: float = Field(20.0, ge=0)
     default_cfg: float = Field(7.0, ge=0)
     max_n: int = Field(4, ge=1)
+    max_permutations: int = Field(8, ge=1)  # jobs one prompt's {red, green} options may make
     default_n: int = Field(1, ge=1)
     min_side: int = Field(64, ge=8)
     max_side: int = Field(1024, ge=8)
@@ -64,6 +87,9 @@ class LimitsConfig(Section):
     # Attachments: bytes on the wire, and pixels once the header is read (before decoding them all).
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_upload_pixels: int = Field(4096 * 4096, ge=1)
+    # LoRAs one job may use, and their weights: from -max_lora_weight to max_lora_weight.
+    max_loras: int = Field(5, ge=0)
+    max_lora_weight: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _ranges_make_sense(self) -> LimitsConfig:
@@ -101,11 +127,34 @@ class QueueConfig(Section):
 
 
 class ModelConfig(Section):
-    # "builtin:tiny", a hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers
-    # folder, or a single-file checkpoint ending in .safetensors / .ckpt.
-    source: str
-    default_width: int = Field(512, ge=8)
-    default_height: int = Field(512, ge=8)
+    """One model and its defaults (bot/catalog.py). A user's flags override every default."""
+
+    # "builtin:shapes", a hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers
+    # folder or a single-file .safetensors checkpoint. Empty: the checkpoint named like this table in
+    # the checkpoints folder (storage.checkpoints_dir), so its defaults can be set here.
+    source: str = ""
+    # Single-file checkpoints: a diffusers folder or hub id of the same family whose configuration
+    # describes its parts. Empty: the family's reference model on the hub (fetched once, then cached).
+    config: str = ""
+    family: Literal["", "sd1", "sd2", "sdxl"] = ""  # empty: read from the model's files
+    description: str = ""  # what the model is for, shown by /models
+    default_width: int | None = Field(None, ge=8)  # None: the model's own (512 SD 1.x, 768 2.x, 1024 SDXL)
+    default_height: int | None = Field(None, ge=8)
+    default_steps: int | None = Field(None, ge=1)  # None: limits.default_steps
+    default_cfg: float | None = Field(None, ge=0)  # None: limits.default_cfg
+    default_sampler: str | None = None  # None: generation.default_sampler
+    default_negative: str = ""  # the negative prompt when the user gives none (--no, (-...))
+
+    @model_validator(mode="after")
+    def _loadable(self) -> ModelConfig:
+        from bot.catalog import PICKLE_SUFFIXES, pickle_refusal
+        from bot.domain import SAMPLERS
+
+        if self.source.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(pickle_refusal(self.source))
+        if self.default_sampler is not None and self.default_sampler.lower() not in SAMPLERS:
+            raise ValueError(f"default_sampler = {self.default_sampler!r} is not one of {', '.join(SAMPLERS)}")
+        return self
 
 
 class GenerationConfig(Section):
@@ -388,7 +437,8 @@ class FetchConfig(Section):
 def _builtin_models() -> dict[str, ModelConfig]:
     return {
         # Trained to draw coloured shapes on command ("a red circle on a blue background"); ships with Easel.
-        "shapes": ModelConfig(source="builtin:shapes", default_width=64, default_height=64),
+        # Guidance 3 draws its shapes cleanest (README, "The built-in models").
+        "shapes": ModelConfig(source="builtin:shapes", default_width=64, default_height=64, default_cfg=3.0),
         # Untrained (draws noise) and fastest: for tests of the pipeline itself.
         "tiny": ModelConfig(source="builtin:tiny", default_width=64, default_height=64),
     }

@@ -5,6 +5,8 @@ Nothing here touches the database, a platform or torch: these are the words the 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -68,17 +70,39 @@ class GenerationParams:
     model: str = "tiny"
     seed: int | None = None
     strength: float | None = None  # edit and inpaint only: how much of the input to repaint
+    # (LoRA name, weight) pairs sorted by name, so equal sets compare equal (see with_loras).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ)."""
+        """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ).
+        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one."""
         return (self.kind, self.model, self.width, self.height, self.steps, self.sampler, self.cfg,
-                self.strength)
+                self.strength, loras_text(self.loras))
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: the base seed, then the next ones."""
         if self.seed is None:
             raise ValueError("image_seeds() needs a seed; the job service assigns one before queuing")
         return [self.seed + i for i in range(self.n)]
+
+
+def sorted_loras(loras: Iterable[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """LoRAs in the one order GenerationParams keeps them: by name, weights as floats."""
+    return tuple(sorted((name, float(weight)) for name, weight in loras))
+
+
+def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
+    """The LoRAs as the database stores them (and the queue compares them): `[["cyan", 0.8]]`, `[]`."""
+    return json.dumps([[name, weight] for name, weight in sorted_loras(loras)], ensure_ascii=False)
+
+
+def loras_of_text(text: str | None) -> tuple[tuple[str, float], ...]:
+    return sorted_loras((name, weight) for name, weight in json.loads(text or "[]"))
+
+
+def lora_tags(loras: tuple[tuple[str, float], ...]) -> str:
+    """The LoRAs as AUTOMATIC1111's prompt tags, as users type them: `<lora:ring:0.8> <lora:cross:1>`."""
+    return " ".join(f"<lora:{name}:{weight:g}>" for name, weight in loras)
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,13 @@ class GenerateCommand:
     # `{https://...}` links taken out of the prompt: the image (and, for /inpaint, the mask) to fetch
     # when none is attached (bot/fetch.py).
     reference_urls: tuple[str, ...] = ()
+    # A permutation prompt, `a {red, green} circle` (bot/permutations.py): the params of every
+    # combination after the first, `params`. Each becomes a job of its own, with its own seed.
+    permutations: tuple[GenerationParams, ...] = ()
+
+    def every_params(self) -> tuple[GenerationParams, ...]:
+        """The params of each job this command makes: one, or one per permutation."""
+        return (self.params, *self.permutations)
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,21 @@ class CancelCommand:
 @dataclass(frozen=True)
 class HelpCommand:
     """/help: the commands with examples."""
+
+
+@dataclass(frozen=True)
+class StylesCommand:
+    """/styles: the styles of styles.csv that --style NAME applies (bot/styles.py)."""
+
+
+@dataclass(frozen=True)
+class LorasCommand:
+    """/loras: the installed LoRAs and embeddings, each with what it is for (bot/extra_networks.py)."""
+
+
+@dataclass(frozen=True)
+class ModelsCommand:
+    """/models: every model with its family, default size and settings, and what it is for (bot/catalog.py)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +235,7 @@ class ModResolveCommand:
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
               | ModResolveCommand)
 Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
-           | AppealCommand | ModCommand)
+           | StylesCommand | ModelsCommand | LorasCommand | AppealCommand | ModCommand)
 
 
 @dataclass(frozen=True)
@@ -204,6 +250,9 @@ class Requester:
     user_id: str
     display_name: str = ""
     reply_to: dict[str, Any] = field(default_factory=dict)
+    # Where the further jobs of one command answer (a permutation prompt makes several); None: as
+    # `reply_to`. E.g. Discord's other jobs post messages of their own instead of editing the first's.
+    reply_to_others: dict[str, Any] | None = None
     # What the platform itself says about this user and place; the policy layer decides what it means.
     is_platform_moderator: bool = False  # e.g. Discord "Manage Messages", Telegram chat admin
     nsfw_allowed_here: bool = False  # e.g. a Discord channel marked NSFW, a Telegram chat allowed by config

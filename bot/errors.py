@@ -6,6 +6,12 @@ is a bug and is logged, and the user gets a generic apology instead.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (library errors run on), or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class EaselError(Exception):
     """A problem the user (or operator) can fix; the message says how."""
 

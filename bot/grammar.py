@@ -19,10 +19,13 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import TypeVar
 
+from bot.attention import MAX_WEIGHT, MIN_WEIGHT, weighted_groups
+from bot.catalog import CatalogModel, ModelCatalog
 from bot.config import LimitsConfig, ModelConfig, Settings
 from bot.domain import (
     SAMPLERS,
@@ -35,21 +38,29 @@ from bot.domain import (
     JobCommand,
     JobKind,
     JobsCommand,
+    LorasCommand,
     ModAppealsCommand,
     ModBanCommand,
     ModCommand,
+    ModelsCommand,
     ModFlagsCommand,
     ModQuotaCommand,
     ModResolveCommand,
     ModUnbanCommand,
     QuotaCommand,
+    StylesCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
+from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, take_lora_tags
+from bot.permutations import check_permutations, expand_permutations
+from bot.styles import StyleBook
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "appeal",
-                             "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "styles",
+                             "models", "loras", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
-FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength")
+FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
+                          "lora")
+REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -57,8 +68,9 @@ _Default = TypeVar("_Default", int, float, None)
 # `--seed`, and `—seed` / `–seed` as iOS and Android autocorrect it; a letter must follow, so that a
 # dash used as punctuation ("a cat — sleeping", "1990–2000") stays prompt text.
 _FLAG = re.compile(r"(?:--|[—–])-*(?P<name>[^\W\d_][^=]*)(?:=(?P<value>.*))?")
-# `(-bad hands -extra fingers)`: a negative group, as users already write them inside the prompt.
-_NEGATIVE_GROUP = re.compile(r"\(\s*[-—–][^()]*\)")
+# `(-bad hands -extra fingers)`: a negative group, as users already write them inside the prompt. Its
+# items may carry AUTOMATIC1111 weights, `(-(bad hands:1.3) -blur)`; `\(-x\)` is literal text.
+_NEGATIVE_GROUP = re.compile(r"(?<!\\)\(\s*[-—–](?:[^()]|\([^()]*\))*\)")
 _NEGATIVE_ITEM_START = re.compile(r"(?:^|\s)[-—–]+\s*")
 _SIZE = re.compile(r"(\d+)[xX×](\d+)")
 _ASPECT = re.compile(r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)")
@@ -96,17 +108,26 @@ class CommandParser:
         models: Mapping[str, ModelConfig],
         default_model: str,
         default_sampler: str,
+        styles: StyleBook | None = None,
+        catalog: ModelCatalog | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
+        """`models` are the [models.*] tables; `catalog` adds the checkpoints folder's (bot/catalog.py)."""
         self.limits = limits
-        self.models = dict(models)
         self.default_model = default_model
         self.default_sampler = default_sampler.lower()
-        _check_configuration(limits, self.models, default_model, self.default_sampler)
+        self.styles = styles or StyleBook(None)
+        _check_configuration(limits, models, default_model, self.default_sampler)
+        self.catalog = catalog or ModelCatalog(models, limits=limits, default_sampler=self.default_sampler,
+                                               default_model=default_model)
+        self.styles.check()
+        self.networks = networks or ExtraNetworks(None, None)  # the installed LoRAs and embeddings
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CommandParser:
         return cls(settings.limits, settings.models, settings.generation.default_model,
-                   settings.generation.default_sampler)
+                   settings.generation.default_sampler, StyleBook(settings.storage.styles_path),
+                   ModelCatalog.from_settings(settings), ExtraNetworks.from_settings(settings))
 
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
@@ -135,6 +156,18 @@ class CommandParser:
             return CancelCommand(job_id=args[0] if args else None)
         if name == "help":
             return HelpCommand()
+        if name == "styles":
+            if args:
+                raise InvalidCommand("/styles takes nothing after it; use a style with --style NAME")
+            return StylesCommand()
+        if name == "models":
+            if args:
+                raise InvalidCommand("/models takes nothing after it; pick a model with --model NAME")
+            return ModelsCommand()
+        if name == "loras":
+            if args:
+                raise InvalidCommand("/loras takes nothing after it; use a LoRA with <lora:NAME:WEIGHT> in the prompt")
+            return LorasCommand()
         raise InvalidCommand(f"unknown command /{_shown(name)}{_did_you_mean(name, COMMANDS, '/')}; "
                              f"the commands are {_listed(COMMANDS, '/')}")
 
@@ -143,30 +176,47 @@ class CommandParser:
         kind = JobKind(kind)
         # 1. Take out reference links, then split the words into prompt text and flag values.
         text, links = _take_links(kind, text)
-        prompt_words, flags = _read_flags(text.split())
-        # 2. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
-        prompt, negatives = _take_negative_groups(" ".join(prompt_words))
-        if "no" in flags:
-            negatives.append(flags.pop("no"))
-        # 3. Check the text, then each flag against the limits.
-        return self.generation(kind, prompt, ", ".join(negatives), flags, links)
+        prompt_words, flags, repeated = _read_flags(text.split())
+        no, styles = flags.pop("no", None), repeated.get("style", [])
+        flags.pop("style", None)
+        loras = repeated.get("lora", [])
+        flags.pop("lora", None)
+        # 2. One prompt per combination of its `{red, green}` options (counted before they are made).
+        check_permutations(" ".join(prompt_words), self.limits.max_permutations)
+        commands = []
+        for combination in expand_permutations(" ".join(prompt_words)):
+            # 3. Take the inline negative groups, `(-bad hands -blur)`, out of the prompt.
+            prompt, negatives = _take_negative_groups(combination)
+            if no is not None:
+                negatives.append(no)
+            # 4. Check the text, then each flag against the limits.
+            commands.append(self.generation(kind, prompt, ", ".join(negatives), flags, links, styles, loras))
+        first, *others = commands
+        return replace(first, permutations=tuple(command.params for command in others))
 
     def generation(self, kind: JobKind, prompt: str, negative: str, flags: Mapping[str, str],
-                   reference_urls: tuple[str, ...] = ()) -> GenerateCommand:
+                   reference_urls: tuple[str, ...] = (), styles: Sequence[str] = (),
+                   loras: Sequence[str] = ()) -> GenerateCommand:
         """A generation command from a prompt, a negative prompt and flag values already taken apart (an
-        API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no") to
-        their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags (--steps)."""
+        API's JSON fields), checked as typed flags are: `flags` maps flag names (FLAGS, without "no" and
+        "style") to their text, e.g. `{"steps": "30", "size": "512x768"}`. Errors name the chat's flags
+        (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py).
+        `loras` are `--lora` values, "NAME:WEIGHT"; `<lora:NAME:WEIGHT>` tags in the prompt count too."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no"})
+        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"})
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
         self._check_text(kind, prompt, negative)
+        model = self._model(flags.get("model"))
+        negative = negative or model.negative  # the model's default, unless the user gave a negative
+        prompt, negative = self.styles.apply(list(styles), prompt, negative)
+        prompt, chosen_loras = self._loras(kind, prompt, negative, loras, model)
+        _check_weights(prompt, negative)
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
                                  "repaint); /imagine starts from noise, so leave it out")
-        model = self._model(flags.get("model"))
-        width, height = self._size(flags, self.models[model])
+        width, height = self._size(flags, model)
         default_strength = None if kind is JobKind.IMAGINE else limits.default_strength
         params = GenerationParams(
             kind=kind,
@@ -174,13 +224,14 @@ class CommandParser:
             negative=negative,
             width=width,
             height=height,
-            steps=_whole_number(flags, "steps", limits.min_steps, limits.max_steps, limits.default_steps),
-            cfg=_number(flags, "cfg", limits.min_cfg, limits.max_cfg, limits.default_cfg),
+            steps=_whole_number(flags, "steps", limits.min_steps, limits.max_steps, model.steps),
+            cfg=_number(flags, "cfg", limits.min_cfg, limits.max_cfg, model.cfg),
             n=_whole_number(flags, "n", 1, limits.max_n, limits.default_n),
-            sampler=self._sampler(flags.get("sampler")),
-            model=model,
+            sampler=self._sampler(flags.get("sampler"), model.sampler),
+            model=model.name,
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
+            loras=chosen_loras,
         )
         if params.strength is not None and int(params.steps * params.strength) < 1:
             # img2img runs steps x strength denoising steps; zero would return the input untouched.
@@ -193,7 +244,7 @@ class CommandParser:
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
-        return example_prompts(self.models[self.default_model].source)
+        return example_prompts(self.catalog.default.source)
 
     def help_text(self, forms: Mapping[str, str] | None = None) -> str:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
@@ -203,12 +254,11 @@ class CommandParser:
         ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
         """
         limits = self.limits
-        model = self.models[self.default_model]
-        models = ", ".join(f"{name} ({m.default_width}x{m.default_height})"
-                           for name, m in self.models.items())
+        model = self.catalog.default
+        models = ", ".join(m.name for m in self.catalog.list() if m.usable)
         form = {**ATTACHMENT_FORMS, **(forms or {})}
         examples = self.example_prompts()
-        fitted = "x".join(map(str, fit_size(512, 384, model.default_width * model.default_height, limits)))
+        fitted = "x".join(map(str, fit_size(512, 384, model.width * model.height, limits)))
         return "\n".join([
             "Commands:",
             "  /imagine <prompt> [flags]  make images from text",
@@ -222,34 +272,69 @@ class CommandParser:
             "  /jobs  your recent jobs, newest first",
             "  /cancel [id]  cancel a job; without an id, your newest unfinished one",
             "  /help  this message",
+            "  /styles  the styles --style NAME applies",
+            "  /models  the models, each with its family, size, default settings and what it is for",
+            "  /loras  the installed LoRAs and embeddings, and what each is for",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
             "Reference images: /edit {https://cdn.discordapp.com/...} <prompt> fetches the linked picture "
             "(platform image links only)",
-            "Flags (put them after the prompt; --flag=value works too):",
+            "Prompt syntax (as in AUTOMATIC1111): (word) or (word:1.3) weighs a word more, [word] less, "
+            f"from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}; \\( is a bracket; long prompts are read whole, 75 tokens "
+            "at a time",
+            f"Permutations: a {{red, green}} circle makes one job per option, each with its own seed (at most "
+            f"{limits.max_permutations} jobs)",
+            f"Flags (put them after the prompt; --flag=value works too; defaults are for {model.name}, "
+            "/models has each model's):",
             "  --no <words>  what to keep out of the image, up to the next flag; or write "
             "(-bad hands -blur) inside the prompt",
             f"  --seed N  0 to {MAX_SEED} (default: random); the same seed and settings repeat a picture",
-            f"  --steps N  {limits.min_steps} to {limits.max_steps} (default {limits.default_steps}); "
+            f"  --steps N  {limits.min_steps} to {limits.max_steps} (default {model.steps}); "
             "more is slower and finer",
             f"  --cfg X  {_num(limits.min_cfg)} to {_num(limits.max_cfg)} "
-            f"(default {_num(limits.default_cfg)}); higher follows the prompt more closely",
+            f"(default {_num(model.cfg)}); higher follows the prompt more closely",
             f"  --ar W:H  aspect ratio from 1:{MAX_ASPECT:g} to {MAX_ASPECT:g}:1, e.g. 16:9 "
-            f"(about {model.default_width * model.default_height} pixels)",
+            f"(about {model.width * model.height} pixels)",
             f"  --size WxH  multiples of 8, each side {limits.min_side} to {limits.max_side}, at most "
-            f"{limits.max_pixels} pixels (default {model.default_width}x{model.default_height}); "
+            f"{limits.max_pixels} pixels (default {model.width}x{model.height}); "
             "not with --ar",
             f"  --n N  images, 1 to {limits.max_n} (default {limits.default_n})",
-            f"  --sampler NAME  {', '.join(SAMPLERS)} (default {self.default_sampler})",
-            f"  --model NAME  {models} (default {self.default_model})",
+            f"  --sampler NAME  {', '.join(SAMPLERS)} (default {model.sampler})",
+            f"  --model NAME  {models} (default {self.default_model}; /models describes them)",
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
             f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
+            "  --style NAME  put the prompt into a style from /styles; repeat it for several",
+            f"  --lora NAME:W  a LoRA from /loras at weight W (default 1, {_num(-limits.max_lora_weight)} to "
+            f"{_num(limits.max_lora_weight)}); or write <lora:NAME:W> in the prompt; up to {limits.max_loras}",
+            "Embeddings from /loras are words: write the name in the prompt or after --no",
             "Examples:",
             f"  /imagine {examples[0]} --ar 16:9 --seed 42",
             f"  /imagine {examples[1]} (-blurry -text) --steps 30 --n 2",
             f"  {form['edit example']}",
         ])
+
+    def _loras(self, kind: JobKind, prompt: str, negative: str, flagged: Sequence[str],
+               model: CatalogModel) -> tuple[str, tuple[tuple[str, float], ...]]:
+        """Take `<lora:NAME:WEIGHT>` tags out of the prompt and check them with the `--lora` values:
+        the prompt without its tags, and the (name, weight) pairs sorted by name. A LoRA whose file says
+        it is for another family than the model's is refused here; the worker checks the rest (a
+        model's exact text width is known once it is loaded)."""
+        prompt, tagged = take_lora_tags(prompt)
+        if has_lora_tag(negative):
+            raise InvalidCommand("<lora:NAME:WEIGHT> tags go in the prompt, not in the negative prompt")
+        if not prompt and tagged:
+            raise InvalidCommand(f"/{kind} needs a prompt besides its <lora:...> tags, e.g. /{kind} a ring "
+                                 "<lora:ring:0.8>")
+        limits = self.limits
+        chosen = parse_lora_specs([*tagged, *flagged], self.networks, limits.max_loras, limits.max_lora_weight)
+        for name, _ in chosen:
+            family = self.networks.lora_family(self.networks.lora(name))
+            if family is not None and model.family is not None and family != model.family.label:
+                raise InvalidCommand(f"LoRA {name!r} is for {family} models, and model {model.name!r} is an "
+                                     f"{model.family.label} model; use a LoRA made for {model.name} (/loras says "
+                                     "what each is for)")
+        return prompt, chosen
 
     def _quota(self, rest: str) -> QuotaCommand:
         """/quota, or /quota /imagine a cat --n 4 to price that command."""
@@ -274,24 +359,28 @@ class CommandParser:
             raise InvalidCommand(f"the negative prompt (--no and (-...) groups) is {len(negative)} "
                                  f"characters; the limit is {limit}")
 
-    def _model(self, value: str | None) -> str:
-        if value is None:
-            return self.default_model
-        by_lower = {name.lower(): name for name in self.models}
-        if value.lower() not in by_lower:
-            raise InvalidCommand(f"--model must be one of {', '.join(self.models)}; "
-                                 f"got {_shown(value)}{_did_you_mean(value.lower(), list(by_lower))}")
-        return by_lower[value.lower()]
+    def _model(self, value: str | None) -> CatalogModel:
+        """The model a job runs on, with its defaults; a checkpoint new in the folder is found too."""
+        requested = value if value is not None else self.default_model
+        model = self.catalog.get(requested)
+        if model is None:
+            names = {m.name.lower(): m.name for m in self.catalog.list() if m.usable}
+            close = difflib.get_close_matches(requested.lower(), list(names), n=1)
+            raise InvalidCommand(f"--model must be one of {', '.join(names.values())}; got {_shown(requested)}"
+                                 f"{f' (did you mean {names[close[0]]}?)' if close else ''} (/models lists them)")
+        if model.problem is not None:
+            raise InvalidCommand(f"model {model.name} cannot be used: {model.problem}")
+        return model
 
-    def _sampler(self, value: str | None) -> str:
+    def _sampler(self, value: str | None, default: str) -> str:
         if value is None:
-            return self.default_sampler
+            return default
         if value.lower() not in SAMPLERS:
             raise InvalidCommand(f"--sampler must be one of {', '.join(SAMPLERS)}; "
                                  f"got {_shown(value)}{_did_you_mean(value.lower(), SAMPLERS)}")
         return value.lower()
 
-    def _size(self, flags: Mapping[str, str], model: ModelConfig) -> tuple[int, int]:
+    def _size(self, flags: Mapping[str, str], model: CatalogModel) -> tuple[int, int]:
         if "size" in flags and "ar" in flags:
             raise InvalidCommand("give --ar or --size, not both: --ar picks the shape at the model's usual "
                                  "size, --size sets exact pixels")
@@ -299,8 +388,8 @@ class CommandParser:
             return self._exact_size(flags["size"])
         if "ar" in flags:
             aspect_w, aspect_h = _aspect(flags["ar"])
-            return fit_size(aspect_w, aspect_h, model.default_width * model.default_height, self.limits)
-        return model.default_width, model.default_height
+            return fit_size(aspect_w, aspect_h, model.width * model.height, self.limits)
+        return model.width, model.height
 
     def _exact_size(self, value: str) -> tuple[int, int]:
         limits = self.limits
@@ -370,10 +459,14 @@ def fit_size(aspect_w: float, aspect_h: float, area: int, limits: LimitsConfig) 
 # -- tokenizing -------------------------------------------------------------------------------------
 
 
-def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Separate prompt words from flags. `--no` takes the words up to the next flag; the rest one word."""
+def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """Separate prompt words from flags. `--no` takes the words up to the next flag; the rest one word.
+
+    Returns the prompt words, each flag's value, and every value of each REPEATABLE_FLAGS flag in order.
+    """
     prompt: list[str] = []
     flags: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     position = 0
     while position < len(words):
         word = words[position]
@@ -383,7 +476,7 @@ def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
             prompt.append(word)
             continue
         name, inline_value = flag
-        if name in flags:
+        if name in flags and name not in REPEATABLE_FLAGS:
             raise InvalidCommand(f"--{name} was given twice; give it once")
         taken = _value_words(name, inline_value, words[position:])
         position += len(taken)
@@ -391,7 +484,8 @@ def _read_flags(words: list[str]) -> tuple[list[str], dict[str, str]]:
         if not value:
             raise InvalidCommand(f"--{name} needs a value after it, e.g. {_EXAMPLES[name]}")
         flags[name] = value
-    return prompt, flags
+        repeated.setdefault(name, []).append(value)
+    return prompt, flags, repeated
 
 
 def _flag(word: str) -> tuple[str, str | None] | None:
@@ -429,6 +523,16 @@ def _take_negative_groups(prompt: str) -> tuple[str, list[str]]:
         items = (item.strip(" ,") for item in _NEGATIVE_ITEM_START.split(group[1:-1].strip()))
         negatives.extend(item for item in items if item)
     return " ".join(_NEGATIVE_GROUP.sub(" ", prompt).split()), negatives
+
+
+def _check_weights(prompt: str, negative: str) -> None:
+    """AUTOMATIC1111 weights, `(red:1.3)`, within the range that still draws something."""
+    for which, text in (("prompt", prompt), ("negative prompt", negative)):
+        for group in weighted_groups(text):
+            if not MIN_WEIGHT <= group.weight <= MAX_WEIGHT:
+                words = _shown(group.text, 30)
+                raise InvalidCommand(f"the weight in ({words}:{group.weight:g}) in the {which} must be from "
+                                     f"{MIN_WEIGHT:g} to {MAX_WEIGHT:g}, e.g. ({words}:1.3)")
 
 
 def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
@@ -590,11 +694,17 @@ def _check_configuration(limits: LimitsConfig, models: Mapping[str, ModelConfig]
         raise ConfigError(f"limits.max_pixels = {limits.max_pixels} is below the smallest image, "
                           f"{low}x{low} (limits.min_side)")
     for name, model in models.items():
-        width, height = model.default_width, model.default_height
+        width, height = model.default_width or low, model.default_height or low  # unset: the model's, fitted
         if width % 8 or height % 8 or not (low <= width <= high and low <= height <= high) \
                 or width * height > limits.max_pixels:
             raise ConfigError(f"models.{name}: default size {width}x{height} must be multiples of 8 within "
                               f"limits.min_side/max_side/max_pixels ({low} to {high}, {limits.max_pixels})")
+        if model.default_steps is not None and not limits.min_steps <= model.default_steps <= limits.max_steps:
+            raise ConfigError(f"models.{name}: default_steps = {model.default_steps} must lie between "
+                              f"limits.min_steps = {limits.min_steps} and limits.max_steps = {limits.max_steps}")
+        if model.default_cfg is not None and not limits.min_cfg <= model.default_cfg <= limits.max_cfg:
+            raise ConfigError(f"models.{name}: default_cfg = {_num(model.default_cfg)} must lie between "
+                              f"limits.min_cfg = {_num(limits.min_cfg)} and limits.max_cfg = {_num(limits.max_cfg)}")
 
 
 def _side_range(limits: LimitsConfig) -> tuple[int, int]:
@@ -619,6 +729,8 @@ _EXAMPLES = {
     "sampler": "--sampler euler_a",
     "model": "--model <name from /help>",
     "strength": "--strength 0.6",
+    "style": "--style <name from /styles>",
+    "lora": "--lora <name from /loras>:0.8",
 }
 
 

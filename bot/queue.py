@@ -65,7 +65,8 @@ class RecoveryReport:
 
 
 # The columns of GenerationParams.batch_key(): jobs equal in all of them share one diffusers call.
-BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.sampler, Job.cfg, Job.strength)
+BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.sampler, Job.cfg, Job.strength,
+                     Job.loras)
 
 
 class JobQueue:

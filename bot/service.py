@@ -20,16 +20,18 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bot.catalog import ModelCatalog
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
-from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
-from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, Refused
+from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester, loras_text
+from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
 from bot.events import EventBus, EventKind
 from bot.fetch import ImageFetcher
 from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
 from bot.models import IdempotencyKey, Image, Job, User
-from bot.policy import Policy
+from bot.policy import Policy, cost_milli
+from bot.repositories import QueueLoad
 from bot.safety import WITHHOLD, Decision, PromptCheck, flagged_category
 from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
@@ -48,6 +50,13 @@ class SubmitResult:
     job: JobView
     position: int  # 1 = next to run; 0 = no longer waiting (a replayed submission whose job has started)
     replayed: bool = False  # True: the Idempotency-Key matched an earlier submission; nothing new was queued
+    # A permutation prompt's further jobs, one per combination after the first (`job`), in order.
+    others: tuple[SubmitResult, ...] = ()
+
+    @property
+    def every(self) -> tuple[SubmitResult, ...]:
+        """This submission's jobs: one, or one per combination of a permutation prompt."""
+        return (self, *self.others)
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,10 @@ class JobService:
     """Built once by `bot.bootstrap.open_core`, with the policy, prompt check, fetcher and clock it shares."""
 
     def __init__(self, settings: Settings, db: Database, store: ImageStore, bus: EventBus, *, policy: Policy,
-                 prompt_check: PromptCheck, fetcher: ImageFetcher, clock: Callable[[], datetime]) -> None:
+                 prompt_check: PromptCheck, fetcher: ImageFetcher, clock: Callable[[], datetime],
+                 catalog: ModelCatalog | None = None) -> None:
         self.settings = settings
+        self.catalog = catalog or ModelCatalog.from_settings(settings)  # the models and their defaults
         self.db = db
         self.store = store
         self.bus = bus
@@ -80,15 +91,17 @@ class JobService:
     async def submit(self, requester: Requester, command: GenerateCommand,
                      inputs: InputImages | None = None, *, idempotency_key: str | None = None,
                      fingerprint: str = "") -> SubmitResult:
-        """Validate the attachments, then queue the job. Raises an EaselError the user can read.
+        """Validate the attachments, then queue the job (a permutation prompt: one job per combination,
+        all or none). Raises an EaselError the user can read.
 
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
         """
         inputs = await self._fetch_references(command, inputs or InputImages())
-        params, image_sha, mask_sha = self._prepare(command, inputs)
+        first, image_sha, mask_sha = self._prepare(command, inputs)
+        jobs = _each_job(command, first)
         # Only the prompt: a negative prompt names what to keep *out* of the picture.
-        decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
+        decisions = [self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here) for params in jobs]
         now = self.clock()
         async with self.db.unit_of_work() as uow:
             user = await uow.users.get_or_create(requester.platform, requester.user_id, now=now,
@@ -99,51 +112,83 @@ class JobService:
                     await uow.commit()  # keep the user row get_or_create may have made or renamed
                     return earlier
             self.policy.check_not_banned(user, now)
-            if not decision.allowed:
-                refusal = await self._refuse_prompt(uow, user, params, decision, now)
-                raise Refused(refusal)
+            for params, decision in zip(jobs, decisions, strict=True):
+                if not decision.allowed:  # one refused combination refuses the whole command
+                    raise Refused(await self._refuse_prompt(uow, user, params, decision, now))
             load = await uow.jobs.queue_load(user.id)
-            await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
-            cost = await self.policy.reserve(uow, user, requester, params, now)
-            job = Job(
-                id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
-                prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
-                steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
-                seed=params.seed, strength=params.strength, init_image_sha=image_sha,
-                mask_image_sha=mask_sha, platform=requester.platform, reply_to=dict(requester.reply_to),
-                attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
-                nsfw_allowed=requester.nsfw_allowed_here,
-            )
-            await uow.jobs.add(job)  # the job row first: flags and the event refer to it
-            for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
-                await self.policy.record(uow, user, subject="prompt", category=match.category,
-                                         reason_code=match.reason_code, source="prompt_check", action=action,
-                                         now=now, job_id=job.id, detail=_flag_detail(match.term, params.prompt))
+            queued = []
+            try:
+                if len(jobs) > 1:  # the whole set's cost first, so a refusal is about the command
+                    await self.policy.check_quota(uow, user, requester, replace(first, n=first.n * len(jobs)), now)
+                for i, (params, decision) in enumerate(zip(jobs, decisions, strict=True)):
+                    at = replace(load, mine=load.mine + i, waiting=load.waiting + i)
+                    reply_to = requester.reply_to_others if i else None
+                    job, position = await self._queue(uow, user, requester, params, decision, (image_sha, mask_sha),
+                                                      at, now, reply_to, job_is_first=not i)
+                    queued.append(SubmitResult(job_view(job, self.store.path_of), position))
+            except (QuotaExceeded, QueueFull) as error:
+                if len(jobs) > 1:
+                    error.message = f"This prompt makes {len(jobs)} jobs (one per {{...}} option). {error.message}"
+                    error.args = (error.message,)
+                raise
             if idempotency_key is not None:
                 uow.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, fingerprint=fingerprint,
-                                               job_id=job.id, created_at=now))
-            self.bus.stage(uow, job, EventKind.QUEUED, {"position": load.position})
+                                               job_id=queued[0].job.id, created_at=now))
             await uow.commit()
-            return SubmitResult(job_view(job, self.store.path_of), load.position)
+        return replace(queued[0], others=tuple(queued[1:]))
+
+    async def _queue(self, uow: UnitOfWork, user: User, requester: Requester, params: GenerationParams,
+                     decision: Decision, inputs: tuple[str | None, str | None], load: QueueLoad, now: datetime,
+                     reply_to: dict[str, Any] | None = None, job_is_first: bool = True) -> tuple[Job, int]:
+        """Check the queue room and quota for one job, then add it, its prompt flags and its `queued` event.
+        Returns the job and its queue position."""
+        await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
+        cost = await self.policy.reserve(uow, user, requester, params, now)
+        image_sha, mask_sha = inputs
+        job = Job(
+            id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
+            prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
+            steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
+            seed=params.seed, strength=params.strength, loras=loras_text(params.loras), init_image_sha=image_sha,
+            mask_image_sha=mask_sha, platform=requester.platform,
+            reply_to=dict(requester.reply_to if reply_to is None else reply_to),
+            attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
+            nsfw_allowed=requester.nsfw_allowed_here,
+        )
+        await uow.jobs.add(job)  # the job row first: flags and the event refer to it
+        for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
+            await self.policy.record(uow, user, subject="prompt", category=match.category,
+                                     reason_code=match.reason_code, source="prompt_check", action=action,
+                                     now=now, job_id=job.id, detail=_flag_detail(match.term, params.prompt))
+        # A further job of one command stands behind its siblings (and, round-robin, other users' turns).
+        position = load.position if job_is_first else await uow.jobs.queue_position(job)
+        self.bus.stage(uow, job, EventKind.QUEUED, {"position": position})
+        return job, position
 
     async def estimate(self, requester: Requester, command: GenerateCommand,
                        inputs: InputImages | None = None) -> Estimate:
-        """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored."""
+        """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored. A
+        permutation prompt is priced as all its jobs together; `params` are its first job's."""
         params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
         params = replace(params, seed=command.params.seed)
+        jobs = len(command.every_params())
+        whole = replace(params, n=params.n * jobs)  # the jobs differ only in their prompts
         now = self.clock()
         async with self.db.unit_of_work(write=False) as uow:
             user = await uow.users.get_by_platform(requester.platform, requester.user_id)
             if user is not None:
                 self.policy.check_not_banned(user, now)
-            decision = self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here)
-            if not decision.allowed:  # a dry run records nothing and gives no strike
-                raise Refused(decision.message)
+            for prompt in dict.fromkeys(each.prompt for each in command.every_params()):
+                decision = self.prompt_check.check(prompt).decide(requester.nsfw_allowed_here)
+                if not decision.allowed:  # a dry run records nothing and gives no strike
+                    raise Refused(decision.message)
             load = await uow.jobs.queue_load(user.id if user else None)
-            await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
-            cost = await self.policy.check_quota(uow, user, requester, params, now)
-            quota = await self.policy.status(uow, user, requester, now, params)
-        return Estimate(params=params, images=params.n, quota=quota, position=load.position, cost=cost / 1000)
+            await self.policy.check_queue_room(uow, params, now, mine=load.mine + jobs - 1, waiting=load.waiting)
+            await self.policy.check_quota(uow, user, requester, whole, now)
+            quota = await self.policy.status(uow, user, requester, now, whole)
+        cost = cost_milli(params) * jobs  # what the jobs will be charged, each rounded up on its own
+        return Estimate(params=params, images=whole.n, quota=replace(quota, cost=cost / 1000), position=load.position,
+                        cost=cost / 1000)
 
     async def _replay(self, uow: UnitOfWork, user: User, key: str, fingerprint: str) -> SubmitResult | None:
         earlier = await uow.session.get(IdempotencyKey, (user.id, key))
@@ -251,17 +296,19 @@ class JobService:
         costs. `bot.policy.describe_quota` turns it into the /quota answer."""
         now = self.clock()
         params = command.params if command is not None else self._default_params()
+        jobs = len(command.every_params()) if command is not None else 1
         async with self.db.unit_of_work(write=False) as uow:
             user = await uow.users.get_by_platform(requester.platform, requester.user_id)
-            return await self.policy.status(uow, user, requester, now, params)
+            # A permutation prompt costs all its jobs, which differ only in their prompts.
+            status = await self.policy.status(uow, user, requester, now, replace(params, n=params.n * jobs))
+        return replace(status, cost=cost_milli(params) * jobs / 1000)
 
     def _default_params(self) -> GenerationParams:
         """A plain /imagine with the configured defaults, to price when /quota names no command."""
-        limits, generation = self.settings.limits, self.settings.generation
-        model = self.settings.models[generation.default_model]
-        return GenerationParams(kind=JobKind.IMAGINE, prompt="", width=model.default_width,
-                                height=model.default_height, steps=limits.default_steps, n=limits.default_n,
-                                model=generation.default_model)
+        model = self.catalog.default
+        return GenerationParams(kind=JobKind.IMAGINE, prompt="", width=model.width, height=model.height,
+                                steps=model.steps, cfg=model.cfg, n=self.settings.limits.default_n,
+                                sampler=model.sampler, model=model.name)
 
     # -- cancelling and delivery -----------------------------------------------------------------
 
@@ -314,6 +361,20 @@ async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus
     kind = {JobStatus.SUCCEEDED: EventKind.DONE, JobStatus.FAILED: EventKind.FAILED,
             JobStatus.CANCELLED: EventKind.CANCELLED}[status]
     bus.stage(uow, job, kind, payload or ({"error": error} if error else {}))
+
+
+def _each_job(command: GenerateCommand, first: GenerationParams) -> list[GenerationParams]:
+    """The params of each job a command makes, from the first job's as `_prepare` made them (seed
+    picked, size fitted). A permutation prompt's jobs differ only in their prompts and seeds: random
+    seeds, or with --seed S the seeds S, S + n, S + 2n..., so every image of the set has a seed of its
+    own and the set can be made again."""
+    if not command.permutations:
+        return [first]
+    given = command.params.seed is not None
+    seeds = [first.seed + i * first.n if given or i == 0 else secrets.randbelow(MAX_SEED + 1)
+             for i in range(len(command.every_params()))]
+    return [replace(params, seed=seed, width=first.width, height=first.height, strength=first.strength)
+            for params, seed in zip(command.every_params(), seeds, strict=True)]
 
 
 def _flag_detail(term: str, prompt: str) -> str:

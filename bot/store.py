@@ -21,12 +21,13 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from bot.domain import GenerationParams, JobKind
+from bot.domain import GenerationParams, JobKind, lora_tags
 from bot.errors import NotFound
 from bot.images import to_png_bytes
 
@@ -60,8 +61,11 @@ class StoredImage:
     height: int
 
 
-def a1111_parameters(params: GenerationParams, seed: int) -> str:
+def a1111_parameters(params: GenerationParams, seed: int, hashes: Sequence[tuple[str, str]] = ()) -> str:
     """The generation parameters as AUTOMATIC1111 writes them, for the image made with `seed`.
+
+    LoRAs go back into the prompt as `<lora:NAME:WEIGHT>` tags, as AUTOMATIC1111 keeps them there;
+    `hashes` are its `Lora hashes` and `TI hashes` fields (bot.extra_networks.ExtraNetworks.a1111_hashes).
 
     >>> a1111_parameters(GenerationParams(JobKind.IMAGINE, "a cat", seed=42), seed=42)
     'a cat\\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 42, Size: 512x512, Model: tiny'
@@ -76,8 +80,9 @@ def a1111_parameters(params: GenerationParams, seed: int) -> str:
     ]
     if params.kind in (JobKind.EDIT, JobKind.INPAINT) and params.strength is not None:
         fields.append(("Denoising strength", str(float(params.strength))))
+    fields += hashes
 
-    lines = [params.prompt]
+    lines = [f"{params.prompt} {lora_tags(params.loras)}" if params.loras else params.prompt]
     if params.negative:
         lines.append(f"Negative prompt: {params.negative}")
     lines.append(", ".join(f"{name}: {_a1111_quote(value)}" for name, value in fields))
@@ -136,9 +141,11 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def save_generated(self, image: Image.Image, params: GenerationParams, seed: int) -> StoredImage:
-        """Store a generated image with its parameters chunk. Same pixels and parameters, same file."""
-        png = to_png_bytes(image, text={PARAMETERS_KEY: a1111_parameters(params, seed)})
+    def save_generated(self, image: Image.Image, params: GenerationParams, seed: int,
+                       hashes: Sequence[tuple[str, str]] = ()) -> StoredImage:
+        """Store a generated image with its parameters chunk (`hashes`: see a1111_parameters). Same pixels
+        and parameters, same file."""
+        png = to_png_bytes(image, text={PARAMETERS_KEY: a1111_parameters(params, seed, hashes)})
         return self._save(png, image.size)
 
     def save_input(self, png_bytes: bytes) -> StoredImage:

@@ -22,8 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from bot.errors import GenerationFailed
 
@@ -118,6 +125,84 @@ def build_tiny(folder: Path) -> None:
     _save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet)
 
 
+def build_tiny_sd2(folder: Path) -> None:
+    """A tiny Stable Diffusion 2.x: what tells 2.x from 1.x, at builtin:tiny's size.
+
+    Its UNet's transformer blocks project linearly and set heads per block, its text encoder uses
+    OpenCLIP's GELU, and its scheduler predicts v (as SD 2.1-768 does), so the 2.x code paths of
+    diffusers and Easel (family detection, single-file loading, v-prediction samplers) run offline.
+    """
+    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, hidden_size=32, hidden_act="gelu"))
+        torch.manual_seed(SEED + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(2, 4), use_linear_projection=True,
+        )
+        torch.manual_seed(SEED + 2)
+        vae = _tiny_vae()
+    _make_posterior_sharp(vae)
+    _save_sd_pipeline(folder, vae, text_encoder, tokenizer, unet, prediction_type="v_prediction")
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    """A tiny SDXL: two text encoders of different widths (CLIP ViT-L's and OpenCLIP bigG's roles, the
+    second with a projection giving the pooled embedding), a UNet conditioned on both and on the
+    picture's size ("text_time"), and SDXL's Euler scheduler; builtin:tiny's VAE."""
+    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    tokenizer_2 = _tiny_tokenizer(folder / "tokenizer_2")
+    time_embed_dim = 8  # per size number; SDXL conditions on six (original size, crop, target size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu"))
+        torch.manual_seed(SEED + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer, hidden_size=64, hidden_act="gelu"))
+        torch.manual_seed(SEED + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            cross_attention_dim=32 + 64,  # both encoders' hidden states, side by side
+            addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=64 + 6 * time_embed_dim,  # pooled text + six size numbers
+        )
+        torch.manual_seed(SEED + 2)
+        vae = _tiny_vae()
+    _make_posterior_sharp(vae)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=hidden_size,
+        hidden_act=hidden_act, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    """builtin:tiny's VAE: three blocks, a scale factor of 4, so 64x64 pictures are 16x16 latents."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+    )
+
+
 def build_sd15_random(folder: Path) -> None:
     """Stable Diffusion 1.5's full architecture with random weights (float16, about 2 GB).
 
@@ -146,11 +231,12 @@ def build_sd15_random(folder: Path) -> None:
 
 
 def _save_sd_pipeline(folder: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                      unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32) -> None:
+                      unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32,
+                      prediction_type: str = "epsilon") -> None:
     """Save the parts as a diffusers folder with SD 1.x's scheduler settings, so every sampler fits."""
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -235,7 +321,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(mapping.items()))
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "sd15-random": build_sd15_random}
+# bot/catalog.py's BUILTIN_MODELS says what family and size each is (tests/test_model_families.py checks it).
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-sd2": build_tiny_sd2,
+                                                     "tiny-sdxl": build_tiny_sdxl, "sd15-random": build_sd15_random}
 
 # Trained built-in models ship as diffusers folders inside the package; training them takes far too
 # long to do at run time (see generation/train_builtin.py).

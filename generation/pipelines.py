@@ -25,35 +25,56 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers import (
+    AutoPipelineForText2Image,
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusers.utils import deprecation_utils
 
+from bot.catalog import (
+    BUILTIN_PREFIX,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_SUFFIX,
+    CatalogModel,
+    ModelCatalog,
+    ModelFamily,
+    looks_like_local_path,
+    pickle_refusal,
+)
 from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
-from bot.errors import ConfigError, GenerationFailed
+from bot.errors import ConfigError, GenerationFailed, first_line
+from bot.extra_networks import ExtraNetworks
 from generation.builtin import ensure_builtin
+from generation.extra_networks import ModelNetworks
+from generation.prompt_embeds import PromptEncoder
 from generation.samplers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("data") / "models"
-BUILTIN_PREFIX = "builtin:"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # diffusers renamed `torch_dtype` to `dtype` (huggingface/diffusers#14205); releases before that
 # ignore `dtype`, and later ones warn about `torch_dtype`.
 DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
-PIPELINE_CLASSES: dict[JobKind, type[DiffusionPipeline]] = {
-    JobKind.IMAGINE: StableDiffusionPipeline,
-    JobKind.EDIT: StableDiffusionImg2ImgPipeline,
-    JobKind.INPAINT: StableDiffusionInpaintPipeline,
+# Per latent family (see _latent_family): SD 1.x and 2.x share Stable Diffusion's pipelines.
+PIPELINE_CLASSES: dict[str, dict[JobKind, type[DiffusionPipeline]]] = {
+    "sd": {JobKind.IMAGINE: StableDiffusionPipeline, JobKind.EDIT: StableDiffusionImg2ImgPipeline,
+           JobKind.INPAINT: StableDiffusionInpaintPipeline},
+    "sdxl": {JobKind.IMAGINE: StableDiffusionXLPipeline, JobKind.EDIT: StableDiffusionXLImg2ImgPipeline,
+             JobKind.INPAINT: StableDiffusionXLInpaintPipeline},
 }
+# Where diffusers finds the configuration of a single-file checkpoint's parts when `config` is unset.
+REFERENCE_MODELS = {ModelFamily.SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    ModelFamily.SD2: "stabilityai/stable-diffusion-2-1",
+                    ModelFamily.SDXL: "stabilityai/stable-diffusion-xl-base-1.0"}
 
 # on_step(step, total) after each denoising step; with previews on, some calls add a third
 # argument: one JPEG preview per task.
@@ -98,35 +119,45 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 def load_pipeline(
-    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path, offload: bool = False
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x model onto `device`.
+    source: str, device: torch.device | str, dtype: torch.dtype, cache_dir: Path, offload: bool = False, *,
+    family: ModelFamily | None = None, config: str = "",
+) -> DiffusionPipeline:
+    """Load a Stable Diffusion 1.x, 2.x or SDXL model onto `device`: its text-to-image pipeline.
 
     `source` is "builtin:NAME" (built under `cache_dir` on first use), a local diffusers folder, a
-    single-file checkpoint ending in .safetensors or .ckpt, or a Hugging Face hub id (downloaded into
-    the usual Hugging Face cache). Raises GenerationFailed, naming the source, when it cannot be loaded.
+    single-file .safetensors checkpoint, or a Hugging Face hub id (downloaded into the usual Hugging
+    Face cache). A single file is read by the pipeline of its `family` (bot/catalog.py reads it from
+    the file's header), its parts described by `config` (a diffusers folder or hub id of the same
+    family; empty: the family's reference model on the hub, whose few small configuration files are
+    fetched once and cached). Pickle checkpoints (.ckpt, .pt) are refused: loading one runs code.
+    Raises GenerationFailed, naming the source, when it cannot be loaded.
     """
     # 1. Find the weights
     path = Path(source).expanduser()
+    by_dtype = {DTYPE_KEYWORD: dtype}
     try:
         if source.startswith(BUILTIN_PREFIX):
             folder = ensure_builtin(source.removeprefix(BUILTIN_PREFIX), Path(cache_dir))
-            pipe = StableDiffusionPipeline.from_pretrained(folder, **{DTYPE_KEYWORD: dtype})
-        elif source.endswith(SINGLE_FILE_SUFFIXES):
+            pipe = AutoPipelineForText2Image.from_pretrained(folder, **by_dtype)
+        elif source.lower().endswith(PICKLE_SUFFIXES):
+            raise GenerationFailed(pickle_refusal(source))
+        elif source.lower().endswith(SINGLE_FILE_SUFFIX):
             if not path.is_file():
                 raise GenerationFailed(f"model file {source} does not exist; fix the model's `source` "
                                        f"in the [models.*] table of the configuration")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **{DTYPE_KEYWORD: dtype})
-        elif path.is_dir() or _looks_like_local_path(source):
+            pipe = _load_single_file(path, family or ModelFamily.SD1, config, dtype)
+        elif path.is_dir() or looks_like_local_path(source):
             if not path.is_dir():
                 raise GenerationFailed(f"model folder {source} does not exist; fix the model's `source` "
                                        f"in the [models.*] table of the configuration")
-            pipe = StableDiffusionPipeline.from_pretrained(path, **{DTYPE_KEYWORD: dtype})
+            pipe = AutoPipelineForText2Image.from_pretrained(path, **by_dtype)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(source, **{DTYPE_KEYWORD: dtype})
+            pipe = AutoPipelineForText2Image.from_pretrained(source, **by_dtype)
     except (OSError, ValueError) as error:  # missing files, no network, not a Stable Diffusion model
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GenerationFailed(f"could not load model {source!r}: {reason}") from error
+        raise GenerationFailed(f"could not load model {source!r}: {first_line(error)}") from error
+    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
+        raise GenerationFailed(f"model {source!r} is a {type(pipe).__name__}; Easel runs Stable Diffusion 1.x, "
+                               "2.x and SDXL models")
 
     # 2. Place it: on the device, or (CPU offload, for small GPUs) moved there part by part when used
     if offload and torch.device(device).type == "cuda":
@@ -137,9 +168,22 @@ def load_pipeline(
     return pipe
 
 
-def _looks_like_local_path(source: str) -> bool:
-    """Hub ids are "name" or "owner/name"; anything else with a path shape is meant to be local."""
-    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+def _load_single_file(path: Path, family: ModelFamily, config: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """diffusers' own single-file loader: it renames the original (CompVis) weights to its parts."""
+    pipeline_class = StableDiffusionXLPipeline if family is ModelFamily.SDXL else StableDiffusionPipeline
+    try:
+        return pipeline_class.from_single_file(str(path), config=config or REFERENCE_MODELS[family],
+                                               **{DTYPE_KEYWORD: dtype})
+    except OSError as error:
+        if config:
+            raise
+        raise GenerationFailed(
+            f"could not load {path.name}: a single-file {family.label} checkpoint is described by the "
+            f"configuration files of {REFERENCE_MODELS[family]} on the Hugging Face hub, fetched once and then "
+            f"cached, and they could not be had ({first_line(error)}); connect once, or set `config` in the "
+            "model's [models.*] table to a local diffusers folder of the same family") from error
+
+
 
 
 class DiffusersGenerator:
@@ -151,13 +195,15 @@ class DiffusersGenerator:
 
     def __init__(
         self,
-        models: Mapping[str, ModelConfig],
+        models: Mapping[str, ModelConfig] | ModelCatalog,
         device: str = "auto",
         dtype: str = "auto",
         cache_dir: Path = DEFAULT_CACHE_DIR,
         options: GenerationConfig | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
-        self.models = dict(models)
+        """`networks`: the installed LoRAs and embeddings (none when left out)."""
+        self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog(models)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.cache_dir = Path(cache_dir)
         self.options = options or GenerationConfig()
@@ -165,6 +211,8 @@ class DiffusersGenerator:
         self._pipelines: dict[tuple[str, JobKind], DiffusionPipeline] = {}
         self._scheduler_configs: dict[str, Mapping[str, Any]] = {}  # as each model was saved
         self._weights_bytes: OrderedDict[str, int] = OrderedDict()  # loaded models, least recent first
+        self.networks = networks or ExtraNetworks(None, None)
+        self._loaded_networks: dict[str, ModelNetworks] = {}  # each loaded model's LoRAs and embeddings
         self._lock = threading.Lock()
 
     def warm(self, model_name: str) -> None:
@@ -195,8 +243,9 @@ class DiffusersGenerator:
         params = tasks[0].params
 
         with self._lock:
-            # 2. Pipeline for this model and kind (loaded on first use)
+            # 2. Pipeline for this model and kind (loaded on first use), with its LoRAs and embeddings
             pipe = self._pipeline(params.model, params.kind)
+            self._prepare_networks(params)
 
             # 3. All tasks in one call
             try:
@@ -231,13 +280,19 @@ class DiffusersGenerator:
     def _run(
         self, pipe: DiffusionPipeline, tasks: list[GenerationTask], on_step: StepCallback | None
     ) -> list[list[PIL.Image.Image]]:
-        """One diffusers call: prompts, negatives and images repeated per image, one generator each."""
+        """One diffusers call: prompts, negatives and images repeated per image, one generator each.
+
+        Prompts become embeddings the AUTOMATIC1111 way (weights, long prompts: generation/prompt_embeds.py);
+        prompts of different lengths in 75-token chunks run as separate calls."""
+        encoder = PromptEncoder(pipe)
+        chunk_counts = [encoder.chunk_count(task.params.prompt, task.params.negative) for task in tasks]
+        if len(set(chunk_counts)) > 1:
+            return self._run_by_chunk_count(pipe, tasks, chunk_counts, on_step)
         params = tasks[0].params
         per_image = [task for task in tasks for _ in range(task.params.n)]
         seeds = [seed for task in tasks for seed in task.params.image_seeds()]
         arguments: dict[str, Any] = {
-            "prompt": [task.params.prompt for task in per_image],
-            "negative_prompt": [task.params.negative for task in per_image],
+            **encoder.encode([task.params.prompt for task in per_image], [task.params.negative for task in per_image]),
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg,
             # CPU generators: the same seed gives the same starting noise on every device.
@@ -277,21 +332,36 @@ class DiffusersGenerator:
             start += task.params.n
         return results
 
+    def _run_by_chunk_count(self, pipe: DiffusionPipeline, tasks: list[GenerationTask], chunk_counts: list[int],
+                            on_step: StepCallback | None) -> list[list[PIL.Image.Image]]:
+        """One call per prompt length. Padding the shorter prompts with empty chunks instead would make
+        an image depend on its batch mates; this way every image can be made again alone from its seed."""
+        results: dict[int, list[PIL.Image.Image]] = {}
+        # A call's previews list only its own tasks: progress goes on, previews wait for a whole batch.
+        progress = (lambda step, total, *_previews: on_step(step, total)) if on_step else None
+        for count in dict.fromkeys(chunk_counts):
+            indices = [i for i, each in enumerate(chunk_counts) if each == count]
+            for i, images in zip(indices, self._run(pipe, [tasks[i] for i in indices], progress), strict=True):
+                results[i] = images
+        return [results[i] for i in range(len(tasks))]
+
     def _pipeline(self, model_name: str, kind: JobKind) -> DiffusionPipeline:
         """The cached pipeline for a model and job kind; the kinds share one set of weights."""
         if (model_name, JobKind.IMAGINE) not in self._pipelines:
-            base = load_pipeline(self.models[model_name].source, self.device, self.dtype, self.cache_dir,
-                                 offload=self.options.cpu_offload)
+            model = self._model(model_name)
+            base = load_pipeline(model.source, self.device, self.dtype, self.cache_dir,
+                                 offload=self.options.cpu_offload, family=model.family, config=model.config)
             self._apply_switches(base)
             self._pipelines[model_name, JobKind.IMAGINE] = base
             self._scheduler_configs[model_name] = base.scheduler.config
             self._weights_bytes[model_name] = _weights_bytes(base)
+            self._loaded_networks[model_name] = ModelNetworks(model_name, base, self.networks)
             self._evict_beyond_budget(keep=model_name)
         self._weights_bytes.move_to_end(model_name)
         if (model_name, kind) not in self._pipelines:
             base = self._pipelines[model_name, JobKind.IMAGINE]
             # The dtype matters: from_pipe casts the (shared) modules to float32 when it is left out.
-            derived = PIPELINE_CLASSES[kind].from_pipe(base, **{DTYPE_KEYWORD: self.dtype})
+            derived = PIPELINE_CLASSES[_latent_family(base)][kind].from_pipe(base, **{DTYPE_KEYWORD: self.dtype})
             derived.set_progress_bar_config(disable=True)
             self._pipelines[model_name, kind] = derived
         return self._pipelines[model_name, kind]
@@ -305,13 +375,39 @@ class DiffusersGenerator:
         if self.options.compile:
             pipe.unet = torch.compile(pipe.unet)
 
-    def _evict_beyond_budget(self, keep: str) -> None:
-        """Unload least recently used models until the loaded weights fit `memory_budget_mb`."""
+    def _prepare_networks(self, params: GenerationParams) -> None:
+        """Load new embeddings and this batch's LoRAs into the model, and switch to exactly its LoRAs."""
+        loaded = self._loaded_networks[params.model]
+        loaded.sync_embeddings()
+        in_use = loaded.activate(params.loras)
+        self._evict_beyond_budget(keep=params.model, keep_adapters=set(in_use))
+
+    def _loaded_bytes(self) -> int:
+        return sum(self._weights_bytes.values()) + sum(n.adapter_bytes for n in self._loaded_networks.values())
+
+    def _evict_beyond_budget(self, keep: str, keep_adapters: set[str] | None = None) -> None:
+        """Unload least recently used LoRAs, then models, until the loaded weights fit `memory_budget_mb`.
+
+        LoRAs go first: reloading one costs a file read, reloading a model much more.
+        """
         budget = self.options.memory_budget_mb * 2**20
-        while budget and sum(self._weights_bytes.values()) > budget and len(self._weights_bytes) > 1:
+        keep_adapters = keep_adapters or set()
+        while budget and self._loaded_bytes() > budget:
+            spare = [(loaded, adapter) for name in self._weights_bytes  # least recently used model first
+                     for loaded in [self._loaded_networks[name]] for adapter in loaded.adapters
+                     if not (name == keep and adapter in keep_adapters)]
+            if spare:
+                loaded, adapter = spare[0]
+                logger.info("unloading LoRA %s of model %s to stay within generation.memory_budget_mb", adapter,
+                            loaded.model_name)
+                loaded.unload(adapter)
+                continue
+            if len(self._weights_bytes) <= 1:
+                return
             oldest = next(name for name in self._weights_bytes if name != keep)
             logger.info("unloading model %s to stay within generation.memory_budget_mb", oldest)
             del self._weights_bytes[oldest]
+            del self._loaded_networks[oldest]
             for key in [key for key in self._pipelines if key[0] == oldest]:
                 del self._pipelines[key]
             _free_memory(self.device)
@@ -322,9 +418,17 @@ class DiffusersGenerator:
         return list(self._weights_bytes)
 
     def _check_model(self, model_name: str) -> None:
-        if model_name not in self.models:
+        self._model(model_name)
+
+    def _model(self, model_name: str) -> CatalogModel:
+        """The catalog's model (a checkpoint added since the last look is found too), if it can be loaded."""
+        model = self.catalog.get(model_name)
+        if model is None:
             raise ValueError(f"model {model_name!r} is not configured; the models are "
-                             f"{', '.join(sorted(self.models))}")
+                             f"{', '.join(sorted(m.name for m in self.catalog.list()))}")
+        if model.problem is not None:
+            raise GenerationFailed(f"model {model.name} cannot be used: {model.problem}")
+        return model
 
     def _check_tasks(self, tasks: list[GenerationTask]) -> None:
         if not tasks:

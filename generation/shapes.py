@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 SIDE = 64  # the size the model is trained at, in pixels
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -41,6 +42,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes `builtin:shapes` never saw in training: the demonstration LoRAs of generation/train_extras.py
+# teach it these, one each. `draw` draws them and `describe` tells them too.
+NEW_SHAPES = ("ring", "cross")
 MIN_SIZE, MAX_SIZE = 24, 44  # the shape's width and height, in pixels of a 64x64 picture
 MARGIN = 4  # the shape never touches the border, so the border shows the background
 
@@ -127,8 +131,17 @@ def draw(scene: Scene, side: int = SIDE) -> PIL.Image.Image:
         pen.ellipse(box, fill=fill)
     elif scene.shape == "square":
         pen.rectangle(box, fill=fill)
-    else:  # an upright isosceles triangle filling half its bounding box
+    elif scene.shape == "triangle":  # an upright isosceles triangle filling half its bounding box
         pen.polygon([(x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    elif scene.shape == "ring":  # a disc with a hole half its width
+        pen.ellipse(box, fill=fill)
+        pen.ellipse((x - half / 2, y - half / 2, x + half / 2 - 1, y + half / 2 - 1), fill=COLOURS[scene.background])
+    elif scene.shape == "cross":  # an upright plus sign, arms a third of its width
+        arm = half / 3
+        pen.rectangle((x - arm, box[1], x + arm - 1, box[3]), fill=fill)
+        pen.rectangle((box[0], y - arm, box[2], y + arm - 1), fill=fill)
+    else:
+        raise ValueError(f"no such shape: {scene.shape!r}; the shapes are {', '.join(SHAPES + NEW_SHAPES)}")
     return image.resize((side, side), PIL.Image.Resampling.BOX)
 
 
@@ -162,7 +175,10 @@ def _shape_of(mask: np.ndarray) -> str:
 
     A square fills all four, an upright triangle the bottom two (about 3/4 each), a circle none.
     Corners, unlike the share of the box the blob fills, barely move when the sides of a shape
-    bow a little or its edges are soft, as a diffusion model's often are.
+    bow a little or its edges are soft, as a diffusion model's often are. Of the new shapes, a ring
+    encloses a hole (or leaves the middle of its box empty), and a cross is the one shape far from
+    convex: it fills about 70% of its convex hull, the others all of it (a lumpy one over 80%),
+    however it is turned.
     """
     blobs, count = ndimage.label(mask)
     if count == 0:
@@ -171,8 +187,31 @@ def _shape_of(mask: np.ndarray) -> str:
     rows, columns = np.nonzero(largest)
     box = largest[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
     side = max(2, round(0.15 * min(box.shape)))  # a corner patch: 15% of the box's shorter side
+    height, width = box.shape
     top = (box[:side, :side].mean() + box[:side, -side:].mean()) / 2
     bottom = (box[-side:, :side].mean() + box[-side:, -side:].mean()) / 2
     if top >= 0.3 and bottom >= 0.3:
         return "square"
-    return "triangle" if bottom >= 0.3 else "circle"
+    hole = ndimage.binary_fill_holes(box).sum() - box.sum()
+    if hole >= 0.08 * box.size or _patch(box, height // 2, width // 2, side) < 0.3:
+        return "ring"
+    if bottom >= 0.3:
+        return "triangle"
+    return "cross" if _solidity(box) < 0.8 else "circle"
+
+
+def _solidity(box: np.ndarray) -> float:
+    """The blob's area over its convex hull's (pixels as unit squares)."""
+    rows, columns = np.nonzero(box)
+    corners = np.concatenate([np.stack([rows + dy, columns + dx], axis=1) for dy in (0, 1) for dx in (0, 1)])
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:  # a line of pixels: no area to speak of
+        return 1.0
+    return float(box.sum() / hull.volume)  # in 2-D, `volume` is the area
+
+
+def _patch(box: np.ndarray, row: int, column: int, side: int) -> float:
+    """How much of a side x side patch centred on (row, column) the blob fills."""
+    low = side // 2
+    return float(box[max(0, row - low) : row - low + side, max(0, column - low) : column - low + side].mean())

@@ -32,6 +32,7 @@ from PIL import Image
 
 from bot.config import QueueConfig, Settings
 from bot.errors import EaselError, GenerationFailed
+from bot.extra_networks import ExtraNetworks
 from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
@@ -117,6 +118,7 @@ class Worker:
         self.image_checker: ImageChecker = image_checker or NoImageCheck()
         self.store = store
         self.settings = settings
+        self.networks = ExtraNetworks.from_settings(settings)  # LoRA and embedding files, for their hashes
         self.worker_id = worker_id or this_worker_id()
         self.stats = WorkerStats()
         self._stop = asyncio.Event()
@@ -306,7 +308,8 @@ class Worker:
 
     def _save(self, job: JobView, images: list[Image.Image]) -> list[tuple[int, StoredImage]]:
         """Store a job's images (PNG encode, write, fsync), on a thread of its own."""
-        return [(seed, self.store.save_generated(image, job.params, seed))
+        hashes = self.networks.a1111_hashes(job.params)  # its LoRAs' and embeddings', as AUTOMATIC1111 writes
+        return [(seed, self.store.save_generated(image, job.params, seed, hashes))
                 for seed, image in zip(job.params.image_seeds(), images, strict=True)]
 
     async def _fail(self, job: JobView, error: BaseException) -> None:
@@ -484,10 +487,13 @@ class CoreParts(Protocol):
 def build_worker(core: CoreParts, generator: Generator | None = None) -> Worker:
     """The worker `easel serve` and `easel worker` run: diffusers on the configured device."""
     if generator is None:
+        from bot.catalog import ModelCatalog
         from generation.pipelines import DiffusersGenerator
 
         gen = core.settings.generation
-        generator = DiffusersGenerator(core.settings.models, device=gen.device, dtype=gen.dtype,
-                                       cache_dir=core.settings.storage.model_cache, options=gen)
+        catalog = ModelCatalog.from_settings(core.settings)  # the configured models and the checkpoints folder
+        generator = DiffusersGenerator(catalog, device=gen.device, dtype=gen.dtype,
+                                       cache_dir=core.settings.storage.model_cache, options=gen,
+                                       networks=ExtraNetworks.from_settings(core.settings))
     return Worker(core.queue, generator, core.store, core.settings,
                   image_checker=build_image_checker(core.settings))

@@ -545,12 +545,13 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles",
+                             "loras"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 8 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 11 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -613,7 +614,7 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 
 # -- inside another bot: the extension ------------------------------------------------------------------
 
-EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help"}
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles", "loras"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:
@@ -682,3 +683,25 @@ async def test_the_extension_opens_easels_own_configuration_when_the_bot_brings_
         token = dispatch(bot, slash("job", id=job.id))
         answer = await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path)
     assert f"Job `{job.id}`" in answer.content and "a red fox" in answer.content
+
+
+# -- prompt syntax: /styles, the style option, permutation prompts ------------------------------------------
+
+
+async def test_styles_are_listed_and_a_permutations_other_jobs_post_their_own_results(
+        core: Core, generator, fake: FakeDiscord) -> None:
+    core.settings.storage.styles_path.write_text("name,prompt,negative_prompt\nnight,{prompt} at night,day\n",
+                                                 encoding="utf-8")
+    async with running(core) as bot:
+        listed = bot.dispatch(slash("styles"))
+        listing = (await fake.wait_for(lambda r: r.method == "PATCH" and listed in r.path)).content
+        token = bot.dispatch(slash("imagine", prompt="a {red, green} fox --seed 5", steps=2, style="night"))
+        follow_up = await work_until(core, generator, fake, lambda r: r.method == "POST" and bool(r.files)
+                                     and r.path.startswith(webhook_path(token)))
+        edited = await fake.wait_for(is_final_edit(token))
+    assert callbacks(fake, listed)[0].json["data"]["flags"] == 64  # only the user sees the list
+    assert "night: {prompt} at night  (not: day)" in listing
+    first, second = sorted(await core.service.list_jobs(), key=lambda job: job.params.seed or 0)
+    assert (first.params.prompt, second.params.prompt) == ("a red fox at night", "a green fox at night")
+    assert [f.name for f in edited.files] == [f"{first.id}-1-seed5.png"]  # the first job edits the response
+    assert [f.name for f in follow_up.files] == [f"{second.id}-1-seed6.png"]  # the other posts its own

@@ -4,6 +4,7 @@ builtin:tiny diffusers pipeline → image store → events → what the console 
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -128,9 +129,14 @@ async def test_inpaint_repaints_white_mask_pixels_and_keeps_the_rest(core: Core,
 
 async def test_a_job_that_fails_tells_why_and_the_worker_goes_on(core: Core, generator, tmp_path: Path) -> None:
     from bot.config import ModelConfig
+    from generation.builtin import ensure_builtin
     from generation.pipelines import DiffusersGenerator
 
-    missing = tmp_path / "no-such-model"
+    # A folder whose configuration reads as a model, with its UNet's weights lost: only loading it fails.
+    missing = tmp_path / "half-copied-model"
+    shutil.copytree(ensure_builtin("tiny", core.settings.storage.model_cache), missing)
+    for weights in (missing / "unet").glob("*.safetensors"):
+        weights.unlink()
     models = {**core.settings.models, "gone": ModelConfig(source=str(missing), default_width=64,
                                                         default_height=64)}
     core.settings.models = models

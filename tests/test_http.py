@@ -324,8 +324,11 @@ async def test_quota_models_help_health_metrics_and_openapi(server, generator) -
         openapi = (await client.get("/openapi.json")).json()
         unknown = await client.get("/v1/nothing-here")
     assert quota["images"]["used"] == 2 and quota["used"] > 0 and "units left today" in quota["text"]
-    assert models == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "easel",
-                                                  "default": True, "default_width": 64, "default_height": 64}]}
+    assert models["data"] == [{"id": "tiny", "object": "model", "created": 0, "owned_by": "easel", "default": True,
+                               "default_width": 64, "default_height": 64, "family": "sd1", "family_name": "SD 1.x",
+                               "defaults": {"steps": 20, "cfg": 7.0, "sampler": "euler", "negative_prompt": ""},
+                               "description": "untrained, draws noise: for testing Easel itself", "origin": "config"}]
+    assert models["object"] == "list" and models["refused"] == [] and "tiny (default)  SD 1.x" in models["text"]
     assert "/imagine" in help_text and "--steps N" in help_text
     lines = metrics.text.splitlines()
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -376,3 +379,21 @@ async def test_easel_serve_runs_the_http_adapter_when_no_chat_platform_is_config
     assert [type(adapter) for adapter in configured_adapters(core)] == [HttpAdapter]
     core.settings.http.enabled = False
     assert configured_adapters(core) == []
+
+
+async def test_styles_are_listed_and_a_permutation_prompt_answers_with_every_job(server, generator) -> None:
+    server.core.settings.storage.styles_path.write_text("name,prompt,negative_prompt\nNight Sky,{prompt} at night,"
+                                                        "day\n", encoding="utf-8")
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        styles = (await client.get("/v1/styles")).json()
+        response = await client.post("/v1/jobs", json={
+            "command": "/imagine a {red, green} fox --style night_sky --steps 2 --seed 5"})
+        assert response.status_code == 202, response.text
+        first = response.json()
+        done = [await wait_done(client, job["id"]) for job in (first, *first["others"])]
+    assert styles["styles"] == [{"name": "Night Sky", "flag": "night_sky", "prompt": "{prompt} at night",
+                                 "negative_prompt": "day"}]
+    assert styles["text"].splitlines()[1] == "  night_sky: {prompt} at night  (not: day)"
+    assert [(job["prompt"], job["negative"], job["seeds"], job["status"]) for job in done] == [
+        ("a red fox at night", "day", [5], "succeeded"), ("a green fox at night", "day", [6], "succeeded")]

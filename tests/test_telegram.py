@@ -174,7 +174,7 @@ async def test_other_commands_answer_in_one_message_each(tg: Core, fake: FakeTel
     assert "/inpaint" in help_answer.shown and "album" in help_answer.shown and "Examples:" in help_answer.shown
     [typo_answer] = replies_to(fake, ALICE, typo)
     assert typo_answer.shown == "⚠️ unknown flag --sed (did you mean --seed?); the flags are " + \
-        "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength"
+        "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength, --style, --lora"
     [about_answer] = replies_to(fake, ALICE, about)
     assert about_answer.shown.startswith(f"Job {job.id}: queued\nimagine: a red fox")
     [cancel_answer] = replies_to(fake, ALICE, cancel)
@@ -583,3 +583,23 @@ async def test_inside_a_host_bot_run_polling_starts_easel_and_the_hosts_own_comm
     [info] = [m for m in fake.chat(ALICE) if m.reply_to == result.message_id]
     assert info.shown.startswith(f"Job {job.id}: succeeded")
     assert job.delivered_at is not None
+
+
+# -- prompt syntax: /styles and permutation prompts ---------------------------------------------------
+
+
+async def test_styles_are_listed_and_each_permutation_job_answers_the_command(
+        tg: Core, fake: FakeTelegram, generator) -> None:
+    tg.settings.storage.styles_path.write_text("name,prompt,negative_prompt\nnight,{prompt} at night,day\n",
+                                               encoding="utf-8")
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        styles = fake.send(chat, "/styles")
+        command = fake.send(chat, "/imagine a {red, green} fox --style night --steps 2 --seed 5")
+        await fake.wait_for(lambda: replies_to(fake, ALICE, styles) and len(
+            [m for m in replies_to(fake, ALICE, command) if m.photo is not None]) == 2, what="both results")
+    [listing] = replies_to(fake, ALICE, styles)
+    assert listing.shown.splitlines()[1] == "  night: {prompt} at night  (not: day)"
+    jobs = sorted(await tg.service.list_jobs(), key=lambda job: job.params.seed or 0)
+    assert [(job.params.prompt, job.params.negative, job.seeds) for job in jobs] == [
+        ("a red fox at night", "day", [5]), ("a green fox at night", "day", [6])]

@@ -78,7 +78,7 @@ async def test_imagine_shows_the_queue_progress_and_the_image_then_re_roll_by_ke
     await page.keyboard.press("Enter")
     await expect(page.locator("#log .error")).to_have_text(
         "unknown flag --sed (did you mean --seed?); the flags are --no, --seed, --steps, --cfg, --ar, --size, "
-        "--n, --sampler, --model, --strength")
+        "--n, --sampler, --model, --strength, --style, --lora")
     await page.keyboard.type("/imagine a lighthouse at dusk --steps 8 --seed 3")
     await page.keyboard.press("Enter")
     first = page.locator("article.job").first

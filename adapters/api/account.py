@@ -13,7 +13,9 @@ from adapters.api.openai_images import OpenAIErrorOut
 from adapters.api.render import quota_out
 from adapters.api.schemas import HelpOut, LimitsOut, QuotaOut, errors
 from bot.bootstrap import Core
+from bot.catalog import CatalogModel, describe_models
 from bot.errors import NotFound
+from bot.styles import describe_styles, style_flag
 
 router = APIRouter(tags=["account"])
 
@@ -25,6 +27,13 @@ async def quota(core: CoreDep, key: Key) -> dict[str, Any]:
     return quota_out(await core.service.quota(key.requester()))
 
 
+class ModelDefaultsOut(BaseModel):
+    steps: int
+    cfg: float
+    sampler: str
+    negative_prompt: str
+
+
 class ModelOut(BaseModel):
     id: str = Field(description="the name to give as `model` (or --model)")
     object: Literal["model"]
@@ -33,27 +42,51 @@ class ModelOut(BaseModel):
     default: bool = Field(description="the model a job gets without --model (and for OpenAI's model names)")
     default_width: int
     default_height: int
+    family: Literal["sd1", "sd2", "sdxl"] | None = Field(description="null until a hub model is downloaded")
+    family_name: str = Field(description="the family for people: SD 1.x, SD 2.x, SDXL")
+    defaults: ModelDefaultsOut = Field(description="what a job gets unless its own flags say otherwise")
+    description: str
+    origin: Literal["config", "checkpoints"] = Field(
+        description="config: a [models.*] table; checkpoints: found in the checkpoints folder")
+
+
+class RefusedModelOut(BaseModel):
+    file: str
+    reason: str = Field(description="why the file cannot be used, and what to do")
 
 
 class ModelListOut(BaseModel):
     object: Literal["list"]
     data: list[ModelOut]
+    refused: list[RefusedModelOut] = Field(description="files in the checkpoints folder that cannot be used")
+    text: str = Field(description="the chat's /models answer")
 
 
-def model_out(core: Core, name: str) -> dict[str, Any]:
-    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), Easel's own fields beside them.
-    `created` is 0: Easel does not record when a model was configured."""
-    model = core.settings.models[name]
-    return {"id": name, "object": "model", "created": 0, "owned_by": "easel",
-            "default": name == core.settings.generation.default_model,
-            "default_width": model.default_width, "default_height": model.default_height}
+def model_out(core: Core, model: CatalogModel) -> dict[str, Any]:
+    """One model in OpenAI's shape (`id`, `object`, `created`, `owned_by`), Easel's own fields beside them:
+    its family ("sd1", "sd2", "sdxl"; null until a hub model is downloaded), default size and settings
+    (which a job's own values override) and description. `created` is 0: Easel does not record when a
+    model was configured."""
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "easel",
+            "default": model.name == core.catalog.default_name,
+            "default_width": model.width, "default_height": model.height,
+            "family": model.family.value if model.family else None, "family_name": model.family_label,
+            "defaults": {"steps": model.steps, "cfg": model.cfg, "sampler": model.sampler,
+                         "negative_prompt": model.negative},
+            "description": model.description, "origin": model.origin}
 
 
 @router.get("/v1/models", response_model=ModelListOut, responses=errors(401, body=OpenAIErrorOut))
 async def models(core: CoreDep, key: Key) -> dict[str, Any]:
     """The models, as OpenAI's `models.list` answers: `{"object": "list", "data": [...]}`; `default`
-    marks the one a job gets without --model (and an OpenAI model name such as dall-e-3)."""
-    return {"object": "list", "data": [model_out(core, name) for name in core.settings.models]}
+    marks the one a job gets without --model (and an OpenAI model name such as dall-e-3). Beside
+    them, `refused`: files in the checkpoints folder that cannot be used, each with why (`file`,
+    `reason`), and `text`, the chat's /models answer. The checkpoints folder is read again first."""
+    listed = core.catalog.list()
+    return {"object": "list", "data": [model_out(core, model) for model in listed if model.usable],
+            "refused": [{"file": model.file or model.name, "reason": model.problem}
+                        for model in listed if not model.usable],
+            "text": describe_models(listed, core.catalog.default_name)}
 
 
 # 422: none is answered (any model_id is a string), but FastAPI would otherwise document its own 422 body.
@@ -61,9 +94,35 @@ async def models(core: CoreDep, key: Key) -> dict[str, Any]:
             responses=errors(401, 404, 422, body=OpenAIErrorOut))
 async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     """One model, as OpenAI's `models.retrieve` answers."""
-    if model_id not in core.settings.models:
-        raise NotFound(f"No model {model_id!r}; the models are {', '.join(core.settings.models)}")
-    return model_out(core, model_id)
+    found = core.catalog.get(model_id)
+    if found is None:
+        usable = [model.name for model in core.catalog.list() if model.usable]
+        raise NotFound(f"No model {model_id!r}; the models are {', '.join(usable)}")
+    if found.problem is not None:
+        raise NotFound(f"Model {found.name!r} cannot be used: {found.problem}")
+    return model_out(core, found)
+
+
+@router.get("/v1/loras")
+async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
+    """The installed LoRAs (`<lora:NAME:WEIGHT>` in a prompt) and textual-inversion embeddings (their
+    name as a word in a prompt or negative prompt), each with `for` (the models it fits), its size and
+    AUTOMATIC1111's short hash; `text` is the chat's /loras answer."""
+    networks = core.parser.networks
+    return {"loras": [networks.entry(found) for found in networks.loras().values()],
+            "embeddings": [networks.entry(found) for found in networks.embeddings().values()],
+            "text": networks.listing()}
+
+
+@router.get("/v1/styles")
+async def styles(core: CoreDep, key: Key) -> dict[str, Any]:
+    """The styles of styles.csv (`--style NAME` in a command, `flag` being the NAME to write), each with
+    its prompt (`{prompt}` marks where the user's goes) and negative prompt; `text` is the chat's
+    /styles answer. The file is read again when it has changed."""
+    listed = core.parser.styles.styles()
+    return {"styles": [{"name": style.name, "flag": style_flag(style.name), "prompt": style.prompt,
+                        "negative_prompt": style.negative} for style in listed],
+            "text": describe_styles(listed)}
 
 
 @router.get("/v1/help", response_model=HelpOut, responses=errors(401))

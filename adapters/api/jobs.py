@@ -83,7 +83,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
     if not isinstance(command, GenerateCommand):
         raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; the other commands are GET "
                              "/v1/jobs (/jobs), GET /v1/jobs/{id} (/job), DELETE /v1/jobs/{id} (/cancel), "
-                             "GET /v1/quota (/quota) and GET /v1/help (/help)")
+                             "GET /v1/quota (/quota), GET /v1/models (/models) and GET /v1/help (/help)")
     if query.dry_run:
         estimate = await core.service.estimate(key.requester(), command, inputs)
         p = estimate.params
@@ -92,7 +92,8 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
                              "params": {"kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
                                         "width": p.width, "height": p.height, "steps": p.steps,
                                         "cfg": p.cfg, "n": p.n, "sampler": p.sampler, "model": p.model,
-                                        "seed": p.seed, "strength": p.strength}})
+                                        "seed": p.seed, "strength": p.strength,
+                                        "loras": [{"name": name, "weight": weight} for name, weight in p.loras]}})
     reply_to = {}
     if body.webhook is not None:
         await check_webhook_target(body.webhook.url, settings.http.allow_private_webhooks)
@@ -104,7 +105,9 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
         response.headers["Idempotent-Replayed"] = "true"
     base = base_url(core, request)
     response.headers["Location"] = f"{base}/v1/jobs/{result.job.id}"
-    return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed}
+    others = [job_out(shown(core, other.job), base, other.position) for other in result.others]
+    return {**job_out(shown(core, result.job), base, result.position or None), "replayed": result.replayed,
+            "others": others}
 
 
 @router.get("/v1/jobs", tags=["jobs"], response_model=list[JobOut], responses=errors(401, 422))

@@ -361,14 +361,14 @@ def easel_model(core: Core, name: str | None) -> str | None:
     """The Easel model an OpenAI `model` names: None for the default (OpenAI's own model names too)."""
     if not name or name.lower() in ("auto", "default"):
         return None
-    models = {model.lower(): model for model in core.settings.models}
-    if name.lower() in models:
-        return models[name.lower()]
+    model = core.catalog.get(name)  # any case; a checkpoint new in the folder is found too
+    if model is not None:
+        return model.name
     if name.lower().startswith(OPENAI_MODEL_PREFIXES):
         return None
-    raise InvalidCommand(f"`model` must be one of {', '.join(core.settings.models)} (GET /v1/models), or an "
-                         f"OpenAI model name such as dall-e-3 for the default, {core.settings.generation.default_model}"
-                         f"; got {name[:40]!r}")
+    usable = ", ".join(model.name for model in core.catalog.list() if model.usable)
+    raise InvalidCommand(f"`model` must be one of {usable} (GET /v1/models), or an OpenAI model name such as "
+                         f"dall-e-3 for the default, {core.catalog.default_name}; got {name[:40]!r}")
 
 
 def command_of(core: Core, kind: JobKind, body: ImageGenerationRequest | ImageEditRequest | ImageVariationRequest,

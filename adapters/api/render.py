@@ -39,7 +39,8 @@ def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[
     return {
         "id": job.id, "status": job.status.value, "kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
         "params": {"width": p.width, "height": p.height, "steps": p.steps, "cfg": p.cfg, "n": p.n,
-                   "sampler": p.sampler, "model": p.model, "seed": p.seed, "strength": p.strength},
+                   "sampler": p.sampler, "model": p.model, "seed": p.seed, "strength": p.strength,
+                   "loras": [{"name": name, "weight": weight} for name, weight in p.loras]},
         "seeds": job.seeds, "position": position,
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "images": images_out(delivery, base),

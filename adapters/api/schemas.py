@@ -137,6 +137,8 @@ class JobOut(BaseModel):
 
 class SubmitOut(JobOut):
     replayed: bool = Field(False, description="true: the Idempotency-Key matched an earlier request")
+    others: list[JobOut] = Field(default_factory=list, description="a permutation prompt's further jobs "
+                                 "(`a {red, green} circle`: one job per combination, this one the first)")
 
 
 class ErrorOut(BaseModel):

@@ -119,6 +119,12 @@ async function handle(text) {
     sayBlock((await api("GET", "/v1/help")).text);
   } else if (command === "/quota") {
     sayBlock((await api("GET", "/v1/quota")).text);
+  } else if (command === "/models" && !args.length) {
+    sayBlock((await api("GET", "/v1/models")).text);
+  } else if (command === "/styles" && !args.length) {
+    sayBlock((await api("GET", "/v1/styles")).text);
+  } else if (command === "/loras" && !args.length) {
+    sayBlock((await api("GET", "/v1/loras")).text);
   } else if (command === "/job" && args.length === 1) {
     showJob(await api("GET", `/v1/jobs/${encodeURIComponent(args[0])}`));
   } else if (command === "/cancel" && args.length <= 1) {
@@ -142,6 +148,8 @@ async function submit(text) {
   }
   const job = await api("POST", "/v1/jobs", body);
   follow(job);
+  // A permutation prompt (`a {red, green} circle`) queues one more job per further combination.
+  for (const other of job.others || []) follow(other);
 }
 
 function isFinal(status) {
