@@ -354,12 +354,14 @@ async def test_the_http_api_lists_loras_and_takes_them_in_the_prompt(shapes_core
         token, _ = await shapes_core.apikeys.create("tests")
         async with server.client(token) as client:
             listed = (await client.get("/v1/loras")).json()
+            a1111_listed = (await client.get("/sdapi/v1/loras")).json()
             job = (await client.post("/v1/jobs", json={"kind": "imagine", "seed": 2,
                                                        "prompt": "a red ring <lora:ring:0.75> on a blue background"}))
             refused = await client.post("/v1/jobs", json={"command": "/imagine a ring --lora ringg"})
     assert [entry["name"] for entry in listed["loras"]] == ["cross", "ring"]
     assert listed["loras"][1]["for"] == "builtin:shapes" and len(listed["loras"][1]["hash"]) == 12
     assert [entry["name"] for entry in listed["embeddings"]] == ["crimson"]
+    assert [entry["name"] for entry in a1111_listed] == ["cross", "ring"]  # what A1111 clients offer
     assert job.status_code == 202, job.text
     assert job.json()["prompt"] == "a red ring on a blue background"
     assert job.json()["params"]["loras"] == [{"name": "ring", "weight": 0.75}]

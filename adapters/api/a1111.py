@@ -216,8 +216,9 @@ async def set_options(core: CoreDep, requester: Asker, models: RememberedModels,
 @router.get("/sd-models", responses=ERRORS)
 async def sd_models(core: CoreDep, requester: Asker) -> list[dict[str, Any]]:
     """Easel's models; the title is what sd_model_checkpoint takes."""
-    return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-            for name in core.settings.models]
+    return [{"title": model.name, "model_name": model.name, "hash": None, "sha256": None,
+             "filename": model.file or model.source, "config": None}
+            for model in core.catalog.list() if model.usable]
 
 
 @router.get("/samplers", responses=ERRORS)
@@ -244,8 +245,24 @@ def nothing_to_list(path: str, what: str) -> None:
 
 for _path, _what in (("/upscalers", "upscalers (hires fix is not offered)"),
                      ("/latent-upscale-modes", "latent upscale modes"), ("/sd-vae", "separate VAEs"),
-                     ("/loras", "LoRAs"), ("/prompt-styles", "prompt styles"), ("/extensions", "extensions")):
+                     ("/extensions", "extensions")):
     nothing_to_list(_path, _what)
+
+
+@router.get("/loras", responses=ERRORS)
+async def loras(core: CoreDep, requester: Asker) -> list[dict[str, Any]]:
+    """The installed LoRAs (storage.lora_dir); `name` is what <lora:NAME:WEIGHT> in a prompt takes."""
+    networks = core.parser.networks
+    return [{"name": found.name, "alias": found.name, "path": found.path.name,
+             "metadata": {"for": networks.family(found), "hash": networks.short_hash(found)}}
+            for found in networks.loras().values()]
+
+
+@router.get("/prompt-styles", responses=ERRORS)
+async def prompt_styles(core: CoreDep, requester: Asker) -> list[dict[str, str]]:
+    """The styles of storage.styles_file, as A1111 lists its styles.csv."""
+    return [{"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative}
+            for style in core.parser.styles.styles()]
 
 
 @router.get("/scripts", responses=ERRORS)

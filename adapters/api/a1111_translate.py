@@ -65,11 +65,12 @@ def in_a1111_words(error: InvalidCommand) -> InvalidCommand:
 
 def model_named(parser: CommandParser, name: str) -> str:
     """Easel's model for an `sd_model_checkpoint` value (the titles GET /sdapi/v1/sd-models lists)."""
-    by_lower = {model.lower(): model for model in parser.models}
-    if name.lower() not in by_lower:
+    found = parser.catalog.get(name)
+    if found is None or not found.usable:
+        usable = [model.name for model in parser.catalog.list() if model.usable]
         raise InvalidCommand(f"sd_model_checkpoint {name!r} is not one of Easel's models: "
-                             f"{', '.join(parser.models)} (GET /sdapi/v1/sd-models)")
-    return by_lower[name.lower()]
+                             f"{', '.join(usable)} (GET /sdapi/v1/sd-models)")
+    return found.name
 
 
 def sampler_of(name: str | None, scheduler: str | None, default: str) -> str:
@@ -113,8 +114,8 @@ def command_of(parser: CommandParser, body: GenerationRequest, kind: JobKind, mo
     if body.cfg_scale is not None:
         flags["cfg"] = str(body.cfg_scale)
     if body.width is not None or body.height is not None:
-        default = parser.models[model]
-        flags["size"] = f"{body.width or default.default_width}x{body.height or default.default_height}"
+        default = parser.catalog.get(model) or parser.catalog.default
+        flags["size"] = f"{body.width or default.width}x{body.height or default.height}"
     if isinstance(body, Img2ImgRequest) and body.denoising_strength is not None:
         flags["strength"] = str(body.denoising_strength)
     try:
