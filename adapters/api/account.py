@@ -103,7 +103,32 @@ async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     return model_out(core, found)
 
 
-@router.get("/v1/loras")
+class NetworkOut(BaseModel):
+    name: str = Field(description="what a prompt writes: <lora:NAME:WEIGHT>, or the embedding's NAME as a word")
+    for_: str = Field(alias="for", description="the model family (or builtin model) it was made for")
+    size_bytes: int
+    hash: str = Field(description="AUTOMATIC1111's short hash, as written in the PNG's parameters")
+
+
+class NetworkListOut(BaseModel):
+    loras: list[NetworkOut]
+    embeddings: list[NetworkOut]
+    text: str = Field(description="the chat's /loras answer")
+
+
+class StyleOut(BaseModel):
+    name: str
+    flag: str = Field(description="what --style takes")
+    prompt: str = Field(description="{prompt} marks where the user's prompt goes")
+    negative_prompt: str
+
+
+class StyleListOut(BaseModel):
+    styles: list[StyleOut]
+    text: str = Field(description="the chat's /styles answer")
+
+
+@router.get("/v1/loras", response_model=NetworkListOut, response_model_by_alias=True, responses=errors(401))
 async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
     """The installed LoRAs (`<lora:NAME:WEIGHT>` in a prompt) and textual-inversion embeddings (their
     name as a word in a prompt or negative prompt), each with `for` (the models it fits), its size and
@@ -114,7 +139,7 @@ async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
             "text": networks.listing()}
 
 
-@router.get("/v1/styles")
+@router.get("/v1/styles", response_model=StyleListOut, responses=errors(401))
 async def styles(core: CoreDep, key: Key) -> dict[str, Any]:
     """The styles of styles.csv (`--style NAME` in a command, `flag` being the NAME to write), each with
     its prompt (`{prompt}` marks where the user's goes) and negative prompt; `text` is the chat's

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from adapters.api.deps import CoreDep, Key
 from adapters.api.errors import HttpError
 from adapters.api.parse import fingerprint, generation_text, read_job_request
-from adapters.api.render import base_url, event_data, job_out, quota_out
+from adapters.api.render import base_url, event_data, job_out, params_out, quota_out
 from adapters.api.schemas import (
     DryRunOut,
     IndexRequest,
@@ -90,10 +90,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
         return JSONResponse({"valid": True, "cost_units": estimate.cost, "images": estimate.images,
                              "position": estimate.position, "quota": quota_out(estimate.quota),
                              "params": {"kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
-                                        "width": p.width, "height": p.height, "steps": p.steps,
-                                        "cfg": p.cfg, "n": p.n, "sampler": p.sampler, "model": p.model,
-                                        "seed": p.seed, "strength": p.strength,
-                                        "loras": [{"name": name, "weight": weight} for name, weight in p.loras]}})
+                                        **params_out(p)}})
     reply_to = {}
     if body.webhook is not None:
         await check_webhook_target(body.webhook.url, settings.http.allow_private_webhooks)

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from bot.bootstrap import Core
 from bot.delivery import Delivery
+from bot.domain import GenerationParams
 from bot.events import EventKind
 from bot.policy import describe_quota
 from bot.views import QuotaStatus
@@ -28,6 +29,13 @@ def image_url(base: str, sha256: str) -> str:
     return f"{base}/v1/images/{sha256}"
 
 
+def params_out(p: GenerationParams) -> dict[str, Any]:
+    """The settings a job runs with (ParamsOut), as a job and a dry run show them."""
+    return {"width": p.width, "height": p.height, "steps": p.steps, "cfg": p.cfg, "n": p.n, "sampler": p.sampler,
+            "model": p.model, "seed": p.seed, "strength": p.strength,
+            "loras": [{"name": name, "weight": weight} for name, weight in p.loras]}
+
+
 def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[str, Any]:
     """A job as the API shows it: only the images that may be shown (with `spoiler`), and a notice for
     each withheld one (bot/delivery.py decides which)."""
@@ -38,9 +46,7 @@ def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[
 
     return {
         "id": job.id, "status": job.status.value, "kind": p.kind.value, "prompt": p.prompt, "negative": p.negative,
-        "params": {"width": p.width, "height": p.height, "steps": p.steps, "cfg": p.cfg, "n": p.n,
-                   "sampler": p.sampler, "model": p.model, "seed": p.seed, "strength": p.strength,
-                   "loras": [{"name": name, "weight": weight} for name, weight in p.loras]},
+        "params": params_out(p),
         "seeds": job.seeds, "position": position,
         "progress": {"step": job.progress_step, "total": job.progress_total},
         "images": images_out(delivery, base),

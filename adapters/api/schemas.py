@@ -99,6 +99,11 @@ class WithheldOut(BaseModel):
     message: str = Field(description="what happened, why, and how to appeal; show it instead of the image")
 
 
+class LoraWeightOut(BaseModel):
+    name: str
+    weight: float
+
+
 class ParamsOut(BaseModel):
     """The settings a job runs with: the defaults filled in, the size fitted to an input picture."""
 
@@ -112,6 +117,7 @@ class ParamsOut(BaseModel):
     seed: int | None = Field(description="image i has seed + i; null only in a dry run without --seed "
                                          "(a random one is picked when the job is queued)")
     strength: float | None = Field(description="edit and inpaint: how much of the picture is redrawn")
+    loras: list[LoraWeightOut] = Field(description="the LoRAs it runs with (<lora:NAME:WEIGHT> or --lora)")
 
 
 class JobOut(BaseModel):
