@@ -1,4 +1,4 @@
-"""The console adapter: `easel chat` and the one-shot `easel imagine/edit/inpaint` commands.
+"""The console adapter: `easel chat` and the one-shot `easel imagine/edit/inpaint/outpaint` commands.
 
 It does what every chat adapter does, with the terminal as the platform: turn what the user typed
 (and the files they named, the console's attachments) into a command, hand it to the job service,
@@ -43,11 +43,15 @@ from bot.views import JobView
 PLATFORM = "console"
 
 # How many file names each command takes before its prompt: the console's attachments.
-ATTACHMENTS = {"edit": 1, "inpaint": 2}
+ATTACHMENTS = {"edit": 1, "inpaint": 2, "outpaint": 1}
+USAGES = {"edit": "/edit <image> <prompt>", "inpaint": "/inpaint <image> <mask> <prompt>",
+          "outpaint": "/outpaint <image> [prompt] --zoom X"}
 # /help's lines for them (bot/grammar.py's ATTACHMENT_FORMS are for platforms with attachments).
 HELP_FORMS = {
     "edit": "/edit <image file> <prompt> [flags]  redraw the picture in that file guided by the prompt",
     "inpaint": "/inpaint <image file> <mask file> <prompt> [flags]  repaint the white parts of the mask",
+    "outpaint": "/outpaint <image file> [prompt] --zoom X | --left/--right/--up/--down N  paint more around the "
+                "picture",
     "edit example": "/edit street.png the same street in winter --strength 0.6",
 }
 
@@ -77,8 +81,7 @@ def split_attachments(text: str) -> tuple[str, list[str]]:
     if count == 0 or (len(words) > 1 and words[1].startswith("{")):  # {https://...} links, not files
         return text, []
     if len(words) < count + 1:
-        usage = "/edit <image> <prompt>" if count == 1 else "/inpaint <image> <mask> <prompt>"
-        raise InvalidCommand(f"usage: {usage}")
+        raise InvalidCommand(f"usage: {USAGES[command]}")
     paths = words[1:count + 1]
     rest = text.strip().split(maxsplit=count + 1)[count + 1:] if len(words) > count + 1 else []
     return " ".join([words[0], *rest]), paths

@@ -84,6 +84,10 @@ class LimitsConfig(Section):
     min_strength: float = Field(0.05, ge=0, le=1)
     max_strength: float = Field(1.0, ge=0, le=1)
     default_strength: float = Field(0.75, ge=0, le=1)
+    # /outpaint's --strength when none is given: its new border starts from the picture's edges carried
+    # outwards, and below 1 the model continues them (the border of a sky stays sky) instead of drawing
+    # the whole prompt again in it.
+    default_outpaint_strength: float = Field(0.6, ge=0, le=1)
     # Attachments: bytes on the wire, and pixels once the header is read (before decoding them all).
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_upload_pixels: int = Field(4096 * 4096, ge=1)
@@ -99,6 +103,9 @@ class LimitsConfig(Section):
             if not low <= default <= high:
                 raise ValueError(f"default_{name} = {default} must lie between min_{name} = {low} "
                                  f"and max_{name} = {high}")
+        if not self.min_strength <= self.default_outpaint_strength <= self.max_strength:
+            raise ValueError(f"default_outpaint_strength = {self.default_outpaint_strength} must lie between "
+                             f"min_strength = {self.min_strength} and max_strength = {self.max_strength}")
         if self.default_n > self.max_n:
             raise ValueError(f"default_n = {self.default_n} must not exceed max_n = {self.max_n}")
         if self.min_side > self.max_side:

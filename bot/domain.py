@@ -19,6 +19,17 @@ class JobKind(StrEnum):
     IMAGINE = "imagine"  # text to image
     EDIT = "edit"  # image to image: start from an attached picture
     INPAINT = "inpaint"  # repaint the white pixels of a mask
+    OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the job starts from a picture (and so has a --strength)."""
+        return self is not JobKind.IMAGINE
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the job repaints only the white pixels of a mask (outpaint makes its own)."""
+        return self in (JobKind.INPAINT, JobKind.OUTPAINT)
 
 
 class JobStatus(StrEnum):
@@ -106,8 +117,27 @@ def lora_tags(loras: tuple[tuple[str, float], ...]) -> str:
 
 
 @dataclass(frozen=True)
+class OutpaintMargins:
+    """How far /outpaint grows the canvas: `zoom` times the picture on each side (the picture stays in the
+    middle), or the pixels added on each side, `--left 32 --up 64`. One of the two, never both."""
+
+    zoom: float | None = None
+    left: int = 0
+    right: int = 0
+    up: int = 0
+    down: int = 0
+
+    def describe(self) -> str:
+        """As the flags that ask for it: `--zoom 2`, `--left 32 --up 64`."""
+        if self.zoom is not None:
+            return f"--zoom {self.zoom:g}"
+        sides = (("left", self.left), ("right", self.right), ("up", self.up), ("down", self.down))
+        return " ".join(f"--{side} {pixels}" for side, pixels in sides if pixels)
+
+
+@dataclass(frozen=True)
 class GenerateCommand:
-    """/imagine, /edit or /inpaint: the images themselves come from the adapter (attachments).
+    """/imagine, /edit, /inpaint or /outpaint: the images themselves come from the adapter (attachments).
 
     `size_from_input` is True for /edit and /inpaint when the user gave neither --size nor --ar: the
     job service then fits the size to the attached image's aspect ratio (see grammar.fit_size).
@@ -121,6 +151,9 @@ class GenerateCommand:
     # A permutation prompt, `a {red, green} circle` (bot/permutations.py): the params of every
     # combination after the first, `params`. Each becomes a job of its own, with its own seed.
     permutations: tuple[GenerationParams, ...] = ()
+    # /outpaint: how much to add around the picture. None for the other kinds, and for an outpaint job
+    # made again from its stored canvas and mask (a re-roll), which are already the job's size.
+    outpaint: OutpaintMargins | None = None
 
     def every_params(self) -> tuple[GenerationParams, ...]:
         """The params of each job this command makes: one, or one per permutation."""

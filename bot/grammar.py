@@ -47,6 +47,7 @@ from bot.domain import (
     ModQuotaCommand,
     ModResolveCommand,
     ModUnbanCommand,
+    OutpaintMargins,
     QuotaCommand,
     StylesCommand,
 )
@@ -55,12 +56,16 @@ from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, ta
 from bot.permutations import check_permutations, expand_permutations
 from bot.styles import StyleBook
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "styles",
-                             "models", "loras", "appeal", "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help",
+                             "styles", "models", "loras", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
                           "lora")
 REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
+# /outpaint's own flags: how much canvas to add (bot/outpaint.py). The other commands refuse them.
+OUTPAINT_FLAGS: tuple[str, ...] = ("zoom", "left", "right", "up", "down")
+MIN_ZOOM, MAX_ZOOM = 1.1, 4.0  # --zoom: the canvas grows from 1.1 to 4 times the picture, each way
+GENERATION_KINDS = (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT)
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -82,6 +87,8 @@ _DURATION_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", 
 ATTACHMENT_FORMS = {
     "edit": "/edit <prompt> [flags]  redraw an attached picture guided by the prompt",
     "inpaint": "/inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
+    "outpaint": "/outpaint [prompt] --zoom X | --left/--right/--up/--down N  paint more around an attached "
+                "picture",
     "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
 }
 
@@ -132,7 +139,7 @@ class CommandParser:
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
         name, _bot, rest = split_command(text)
-        if name in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+        if name in GENERATION_KINDS:
             return self.parse_generation(JobKind(name), rest)
         args = rest.split()
         if name == "quota":
@@ -172,7 +179,8 @@ class CommandParser:
                              f"the commands are {_listed(COMMANDS, '/')}")
 
     def parse_generation(self, kind: JobKind, text: str) -> GenerateCommand:
-        """Parse the prompt and flags of /imagine, /edit or /inpaint (the text after the command name)."""
+        """Parse the prompt and flags of /imagine, /edit, /inpaint or /outpaint (the text after the command
+        name)."""
         kind = JobKind(kind)
         # 1. Take out reference links, then split the words into prompt text and flag values.
         text, links = _take_links(kind, text)
@@ -203,11 +211,18 @@ class CommandParser:
         (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py).
         `loras` are `--lora` values, "NAME:WEIGHT"; `<lora:NAME:WEIGHT>` tags in the prompt count too."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"})
+        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"}) - set(OUTPAINT_FLAGS)
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
-        self._check_text(kind, prompt, negative)
+        outpaint = _outpaint_margins(kind, flags, limits)
+        if kind is JobKind.OUTPAINT and not prompt:
+            # The job service takes the prompt of the Easel job that made the picture (or says to give one).
+            if styles or loras:
+                raise InvalidCommand("--style and --lora need a prompt to work on: write one, e.g. /outpaint a "
+                                     "forest at dusk --zoom 2 --style NAME")
+        else:
+            self._check_text(kind, prompt, negative)
         model = self._model(flags.get("model"))
         negative = negative or model.negative  # the model's default, unless the user gave a negative
         prompt, negative = self.styles.apply(list(styles), prompt, negative)
@@ -216,8 +231,12 @@ class CommandParser:
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
                                  "repaint); /imagine starts from noise, so leave it out")
+        if kind is JobKind.OUTPAINT and ("size" in flags or "ar" in flags):
+            raise InvalidCommand("/outpaint's size is the picture's plus what --zoom or --left/--right/--up/--down "
+                                 "add; leave out --size and --ar")
         width, height = self._size(flags, model)
-        default_strength = None if kind is JobKind.IMAGINE else limits.default_strength
+        default_strength = {JobKind.IMAGINE: None, JobKind.OUTPAINT: limits.default_outpaint_strength}.get(
+            kind, limits.default_strength)
         params = GenerationParams(
             kind=kind,
             prompt=prompt,
@@ -240,7 +259,7 @@ class CommandParser:
                                  f"denoising step; use --steps {fewest} or more, or a higher --strength")
         size_given = "size" in flags or "ar" in flags
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
-                               reference_urls=reference_urls)
+                               reference_urls=reference_urls, outpaint=outpaint)
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
@@ -250,7 +269,7 @@ class CommandParser:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
 
         `forms` replaces the lines of the commands that take pictures, for a platform that takes them
-        otherwise than as attachments (keys "edit", "inpaint" and "edit example", as in
+        otherwise than as attachments (keys "edit", "inpaint", "outpaint" and "edit example", as in
         ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
         """
         limits = self.limits
@@ -264,6 +283,7 @@ class CommandParser:
             "  /imagine <prompt> [flags]  make images from text",
             f"  {form['edit']}",
             f"  {form['inpaint']}",
+            f"  {form['outpaint']}",
             "  /edit and /inpaint results keep the picture's shape at the model's pixel count (512x384 in "
             f"gives {fitted} on {self.default_model}); --size or --ar set another",
             "  /quota [command]  quota units left, when they reset, and what a command costs "
@@ -303,7 +323,12 @@ class CommandParser:
             f"  --sampler NAME  {', '.join(SAMPLERS)} (default {model.sampler})",
             f"  --model NAME  {models} (default {self.default_model}; /models describes them)",
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
-            f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
+            f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}, /outpaint "
+            f"{_num(limits.default_outpaint_strength)}); higher changes more",
+            f"  --zoom X  /outpaint only: the canvas grows {_num(MIN_ZOOM)} to {_num(MAX_ZOOM)} times each way, the "
+            "picture in the middle (shrunk to fit the size limits)",
+            "  --left N, --right N, --up N, --down N  /outpaint only: pixels to add on that side, multiples of 8; "
+            "without a prompt, /outpaint uses the prompt of the Easel job that made the picture",
             "  --style NAME  put the prompt into a style from /styles; repeat it for several",
             f"  --lora NAME:W  a LoRA from /loras at weight W (default 1, {_num(-limits.max_lora_weight)} to "
             f"{_num(limits.max_lora_weight)}); or write <lora:NAME:W> in the prompt; up to {limits.max_loras}",
@@ -341,7 +366,7 @@ class CommandParser:
         if not rest:
             return QuotaCommand()
         name, _bot, command_text = split_command(rest if rest.startswith("/") else "/" + rest)
-        if name not in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+        if name not in GENERATION_KINDS:
             raise InvalidCommand("/quota takes nothing, or a command to price, e.g. /quota /imagine a cat --n 4 "
                                  f"(got {_shown(rest)})")
         return QuotaCommand(command=self.parse_generation(JobKind(name), command_text))
@@ -496,8 +521,8 @@ def _flag(word: str) -> tuple[str, str | None] | None:
             raise InvalidCommand(f"flags start with two dashes: write -{word} (got {word})")
         return None
     name = match["name"].lower()
-    if name not in FLAGS:
-        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS, '--')}; "
+    if name not in FLAGS and name not in OUTPAINT_FLAGS:
+        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS + OUTPAINT_FLAGS, '--')}; "
                              f"the flags are {_listed(FLAGS, '--')}")
     return name, match["value"]
 
@@ -543,7 +568,7 @@ def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
     if kind is JobKind.IMAGINE:
         raise InvalidCommand("/imagine starts from noise; to start from a linked picture use /edit "
                              "{https://...} <prompt>")
-    most = 2 if kind is JobKind.INPAINT else 1
+    most = 2 if kind is JobKind.INPAINT else 1  # /outpaint makes its own mask
     if len(links) > most:
         raise InvalidCommand(f"/{kind.value} takes at most {most} image link{'s' if most > 1 else ''} "
                              f"({'the image, then the mask' if most > 1 else 'the image'}); got {len(links)}")
@@ -668,6 +693,33 @@ def _number(flags: Mapping[str, str], name: str, low: float, high: float,
     return number
 
 
+def _outpaint_margins(kind: JobKind, flags: Mapping[str, str], limits: LimitsConfig) -> OutpaintMargins | None:
+    """/outpaint's --zoom, or its --left/--right/--up/--down; None for the other commands, which refuse them."""
+    given = [name for name in OUTPAINT_FLAGS if name in flags]
+    if kind is not JobKind.OUTPAINT:
+        if given:
+            raise InvalidCommand(f"--{given[0]} is for /outpaint (how much to paint around a picture); "
+                                 f"/{kind.value} leaves it out")
+        return None
+    if not given:
+        raise InvalidCommand("/outpaint needs --zoom X (1.1 to 4: the canvas grows that much each way) or "
+                             "--left/--right/--up/--down N (pixels to add on that side), e.g. /outpaint --zoom 2")
+    if "zoom" in flags:
+        if len(given) > 1:
+            raise InvalidCommand(f"give --zoom or --{given[1] if given[0] == 'zoom' else given[0]}, not both: --zoom "
+                                 "adds around every side, --left/--right/--up/--down add on one")
+        return OutpaintMargins(zoom=_number(flags, "zoom", MIN_ZOOM, MAX_ZOOM, None))
+    sides = {name: _whole_number(flags, name, 0, limits.max_side, 0) for name in given}
+    for name, pixels in sides.items():
+        if pixels % 8:
+            raise InvalidCommand(f"--{name} must be a multiple of 8 pixels (got {pixels}); try "
+                                 f"--{name} {_round8(pixels)}")
+    if not any(sides.values()):
+        raise InvalidCommand("/outpaint adds nothing with every side at 0; give a side at least 8 pixels, "
+                             "e.g. --left 64")
+    return OutpaintMargins(**sides)
+
+
 def _aspect(value: str) -> tuple[float, float]:
     match = _ASPECT.fullmatch(value)
     aspect_w, aspect_h = (float(match[1]), float(match[2])) if match else (0.0, 0.0)
@@ -731,6 +783,11 @@ _EXAMPLES = {
     "strength": "--strength 0.6",
     "style": "--style <name from /styles>",
     "lora": "--lora <name from /loras>:0.8",
+    "zoom": "--zoom 2",
+    "left": "--left 128",
+    "right": "--right 128",
+    "up": "--up 128",
+    "down": "--down 128",
 }
 
 
