@@ -22,8 +22,8 @@ MAX_CAPTION = 1024
 MAX_CALLBACK_DATA = 64
 
 TELEGRAM_HELP = """On Telegram:
-  /edit and /inpaint go in the caption of a picture (a photo, or a file to keep it lossless),
-  or in a reply to a message that holds the picture.
+  /edit, /inpaint and /outpaint go in the caption of a picture (a photo, or a file to keep it
+  lossless), or in a reply to a message that holds the picture.
   The /inpaint mask (white = repaint) can be the second picture of the same album, the message
   you reply to, or the picture's own transparency (send a PNG as a file; transparent = repaint).
   Buttons under a result: Re-roll (new seed), Variations, Upscale, Info."""

@@ -45,7 +45,8 @@ BOT_TOKEN = "test-bot-token"
 # discord.py's option types
 STRING, INTEGER, NUMBER, ATTACHMENT = 3, 4, 10, 11
 _OPTION_TYPES = {"seed": INTEGER, "steps": INTEGER, "count": INTEGER, "cfg": NUMBER, "strength": NUMBER,
-                 "image": ATTACHMENT, "mask": ATTACHMENT}
+                 "image": ATTACHMENT, "mask": ATTACHMENT, "zoom": NUMBER, "left": INTEGER, "right": INTEGER,
+                 "up": INTEGER, "down": INTEGER}
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
@@ -415,6 +416,17 @@ async def test_edit_downloads_the_attachment_and_runs_img2img(core: Core, genera
     assert job.params.width > job.params.height  # the photo's shape is kept
 
 
+async def test_outpaint_paints_around_the_attachment(core: Core, generator, fake: FakeDiscord) -> None:
+    photo = fake.add_attachment("photo.png", png_bytes(64, 64, (20, 40, 220)))
+    async with running(core) as bot:
+        token = bot.dispatch(slash("outpaint", image=photo, prompt="a lake", left=32, steps=2))
+        await work_until(core, generator, fake, is_final_edit(token))
+    job = await only_job(core)
+    assert job.params.kind is JobKind.OUTPAINT and (job.params.width, job.params.height) == (96, 64)
+    with Image.open(job.images[0].path) as result:
+        assert result.getpixel((80, 30)) == (20, 40, 220)  # the picture, kept, right of the new border
+
+
 @pytest.mark.parametrize(("attachment", "expected"), [
     (dict(name="huge.png", data=png_bytes(), size=30 * 1024 * 1024), "the image is 30.0 MB; the limit is 20.0 MB"),
     (dict(name="notes.txt", data=b"hello", content_type="text/plain"), "not a picture"),
@@ -545,13 +557,15 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles",
-                             "loras"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help",
+                             "models", "styles", "loras"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 11 commands in server" in printed and BOT_TOKEN not in printed
+    assert "image" in {option["name"] for option in commands["outpaint"]["options"]}
+    assert not {option["name"]: option for option in commands["outpaint"]["options"]}["prompt"]["required"]
+    assert "registered 12 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -614,7 +628,8 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 
 # -- inside another bot: the extension ------------------------------------------------------------------
 
-EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles", "loras"}
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help", "models",
+                  "styles", "loras"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:

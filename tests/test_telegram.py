@@ -202,6 +202,16 @@ async def test_edit_from_a_captioned_photo_and_from_a_reply_to_a_file(tg: Core, 
     assert "make it winter" in photos(fake, ALICE)[0].caption and "seed 1 " in photos(fake, ALICE)[0].caption
 
 
+async def test_outpaint_from_a_reply_to_a_file_paints_around_it(tg: Core, fake: FakeTelegram, generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        holder = fake.send(chat, document=png_bytes(64, 64, (200, 200, 20)), filename="square.png")
+        fake.send(chat, "/outpaint a field --down 32 --steps 2", reply_to=holder)
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 1, what="the outpainted picture")
+    [job] = await tg.service.list_jobs()
+    assert job.params.kind is JobKind.OUTPAINT and (job.params.width, job.params.height) == (64, 96)
+
+
 async def test_inpaint_takes_the_mask_from_the_second_picture_of_an_album(tg: Core, fake: FakeTelegram,
                                                                          generator) -> None:
     chat = fake.private(ALICE)

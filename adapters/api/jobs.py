@@ -81,7 +81,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
     body, inputs = await read_job_request(request, settings.limits.max_upload_bytes)
     command = core.parser.parse(generation_text(body))
     if not isinstance(command, GenerateCommand):
-        raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; the other commands are GET "
+        raise InvalidCommand("POST /v1/jobs takes /imagine, /edit, /inpaint or /outpaint; the other commands are GET "
                              "/v1/jobs (/jobs), GET /v1/jobs/{id} (/job), DELETE /v1/jobs/{id} (/cancel), "
                              "GET /v1/quota (/quota), GET /v1/models (/models) and GET /v1/help (/help)")
     if query.dry_run:

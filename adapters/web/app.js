@@ -12,7 +12,7 @@ const preview = $("#preview");
 const cursor = $("#cursor");
 const TOKEN_KEY = "easel.token";
 let token = localStorage.getItem(TOKEN_KEY);
-let attached = null; // the File attached for /edit and /inpaint
+let attached = null; // the File attached for /edit, /inpaint and /outpaint
 let maskPainted = false;
 const cards = new Map(); // job id -> its card in the log
 const origins = new Map(); // job id -> the button that made it ("Upscale of image 1 of job k7mq2x9a")
@@ -133,7 +133,7 @@ async function handle(text) {
     const job = await api("DELETE", `/v1/jobs/${encodeURIComponent(id)}`);
     say(`Job ${job.id} cancelled.`);
   } else {
-    // /imagine, /edit, /inpaint, and anything else: the server's grammar answers typos too.
+    // /imagine, /edit, /inpaint, /outpaint, and anything else: the server's grammar answers typos too.
     await submit(text);
   }
 }
@@ -312,7 +312,7 @@ fileInput.addEventListener("change", () => {
   };
   preview.onerror = () => { say(`${file.name} is not a picture this browser can show.`, "error"); removeImage(); };
   preview.src = url;
-  say(`Attached ${file.name}. Type /edit with a prompt, or paint the mask and type /inpaint.`);
+  say(`Attached ${file.name}. Type /edit with a prompt, /outpaint --zoom 2 to paint around it, or paint the mask and type /inpaint.`);
 });
 
 function removeImage() {
