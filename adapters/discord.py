@@ -365,7 +365,8 @@ class EaselCog(commands.Cog, name=COG_NAME):
 
     async def button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
                              index: int | None) -> None:
-        """Re-roll, Variations and Upscale make a new job for the presser; Info and Delete act on this one."""
+        """Re-roll, Variations, Upscale, Zoom out and the pans make a new job for the presser; Info and Delete
+        act on this one."""
         try:
             await self._until_following()
             await self._button(interaction, action, job_id, index)
@@ -387,6 +388,9 @@ class EaselCog(commands.Cog, name=COG_NAME):
         elif action == "upscale":
             await self._deferred_submit(
                 interaction, lambda who: followups.upscale(self.core.service, who, job_id, index or 0))
+        elif action in followups.REFRAMES:
+            await self._deferred_submit(
+                interaction, lambda who: followups.reframe(self.core.service, who, job_id, index or 0, action))
 
     async def _delete(self, interaction: discord.Interaction, job_id: str) -> None:
         """Delete a result message: its owner or a moderator only."""

@@ -231,6 +231,7 @@ async def test_imagine_defers_then_shows_position_progress_and_the_images_with_b
     assert {f"easel:reroll:{job.id}", f"easel:info:{job.id}", f"easel:delete:{job.id}",
             f"easel:vary:{job.id}:0", f"easel:vary:{job.id}:1", f"easel:upscale:{job.id}:1"} \
         <= set(final.custom_ids)
+    assert not any(":zoom" in i or ":left:" in i for i in final.custom_ids)  # zoom and pan: one image only
     assert (await core.service.get_job(job.id)).delivered_at is not None
 
 
@@ -350,6 +351,37 @@ async def test_results_finished_while_the_bot_was_down_are_delivered_after_it_st
         final = await fake.wait_for(is_final_edit(token))
     assert [f.name for f in final.files] == [f"{job.id}-1-seed5.png"]
     assert (await core.service.get_job(job.id)).delivered_at is not None
+
+
+async def test_zoom_out_and_pan_buttons_outpaint_the_image_after_a_restart(core: Core, generator, fake: FakeDiscord,
+                                                                           settings: Settings) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("imagine", prompt="a castle --seed 11", steps=2))
+        final = await work_until(core, generator, fake, is_final_edit(token))
+    job = await only_job(core)
+    assert {f"easel:{action}:{job.id}:0" for action in ("zoom15", "zoom2", "left", "up", "right", "down")} \
+        <= set(final.custom_ids)
+    message = fake.messages[_original_id(fake, callbacks(fake, token)[0])]
+
+    await core.close()
+    core = await open_core(settings)  # a new process: it has never seen the message it gets presses from
+    try:
+        async with running(core) as bot:
+            zoom_token = bot.dispatch(press(fake, message, f"easel:zoom2:{job.id}:0", user=BOB))
+            zoomed = await work_until(core, generator, fake, is_final_edit(zoom_token))
+            pan_token = bot.dispatch(press(fake, message, f"easel:left:{job.id}:0"))
+            panned = await work_until(core, generator, fake, is_final_edit(pan_token))
+        bigger, wider = (await core.service.list_jobs())[1], (await core.service.list_jobs())[0]
+        original = Image.open(job.images[0].path)
+        with Image.open(io.BytesIO(zoomed.files[0].data)) as zoomed_png, \
+                Image.open(io.BytesIO(panned.files[0].data)) as panned_png:
+            assert zoomed_png.size == (128, 128) and panned_png.size == (96, 64)
+            assert zoomed_png.crop((32, 32, 96, 96)).tobytes() == original.convert("RGB").tobytes()
+            assert panned_png.crop((32, 0, 96, 64)).tobytes() == original.convert("RGB").tobytes()
+        assert bigger.params.kind is wider.params.kind is JobKind.OUTPAINT
+        assert bigger.user_id == str(BOB) and bigger.params.prompt == "a castle"
+    finally:
+        await core.close()
 
 
 async def test_buttons_work_after_a_restart(core: Core, generator, fake: FakeDiscord, settings: Settings) -> None:

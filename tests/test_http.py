@@ -178,6 +178,22 @@ async def test_re_roll_variations_and_upscale_make_new_jobs_from_a_result(server
     assert missing.status_code == 400 and "no image 4" in missing.json()["message"]
 
 
+async def test_reframe_zooms_out_or_pans_an_image_of_a_result(server, generator) -> None:
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        first = await submit_and_wait(client, "/imagine a cat --steps 2")
+        zoomed = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"index": 0, "action": "zoom15"})
+        panned = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"action": "up"})
+        unknown = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"action": "sideways"})
+        assert zoomed.status_code == panned.status_code == 202, (zoomed.text, panned.text)
+        zoomed, panned = [await wait_done(client, r.json()["id"]) for r in (zoomed, panned)]
+    assert zoomed["kind"] == panned["kind"] == "outpaint" and zoomed["prompt"] == "a cat"
+    assert (zoomed["params"]["width"], zoomed["params"]["height"]) == (96, 96)  # 64 x 1.5 each way
+    assert (panned["params"]["width"], panned["params"]["height"]) == (64, 96)  # half the height above
+    assert all(job["status"] == "succeeded" for job in (zoomed, panned))
+    assert unknown.status_code == 422 and "zoom15" in unknown.text
+
+
 async def test_a_dry_run_validates_and_prices_without_queuing(server) -> None:
     token = await server.new_key()
     async with server.client(token) as client:

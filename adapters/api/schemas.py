@@ -87,6 +87,12 @@ class IndexRequest(BaseModel):
     index: WholeNumber = Field(0, ge=0, description="which image of the job, from 0")
 
 
+class ReframeRequest(IndexRequest):
+    action: Literal["zoom15", "zoom2", "left", "up", "right", "down"] = Field(
+        description="zoom15 and zoom2: zoom out 1.5x or 2x (the canvas grows that much each way); left, up, right, "
+                    "down: pan, adding half the picture's side that way (less where the size limits leave less)")
+
+
 class ImageOut(BaseModel):
     index: int
     seed: int

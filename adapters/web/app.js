@@ -221,13 +221,21 @@ function figure(job, image) {
     "aria-label": `${label} of image ${n} of job ${job.id}`,
     onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/${kind}`, { index: image.index }),
       `${label} of image ${n} of job ${job.id}`)) });
+  // Zoom out and pan: an outpaint of this image (POST /v1/jobs/{id}/reframe, bot/followups.py's REFRAMES).
+  const reframe = (action, text, label) => element("button", { type: "button", text,
+    "aria-label": `${label} of image ${n} of job ${job.id}`,
+    onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/reframe`, { index: image.index, action }),
+      `${label} of image ${n} of job ${job.id}`)) });
   const picture = element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
     width: String(image.width), height: String(image.height) });
   const shown = image.spoiler ? spoiler(picture, `Image ${n} was flagged by the image check. Show it`)
     : element("a", { href: image.url, target: "_blank", rel: "noopener" }, picture);
   return element("figure", {}, shown,
     element("figcaption", {}, element("span", { class: "seed", text: `seed ${image.seed}` }),
-      followUp("variations", "Variations"), followUp("upscale", "Upscale")));
+      followUp("variations", "Variations"), followUp("upscale", "Upscale"),
+      reframe("zoom15", "Zoom out 1.5x", "Zoom out 1.5x"), reframe("zoom2", "Zoom out 2x", "Zoom out 2x"),
+      reframe("left", "⬅️", "Pan left"), reframe("up", "⬆️", "Pan up"), reframe("right", "➡️", "Pan right"),
+      reframe("down", "⬇️", "Pan down")));
 }
 
 // A flagged picture where NSFW is allowed: blurred until the person clicks to show it.
