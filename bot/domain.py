@@ -20,11 +20,12 @@ class JobKind(StrEnum):
     EDIT = "edit"  # image to image: start from an attached picture
     INPAINT = "inpaint"  # repaint the white pixels of a mask
     OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
+    ANIMATE = "animate"  # frames, each the last one moved by a camera and redrawn (generation/animation.py)
 
     @property
     def takes_image(self) -> bool:
-        """Whether the job starts from a picture (and so has a --strength)."""
-        return self is not JobKind.IMAGINE
+        """Whether the job starts from a picture (and so has a --strength). /animate may start from one."""
+        return self in (JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT)
 
     @property
     def takes_mask(self) -> bool:
@@ -62,6 +63,30 @@ SAMPLERS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class Motion:
+    """/animate's clip and camera: each frame is the one before moved this much, then redrawn."""
+
+    frames: int = 12
+    fps: int = 8
+    zoom: float = 1.0  # scale per frame: above 1 moves in, below 1 out
+    pan: tuple[float, float] = (0.0, 0.0)  # pixels per frame the picture moves: right, down
+    rotate: float = 0.0  # degrees per frame, counter-clockwise
+
+    def to_text(self) -> str:
+        """As the database stores it (and the queue compares it): `{"frames": 12, "fps": 8, ...}`."""
+        return json.dumps({"frames": self.frames, "fps": self.fps, "zoom": self.zoom, "pan": list(self.pan),
+                           "rotate": self.rotate})
+
+    @classmethod
+    def of_text(cls, text: str | None) -> Motion | None:
+        if text is None:
+            return None
+        values = json.loads(text)
+        return cls(frames=values["frames"], fps=values["fps"], zoom=values["zoom"], pan=tuple(values["pan"]),
+                   rotate=values["rotate"])
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Everything that decides the pixels of a job, apart from the input images.
 
@@ -83,12 +108,14 @@ class GenerationParams:
     strength: float | None = None  # edit and inpaint only: how much of the input to repaint
     # (LoRA name, weight) pairs sorted by name, so equal sets compare equal (see with_loras).
     loras: tuple[tuple[str, float], ...] = ()
+    motion: Motion | None = None  # /animate only
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ).
-        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one."""
+        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one.
+        Animations with the same frames and camera share each frame's call."""
         return (self.kind, self.model, self.width, self.height, self.steps, self.sampler, self.cfg,
-                self.strength, loras_text(self.loras))
+                self.strength, loras_text(self.loras), self.motion.to_text() if self.motion else None)
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: the base seed, then the next ones."""

@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TypeVar
 
+from bot.animation import keyframes
 from bot.attention import MAX_WEIGHT, MIN_WEIGHT, weighted_groups
 from bot.catalog import CatalogModel, ModelCatalog
 from bot.config import LimitsConfig, ModelConfig, Settings
@@ -47,6 +48,7 @@ from bot.domain import (
     ModQuotaCommand,
     ModResolveCommand,
     ModUnbanCommand,
+    Motion,
     OutpaintMargins,
     QuotaCommand,
     StylesCommand,
@@ -56,16 +58,25 @@ from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, ta
 from bot.permutations import check_permutations, expand_permutations
 from bot.styles import StyleBook
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help",
-                             "styles", "models", "loras", "appeal", "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel",
+                             "help", "styles", "models", "loras", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
                           "lora")
 REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
-# /outpaint's own flags: how much canvas to add (bot/outpaint.py). The other commands refuse them.
+# Flags of one command each: /outpaint's canvas (bot/outpaint.py), /animate's clip and camera
+# (bot/animation.py). The other commands refuse them.
 OUTPAINT_FLAGS: tuple[str, ...] = ("zoom", "left", "right", "up", "down")
-MIN_ZOOM, MAX_ZOOM = 1.1, 4.0  # --zoom: the canvas grows from 1.1 to 4 times the picture, each way
-GENERATION_KINDS = (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT)
+ANIMATE_FLAGS: tuple[str, ...] = ("frames", "fps", "zoom", "pan", "rotate")
+KIND_FLAGS: dict[JobKind, tuple[str, ...]] = {JobKind.OUTPAINT: OUTPAINT_FLAGS, JobKind.ANIMATE: ANIMATE_FLAGS}
+EXTRA_FLAGS: tuple[str, ...] = tuple(dict.fromkeys(OUTPAINT_FLAGS + ANIMATE_FLAGS))
+MIN_ZOOM, MAX_ZOOM = 1.1, 4.0  # /outpaint --zoom: the canvas grows from 1.1 to 4 times the picture, each way
+# /animate's camera, per frame: --zoom scales (above 1 moves in), --pan DX,DY moves (pixels), --rotate turns.
+MIN_FRAME_ZOOM, MAX_FRAME_ZOOM = 0.8, 1.25
+MAX_PAN = 64
+MAX_ROTATE = 15.0
+_PAN = re.compile(r"(-?\d+(?:\.\d+)?),(-?\d+(?:\.\d+)?)")
+GENERATION_KINDS = (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT, JobKind.ANIMATE)
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -89,6 +100,8 @@ ATTACHMENT_FORMS = {
     "inpaint": "/inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
     "outpaint": "/outpaint [prompt] --zoom X | --left/--right/--up/--down N  paint more around an attached "
                 "picture",
+    "animate": "/animate <prompt> [--frames N --fps N --zoom X --pan DX,DY --rotate DEG]  an MP4 whose frames "
+               "each move and redraw the last (attach a picture to start from it; console and easel animate)",
     "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
 }
 
@@ -211,11 +224,13 @@ class CommandParser:
         (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py).
         `loras` are `--lora` values, "NAME:WEIGHT"; `<lora:NAME:WEIGHT>` tags in the prompt count too."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"}) - set(OUTPAINT_FLAGS)
+        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"}) - set(EXTRA_FLAGS)
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
-        outpaint = _outpaint_margins(kind, flags, limits)
+        _check_kind_flags(kind, flags)
+        outpaint = _outpaint_margins(flags, limits) if kind is JobKind.OUTPAINT else None
+        motion = self._motion(flags, prompt) if kind is JobKind.ANIMATE else None
         if kind is JobKind.OUTPAINT and not prompt:
             # The job service takes the prompt of the Easel job that made the picture (or says to give one).
             if styles or loras:
@@ -234,9 +249,14 @@ class CommandParser:
         if kind is JobKind.OUTPAINT and ("size" in flags or "ar" in flags):
             raise InvalidCommand("/outpaint's size is the picture's plus what --zoom or --left/--right/--up/--down "
                                  "add; leave out --size and --ar")
+        if kind is JobKind.ANIMATE and "n" in flags:
+            raise InvalidCommand("/animate makes one clip; leave out --n (--frames sets how many pictures it has)")
         width, height = self._size(flags, model)
-        default_strength = {JobKind.IMAGINE: None, JobKind.OUTPAINT: limits.default_outpaint_strength}.get(
-            kind, limits.default_strength)
+        if kind is JobKind.ANIMATE and width * height > limits.max_animation_pixels:
+            raise InvalidCommand(f"/animate frames may have at most {limits.max_animation_pixels} pixels "
+                                 f"(limits.max_animation_pixels; got {width}x{height}); use a smaller --size")
+        default_strength = {JobKind.IMAGINE: None, JobKind.OUTPAINT: limits.default_outpaint_strength,
+                            JobKind.ANIMATE: limits.default_animate_strength}.get(kind, limits.default_strength)
         params = GenerationParams(
             kind=kind,
             prompt=prompt,
@@ -251,6 +271,7 @@ class CommandParser:
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
             loras=chosen_loras,
+            motion=motion,
         )
         if params.strength is not None and int(params.steps * params.strength) < 1:
             # img2img runs steps x strength denoising steps; zero would return the input untouched.
@@ -260,6 +281,20 @@ class CommandParser:
         size_given = "size" in flags or "ar" in flags
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
                                reference_urls=reference_urls, outpaint=outpaint)
+
+    def _motion(self, flags: Mapping[str, str], prompt: str) -> Motion:
+        """/animate's --frames, --fps and camera, checked with its keyframes: each within the clip."""
+        limits = self.limits
+        frames = _whole_number(flags, "frames", 2, limits.max_frames, limits.default_frames)
+        motion = Motion(frames=frames, fps=_whole_number(flags, "fps", 1, limits.max_fps, limits.default_fps),
+                        zoom=_number(flags, "zoom", MIN_FRAME_ZOOM, MAX_FRAME_ZOOM, 1.0),
+                        pan=_pan(flags.get("pan")),
+                        rotate=_number(flags, "rotate", -MAX_ROTATE, MAX_ROTATE, 0.0))
+        last = keyframes(prompt)[-1][0]
+        if last >= frames:
+            raise InvalidCommand(f"keyframe {last} is past the clip's last frame, {frames - 1} (--frames {frames}); "
+                                 f"use --frames {last + 1} or more")
+        return motion
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
@@ -284,6 +319,7 @@ class CommandParser:
             f"  {form['edit']}",
             f"  {form['inpaint']}",
             f"  {form['outpaint']}",
+            f"  {form['animate']}",
             "  /edit and /inpaint results keep the picture's shape at the model's pixel count (512x384 in "
             f"gives {fitted} on {self.default_model}); --size or --ar set another",
             "  /quota [command]  quota units left, when they reset, and what a command costs "
@@ -329,6 +365,12 @@ class CommandParser:
             "picture in the middle (shrunk to fit the size limits)",
             "  --left N, --right N, --up N, --down N  /outpaint only: pixels to add on that side, multiples of 8; "
             "without a prompt, /outpaint uses the prompt of the Easel job that made the picture",
+            f"  --frames N, --fps N  /animate only: 2 to {limits.max_frames} frames (default {limits.default_frames}), "
+            f"1 to {limits.max_fps} a second (default {limits.default_fps}); --strength (default "
+            f"{_num(limits.default_animate_strength)}) is how much each frame redraws the last",
+            f"  --zoom X, --pan DX,DY, --rotate DEG  /animate's camera, per frame: zoom {_num(MIN_FRAME_ZOOM)} to "
+            f"{_num(MAX_FRAME_ZOOM)} (above 1 moves in), pan up to {MAX_PAN} pixels each way, rotate up to "
+            f"{_num(MAX_ROTATE)} degrees; keyframes change the prompt: 0: a forest | 12: a city",
             "  --style NAME  put the prompt into a style from /styles; repeat it for several",
             f"  --lora NAME:W  a LoRA from /loras at weight W (default 1, {_num(-limits.max_lora_weight)} to "
             f"{_num(limits.max_lora_weight)}); or write <lora:NAME:W> in the prompt; up to {limits.max_loras}",
@@ -521,8 +563,8 @@ def _flag(word: str) -> tuple[str, str | None] | None:
             raise InvalidCommand(f"flags start with two dashes: write -{word} (got {word})")
         return None
     name = match["name"].lower()
-    if name not in FLAGS and name not in OUTPAINT_FLAGS:
-        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS + OUTPAINT_FLAGS, '--')}; "
+    if name not in FLAGS and name not in EXTRA_FLAGS:
+        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS + EXTRA_FLAGS, '--')}; "
                              f"the flags are {_listed(FLAGS, '--')}")
     return name, match["value"]
 
@@ -693,14 +735,28 @@ def _number(flags: Mapping[str, str], name: str, low: float, high: float,
     return number
 
 
-def _outpaint_margins(kind: JobKind, flags: Mapping[str, str], limits: LimitsConfig) -> OutpaintMargins | None:
-    """/outpaint's --zoom, or its --left/--right/--up/--down; None for the other commands, which refuse them."""
+def _check_kind_flags(kind: JobKind, flags: Mapping[str, str]) -> None:
+    """Refuse a flag of /outpaint or /animate given to another command, naming what it is for."""
+    for name in EXTRA_FLAGS:
+        if name in flags and name not in KIND_FLAGS.get(kind, ()):
+            owners = " and ".join(f"/{owner.value}" for owner, names in KIND_FLAGS.items() if name in names)
+            raise InvalidCommand(f"--{name} is for {owners}; /{kind.value} leaves it out")
+
+
+def _pan(value: str | None) -> tuple[float, float]:
+    if value is None:
+        return (0.0, 0.0)
+    match = _PAN.fullmatch(value.replace(" ", ""))
+    pan = (float(match[1]), float(match[2])) if match else None
+    if pan is None or not all(-MAX_PAN <= each <= MAX_PAN for each in pan):
+        raise InvalidCommand(f"--pan must be DX,DY: pixels per frame right and down, each from -{MAX_PAN} to "
+                             f"{MAX_PAN}, e.g. --pan 4,0 (got {_shown(value)})")
+    return pan
+
+
+def _outpaint_margins(flags: Mapping[str, str], limits: LimitsConfig) -> OutpaintMargins:
+    """/outpaint's --zoom, or its --left/--right/--up/--down."""
     given = [name for name in OUTPAINT_FLAGS if name in flags]
-    if kind is not JobKind.OUTPAINT:
-        if given:
-            raise InvalidCommand(f"--{given[0]} is for /outpaint (how much to paint around a picture); "
-                                 f"/{kind.value} leaves it out")
-        return None
     if not given:
         raise InvalidCommand("/outpaint needs --zoom X (1.1 to 4: the canvas grows that much each way) or "
                              "--left/--right/--up/--down N (pixels to add on that side), e.g. /outpaint --zoom 2")
@@ -784,6 +840,10 @@ _EXAMPLES = {
     "style": "--style <name from /styles>",
     "lora": "--lora <name from /loras>:0.8",
     "zoom": "--zoom 2",
+    "frames": "--frames 24",
+    "fps": "--fps 12",
+    "pan": "--pan 4,0",
+    "rotate": "--rotate 2",
     "left": "--left 128",
     "right": "--right 128",
     "up": "--up 128",

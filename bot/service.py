@@ -39,6 +39,9 @@ from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
+# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file; the chat
+# adapters do not send videos yet, and would show only its poster frame.
+ANIMATION_PLATFORMS = ("console",)
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
@@ -99,6 +102,7 @@ class JobService:
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
         """
+        _check_platform(requester, command)
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
         first, image_sha, mask_sha = self._prepare(command, inputs)
@@ -152,7 +156,8 @@ class JobService:
             id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
             prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
             steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
-            seed=params.seed, strength=params.strength, loras=loras_text(params.loras), init_image_sha=image_sha,
+            seed=params.seed, strength=params.strength, loras=loras_text(params.loras),
+            motion=params.motion.to_text() if params.motion else None, init_image_sha=image_sha,
             mask_image_sha=mask_sha, platform=requester.platform,
             reply_to=dict(requester.reply_to if reply_to is None else reply_to),
             attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
@@ -172,6 +177,7 @@ class JobService:
                        inputs: InputImages | None = None) -> Estimate:
         """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored. A
         permutation prompt is priced as all its jobs together; `params` are its first job's."""
+        _check_platform(requester, command)
         params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
         params = replace(params, seed=command.params.seed)
         jobs = len(command.every_params())
@@ -257,12 +263,14 @@ class JobService:
             if inputs.image is not None:
                 raise InvalidCommand("/imagine takes no image; use /edit to start from a picture")
             return params, None, None
+        if params.kind is JobKind.ANIMATE and inputs.image is None:
+            return params, None, None  # the first frame comes from the prompt
         if inputs.image is None:
             raise InvalidImage(f"/{params.kind.value} needs an image: attach one")
         if params.kind is JobKind.INPAINT and inputs.mask is None:
             raise InvalidImage("/inpaint needs a mask too: white pixels are repainted, black ones kept")
-        if params.kind is JobKind.EDIT and inputs.mask is not None:
-            raise InvalidCommand("/edit takes one image; use /inpaint to repaint only part of it")
+        if params.kind in (JobKind.EDIT, JobKind.ANIMATE) and inputs.mask is not None:
+            raise InvalidCommand(f"/{params.kind.value} takes one image; use /inpaint to repaint only part of it")
         if params.kind is JobKind.OUTPAINT and (command.outpaint is None) == (inputs.mask is None):
             # A new /outpaint makes its own mask; a re-roll brings the canvas and mask its job stored.
             raise InvalidCommand("/outpaint takes one picture and --zoom or --left/--right/--up/--down; use "
@@ -405,6 +413,12 @@ def _each_job(command: GenerateCommand, first: GenerationParams) -> list[Generat
              for i in range(len(command.every_params()))]
     return [replace(params, seed=seed, width=first.width, height=first.height, strength=first.strength)
             for params, seed in zip(command.every_params(), seeds, strict=True)]
+
+
+def _check_platform(requester: Requester, command: GenerateCommand) -> None:
+    if command.params.kind is JobKind.ANIMATE and requester.platform not in ANIMATION_PLATFORMS:
+        raise InvalidCommand("/animate runs in the console and `easel animate` for now: the chats do not show "
+                             "its video yet")
 
 
 def _flag_detail(term: str, prompt: str) -> str:
