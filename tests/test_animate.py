@@ -24,7 +24,7 @@ from adapters.console import ConsoleChat
 from bot.animation import camera_move, frames_folder, keyframes, prompt_at, video_path
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
-from bot.domain import JobKind, JobStatus, Motion, Requester
+from bot.domain import InputImages, JobKind, JobStatus, Motion, Requester
 from bot.errors import InvalidCommand
 from bot.grammar import CommandParser
 from bot.views import JobView
@@ -143,6 +143,19 @@ def test_a_killed_animation_resumes_at_its_last_frame_and_ends_with_all_frames(t
     listing = subprocess.run([sys.executable, "-m", "adapters.cli", "job", job_id], env=env, capture_output=True,
                              text=True, timeout=120).stdout
     assert f"Job {job_id}: succeeded" in listing and "attempts  2" in listing
+
+
+async def test_a_flagged_frame_withholds_the_whole_clip(core: Core, generator, flag_all_checker,
+                                                        tmp_path: Path) -> None:
+    out = io.StringIO()
+    console = ConsoleChat(core, out, requester=alice(), output_dir=tmp_path / "out", progress=False)
+    result = await console.submit(core.parser.parse("/animate a cat --frames 3 --steps 4 --seed 1"), InputImages())
+    await Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1",
+                 image_checker=flag_all_checker).run(burst=True)
+    job = await console.follow(result.job)
+    assert job.status is JobStatus.SUCCEEDED and core.deliveries.of_job(job).images == ()
+    assert "withheld" in out.getvalue() and "video" not in out.getvalue()
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # nothing handed over
 
 
 # -- the camera, the words, the cost -------------------------------------------------------------------------
