@@ -49,11 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         for file in files:
             sub.add_argument(file, help=f"path of the {file} file")
         sub.add_argument("text", help="the prompt with any flags, e.g. \"a castle --seed 5 --steps 30\"")
-        sub.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs (default: .)")
+        sub.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the results (default: .)")
 
     generation_command("imagine", "generate images from a prompt", [])
     generation_command("edit", "redraw an image guided by a prompt (img2img)", ["image"])
     generation_command("inpaint", "repaint the white pixels of a mask", ["image", "mask"])
+    generation_command("outpaint", "paint more around an image: \"PROMPT --zoom 2\" or \"--left 128\" (the "
+                       "prompt may be left out for an Easel result)", ["image"])
+    generation_command("animate", "an MP4 whose frames move and redraw the one before: \"PROMPT --frames 24 "
+                       "--zoom 1.05\", or keyframes \"0: a forest | 12: a city\"", [])
     commands.add_parser("chat", help="a console chat that takes the same commands as Discord or Telegram")
     jobs = commands.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
@@ -372,7 +376,8 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
-    "imagine": _generate, "edit": _generate, "inpaint": _generate, "chat": _chat,
+    "imagine": _generate, "edit": _generate, "inpaint": _generate, "outpaint": _generate, "animate": _generate,
+    "chat": _chat,
     "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve, "apikey": _apikey,
     "discord": _discord,
 }

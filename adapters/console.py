@@ -1,4 +1,4 @@
-"""The console adapter: `easel chat` and the one-shot `easel imagine/edit/inpaint` commands.
+"""The console adapter: `easel chat` and the one-shot `easel imagine/edit/inpaint/outpaint/animate` commands.
 
 It does what every chat adapter does, with the terminal as the platform: turn what the user typed
 (and the files they named, the console's attachments) into a command, hand it to the job service,
@@ -14,6 +14,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from bot.animation import frames_folder, video_path
 from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.domain import (
@@ -43,11 +44,15 @@ from bot.views import JobView
 PLATFORM = "console"
 
 # How many file names each command takes before its prompt: the console's attachments.
-ATTACHMENTS = {"edit": 1, "inpaint": 2}
+ATTACHMENTS = {"edit": 1, "inpaint": 2, "outpaint": 1}
+USAGES = {"edit": "/edit <image> <prompt>", "inpaint": "/inpaint <image> <mask> <prompt>",
+          "outpaint": "/outpaint <image> [prompt] --zoom X"}
 # /help's lines for them (bot/grammar.py's ATTACHMENT_FORMS are for platforms with attachments).
 HELP_FORMS = {
     "edit": "/edit <image file> <prompt> [flags]  redraw the picture in that file guided by the prompt",
     "inpaint": "/inpaint <image file> <mask file> <prompt> [flags]  repaint the white parts of the mask",
+    "outpaint": "/outpaint <image file> [prompt] --zoom X | --left/--right/--up/--down N  paint more around the "
+                "picture",
     "edit example": "/edit street.png the same street in winter --strength 0.6",
 }
 
@@ -77,8 +82,7 @@ def split_attachments(text: str) -> tuple[str, list[str]]:
     if count == 0 or (len(words) > 1 and words[1].startswith("{")):  # {https://...} links, not files
         return text, []
     if len(words) < count + 1:
-        usage = "/edit <image> <prompt>" if count == 1 else "/inpaint <image> <mask> <prompt>"
-        raise InvalidCommand(f"usage: {usage}")
+        raise InvalidCommand(f"usage: {USAGES[command]}")
     paths = words[1:count + 1]
     rest = text.strip().split(maxsplit=count + 1)[count + 1:] if len(words) > count + 1 else []
     return " ".join([words[0], *rest]), paths
@@ -179,14 +183,24 @@ class ConsoleChat:
             path = self._deliver(job, image.index, Path(image.path))
             flagged = "  (flagged by the image check: open with care)" if image.spoiler else ""
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
+            if job.params.kind is JobKind.ANIMATE and job.params.motion is not None:
+                # The clip is shown where its poster (last frame) may be: it holds the check of every frame.
+                data_dir = self.core.settings.storage.data_dir
+                video = self._deliver_file(video_path(data_dir, job.id), f"{job.id}-seed{image.seed}.mp4")
+                self.say(f"  video  {video}  ({job.params.motion.frames} frames at {job.params.motion.fps} fps; "
+                         f"each frame in {frames_folder(data_dir, job.id)}){flagged}")
         for notice in delivery.withheld:
             self.say("  " + notice.message)
 
     def _deliver(self, job: JobView, index: int, stored: Path) -> Path:
+        return self._deliver_file(stored, f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png")
+
+    def _deliver_file(self, stored: Path, name: str) -> Path:
+        """The file where the user asked for it (`-o`), or where it is stored."""
         if self.output_dir is None:
             return stored
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        target = self.output_dir / f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png"
+        target = self.output_dir / name
         shutil.copyfile(stored, target)
         return target
 

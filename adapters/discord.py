@@ -69,7 +69,8 @@ log = logging.getLogger("easel.discord")
 # every word up to the next flag.
 OPTION_FLAGS: dict[str, str] = {
     "seed": "seed", "steps": "steps", "cfg": "cfg", "aspect": "ar", "count": "n", "sampler": "sampler",
-    "model": "model", "strength": "strength", "style": "style", "negative": "no",
+    "model": "model", "strength": "strength", "style": "style", "zoom": "zoom", "left": "left", "right": "right",
+    "up": "up", "down": "down", "negative": "no",
 }
 
 
@@ -112,6 +113,18 @@ _GENERATION_HELP = {
     "sampler": "the sampler (--sampler)",
     "model": "the model (--model)",
     "style": "a style from /styles (--style; more with --style in the prompt)",
+}
+# /outpaint's options: no --ar (its size is the picture's plus the border), and a prompt it may leave out.
+_OUTPAINT_HELP = {
+    **{name: text for name, text in _GENERATION_HELP.items() if name != "aspect"},
+    "image": "the picture to paint around",
+    "prompt": "what to paint; left out, the prompt of the Easel job that made the picture",
+    "zoom": "grow the canvas 1.1 to 4 times each way, the picture in the middle (--zoom)",
+    "left": "pixels to add on the left, a multiple of 8 (--left)",
+    "right": "pixels to add on the right (--right)",
+    "up": "pixels to add above (--up)",
+    "down": "pixels to add below (--down)",
+    "strength": "how freely to paint the new border, 0 to 1 (--strength)",
 }
 
 
@@ -229,21 +242,37 @@ class EaselCog(commands.Cog, name=COG_NAME):
                    "aspect": aspect, "count": count, "sampler": sampler, "model": model, "style": style}
         await self.generate(interaction, JobKind.INPAINT, prompt, options, image=image, mask=mask)
 
+    @app_commands.command(name="outpaint", description="Paint more around an attached picture: zoom out, or extend it")
+    @app_commands.describe(**_OUTPAINT_HELP)
+    async def outpaint(self, interaction: discord.Interaction, image: discord.Attachment, prompt: str = "",
+                       zoom: float | None = None, left: int | None = None, right: int | None = None,
+                       up: int | None = None, down: int | None = None, strength: float | None = None,
+                       negative: str | None = None, seed: int | None = None, steps: int | None = None,
+                       cfg: float | None = None, count: int | None = None, sampler: str | None = None,
+                       model: str | None = None, style: str | None = None) -> None:
+        options = {"zoom": zoom, "left": left, "right": right, "up": up, "down": down, "strength": strength,
+                   "negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "count": count, "sampler": sampler,
+                   "model": model, "style": style}
+        await self.generate(interaction, JobKind.OUTPAINT, prompt, options, image=image)
+
     @imagine.autocomplete("model")
     @edit.autocomplete("model")
     @inpaint.autocomplete("model")
+    @outpaint.autocomplete("model")
     async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return _choices([model.name for model in self.core.catalog.list() if model.usable], current)
 
     @imagine.autocomplete("style")
     @edit.autocomplete("style")
     @inpaint.autocomplete("style")
+    @outpaint.autocomplete("style")
     async def complete_style(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return _choices([style_flag(style.name) for style in self.core.parser.styles.styles()], current)
 
     @imagine.autocomplete("sampler")
     @edit.autocomplete("sampler")
     @inpaint.autocomplete("sampler")
+    @outpaint.autocomplete("sampler")
     async def complete_sampler(self, interaction: discord.Interaction,
                                current: str) -> list[app_commands.Choice[str]]:
         return _choices(SAMPLERS, current)
@@ -336,7 +365,8 @@ class EaselCog(commands.Cog, name=COG_NAME):
 
     async def button_pressed(self, interaction: discord.Interaction, action: str, job_id: str,
                              index: int | None) -> None:
-        """Re-roll, Variations and Upscale make a new job for the presser; Info and Delete act on this one."""
+        """Re-roll, Variations, Upscale, Zoom out and the pans make a new job for the presser; Info and Delete
+        act on this one."""
         try:
             await self._until_following()
             await self._button(interaction, action, job_id, index)
@@ -358,6 +388,9 @@ class EaselCog(commands.Cog, name=COG_NAME):
         elif action == "upscale":
             await self._deferred_submit(
                 interaction, lambda who: followups.upscale(self.core.service, who, job_id, index or 0))
+        elif action in followups.REFRAMES:
+            await self._deferred_submit(
+                interaction, lambda who: followups.reframe(self.core.service, who, job_id, index or 0, action))
 
     async def _delete(self, interaction: discord.Interaction, job_id: str) -> None:
         """Delete a result message: its owner or a moderator only."""

@@ -217,12 +217,16 @@ class ButtonHandler(Protocol):
                              index: int | None) -> None: ...
 
 
-_LABELS = {"reroll": "Re-roll", "info": "Info", "delete": "Delete", "vary": "Variations", "upscale": "Upscale"}
-_EMOJI = {"reroll": "🎲", "info": "ℹ️", "delete": "🗑️", "vary": "🔀", "upscale": "🔍"}
+_LABELS = {"reroll": "Re-roll", "info": "Info", "delete": "Delete", "vary": "Variations", "upscale": "Upscale",
+           "zoom15": "Zoom out 1.5x", "zoom2": "Zoom out 2x", "left": "Left", "up": "Up", "right": "Right",
+           "down": "Down"}
+_EMOJI = {"reroll": "🎲", "info": "ℹ️", "delete": "🗑️", "vary": "🔀", "upscale": "🔍", "zoom15": "🔭", "zoom2": "🔭",
+          "left": "⬅️", "up": "⬆️", "right": "➡️", "down": "⬇️"}
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button],
-                template=r"easel:(?P<action>reroll|vary|upscale|info|delete):(?P<job_id>[a-z0-9]{1,16})"
+                template=r"easel:(?P<action>reroll|vary|upscale|info|delete|zoom15|zoom2|left|up|right|down)"
+                         r":(?P<job_id>[a-z0-9]{1,16})"
                          r"(?::(?P<index>\d{1,2}))?"):
     """One button under a result; everything it needs is in its custom id."""
 
@@ -251,8 +255,10 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button],
 
 
 def result_view(delivery: Delivery) -> discord.ui.View:
-    """Re-roll, Info, Delete; then Variations and Upscale for each image shown (V1 U1 ... when several).
-    A withheld image gets no follow-up buttons."""
+    """Re-roll, Info, Delete; then Variations and Upscale for each image shown (V1 U1 ... when several);
+    under a single image, Zoom out 1.5x and 2x, and a pan each way (bot/followups.py's REFRAMES: five
+    rows of five buttons leave no room for them per image of a set). A withheld image gets no follow-up
+    buttons."""
     job = delivery.job
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "info", "delete"):
@@ -262,4 +268,8 @@ def result_view(delivery: Delivery) -> discord.ui.View:
         for image in images:
             label = _LABELS[action] if len(images) == 1 else f"{action[0].upper()}{image.index + 1}"
             view.add_item(JobButton(action, job.id, image.index, label=label, row=row))
+    if len(delivery.images) == 1:
+        for row, actions in ((3, ("zoom15", "zoom2")), (4, ("left", "up", "right", "down"))):
+            for action in actions:
+                view.add_item(JobButton(action, job.id, delivery.images[0].index, row=row))
     return view

@@ -321,15 +321,18 @@ class EaselTelegram:
             if earlier is not None:
                 await query.answer(f"Already queued as job {earlier.id}")
                 return
-            await query.answer(f"{press.action.capitalize()} of job {press.job_id}…")
-            status = await self._say(message, f"⏳ Queuing a {press.action} of job {press.job_id}…")
+            await query.answer(f"{press.described.capitalize()} of job {press.job_id}…")
+            status = await self._say(message, f"⏳ Queuing a {press.described} of job {press.job_id}…")
             requester = replace(requester, reply_to={**requester.reply_to, "status_message_id": status.message_id})
             make = {"reroll": lambda: followups.reroll(self.core.service, requester, press.job_id,
                                                        idempotency_key=key),
                     "variation": lambda: followups.variation(self.core.service, requester, press.job_id,
                                                              press.index, idempotency_key=key),
                     "upscale": lambda: followups.upscale(self.core.service, requester, press.job_id,
-                                                         press.index, idempotency_key=key)}[press.action]
+                                                         press.index, idempotency_key=key),
+                    **{action: lambda: followups.reframe(self.core.service, requester, press.job_id, press.index,
+                                                         press.action, idempotency_key=key)
+                       for action in followups.REFRAMES}}[press.action]
             await self._submit(status, make)
         except EaselError as error:
             await self._say(message, render.error_text(error.message))

@@ -1,4 +1,4 @@
-"""Finding and downloading the pictures of /edit and /inpaint on Telegram.
+"""Finding and downloading the pictures of /edit, /inpaint and /outpaint on Telegram.
 
 A picture can be the message's own photo or image file, the picture of the message it replies to,
 or (for /inpaint) come with its mask as an album: Telegram delivers an album as separate messages
@@ -90,7 +90,7 @@ async def gather_inputs(bot: Bot, message: Message, kind: JobKind, albums: Album
         mask = pictures[1] if len(pictures) > 1 else replied
     if picture is None:
         raise InvalidImage(NO_PICTURE.format(kind=kind.value))
-    if kind is JobKind.EDIT:
+    if kind in (JobKind.EDIT, JobKind.OUTPAINT):  # /outpaint makes its own mask
         return InputImages(image=await download(bot, picture, limits, "image"))
     if mask is None:
         image = await download(bot, picture, limits, "image")

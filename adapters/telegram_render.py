@@ -14,6 +14,7 @@ from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 from bot.delivery import Delivery, ShownImage
 from bot.domain import JobKind, JobStatus, lora_tags
 from bot.events import EventKind
+from bot.followups import REFRAMES
 from bot.views import JobView
 
 # Telegram's limits: a message's text, a photo's caption, a button's callback data (bytes).
@@ -22,21 +23,31 @@ MAX_CAPTION = 1024
 MAX_CALLBACK_DATA = 64
 
 TELEGRAM_HELP = """On Telegram:
-  /edit and /inpaint go in the caption of a picture (a photo, or a file to keep it lossless),
-  or in a reply to a message that holds the picture.
+  /edit, /inpaint and /outpaint go in the caption of a picture (a photo, or a file to keep it
+  lossless), or in a reply to a message that holds the picture.
   The /inpaint mask (white = repaint) can be the second picture of the same album, the message
   you reply to, or the picture's own transparency (send a PNG as a file; transparent = repaint).
-  Buttons under a result: Re-roll (new seed), Variations, Upscale, Info."""
+  Buttons under a result: Re-roll (new seed), Variations, Upscale, Info; under a single picture also
+  Zoom out 1.5x and 2x and a pan each way (/outpaint of it)."""
 
 # Callback data is "<action>:<job id>[:<image index>]": only ids, never parameters, well under 64 bytes.
-ACTIONS = {"r": "reroll", "v": "variation", "u": "upscale", "i": "info"}
+ACTIONS = {"r": "reroll", "v": "variation", "u": "upscale", "i": "info",
+           # Zoom out and pan (bot/followups.py's REFRAMES)
+           "z15": "zoom15", "z2": "zoom2", "pl": "left", "pu": "up", "pr": "right", "pd": "down"}
+REFRAME_BUTTONS = {"zoom15": "🔭 Zoom out 1.5x", "zoom2": "🔭 Zoom out 2x", "left": "⬅️", "up": "⬆️",
+                   "right": "➡️", "down": "⬇️"}
 
 
 @dataclass(frozen=True)
 class ButtonPress:
     action: str  # a value of ACTIONS
     job_id: str
-    index: int = 0  # which image, for variation and upscale
+    index: int = 0  # which image, for variation, upscale, zoom out and pan
+
+    @property
+    def described(self) -> str:
+        """The action in words, as the status message names it: "reroll", "zoom out 2x", "pan left"."""
+        return REFRAMES.get(self.action, self.action).lower()
 
 
 def callback_data(action: str, job_id: str, index: int | None = None) -> str:
@@ -58,15 +69,21 @@ def parse_callback(data: str | None) -> ButtonPress | None:
 
 
 def result_buttons(job: JobView, images: Sequence[ShownImage]) -> InlineKeyboardMarkup:
-    """Re-roll and Info for the job; Variations and Upscale for each image shown (numbered in an album).
-    A withheld image is never among `images`, so it gets no follow-up buttons."""
+    """Re-roll and Info for the job; Variations and Upscale for each image shown (numbered in an album); and
+    under a single image, Zoom out 1.5x and 2x and a pan each way. A withheld image is never among
+    `images`, so it gets no follow-up buttons."""
     reroll = InlineKeyboardButton("🎲 Re-roll", callback_data=callback_data("reroll", job.id))
     info = InlineKeyboardButton("ℹ️ Info", callback_data=callback_data("info", job.id))
     if len(images) == 1:
         index = images[0].index
+        def reframe(action: str) -> InlineKeyboardButton:
+            return InlineKeyboardButton(REFRAME_BUTTONS[action], callback_data=callback_data(action, job.id, index))
+
         return InlineKeyboardMarkup([
             [reroll, InlineKeyboardButton("🔀 Variations", callback_data=callback_data("variation", job.id, index))],
             [InlineKeyboardButton("⬆️ Upscale", callback_data=callback_data("upscale", job.id, index)), info],
+            [reframe("zoom15"), reframe("zoom2")],
+            [reframe("left"), reframe("up"), reframe("right"), reframe("down")],
         ])
     return InlineKeyboardMarkup([
         [reroll, info],

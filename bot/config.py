@@ -84,6 +84,18 @@ class LimitsConfig(Section):
     min_strength: float = Field(0.05, ge=0, le=1)
     max_strength: float = Field(1.0, ge=0, le=1)
     default_strength: float = Field(0.75, ge=0, le=1)
+    # /outpaint's --strength when none is given: its new border starts from the picture's edges carried
+    # outwards, and below 1 the model continues them (the border of a sky stays sky) instead of drawing
+    # the whole prompt again in it.
+    default_outpaint_strength: float = Field(0.6, ge=0, le=1)
+    # /animate: frames per clip and per second, each frame's pixels (every frame is a generation), and
+    # how much each frame redraws the one before (low: smooth motion; high: each frame wanders off).
+    max_frames: int = Field(48, ge=2)
+    default_frames: int = Field(12, ge=2)
+    max_fps: int = Field(24, ge=1)
+    default_fps: int = Field(8, ge=1)
+    max_animation_pixels: int = Field(512 * 512, ge=64)
+    default_animate_strength: float = Field(0.35, ge=0, le=1)
     # Attachments: bytes on the wire, and pixels once the header is read (before decoding them all).
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_upload_pixels: int = Field(4096 * 4096, ge=1)
@@ -99,6 +111,15 @@ class LimitsConfig(Section):
             if not low <= default <= high:
                 raise ValueError(f"default_{name} = {default} must lie between min_{name} = {low} "
                                  f"and max_{name} = {high}")
+        if not self.min_strength <= self.default_outpaint_strength <= self.max_strength:
+            raise ValueError(f"default_outpaint_strength = {self.default_outpaint_strength} must lie between "
+                             f"min_strength = {self.min_strength} and max_strength = {self.max_strength}")
+        if not self.min_strength <= self.default_animate_strength <= self.max_strength:
+            raise ValueError(f"default_animate_strength = {self.default_animate_strength} must lie between "
+                             f"min_strength = {self.min_strength} and max_strength = {self.max_strength}")
+        if self.default_frames > self.max_frames or self.default_fps > self.max_fps:
+            raise ValueError(f"default_frames = {self.default_frames} and default_fps = {self.default_fps} must not "
+                             f"exceed max_frames = {self.max_frames} and max_fps = {self.max_fps}")
         if self.default_n > self.max_n:
             raise ValueError(f"default_n = {self.default_n} must not exceed max_n = {self.max_n}")
         if self.min_side > self.max_side:

@@ -19,6 +19,18 @@ class JobKind(StrEnum):
     IMAGINE = "imagine"  # text to image
     EDIT = "edit"  # image to image: start from an attached picture
     INPAINT = "inpaint"  # repaint the white pixels of a mask
+    OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
+    ANIMATE = "animate"  # frames, each the last one moved by a camera and redrawn (generation/animation.py)
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the job starts from a picture (and so has a --strength). /animate may start from one."""
+        return self in (JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT)
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the job repaints only the white pixels of a mask (outpaint makes its own)."""
+        return self in (JobKind.INPAINT, JobKind.OUTPAINT)
 
 
 class JobStatus(StrEnum):
@@ -51,6 +63,30 @@ SAMPLERS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class Motion:
+    """/animate's clip and camera: each frame is the one before moved this much, then redrawn."""
+
+    frames: int = 12
+    fps: int = 8
+    zoom: float = 1.0  # scale per frame: above 1 moves in, below 1 out
+    pan: tuple[float, float] = (0.0, 0.0)  # pixels per frame the picture moves: right, down
+    rotate: float = 0.0  # degrees per frame, counter-clockwise
+
+    def to_text(self) -> str:
+        """As the database stores it (and the queue compares it): `{"frames": 12, "fps": 8, ...}`."""
+        return json.dumps({"frames": self.frames, "fps": self.fps, "zoom": self.zoom, "pan": list(self.pan),
+                           "rotate": self.rotate})
+
+    @classmethod
+    def of_text(cls, text: str | None) -> Motion | None:
+        if text is None:
+            return None
+        values = json.loads(text)
+        return cls(frames=values["frames"], fps=values["fps"], zoom=values["zoom"], pan=tuple(values["pan"]),
+                   rotate=values["rotate"])
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Everything that decides the pixels of a job, apart from the input images.
 
@@ -72,12 +108,14 @@ class GenerationParams:
     strength: float | None = None  # edit and inpaint only: how much of the input to repaint
     # (LoRA name, weight) pairs sorted by name, so equal sets compare equal (see with_loras).
     loras: tuple[tuple[str, float], ...] = ()
+    motion: Motion | None = None  # /animate only
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one diffusers call (prompts, negatives and seeds may differ).
-        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one."""
+        A LoRA changes the model's weights for the whole call, so only equal LoRA sets share one.
+        Animations with the same frames and camera share each frame's call."""
         return (self.kind, self.model, self.width, self.height, self.steps, self.sampler, self.cfg,
-                self.strength, loras_text(self.loras))
+                self.strength, loras_text(self.loras), self.motion.to_text() if self.motion else None)
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: the base seed, then the next ones."""
@@ -106,8 +144,27 @@ def lora_tags(loras: tuple[tuple[str, float], ...]) -> str:
 
 
 @dataclass(frozen=True)
+class OutpaintMargins:
+    """How far /outpaint grows the canvas: `zoom` times the picture on each side (the picture stays in the
+    middle), or the pixels added on each side, `--left 32 --up 64`. One of the two, never both."""
+
+    zoom: float | None = None
+    left: int = 0
+    right: int = 0
+    up: int = 0
+    down: int = 0
+
+    def describe(self) -> str:
+        """As the flags that ask for it: `--zoom 2`, `--left 32 --up 64`."""
+        if self.zoom is not None:
+            return f"--zoom {self.zoom:g}"
+        sides = (("left", self.left), ("right", self.right), ("up", self.up), ("down", self.down))
+        return " ".join(f"--{side} {pixels}" for side, pixels in sides if pixels)
+
+
+@dataclass(frozen=True)
 class GenerateCommand:
-    """/imagine, /edit or /inpaint: the images themselves come from the adapter (attachments).
+    """/imagine, /edit, /inpaint or /outpaint: the images themselves come from the adapter (attachments).
 
     `size_from_input` is True for /edit and /inpaint when the user gave neither --size nor --ar: the
     job service then fits the size to the attached image's aspect ratio (see grammar.fit_size).
@@ -121,6 +178,9 @@ class GenerateCommand:
     # A permutation prompt, `a {red, green} circle` (bot/permutations.py): the params of every
     # combination after the first, `params`. Each becomes a job of its own, with its own seed.
     permutations: tuple[GenerationParams, ...] = ()
+    # /outpaint: how much to add around the picture. None for the other kinds, and for an outpaint job
+    # made again from its stored canvas and mask (a re-roll), which are already the job's size.
+    outpaint: OutpaintMargins | None = None
 
     def every_params(self) -> tuple[GenerationParams, ...]:
         """The params of each job this command makes: one, or one per permutation."""

@@ -1,4 +1,4 @@
-"""Jobs made from a finished job: re-roll, variations and upscale, as chat buttons offer them.
+"""Jobs made from a finished job: re-roll, variations, upscale, zoom out and pan, as chat buttons offer them.
 
 Each one builds a new `GenerateCommand` from the stored job (its parameters, its stored input
 images, or one of its result images) and submits it through the job service like any command, so
@@ -8,6 +8,7 @@ Example:
     result = await reroll(core.service, requester, "k7mq2x9a")            # same settings, new seed
     result = await variation(core.service, requester, "k7mq2x9a", index=0)  # img2img from image 1
     result = await upscale(core.service, requester, "k7mq2x9a", index=0)    # twice the size
+    result = await reframe(core.service, requester, "k7mq2x9a", 0, "zoom2")  # /outpaint --zoom 2 of image 1
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester
+from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, OutpaintMargins, Requester
 from bot.errors import InvalidCommand, Refused
 from bot.grammar import fit_size
 from bot.safety import WITHHOLD, flagged_category
@@ -28,6 +29,12 @@ VARIATION_STRENGTH = 0.6
 # new size without changing the picture.
 UPSCALE_FACTOR = 2
 UPSCALE_STRENGTH = 0.35
+# Zoom out and pan: /outpaint of one image, as the buttons under a single-image result name them. A zoom
+# grows the canvas that much each way; a pan adds PAN_SHARE of the picture's side in that direction.
+REFRAMES: dict[str, str] = {"zoom15": "Zoom out 1.5x", "zoom2": "Zoom out 2x", "left": "Pan left", "up": "Pan up",
+                            "right": "Pan right", "down": "Pan down"}
+ZOOM_FACTORS = {"zoom15": 1.5, "zoom2": 2.0}
+PAN_SHARE = 0.5
 
 
 async def reroll(service: JobService, requester: Requester, job_id: str, *,
@@ -75,6 +82,41 @@ async def upscale(service: JobService, requester: Requester, job_id: str, index:
                                 **_once(idempotency_key))
 
 
+async def reframe(service: JobService, requester: Requester, job_id: str, index: int, action: str, *,
+                  idempotency_key: str | None = None) -> SubmitResult:
+    """Image `index` (0-based) zoomed out or panned (`action`, a key of REFRAMES): an /outpaint of it with
+    its job's prompt and settings, a new seed, and /outpaint's default strength."""
+    if action not in REFRAMES:
+        raise ValueError(f"`action` must be one of {', '.join(REFRAMES)}, not {action!r}")
+    job = await service.get_job(job_id)
+    image = _result_image(job, index)
+    limits = service.settings.limits
+    if action in ZOOM_FACTORS:
+        margins = OutpaintMargins(zoom=ZOOM_FACTORS[action])
+    else:
+        margins = _pan_margins(job, image, index, action, service)
+    params = _edit_of(job.params, image, strength=_within_limits(service, limits.default_outpaint_strength), n=1,
+                      seed=None, kind=JobKind.OUTPAINT)
+    return await service.submit(requester, GenerateCommand(params, outpaint=margins),
+                                InputImages(image=service.store.read_bytes(image.sha256)),
+                                **_once(idempotency_key))
+
+
+def _pan_margins(job: JobView, image: ImageView, index: int, direction: str, service: JobService) -> OutpaintMargins:
+    """PAN_SHARE of the picture's side in `direction`, in multiples of 8, less where the limits leave less."""
+    limits = service.settings.limits
+    across = direction in ("left", "right")
+    side, other = (image.width, image.height) if across else (image.height, image.width)
+    room = min(limits.max_side, limits.max_pixels // other) - side  # what the size limits leave that way
+    pixels = min(int(side * PAN_SHARE), room) // 8 * 8
+    if pixels < 8:
+        raise InvalidCommand(f"image {index + 1} of job {job.id} is {image.width}x{image.height}, as "
+                             f"{'wide' if across else 'tall'} as the size limits allow here (limits.max_side "
+                             f"{limits.max_side}, limits.max_pixels {limits.max_pixels}); pan another way or "
+                             "zoom out")
+    return OutpaintMargins(**{direction: pixels})
+
+
 def _once(idempotency_key: str | None) -> dict[str, str]:
     """submit() options that make a repeat of the same button press (a platform delivering it twice)
     return the first job instead of queuing another."""
@@ -99,10 +141,10 @@ def _result_image(job: JobView, index: int) -> ImageView:
 
 
 def _edit_of(params: GenerationParams, image: ImageView, *, strength: float, n: int,
-             seed: int | None) -> GenerationParams:
+             seed: int | None, kind: JobKind = JobKind.EDIT) -> GenerationParams:
     # img2img runs steps × strength denoising steps; a short /imagine must still give at least one.
     steps = max(params.steps, math.ceil(1 / strength))
-    return replace(params, kind=JobKind.EDIT, width=image.width, height=image.height, n=n, seed=seed,
+    return replace(params, kind=kind, width=image.width, height=image.height, n=n, seed=seed,
                    strength=strength, steps=steps)
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TypeVar
 
+from bot.animation import keyframes
 from bot.attention import MAX_WEIGHT, MIN_WEIGHT, weighted_groups
 from bot.catalog import CatalogModel, ModelCatalog
 from bot.config import LimitsConfig, ModelConfig, Settings
@@ -47,6 +48,8 @@ from bot.domain import (
     ModQuotaCommand,
     ModResolveCommand,
     ModUnbanCommand,
+    Motion,
+    OutpaintMargins,
     QuotaCommand,
     StylesCommand,
 )
@@ -55,12 +58,25 @@ from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, ta
 from bot.permutations import check_permutations, expand_permutations
 from bot.styles import StyleBook
 
-COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "styles",
-                             "models", "loras", "appeal", "mod")
+COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel",
+                             "help", "styles", "models", "loras", "appeal", "mod")
 MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
                           "lora")
 REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
+# Flags of one command each: /outpaint's canvas (bot/outpaint.py), /animate's clip and camera
+# (bot/animation.py). The other commands refuse them.
+OUTPAINT_FLAGS: tuple[str, ...] = ("zoom", "left", "right", "up", "down")
+ANIMATE_FLAGS: tuple[str, ...] = ("frames", "fps", "zoom", "pan", "rotate")
+KIND_FLAGS: dict[JobKind, tuple[str, ...]] = {JobKind.OUTPAINT: OUTPAINT_FLAGS, JobKind.ANIMATE: ANIMATE_FLAGS}
+EXTRA_FLAGS: tuple[str, ...] = tuple(dict.fromkeys(OUTPAINT_FLAGS + ANIMATE_FLAGS))
+MIN_ZOOM, MAX_ZOOM = 1.1, 4.0  # /outpaint --zoom: the canvas grows from 1.1 to 4 times the picture, each way
+# /animate's camera, per frame: --zoom scales (above 1 moves in), --pan DX,DY moves (pixels), --rotate turns.
+MIN_FRAME_ZOOM, MAX_FRAME_ZOOM = 0.8, 1.25
+MAX_PAN = 64
+MAX_ROTATE = 15.0
+_PAN = re.compile(r"(-?\d+(?:\.\d+)?),(-?\d+(?:\.\d+)?)")
+GENERATION_KINDS = (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT, JobKind.ANIMATE)
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 4.0  # --ar may range from 1:4 to 4:1
 _Default = TypeVar("_Default", int, float, None)
@@ -82,6 +98,10 @@ _DURATION_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", 
 ATTACHMENT_FORMS = {
     "edit": "/edit <prompt> [flags]  redraw an attached picture guided by the prompt",
     "inpaint": "/inpaint <prompt> [flags]  repaint the white parts of a mask (attach a picture and a mask)",
+    "outpaint": "/outpaint [prompt] --zoom X | --left/--right/--up/--down N  paint more around an attached "
+                "picture",
+    "animate": "/animate <prompt> [--frames N --fps N --zoom X --pan DX,DY --rotate DEG]  an MP4 whose frames "
+               "each move and redraw the last (the console and easel animate, for now)",
     "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
 }
 
@@ -132,7 +152,7 @@ class CommandParser:
     def parse(self, text: str) -> Command:
         """Parse a whole command, e.g. `/imagine a cat --seed 4`, `/job 12`, `/cancel`, `/help`."""
         name, _bot, rest = split_command(text)
-        if name in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+        if name in GENERATION_KINDS:
             return self.parse_generation(JobKind(name), rest)
         args = rest.split()
         if name == "quota":
@@ -172,7 +192,8 @@ class CommandParser:
                              f"the commands are {_listed(COMMANDS, '/')}")
 
     def parse_generation(self, kind: JobKind, text: str) -> GenerateCommand:
-        """Parse the prompt and flags of /imagine, /edit or /inpaint (the text after the command name)."""
+        """Parse the prompt and flags of /imagine, /edit, /inpaint or /outpaint (the text after the command
+        name)."""
         kind = JobKind(kind)
         # 1. Take out reference links, then split the words into prompt text and flag values.
         text, links = _take_links(kind, text)
@@ -203,11 +224,20 @@ class CommandParser:
         (--steps). `styles` are styles.csv names, merged into the prompt and negative in order (bot/styles.py).
         `loras` are `--lora` values, "NAME:WEIGHT"; `<lora:NAME:WEIGHT>` tags in the prompt count too."""
         kind = JobKind(kind)
-        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"})
+        unknown = set(flags) - (set(FLAGS) - {"no", "style", "lora"}) - set(EXTRA_FLAGS)
         if unknown:
             raise ValueError(f"not flags of a generation command: {', '.join(sorted(unknown))}")
         limits = self.limits
-        self._check_text(kind, prompt, negative)
+        _check_kind_flags(kind, flags)
+        outpaint = _outpaint_margins(flags, limits) if kind is JobKind.OUTPAINT else None
+        motion = self._motion(flags, prompt) if kind is JobKind.ANIMATE else None
+        if kind is JobKind.OUTPAINT and not prompt:
+            # The job service takes the prompt of the Easel job that made the picture (or says to give one).
+            if styles or loras:
+                raise InvalidCommand("--style and --lora need a prompt to work on: write one, e.g. /outpaint a "
+                                     "forest at dusk --zoom 2 --style NAME")
+        else:
+            self._check_text(kind, prompt, negative)
         model = self._model(flags.get("model"))
         negative = negative or model.negative  # the model's default, unless the user gave a negative
         prompt, negative = self.styles.apply(list(styles), prompt, negative)
@@ -216,8 +246,17 @@ class CommandParser:
         if "strength" in flags and kind is JobKind.IMAGINE:
             raise InvalidCommand("--strength is for /edit and /inpaint (how much of the attached image to "
                                  "repaint); /imagine starts from noise, so leave it out")
+        if kind is JobKind.OUTPAINT and ("size" in flags or "ar" in flags):
+            raise InvalidCommand("/outpaint's size is the picture's plus what --zoom or --left/--right/--up/--down "
+                                 "add; leave out --size and --ar")
+        if kind is JobKind.ANIMATE and "n" in flags:
+            raise InvalidCommand("/animate makes one clip; leave out --n (--frames sets how many pictures it has)")
         width, height = self._size(flags, model)
-        default_strength = None if kind is JobKind.IMAGINE else limits.default_strength
+        if kind is JobKind.ANIMATE and width * height > limits.max_animation_pixels:
+            raise InvalidCommand(f"/animate frames may have at most {limits.max_animation_pixels} pixels "
+                                 f"(limits.max_animation_pixels; got {width}x{height}); use a smaller --size")
+        default_strength = {JobKind.IMAGINE: None, JobKind.OUTPAINT: limits.default_outpaint_strength,
+                            JobKind.ANIMATE: limits.default_animate_strength}.get(kind, limits.default_strength)
         params = GenerationParams(
             kind=kind,
             prompt=prompt,
@@ -232,6 +271,7 @@ class CommandParser:
             seed=_whole_number(flags, "seed", 0, MAX_SEED, None),
             strength=_number(flags, "strength", limits.min_strength, limits.max_strength, default_strength),
             loras=chosen_loras,
+            motion=motion,
         )
         if params.strength is not None and int(params.steps * params.strength) < 1:
             # img2img runs steps x strength denoising steps; zero would return the input untouched.
@@ -240,7 +280,21 @@ class CommandParser:
                                  f"denoising step; use --steps {fewest} or more, or a higher --strength")
         size_given = "size" in flags or "ar" in flags
         return GenerateCommand(params=params, size_from_input=kind is not JobKind.IMAGINE and not size_given,
-                               reference_urls=reference_urls)
+                               reference_urls=reference_urls, outpaint=outpaint)
+
+    def _motion(self, flags: Mapping[str, str], prompt: str) -> Motion:
+        """/animate's --frames, --fps and camera, checked with its keyframes: each within the clip."""
+        limits = self.limits
+        frames = _whole_number(flags, "frames", 2, limits.max_frames, limits.default_frames)
+        motion = Motion(frames=frames, fps=_whole_number(flags, "fps", 1, limits.max_fps, limits.default_fps),
+                        zoom=_number(flags, "zoom", MIN_FRAME_ZOOM, MAX_FRAME_ZOOM, 1.0),
+                        pan=_pan(flags.get("pan")),
+                        rotate=_number(flags, "rotate", -MAX_ROTATE, MAX_ROTATE, 0.0))
+        last = keyframes(prompt)[-1][0]
+        if last >= frames:
+            raise InvalidCommand(f"keyframe {last} is past the clip's last frame, {frames - 1} (--frames {frames}); "
+                                 f"use --frames {last + 1} or more")
+        return motion
 
     def example_prompts(self) -> list[str]:
         """Prompts the default model draws what they say: /help's examples and the web chat's suggestions."""
@@ -250,7 +304,7 @@ class CommandParser:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
 
         `forms` replaces the lines of the commands that take pictures, for a platform that takes them
-        otherwise than as attachments (keys "edit", "inpaint" and "edit example", as in
+        otherwise than as attachments (keys "edit", "inpaint", "outpaint" and "edit example", as in
         ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
         """
         limits = self.limits
@@ -264,6 +318,8 @@ class CommandParser:
             "  /imagine <prompt> [flags]  make images from text",
             f"  {form['edit']}",
             f"  {form['inpaint']}",
+            f"  {form['outpaint']}",
+            f"  {form['animate']}",
             "  /edit and /inpaint results keep the picture's shape at the model's pixel count (512x384 in "
             f"gives {fitted} on {self.default_model}); --size or --ar set another",
             "  /quota [command]  quota units left, when they reset, and what a command costs "
@@ -303,7 +359,18 @@ class CommandParser:
             f"  --sampler NAME  {', '.join(SAMPLERS)} (default {model.sampler})",
             f"  --model NAME  {models} (default {self.default_model}; /models describes them)",
             f"  --strength X  /edit and /inpaint only: {_num(limits.min_strength)} to "
-            f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}); higher changes more",
+            f"{_num(limits.max_strength)} (default {_num(limits.default_strength)}, /outpaint "
+            f"{_num(limits.default_outpaint_strength)}); higher changes more",
+            f"  --zoom X  /outpaint only: the canvas grows {_num(MIN_ZOOM)} to {_num(MAX_ZOOM)} times each way, the "
+            "picture in the middle (shrunk to fit the size limits)",
+            "  --left N, --right N, --up N, --down N  /outpaint only: pixels to add on that side, multiples of 8; "
+            "without a prompt, /outpaint uses the prompt of the Easel job that made the picture",
+            f"  --frames N, --fps N  /animate only: 2 to {limits.max_frames} frames (default {limits.default_frames}), "
+            f"1 to {limits.max_fps} a second (default {limits.default_fps}); --strength (default "
+            f"{_num(limits.default_animate_strength)}) is how much each frame redraws the last",
+            f"  --zoom X, --pan DX,DY, --rotate DEG  /animate's camera, per frame: zoom {_num(MIN_FRAME_ZOOM)} to "
+            f"{_num(MAX_FRAME_ZOOM)} (above 1 moves in), pan up to {MAX_PAN} pixels each way, rotate up to "
+            f"{_num(MAX_ROTATE)} degrees; keyframes change the prompt: 0: a forest | 12: a city",
             "  --style NAME  put the prompt into a style from /styles; repeat it for several",
             f"  --lora NAME:W  a LoRA from /loras at weight W (default 1, {_num(-limits.max_lora_weight)} to "
             f"{_num(limits.max_lora_weight)}); or write <lora:NAME:W> in the prompt; up to {limits.max_loras}",
@@ -341,7 +408,7 @@ class CommandParser:
         if not rest:
             return QuotaCommand()
         name, _bot, command_text = split_command(rest if rest.startswith("/") else "/" + rest)
-        if name not in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
+        if name not in GENERATION_KINDS:
             raise InvalidCommand("/quota takes nothing, or a command to price, e.g. /quota /imagine a cat --n 4 "
                                  f"(got {_shown(rest)})")
         return QuotaCommand(command=self.parse_generation(JobKind(name), command_text))
@@ -496,8 +563,8 @@ def _flag(word: str) -> tuple[str, str | None] | None:
             raise InvalidCommand(f"flags start with two dashes: write -{word} (got {word})")
         return None
     name = match["name"].lower()
-    if name not in FLAGS:
-        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS, '--')}; "
+    if name not in FLAGS and name not in EXTRA_FLAGS:
+        raise InvalidCommand(f"unknown flag --{_shown(name)}{_did_you_mean(name, FLAGS + EXTRA_FLAGS, '--')}; "
                              f"the flags are {_listed(FLAGS, '--')}")
     return name, match["value"]
 
@@ -543,7 +610,7 @@ def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
     if kind is JobKind.IMAGINE:
         raise InvalidCommand("/imagine starts from noise; to start from a linked picture use /edit "
                              "{https://...} <prompt>")
-    most = 2 if kind is JobKind.INPAINT else 1
+    most = 2 if kind is JobKind.INPAINT else 1  # /outpaint makes its own mask
     if len(links) > most:
         raise InvalidCommand(f"/{kind.value} takes at most {most} image link{'s' if most > 1 else ''} "
                              f"({'the image, then the mask' if most > 1 else 'the image'}); got {len(links)}")
@@ -668,6 +735,47 @@ def _number(flags: Mapping[str, str], name: str, low: float, high: float,
     return number
 
 
+def _check_kind_flags(kind: JobKind, flags: Mapping[str, str]) -> None:
+    """Refuse a flag of /outpaint or /animate given to another command, naming what it is for."""
+    for name in EXTRA_FLAGS:
+        if name in flags and name not in KIND_FLAGS.get(kind, ()):
+            owners = " and ".join(f"/{owner.value}" for owner, names in KIND_FLAGS.items() if name in names)
+            raise InvalidCommand(f"--{name} is for {owners}; /{kind.value} leaves it out")
+
+
+def _pan(value: str | None) -> tuple[float, float]:
+    if value is None:
+        return (0.0, 0.0)
+    match = _PAN.fullmatch(value.replace(" ", ""))
+    pan = (float(match[1]), float(match[2])) if match else None
+    if pan is None or not all(-MAX_PAN <= each <= MAX_PAN for each in pan):
+        raise InvalidCommand(f"--pan must be DX,DY: pixels per frame right and down, each from -{MAX_PAN} to "
+                             f"{MAX_PAN}, e.g. --pan 4,0 (got {_shown(value)})")
+    return pan
+
+
+def _outpaint_margins(flags: Mapping[str, str], limits: LimitsConfig) -> OutpaintMargins:
+    """/outpaint's --zoom, or its --left/--right/--up/--down."""
+    given = [name for name in OUTPAINT_FLAGS if name in flags]
+    if not given:
+        raise InvalidCommand("/outpaint needs --zoom X (1.1 to 4: the canvas grows that much each way) or "
+                             "--left/--right/--up/--down N (pixels to add on that side), e.g. /outpaint --zoom 2")
+    if "zoom" in flags:
+        if len(given) > 1:
+            raise InvalidCommand(f"give --zoom or --{given[1] if given[0] == 'zoom' else given[0]}, not both: --zoom "
+                                 "adds around every side, --left/--right/--up/--down add on one")
+        return OutpaintMargins(zoom=_number(flags, "zoom", MIN_ZOOM, MAX_ZOOM, None))
+    sides = {name: _whole_number(flags, name, 0, limits.max_side, 0) for name in given}
+    for name, pixels in sides.items():
+        if pixels % 8:
+            raise InvalidCommand(f"--{name} must be a multiple of 8 pixels (got {pixels}); try "
+                                 f"--{name} {_round8(pixels)}")
+    if not any(sides.values()):
+        raise InvalidCommand("/outpaint adds nothing with every side at 0; give a side at least 8 pixels, "
+                             "e.g. --left 64")
+    return OutpaintMargins(**sides)
+
+
 def _aspect(value: str) -> tuple[float, float]:
     match = _ASPECT.fullmatch(value)
     aspect_w, aspect_h = (float(match[1]), float(match[2])) if match else (0.0, 0.0)
@@ -731,6 +839,15 @@ _EXAMPLES = {
     "strength": "--strength 0.6",
     "style": "--style <name from /styles>",
     "lora": "--lora <name from /loras>:0.8",
+    "zoom": "--zoom 2",
+    "frames": "--frames 24",
+    "fps": "--fps 12",
+    "pan": "--pan 4,0",
+    "rotate": "--rotate 2",
+    "left": "--left 128",
+    "right": "--right 128",
+    "up": "--up 128",
+    "down": "--down 128",
 }
 
 

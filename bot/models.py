@@ -108,6 +108,8 @@ class Job(Base):
     strength: Mapped[float | None] = mapped_column(Float, default=None)
     # The job's LoRAs as bot.domain.loras_text writes them: compared as text by the batch key.
     loras: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    # /animate's frames and camera as bot.domain.Motion.to_text writes them; NULL for other kinds.
+    motion: Mapped[str | None] = mapped_column(Text, default=None)
     init_image_sha: Mapped[str | None] = mapped_column(String(64), default=None)
     mask_image_sha: Mapped[str | None] = mapped_column(String(64), default=None)
     # Where the answer goes: the owning adapter's own address for it (channel, chat, token...).

@@ -2,7 +2,8 @@
 
 Cost units measure work: width × height × steps actually run × images, with 512×512 at 20 steps for
 one image = 1 unit (`cost_milli` counts thousandths). /edit and /inpaint run `steps × strength` steps,
-as diffusers does, so they cost that much.
+as diffusers does, so they cost that much. /animate costs per frame: its first frame's steps, then
+`steps × strength` for each further frame.
 
 The jobs are the ledger: each job row carries its charge (`jobs.cost_milli`). It is *reserved* when the
 job is queued, *committed* when it succeeds, and *refunded* when it fails or is cancelled: a charge
@@ -37,10 +38,15 @@ PERMANENT = datetime(9999, 1, 1, tzinfo=UTC)  # a ban "forever"
 
 
 def steps_run(params: GenerationParams) -> int:
-    """Denoising steps the model actually runs: /edit and /inpaint skip the first (1 - strength)."""
+    """Denoising steps the model actually runs: /edit and /inpaint skip the first (1 - strength); an
+    animation runs its first frame's (counted also when the first frame is an attached picture), then a
+    frame's img2img each."""
+    redraw = params.steps if params.strength is None else max(1, min(params.steps, int(params.steps * params.strength)))
+    if params.kind is JobKind.ANIMATE and params.motion is not None:
+        return params.steps + (params.motion.frames - 1) * redraw
     if params.kind is JobKind.IMAGINE or params.strength is None:
         return params.steps
-    return max(1, min(params.steps, int(params.steps * params.strength)))
+    return redraw
 
 
 def cost_milli(params: GenerationParams) -> int:

@@ -66,7 +66,7 @@ class RecoveryReport:
 
 # The columns of GenerationParams.batch_key(): jobs equal in all of them share one diffusers call.
 BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.sampler, Job.cfg, Job.strength,
-                     Job.loras)
+                     Job.loras, Job.motion)
 
 
 class JobQueue:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.domain import JobStatus
 from bot.errors import NotFound
-from bot.models import IdempotencyKey, Job, User
+from bot.models import IdempotencyKey, Image, Job, User
 
 UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -102,6 +102,11 @@ class JobRepository:
                  .join(User, User.id == IdempotencyKey.user_id)
                  .where(User.platform == platform, User.platform_user_id == user_id, IdempotencyKey.key == key))
         return (await self.session.scalars(query)).unique().first()
+
+    async def that_made(self, image_sha256: str) -> Job | None:
+        """The first job whose result has exactly these bytes (an Easel picture sent back), or None."""
+        return (await self.session.scalars(select(Job).join(Job.images).where(Image.sha256 == image_sha256)
+                                           .order_by(Job.seq).limit(1))).unique().first()
 
     async def undelivered(self, platform: str) -> list[Job]:
         """Finished jobs of a platform whose result its adapter never confirmed, oldest first."""

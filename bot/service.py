@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from bot.fetch import ImageFetcher
 from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
 from bot.models import IdempotencyKey, Image, Job, User
+from bot.outpaint import outpaint_canvas, outpaint_layout
 from bot.policy import Policy, cost_milli
 from bot.repositories import QueueLoad
 from bot.safety import WITHHOLD, Decision, PromptCheck, flagged_category
@@ -37,6 +39,9 @@ from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
+# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file; the chat
+# adapters do not send videos yet, and would show only its poster frame.
+ANIMATION_PLATFORMS = ("console",)
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
@@ -97,7 +102,9 @@ class JobService:
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
         """
+        _check_platform(requester, command)
         inputs = await self._fetch_references(command, inputs or InputImages())
+        command = await self._prompt_of_picture(command, inputs)
         first, image_sha, mask_sha = self._prepare(command, inputs)
         jobs = _each_job(command, first)
         # Only the prompt: a negative prompt names what to keep *out* of the picture.
@@ -149,7 +156,8 @@ class JobService:
             id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
             prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
             steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
-            seed=params.seed, strength=params.strength, loras=loras_text(params.loras), init_image_sha=image_sha,
+            seed=params.seed, strength=params.strength, loras=loras_text(params.loras),
+            motion=params.motion.to_text() if params.motion else None, init_image_sha=image_sha,
             mask_image_sha=mask_sha, platform=requester.platform,
             reply_to=dict(requester.reply_to if reply_to is None else reply_to),
             attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
@@ -169,6 +177,7 @@ class JobService:
                        inputs: InputImages | None = None) -> Estimate:
         """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored. A
         permutation prompt is priced as all its jobs together; `params` are its first job's."""
+        _check_platform(requester, command)
         params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
         params = replace(params, seed=command.params.seed)
         jobs = len(command.every_params())
@@ -225,6 +234,24 @@ class JobService:
         fetched = [await self.fetcher.fetch(url) for url in command.reference_urls]
         return InputImages(image=fetched[0], mask=fetched[1] if len(fetched) > 1 else inputs.mask)
 
+    async def _prompt_of_picture(self, command: GenerateCommand, inputs: InputImages) -> GenerateCommand:
+        """/outpaint without a prompt: the prompt and LoRAs of the Easel job that made the picture, found by
+        its bytes (a result file sent back as it was saved), and its negative prompt where none was given."""
+        params = command.params
+        if params.kind is not JobKind.OUTPAINT or params.prompt or inputs.image is None:
+            return command
+        async with self.db.unit_of_work(write=False) as uow:
+            job = await uow.jobs.that_made(hashlib.sha256(inputs.image).hexdigest())
+            if job is None:
+                raise InvalidCommand("/outpaint needs a prompt for this picture (it is not an Easel result as "
+                                     "saved, whose prompt it would reuse), e.g. /outpaint a beach at sunset --zoom 2")
+            original = job_view(job, self.store.path_of).params
+        model = self.catalog.get(params.model)
+        default_negative = model.negative if model is not None else ""
+        negative = original.negative if params.negative in ("", default_negative) else params.negative
+        return replace(command, params=replace(params, prompt=original.prompt, negative=negative,
+                                               loras=original.loras))
+
     def _prepare(self, command: GenerateCommand, inputs: InputImages,
                  save: bool = True) -> tuple[GenerationParams, str | None, str | None]:
         """Check the attachments fit the command; store them at the job's size (unless not `save`);
@@ -236,16 +263,27 @@ class JobService:
             if inputs.image is not None:
                 raise InvalidCommand("/imagine takes no image; use /edit to start from a picture")
             return params, None, None
+        if params.kind is JobKind.ANIMATE and inputs.image is None:
+            return params, None, None  # the first frame comes from the prompt
         if inputs.image is None:
             raise InvalidImage(f"/{params.kind.value} needs an image: attach one")
         if params.kind is JobKind.INPAINT and inputs.mask is None:
             raise InvalidImage("/inpaint needs a mask too: white pixels are repainted, black ones kept")
-        if params.kind is JobKind.EDIT and inputs.mask is not None:
-            raise InvalidCommand("/edit takes one image; use /inpaint to repaint only part of it")
+        if params.kind in (JobKind.EDIT, JobKind.ANIMATE) and inputs.mask is not None:
+            raise InvalidCommand(f"/{params.kind.value} takes one image; use /inpaint to repaint only part of it")
+        if params.kind is JobKind.OUTPAINT and (command.outpaint is None) == (inputs.mask is None):
+            # A new /outpaint makes its own mask; a re-roll brings the canvas and mask its job stored.
+            raise InvalidCommand("/outpaint takes one picture and --zoom or --left/--right/--up/--down; use "
+                                 "/inpaint to repaint a part you marked with a mask")
         limits = self.settings.limits
         image = load_upload(inputs.image, limits, "image")
         mask = load_upload(inputs.mask, limits, "mask") if inputs.mask is not None else None
-        if command.size_from_input:
+        if command.outpaint is not None:
+            layout = outpaint_layout(image.width, image.height, command.outpaint, limits)
+            picture, _ = prepare_inputs(image, None, *layout.picture)
+            image, mask = outpaint_canvas(picture, layout)
+            params = replace(params, width=layout.canvas[0], height=layout.canvas[1])
+        elif command.size_from_input:
             width, height = fit_size(image.width, image.height, params.width * params.height, limits)
             params = replace(params, width=width, height=height)
         image, mask = prepare_inputs(image, mask, params.width, params.height)
@@ -375,6 +413,12 @@ def _each_job(command: GenerateCommand, first: GenerationParams) -> list[Generat
              for i in range(len(command.every_params()))]
     return [replace(params, seed=seed, width=first.width, height=first.height, strength=first.strength)
             for params, seed in zip(command.every_params(), seeds, strict=True)]
+
+
+def _check_platform(requester: Requester, command: GenerateCommand) -> None:
+    if command.params.kind is JobKind.ANIMATE and requester.platform not in ANIMATION_PLATFORMS:
+        raise InvalidCommand("/animate runs in the console and `easel animate` for now: the chats do not show "
+                             "its video yet")
 
 
 def _flag_detail(term: str, prompt: str) -> str:

@@ -78,7 +78,7 @@ def a1111_parameters(params: GenerationParams, seed: int, hashes: Sequence[tuple
         ("Size", f"{params.width}x{params.height}"),
         ("Model", params.model),
     ]
-    if params.kind in (JobKind.EDIT, JobKind.INPAINT) and params.strength is not None:
+    if params.kind is not JobKind.IMAGINE and params.strength is not None:
         fields.append(("Denoising strength", str(float(params.strength))))
     fields += hashes
 

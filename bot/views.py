@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bot.domain import GenerationParams, JobKind, JobStatus, loras_of_text
+from bot.domain import GenerationParams, JobKind, JobStatus, Motion, loras_of_text
 from bot.models import Image, Job
 from bot.safety import WITHHOLD, flagged_category
 
@@ -99,7 +99,7 @@ def params_of(job: Job) -> GenerationParams:
     return GenerationParams(
         kind=JobKind(job.kind), prompt=job.prompt, negative=job.negative, width=job.width,
         height=job.height, steps=job.steps, cfg=job.cfg, n=job.n, sampler=job.sampler, model=job.model,
-        seed=job.seed, strength=job.strength, loras=loras_of_text(job.loras),
+        seed=job.seed, strength=job.strength, loras=loras_of_text(job.loras), motion=Motion.of_text(job.motion),
     )
 
 

@@ -50,6 +50,7 @@ from bot.config import GenerationConfig, ModelConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed, first_line
 from bot.extra_networks import ExtraNetworks
+from bot.outpaint import feathered_mask
 from generation.builtin import ensure_builtin
 from generation.extra_networks import ModelNetworks
 from generation.prompt_embeds import PromptEncoder
@@ -67,9 +68,9 @@ DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "to
 # Per latent family (see _latent_family): SD 1.x and 2.x share Stable Diffusion's pipelines.
 PIPELINE_CLASSES: dict[str, dict[JobKind, type[DiffusionPipeline]]] = {
     "sd": {JobKind.IMAGINE: StableDiffusionPipeline, JobKind.EDIT: StableDiffusionImg2ImgPipeline,
-           JobKind.INPAINT: StableDiffusionInpaintPipeline},
+           JobKind.INPAINT: StableDiffusionInpaintPipeline, JobKind.OUTPAINT: StableDiffusionInpaintPipeline},
     "sdxl": {JobKind.IMAGINE: StableDiffusionXLPipeline, JobKind.EDIT: StableDiffusionXLImg2ImgPipeline,
-             JobKind.INPAINT: StableDiffusionXLInpaintPipeline},
+             JobKind.INPAINT: StableDiffusionXLInpaintPipeline, JobKind.OUTPAINT: StableDiffusionXLInpaintPipeline},
 }
 # Where diffusers finds the configuration of a single-file checkpoint's parts when `config` is unset.
 REFERENCE_MODELS = {ModelFamily.SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -86,8 +87,8 @@ class GenerationTask:
     """One job handed to the generator. Image i of the job uses seed `params.seed + i`."""
 
     params: GenerationParams
-    init_image: PIL.Image.Image | None = None  # edit and inpaint: RGB, already params.width x height
-    mask_image: PIL.Image.Image | None = None  # inpaint: mode "L", white = repaint
+    init_image: PIL.Image.Image | None = None  # edit, inpaint, outpaint: RGB, already params.width x height
+    mask_image: PIL.Image.Image | None = None  # inpaint, outpaint: mode "L", white = repaint
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -299,13 +300,13 @@ class DiffusersGenerator:
             "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             "output_type": "pil",
         }
-        if params.kind in (JobKind.IMAGINE, JobKind.INPAINT):  # img2img takes the size of its image
+        if params.kind is not JobKind.EDIT:  # img2img takes the size of its image
             arguments |= {"width": params.width, "height": params.height}
-        if params.kind in (JobKind.EDIT, JobKind.INPAINT):
+        if params.kind.takes_image:
             arguments["image"] = [task.init_image for task in per_image]
             if params.strength is not None:
                 arguments["strength"] = params.strength
-        if params.kind is JobKind.INPAINT:
+        if params.kind.takes_mask:
             arguments["mask_image"] = [task.mask_image for task in per_image]
         if on_step is not None:
             first_images = [sum(task.params.n for task in tasks[:i]) for i in range(len(tasks))]
@@ -318,12 +319,15 @@ class DiffusersGenerator:
         with torch.inference_mode():
             images = pipe(**arguments).images
 
-        if params.kind is JobKind.INPAINT:
+        if params.kind.takes_mask:
             # Keep the unmasked pixels exactly as they were: blending latents alone still sends them
             # through the VAE, which shifts colours and detail on real models (and, on builtin:tiny,
-            # replaces them). This is the composite diffusers' inpainting guide recommends.
-            images = [PIL.Image.composite(image.convert("RGB"), task.init_image.convert("RGB"),
-                                          task.mask_image.convert("L"))
+            # replaces them). This is the composite diffusers' inpainting guide recommends. An outpaint's
+            # new border fades in from the picture's edge (bot/outpaint.py) instead of starting at a line.
+            def shown(mask: PIL.Image.Image) -> PIL.Image.Image:
+                return feathered_mask(mask) if params.kind is JobKind.OUTPAINT else mask.convert("L")
+
+            images = [PIL.Image.composite(image.convert("RGB"), task.init_image.convert("RGB"), shown(task.mask_image))
                       for image, task in zip(images, per_image, strict=True)]
 
         results, start = [], 0
@@ -455,19 +459,19 @@ def _check_task(task: GenerationTask) -> None:
     if params.n < 1:
         raise ValueError(f"`params.n` must be at least 1 but is {params.n}")
     size = (params.width, params.height)
-    wants_image = params.kind in (JobKind.EDIT, JobKind.INPAINT)
+    wants_image = params.kind.takes_image
     if wants_image and task.init_image is None:
         raise ValueError(f"a {params.kind} task needs `init_image`")
     if not wants_image and task.init_image is not None:
-        raise ValueError(f"`init_image` is only for edit and inpaint tasks, not {params.kind}")
+        raise ValueError(f"`init_image` is only for edit, inpaint and outpaint tasks, not {params.kind}")
     if task.init_image is not None and task.init_image.size != size:
         raise ValueError(f"`init_image` must be {size[0]}x{size[1]} like the params, but is "
                          f"{task.init_image.size[0]}x{task.init_image.size[1]}")
-    wants_mask = params.kind is JobKind.INPAINT
+    wants_mask = params.kind.takes_mask
     if wants_mask and task.mask_image is None:
-        raise ValueError("an inpaint task needs `mask_image`")
+        raise ValueError(f"a {params.kind} task needs `mask_image`")
     if not wants_mask and task.mask_image is not None:
-        raise ValueError(f"`mask_image` is only for inpaint tasks, not {params.kind}")
+        raise ValueError(f"`mask_image` is only for inpaint and outpaint tasks, not {params.kind}")
     if task.mask_image is not None and task.mask_image.size != size:
         raise ValueError(f"`mask_image` must be {size[0]}x{size[1]} like the params, but is "
                          f"{task.mask_image.size[0]}x{task.mask_image.size[1]}")

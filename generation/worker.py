@@ -26,17 +26,22 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
+from bot.animation import frames_folder, video_path
 from bot.config import QueueConfig, Settings
+from bot.domain import JobKind
 from bot.errors import EaselError, GenerationFailed
 from bot.extra_networks import ExtraNetworks
+from bot.policy import steps_run
 from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView
+from generation.animation import animate, write_mp4
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 
@@ -87,9 +92,12 @@ class TimeLimit:
         images = sum(task.params.n for task in tasks)
         per_step = config.time_limit_s_per_megapixel_step * params.width * params.height / 1e6 * images
         together = " in one batch with other jobs" if len(tasks) > 1 else ""
-        return cls(total_s=config.time_limit_base_s + per_step * params.steps,
+        # An animation's steps are those of all its frames.
+        steps = steps_run(params) if params.kind is JobKind.ANIMATE else params.steps
+        frames = f", {params.motion.frames} frames" if params.motion is not None else ""
+        return cls(total_s=config.time_limit_base_s + per_step * steps,
                    step_s=config.time_limit_base_s + per_step,
-                   work=f"{params.width}x{params.height}, {params.steps} steps, {images} image(s){together}")
+                   work=f"{params.width}x{params.height}, {params.steps} steps{frames}, {images} image(s){together}")
 
     def exceeded(self) -> TimeLimitExceeded:
         seconds = f"{self.total_s:.0f}" if self.total_s >= 10 else f"{self.total_s:.2g}"
@@ -273,10 +281,29 @@ class Worker:
                                     TimeLimit.of(tasks, self.settings.queue), worker_id=self.worker_id)
         self._in_hand = progress
         try:
+            if tasks[0].params.kind is JobKind.ANIMATE:
+                return await on_torch_thread(self._animate, batch, tasks, progress.on_step)
             return await on_torch_thread(self.generator.generate, tasks, progress.on_step)
         finally:
             progress.progressed()  # generation is over: the check and the stores come next
             await progress.settle()  # its last write lands before the jobs' final events
+
+    def _animate(self, batch: Sequence[JobView], tasks: list[GenerationTask],
+                 on_step: StepCallback) -> list[list[Image.Image]]:
+        """Every frame of each animation, resumed from the frames a stopped worker left, each kept as it
+        is made; then each clip's MP4 (on the torch thread: it is the one that holds the frames)."""
+        data_dir = self.settings.storage.data_dir
+        folders = [frames_folder(data_dir, job.id) for job in batch]
+        done = [_finished_frames(folder, task.params.motion.frames)
+                for folder, task in zip(folders, tasks, strict=True)]
+
+        def keep(task: int, index: int, frame: Image.Image) -> None:
+            _keep_frame(folders[task], index, frame)
+
+        clips = animate(self.generator.generate, tasks, done, keep, on_step)
+        for job, frames in zip(batch, clips, strict=True):
+            write_mp4(frames, job.params.motion.fps, video_path(data_dir, job.id))
+        return clips
 
     def _task_for(self, job: JobView) -> GenerationTask:
         def load(sha: str | None, mode: str) -> Image.Image | None:
@@ -292,6 +319,10 @@ class Worker:
         try:
             # A checker that fails fails the job (below): an unchecked image is never delivered.
             verdicts = await self._check(images)
+            if job.params.kind is JobKind.ANIMATE:
+                # The clip is shown through its last frame, its poster: one flagged frame flags the whole clip.
+                verdicts = [next((verdict for verdict in verdicts if verdict is not None), None)]
+                images = images[-1:]
             stored = await asyncio.to_thread(self._save, job, images)
             if await self.queue.complete(job.id, stored, verdicts, worker_id=self.worker_id):
                 self.stats.succeeded += 1
@@ -323,6 +354,28 @@ class Worker:
                        "it has been logged. Try again, or with other settings.")
         self.stats.failed += 1
         await asyncio.shield(self.queue.fail(job.id, message, worker_id=self.worker_id))
+
+
+def _finished_frames(folder: Path, frames: int) -> list[Image.Image]:
+    """The frames kept so far, `frame-0000.png` on, up to the first one missing."""
+    found = []
+    for index in range(frames):
+        path = folder / f"frame-{index:04d}.png"
+        if not path.exists():
+            break
+        with Image.open(path) as frame:
+            found.append(frame.convert("RGB"))
+    return found
+
+
+def _keep_frame(folder: Path, index: int, frame: Image.Image) -> None:
+    """Write a finished frame whole or not at all (a kill mid-write leaves no half frame to resume from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"frame-{index:04d}.partial.png"
+    frame.save(partial, format="PNG")
+    with open(partial, "rb") as written:
+        os.fsync(written.fileno())
+    os.replace(partial, folder / f"frame-{index:04d}.png")
 
 
 class ProgressReporter:

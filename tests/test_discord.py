@@ -45,7 +45,8 @@ BOT_TOKEN = "test-bot-token"
 # discord.py's option types
 STRING, INTEGER, NUMBER, ATTACHMENT = 3, 4, 10, 11
 _OPTION_TYPES = {"seed": INTEGER, "steps": INTEGER, "count": INTEGER, "cfg": NUMBER, "strength": NUMBER,
-                 "image": ATTACHMENT, "mask": ATTACHMENT}
+                 "image": ATTACHMENT, "mask": ATTACHMENT, "zoom": NUMBER, "left": INTEGER, "right": INTEGER,
+                 "up": INTEGER, "down": INTEGER}
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
@@ -230,6 +231,7 @@ async def test_imagine_defers_then_shows_position_progress_and_the_images_with_b
     assert {f"easel:reroll:{job.id}", f"easel:info:{job.id}", f"easel:delete:{job.id}",
             f"easel:vary:{job.id}:0", f"easel:vary:{job.id}:1", f"easel:upscale:{job.id}:1"} \
         <= set(final.custom_ids)
+    assert not any(":zoom" in i or ":left:" in i for i in final.custom_ids)  # zoom and pan: one image only
     assert (await core.service.get_job(job.id)).delivered_at is not None
 
 
@@ -351,6 +353,37 @@ async def test_results_finished_while_the_bot_was_down_are_delivered_after_it_st
     assert (await core.service.get_job(job.id)).delivered_at is not None
 
 
+async def test_zoom_out_and_pan_buttons_outpaint_the_image_after_a_restart(core: Core, generator, fake: FakeDiscord,
+                                                                           settings: Settings) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("imagine", prompt="a castle --seed 11", steps=2))
+        final = await work_until(core, generator, fake, is_final_edit(token))
+    job = await only_job(core)
+    assert {f"easel:{action}:{job.id}:0" for action in ("zoom15", "zoom2", "left", "up", "right", "down")} \
+        <= set(final.custom_ids)
+    message = fake.messages[_original_id(fake, callbacks(fake, token)[0])]
+
+    await core.close()
+    core = await open_core(settings)  # a new process: it has never seen the message it gets presses from
+    try:
+        async with running(core) as bot:
+            zoom_token = bot.dispatch(press(fake, message, f"easel:zoom2:{job.id}:0", user=BOB))
+            zoomed = await work_until(core, generator, fake, is_final_edit(zoom_token))
+            pan_token = bot.dispatch(press(fake, message, f"easel:left:{job.id}:0"))
+            panned = await work_until(core, generator, fake, is_final_edit(pan_token))
+        bigger, wider = (await core.service.list_jobs())[1], (await core.service.list_jobs())[0]
+        original = Image.open(job.images[0].path)
+        with Image.open(io.BytesIO(zoomed.files[0].data)) as zoomed_png, \
+                Image.open(io.BytesIO(panned.files[0].data)) as panned_png:
+            assert zoomed_png.size == (128, 128) and panned_png.size == (96, 64)
+            assert zoomed_png.crop((32, 32, 96, 96)).tobytes() == original.convert("RGB").tobytes()
+            assert panned_png.crop((32, 0, 96, 64)).tobytes() == original.convert("RGB").tobytes()
+        assert bigger.params.kind is wider.params.kind is JobKind.OUTPAINT
+        assert bigger.user_id == str(BOB) and bigger.params.prompt == "a castle"
+    finally:
+        await core.close()
+
+
 async def test_buttons_work_after_a_restart(core: Core, generator, fake: FakeDiscord, settings: Settings) -> None:
     async with running(core) as bot:
         token = bot.dispatch(slash("imagine", prompt="a castle --seed 11", steps=2))
@@ -413,6 +446,17 @@ async def test_edit_downloads_the_attachment_and_runs_img2img(core: Core, genera
     assert fake.downloads == ["photo.png"]
     assert job.params.kind is JobKind.EDIT and job.params.strength == 0.6
     assert job.params.width > job.params.height  # the photo's shape is kept
+
+
+async def test_outpaint_paints_around_the_attachment(core: Core, generator, fake: FakeDiscord) -> None:
+    photo = fake.add_attachment("photo.png", png_bytes(64, 64, (20, 40, 220)))
+    async with running(core) as bot:
+        token = bot.dispatch(slash("outpaint", image=photo, prompt="a lake", left=32, steps=2))
+        await work_until(core, generator, fake, is_final_edit(token))
+    job = await only_job(core)
+    assert job.params.kind is JobKind.OUTPAINT and (job.params.width, job.params.height) == (96, 64)
+    with Image.open(job.images[0].path) as result:
+        assert result.getpixel((80, 30)) == (20, 40, 220)  # the picture, kept, right of the new border
 
 
 @pytest.mark.parametrize(("attachment", "expected"), [
@@ -545,13 +589,15 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles",
-                             "loras"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help",
+                             "models", "styles", "loras"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 11 commands in server" in printed and BOT_TOKEN not in printed
+    assert "image" in {option["name"] for option in commands["outpaint"]["options"]}
+    assert not {option["name"]: option for option in commands["outpaint"]["options"]}["prompt"]["required"]
+    assert "registered 12 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -614,7 +660,8 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 
 # -- inside another bot: the extension ------------------------------------------------------------------
 
-EASEL_COMMANDS = {"imagine", "edit", "inpaint", "quota", "job", "jobs", "cancel", "help", "models", "styles", "loras"}
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help", "models",
+                  "styles", "loras"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:

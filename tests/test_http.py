@@ -142,6 +142,22 @@ async def test_edit_and_inpaint_take_multipart_uploads_and_base64(server, genera
     assert mask.getpixel((2, 30)) == 255 and mask.getpixel((60, 30)) == 0  # white = repaint, as sent
 
 
+async def test_outpaint_takes_a_command_upload_or_its_json_fields(server, generator) -> None:
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        typed = await client.post("/v1/jobs", data={"command": "/outpaint a lake --zoom 2 --steps 2"},
+                                  files={"image": ("photo.png", png_bytes(64, 64, (20, 40, 220)), "image/png")})
+        fields = await client.post("/v1/jobs", json={"kind": "outpaint", "prompt": "a lake", "left": 32, "up": 8,
+                                                     "steps": 2, "image": b64(png_bytes(64, 64))})
+        assert typed.status_code == 202, typed.text
+        assert fields.status_code == 202, fields.text
+        zoomed, widened = [await wait_done(client, r.json()["id"]) for r in (typed, fields)]
+        picture = Image.open(io.BytesIO((await client.get(zoomed["images"][0]["url"])).content))
+    assert zoomed["kind"] == "outpaint" and (zoomed["params"]["width"], zoomed["params"]["height"]) == (128, 128)
+    assert picture.convert("RGB").getpixel((64, 64)) == (20, 40, 220)  # the picture, kept, in the middle
+    assert (widened["params"]["width"], widened["params"]["height"]) == (96, 72)
+
+
 async def test_re_roll_variations_and_upscale_make_new_jobs_from_a_result(server, generator) -> None:
     token = await server.new_key()
     async with server.client(token) as client, running_worker(server.core, generator):
@@ -160,6 +176,22 @@ async def test_re_roll_variations_and_upscale_make_new_jobs_from_a_result(server
     assert (upscaled["params"]["width"], upscaled["params"]["height"]) == (128, 128)
     assert all(job["status"] == "succeeded" for job in (rerolled, varied, upscaled))
     assert missing.status_code == 400 and "no image 4" in missing.json()["message"]
+
+
+async def test_reframe_zooms_out_or_pans_an_image_of_a_result(server, generator) -> None:
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        first = await submit_and_wait(client, "/imagine a cat --steps 2")
+        zoomed = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"index": 0, "action": "zoom15"})
+        panned = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"action": "up"})
+        unknown = await client.post(f"/v1/jobs/{first['id']}/reframe", json={"action": "sideways"})
+        assert zoomed.status_code == panned.status_code == 202, (zoomed.text, panned.text)
+        zoomed, panned = [await wait_done(client, r.json()["id"]) for r in (zoomed, panned)]
+    assert zoomed["kind"] == panned["kind"] == "outpaint" and zoomed["prompt"] == "a cat"
+    assert (zoomed["params"]["width"], zoomed["params"]["height"]) == (96, 96)  # 64 x 1.5 each way
+    assert (panned["params"]["width"], panned["params"]["height"]) == (64, 96)  # half the height above
+    assert all(job["status"] == "succeeded" for job in (zoomed, panned))
+    assert unknown.status_code == 422 and "zoom15" in unknown.text
 
 
 async def test_a_dry_run_validates_and_prices_without_queuing(server) -> None:

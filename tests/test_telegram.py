@@ -202,6 +202,16 @@ async def test_edit_from_a_captioned_photo_and_from_a_reply_to_a_file(tg: Core, 
     assert "make it winter" in photos(fake, ALICE)[0].caption and "seed 1 " in photos(fake, ALICE)[0].caption
 
 
+async def test_outpaint_from_a_reply_to_a_file_paints_around_it(tg: Core, fake: FakeTelegram, generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        holder = fake.send(chat, document=png_bytes(64, 64, (200, 200, 20)), filename="square.png")
+        fake.send(chat, "/outpaint a field --down 32 --steps 2", reply_to=holder)
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 1, what="the outpainted picture")
+    [job] = await tg.service.list_jobs()
+    assert job.params.kind is JobKind.OUTPAINT and (job.params.width, job.params.height) == (64, 96)
+
+
 async def test_inpaint_takes_the_mask_from_the_second_picture_of_an_album(tg: Core, fake: FakeTelegram,
                                                                          generator) -> None:
     chat = fake.private(ALICE)
@@ -265,6 +275,28 @@ async def test_buttons_reroll_upscale_and_info_answer_under_the_result(tg: Core,
     assert info.shown.startswith(f"Job {original.id}: succeeded") and "seed 5" in info.shown
     answered = [call.params.get("text") for call in fake.calls_of("answerCallbackQuery")]
     assert len(answered) == 3  # every press is answered, so the client stops its spinner
+
+
+async def test_zoom_out_and_pan_buttons_under_one_picture_work_from_a_restarted_bot(tg: Core, fake: FakeTelegram,
+                                                                                    generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(chat, "/imagine a blue bird --steps 2 --seed 5")
+        result = (await fake.wait_for(lambda: photos(fake, ALICE), what="first result"))[0]
+    labels = [button["text"] for row in result.buttons for button in row]
+    assert labels[-6:] == ["🔭 Zoom out 1.5x", "🔭 Zoom out 2x", "⬅️", "⬆️", "➡️", "⬇️"]
+    async with running_bot(tg, fake), running_worker(tg, generator):  # a new adapter: it never saw the result
+        fake.press(chat, result, result.button("🔭 Zoom out 2x"))
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 2, what="zoomed out")
+        fake.press(chat, result, result.button("⬇️"))
+        await fake.wait_for(lambda: len(photos(fake, ALICE)) == 3, what="panned down")
+    panned, zoomed, original = await tg.service.list_jobs()
+    assert zoomed.params.kind is panned.params.kind is JobKind.OUTPAINT
+    assert (zoomed.params.width, zoomed.params.height) == (128, 128)
+    assert (panned.params.width, panned.params.height) == (64, 96)
+    assert zoomed.params.prompt == original.params.prompt == "a blue bird"
+    answered = [call.params.get("text") for call in fake.calls_of("answerCallbackQuery")]
+    assert answered == [f"Zoom out 2x of job {original.id}…", f"Pan down of job {original.id}…"]
 
 
 # -- flood control, restarts, duplicates -------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from bot.domain import JobKind
 from generation.shapes import caption, training_combinations
 from generation.worker import Worker
 from tests import http_fixtures
@@ -265,4 +266,28 @@ async def test_a_follow_up_card_says_which_button_made_it(server, generator, bro
     for card, kind in zip((cards.nth(1), cards.nth(2), cards.nth(3)), ("edit", "edit", "imagine"), strict=True):
         job_id = (await card.get_attribute("aria-label")).removeprefix("Job ")
         assert kinds[job_id] == kind, (job_id, kinds)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_zoom_out_and_pan_buttons_under_an_image_make_outpaint_jobs(server, generator, browser) -> None:
+    page = await open_chat(browser, server.url)
+    await page.locator("#command").fill("/imagine a fox --steps 2 --seed 5")
+    await page.keyboard.press("Enter")
+    cards = page.locator("article.job")
+    async with running_worker(server.core, generator):
+        await expect(cards.first.locator(".status")).to_have_text("done, seed 5", timeout=60_000)
+        [first] = await server.core.service.list_jobs()
+        for count, name in enumerate((f"Zoom out 2x of image 1 of job {first.id}",
+                                      f"Pan left of image 1 of job {first.id}"), start=2):
+            await page.get_by_role("button", name=name).click()
+            await expect(cards).to_have_count(count)
+        for card in (cards.nth(1), cards.nth(2)):
+            await expect(card.locator(".status")).to_contain_text("done, seed", timeout=60_000)
+    await expect(cards.nth(1).locator(".origin")).to_have_text(f"Zoom out 2x of image 1 of job {first.id}")
+    await expect(cards.nth(2).locator(".origin")).to_have_text(f"Pan left of image 1 of job {first.id}")
+    panned, zoomed, _ = await server.core.service.list_jobs()
+    assert zoomed.params.kind is panned.params.kind is JobKind.OUTPAINT
+    assert (zoomed.params.width, zoomed.params.height) == (128, 128)
+    assert (panned.params.width, panned.params.height) == (96, 64)
+    await expect(cards.nth(1).locator("figure img")).to_have_attribute("width", "128")
     assert page.errors == []  # type: ignore[attr-defined]

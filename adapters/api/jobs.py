@@ -1,4 +1,5 @@
-"""Jobs and their follow-ups: queue, list, read, watch (server-sent events), cancel, reroll, vary, upscale.
+"""Jobs and their follow-ups: queue, list, read, watch (server-sent events), cancel, reroll, vary, upscale,
+reframe (zoom out, pan).
 
 A job's JSON is always built from its Delivery (`core.deliveries`), so the core decides which images a
 route may show; a key sees only its own jobs.
@@ -22,6 +23,7 @@ from adapters.api.schemas import (
     IndexRequest,
     JobOut,
     ListQuery,
+    ReframeRequest,
     SubmitOut,
     SubmitQuery,
     errors,
@@ -33,7 +35,7 @@ from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.domain import GenerateCommand, JobStatus
 from bot.errors import InvalidCommand, NotFound
-from bot.followups import reroll, upscale, variation
+from bot.followups import reframe, reroll, upscale, variation
 from bot.views import JobView
 
 router = APIRouter()
@@ -81,7 +83,7 @@ async def submit_job(request: Request, core: CoreDep, key: Key, response: Respon
     body, inputs = await read_job_request(request, settings.limits.max_upload_bytes)
     command = core.parser.parse(generation_text(body))
     if not isinstance(command, GenerateCommand):
-        raise InvalidCommand("POST /v1/jobs takes /imagine, /edit or /inpaint; the other commands are GET "
+        raise InvalidCommand("POST /v1/jobs takes /imagine, /edit, /inpaint or /outpaint; the other commands are GET "
                              "/v1/jobs (/jobs), GET /v1/jobs/{id} (/job), DELETE /v1/jobs/{id} (/cancel), "
                              "GET /v1/quota (/quota), GET /v1/models (/models) and GET /v1/help (/help)")
     if query.dry_run:
@@ -182,3 +184,10 @@ async def variations_of(request: Request, core: CoreDep, key: Key, job_id: str, 
 async def upscale_image(request: Request, core: CoreDep, key: Key, job_id: str, body: IndexRequest) -> Any:
     """Image `index` of the job at twice the size (within the limits)."""
     return await follow_up(request, core, key, job_id, upscale, body.index)
+
+
+@router.post("/v1/jobs/{job_id}/reframe", tags=["follow-ups"], status_code=202, response_model=SubmitOut,
+             responses=errors(400, 401, 403, 404, 422, 429))
+async def reframe_image(request: Request, core: CoreDep, key: Key, job_id: str, body: ReframeRequest) -> Any:
+    """Image `index` of the job zoomed out or panned: an outpaint of it with the job's prompt and a new seed."""
+    return await follow_up(request, core, key, job_id, reframe, body.index, body.action)

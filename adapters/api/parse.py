@@ -29,9 +29,10 @@ def generation_text(body: JobRequest) -> str:
         return body.command
     if body.kind is None or body.prompt is None:
         raise InvalidCommand("a job needs `command` (e.g. \"/imagine a red fox --seed 4\"), or `kind` "
-                             "(imagine, edit, inpaint) and `prompt`")
+                             "(imagine, edit, inpaint, outpaint) and `prompt`")
     words = [f"/{body.kind.value}", body.prompt]
-    for flag in ("seed", "steps", "cfg", "size", "ar", "n", "sampler", "model", "strength"):
+    for flag in ("seed", "steps", "cfg", "size", "ar", "n", "sampler", "model", "strength", "zoom", "left", "right",
+                 "up", "down"):
         value = getattr(body, flag)
         if value is not None:
             words.append(f"--{flag}={value}")

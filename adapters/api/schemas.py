@@ -11,7 +11,7 @@ from pydantic.fields import FieldInfo
 
 from bot.config import Settings
 from bot.domain import SAMPLERS, JobKind, JobStatus
-from bot.grammar import MAX_ASPECT, MAX_SEED
+from bot.grammar import MAX_ASPECT, MAX_SEED, MAX_ZOOM, MIN_ZOOM
 
 
 def _integral(value: Any) -> Any:
@@ -55,6 +55,11 @@ class JobRequest(BaseModel):
     sampler: str | None = Field(None, max_length=64)
     model: str | None = Field(None, max_length=128)
     strength: float | None = None
+    zoom: float | None = None
+    left: WholeNumber | None = None
+    right: WholeNumber | None = None
+    up: WholeNumber | None = None
+    down: WholeNumber | None = None
     image: str | None = Field(None, description="base64 (or a data: URL) of a PNG, JPEG, WebP, GIF or BMP")
     mask: str | None = Field(None, description="base64 of the mask: white pixels are repainted")
     webhook: Webhook | None = None
@@ -80,6 +85,12 @@ class IndexRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     index: WholeNumber = Field(0, ge=0, description="which image of the job, from 0")
+
+
+class ReframeRequest(IndexRequest):
+    action: Literal["zoom15", "zoom2", "left", "up", "right", "down"] = Field(
+        description="zoom15 and zoom2: zoom out 1.5x or 2x (the canvas grows that much each way); left, up, right, "
+                    "down: pan, adding half the picture's side that way (less where the size limits leave less)")
 
 
 class ImageOut(BaseModel):
@@ -318,6 +329,13 @@ def generation_fields(limits: LimitsOut, *, required: tuple[str, ...] = ()) -> d
         "strength": field("strength", float, "edit and inpaint only: how much of the picture to redraw, "
                           f"from keeping it to replacing it (default {limits.strength.default:g})",
                           ge=limits.strength.min, le=limits.strength.max),
+        "zoom": field("zoom", float, f"outpaint only: the canvas grows {MIN_ZOOM:g} to {MAX_ZOOM:g} times each way, "
+                      "the picture in the middle (shrunk to fit the size limits); not with the sides",
+                      ge=MIN_ZOOM, le=MAX_ZOOM),
+        **{side: field(side, int, f"outpaint only: pixels to add {where}, a multiple of 8; not with `zoom`",
+                       ge=0, le=size.max_side, multiple_of=8)
+           for side, where in (("left", "on the left"), ("right", "on the right"), ("up", "above"),
+                               ("down", "below"))},
     }
 
 
@@ -341,7 +359,7 @@ def documented_job_form(limits: LimitsOut) -> type[BaseModel]:
         __doc__="The fields of the JSON body as form fields; `image` and `mask` as files (or base64 fields); "
                 "the webhook as `webhook_url` and `webhook_secret`.",
         **fields,
-        image=(bytes, Field(None, description="the picture (edit, inpaint)")),
+        image=(bytes, Field(None, description="the picture (edit, inpaint, outpaint)")),
         mask=(bytes, Field(None, description="inpaint: white pixels are repainted")),
         webhook_url=(str, Field(None, pattern=r"^https?://", max_length=2000)),
         webhook_secret=(str, Field(None, min_length=16, max_length=256)))

@@ -12,7 +12,7 @@ const preview = $("#preview");
 const cursor = $("#cursor");
 const TOKEN_KEY = "easel.token";
 let token = localStorage.getItem(TOKEN_KEY);
-let attached = null; // the File attached for /edit and /inpaint
+let attached = null; // the File attached for /edit, /inpaint and /outpaint
 let maskPainted = false;
 const cards = new Map(); // job id -> its card in the log
 const origins = new Map(); // job id -> the button that made it ("Upscale of image 1 of job k7mq2x9a")
@@ -133,7 +133,7 @@ async function handle(text) {
     const job = await api("DELETE", `/v1/jobs/${encodeURIComponent(id)}`);
     say(`Job ${job.id} cancelled.`);
   } else {
-    // /imagine, /edit, /inpaint, and anything else: the server's grammar answers typos too.
+    // /imagine, /edit, /inpaint, /outpaint, and anything else: the server's grammar answers typos too.
     await submit(text);
   }
 }
@@ -221,13 +221,21 @@ function figure(job, image) {
     "aria-label": `${label} of image ${n} of job ${job.id}`,
     onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/${kind}`, { index: image.index }),
       `${label} of image ${n} of job ${job.id}`)) });
+  // Zoom out and pan: an outpaint of this image (POST /v1/jobs/{id}/reframe, bot/followups.py's REFRAMES).
+  const reframe = (action, text, label) => element("button", { type: "button", text,
+    "aria-label": `${label} of image ${n} of job ${job.id}`,
+    onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/reframe`, { index: image.index, action }),
+      `${label} of image ${n} of job ${job.id}`)) });
   const picture = element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
     width: String(image.width), height: String(image.height) });
   const shown = image.spoiler ? spoiler(picture, `Image ${n} was flagged by the image check. Show it`)
     : element("a", { href: image.url, target: "_blank", rel: "noopener" }, picture);
   return element("figure", {}, shown,
     element("figcaption", {}, element("span", { class: "seed", text: `seed ${image.seed}` }),
-      followUp("variations", "Variations"), followUp("upscale", "Upscale")));
+      followUp("variations", "Variations"), followUp("upscale", "Upscale"),
+      reframe("zoom15", "Zoom out 1.5x", "Zoom out 1.5x"), reframe("zoom2", "Zoom out 2x", "Zoom out 2x"),
+      reframe("left", "⬅️", "Pan left"), reframe("up", "⬆️", "Pan up"), reframe("right", "➡️", "Pan right"),
+      reframe("down", "⬇️", "Pan down")));
 }
 
 // A flagged picture where NSFW is allowed: blurred until the person clicks to show it.
@@ -312,7 +320,7 @@ fileInput.addEventListener("change", () => {
   };
   preview.onerror = () => { say(`${file.name} is not a picture this browser can show.`, "error"); removeImage(); };
   preview.src = url;
-  say(`Attached ${file.name}. Type /edit with a prompt, or paint the mask and type /inpaint.`);
+  say(`Attached ${file.name}. Type /edit with a prompt, /outpaint --zoom 2 to paint around it, or paint the mask and type /inpaint.`);
 });
 
 function removeImage() {
