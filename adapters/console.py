@@ -242,8 +242,12 @@ def describe_job(delivery: Delivery) -> str:
         f"  size      {p.width}x{p.height}   images {p.n}   seeds {_seeds(job)}",
     ]
     if p.kind is not JobKind.IMAGINE:
-        lines.append(f"  strength  {p.strength:g}   input {job.init_image_sha}"
+        lines.append(f"  strength  {p.strength:g}" + (f"   input {job.init_image_sha}" if job.init_image_sha else "")
                      + (f"   mask {job.mask_image_sha}" if job.mask_image_sha else ""))
+    if p.motion is not None:
+        m = p.motion
+        lines.append(f"  motion    {m.frames} frames at {m.fps} fps   zoom {m.zoom:g}   "
+                     f"pan {m.pan[0]:g},{m.pan[1]:g}   rotate {m.rotate:g}")
     timing = f"  created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC"
     if job.queue_wait_s is not None:
         timing += f"   waited {job.queue_wait_s:.1f} s"
