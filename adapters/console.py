@@ -14,7 +14,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from bot.animation import frames_folder, video_path
+from bot.animation import frames_done, frames_folder, video_path
 from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.domain import (
@@ -164,6 +164,9 @@ class ConsoleChat:
                         bar = tqdm(total=progress.total, desc=f"job {job.id}", unit="step", file=self.out,
                                    leave=False)
                     bar.update(progress.step - bar.n)
+                    if job.params.motion is not None:  # an animation: which frame it is at
+                        bar.set_description(f"job {job.id} frame {frames_done(job.params, progress.step)}/"
+                                            f"{job.params.motion.frames}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()

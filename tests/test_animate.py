@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from adapters.console import ConsoleChat
-from bot.animation import camera_move, frames_folder, keyframes, prompt_at, video_path
+from bot.animation import camera_move, frames_done, frames_folder, keyframes, prompt_at, video_path
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
-from bot.domain import InputImages, JobKind, JobStatus, Motion, Requester
+from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
 from bot.errors import InvalidCommand
 from bot.grammar import CommandParser
 from bot.views import JobView
@@ -173,6 +173,12 @@ def test_the_camera_moves_the_frame_and_fills_what_comes_in_from_its_edges() -> 
     assert (zoomed == (255, 0, 0)).all(-1).sum() > (np.asarray(frame) == (255, 0, 0)).all(-1).sum()
     turned = np.asarray(camera_move(frame, Motion(rotate=10.0)))
     assert tuple(turned[0, 0]) == (0, 0, 255)  # the uncovered corner is not black
+
+
+def test_progress_says_which_frame_an_animation_is_at() -> None:
+    params = GenerationParams(JobKind.ANIMATE, "a fox", steps=20, strength=0.35, motion=Motion(frames=12))
+    # 20 steps make frame 1; each further frame takes 20 x 0.35 = 7; the clip is 97 steps.
+    assert [frames_done(params, step) for step in (0, 19, 20, 26, 27, 90, 97)] == [0, 0, 1, 1, 2, 11, 12]
 
 
 def test_keyframes_are_read_in_order_and_checked() -> None:
