@@ -39,9 +39,10 @@ from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
-# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file; the chat
-# adapters do not send videos yet, and would show only its poster frame.
-ANIMATION_PLATFORMS = ("console",)
+# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file, the HTTP API
+# links it and the web chat plays it; Discord and Telegram do not send videos yet, and would show only
+# its poster frame.
+ANIMATION_PLATFORMS = ("console", "http")
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
@@ -240,12 +241,11 @@ class JobService:
         params = command.params
         if params.kind is not JobKind.OUTPAINT or params.prompt or inputs.image is None:
             return command
-        async with self.db.unit_of_work(write=False) as uow:
-            job = await uow.jobs.that_made(hashlib.sha256(inputs.image).hexdigest())
-            if job is None:
-                raise InvalidCommand("/outpaint needs a prompt for this picture (it is not an Easel result as "
-                                     "saved, whose prompt it would reuse), e.g. /outpaint a beach at sunset --zoom 2")
-            original = job_view(job, self.store.path_of).params
+        job = await self.job_that_made(hashlib.sha256(inputs.image).hexdigest())
+        if job is None:
+            raise InvalidCommand("/outpaint needs a prompt for this picture (it is not an Easel result as "
+                                 "saved, whose prompt it would reuse), e.g. /outpaint a beach at sunset --zoom 2")
+        original = job.params
         model = self.catalog.get(params.model)
         default_negative = model.negative if model is not None else ""
         negative = original.negative if params.negative in ("", default_negative) else params.negative
@@ -310,6 +310,12 @@ class JobService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(final_event(), timeout=timeout_s)
         return await self.get_job(job_id)
+
+    async def job_that_made(self, sha256: str) -> JobView | None:
+        """The first job with a result image of these bytes, or None."""
+        async with self.db.unit_of_work(write=False) as uow:
+            job = await uow.jobs.that_made(sha256)
+            return job_view(job, self.store.path_of) if job is not None else None
 
     async def image_withheld(self, sha256: str) -> bool:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
@@ -417,8 +423,8 @@ def _each_job(command: GenerateCommand, first: GenerationParams) -> list[Generat
 
 def _check_platform(requester: Requester, command: GenerateCommand) -> None:
     if command.params.kind is JobKind.ANIMATE and requester.platform not in ANIMATION_PLATFORMS:
-        raise InvalidCommand("/animate runs in the console and `easel animate` for now: the chats do not show "
-                             "its video yet")
+        raise InvalidCommand("/animate runs in the console, `easel animate`, the web chat and the HTTP API for "
+                             "now: this chat does not show its video yet")
 
 
 def _flag_detail(term: str, prompt: str) -> str:

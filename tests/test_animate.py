@@ -221,6 +221,7 @@ async def test_an_animation_costs_its_frames_and_runs_only_where_its_video_is_sh
     unit = 512 * 512 * 20
     assert (await core.service.quota(console, clip)).cost == math.ceil(64 * 64 * (20 + 11 * 7) * 1000 / unit) / 1000
     assert (await core.service.quota(console, still)).cost == math.ceil(64 * 64 * 20 * 1000 / unit) / 1000
-    with pytest.raises(InvalidCommand, match="/animate runs in the console and `easel animate` for now"):
+    with pytest.raises(InvalidCommand, match="/animate runs in the console, `easel animate`, the web chat and the "
+                                             "HTTP API for now: this chat does not show its video yet"):
         await core.service.submit(Requester(platform="telegram", user_id="42"), clip)
     assert clip.params.kind is JobKind.ANIMATE and clip.params.motion == Motion(frames=12, fps=8)
