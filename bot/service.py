@@ -39,10 +39,6 @@ from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
-# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file, the HTTP API
-# links it and the web chat plays it; Discord and Telegram do not send videos yet, and would show only
-# its poster frame.
-ANIMATION_PLATFORMS = ("console", "http")
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
@@ -103,7 +99,6 @@ class JobService:
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
         """
-        _check_platform(requester, command)
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
         first, image_sha, mask_sha = self._prepare(command, inputs)
@@ -178,7 +173,6 @@ class JobService:
                        inputs: InputImages | None = None) -> Estimate:
         """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored. A
         permutation prompt is priced as all its jobs together; `params` are its first job's."""
-        _check_platform(requester, command)
         params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
         params = replace(params, seed=command.params.seed)
         jobs = len(command.every_params())
@@ -419,12 +413,6 @@ def _each_job(command: GenerateCommand, first: GenerationParams) -> list[Generat
              for i in range(len(command.every_params()))]
     return [replace(params, seed=seed, width=first.width, height=first.height, strength=first.strength)
             for params, seed in zip(command.every_params(), seeds, strict=True)]
-
-
-def _check_platform(requester: Requester, command: GenerateCommand) -> None:
-    if command.params.kind is JobKind.ANIMATE and requester.platform not in ANIMATION_PLATFORMS:
-        raise InvalidCommand("/animate runs in the console, `easel animate`, the web chat and the HTTP API for "
-                             "now: this chat does not show its video yet")
 
 
 def _flag_detail(term: str, prompt: str) -> str:
