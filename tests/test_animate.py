@@ -27,6 +27,7 @@ from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
 from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
 from bot.errors import InvalidCommand
 from bot.grammar import CommandParser
+from bot.policy import describe_quota
 from bot.views import JobView
 from generation.pipelines import DiffusersGenerator
 from generation.shapes import COLOURS
@@ -221,4 +222,5 @@ async def test_an_animation_costs_its_frames(core: Core) -> None:
     unit = 512 * 512 * 20
     assert (await core.service.quota(console, clip)).cost == math.ceil(64 * 64 * (20 + 11 * 7) * 1000 / unit) / 1000
     assert (await core.service.quota(console, still)).cost == math.ceil(64 * 64 * 20 * 1000 / unit) / 1000
+    assert "/animate 64x64, 12 frames, 97 steps in all" in describe_quota(await core.service.quota(console, clip))
     assert clip.params.kind is JobKind.ANIMATE and clip.params.motion == Motion(frames=12, fps=8)
