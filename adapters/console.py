@@ -14,7 +14,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from bot.animation import frames_folder, video_path
+from bot.animation import frames_done, frames_folder, video_path
 from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.domain import (
@@ -164,6 +164,9 @@ class ConsoleChat:
                         bar = tqdm(total=progress.total, desc=f"job {job.id}", unit="step", file=self.out,
                                    leave=False)
                     bar.update(progress.step - bar.n)
+                    if job.params.motion is not None:  # an animation: which frame it is at
+                        bar.set_description(f"job {job.id} frame {frames_done(job.params, progress.step)}/"
+                                            f"{job.params.motion.frames}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()
@@ -242,8 +245,12 @@ def describe_job(delivery: Delivery) -> str:
         f"  size      {p.width}x{p.height}   images {p.n}   seeds {_seeds(job)}",
     ]
     if p.kind is not JobKind.IMAGINE:
-        lines.append(f"  strength  {p.strength:g}   input {job.init_image_sha}"
+        lines.append(f"  strength  {p.strength:g}" + (f"   input {job.init_image_sha}" if job.init_image_sha else "")
                      + (f"   mask {job.mask_image_sha}" if job.mask_image_sha else ""))
+    if p.motion is not None:
+        m = p.motion
+        lines.append(f"  motion    {m.frames} frames at {m.fps} fps   zoom {m.zoom:g}   "
+                     f"pan {m.pan[0]:g},{m.pan[1]:g}   rotate {m.rotate:g}")
     timing = f"  created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC"
     if job.queue_wait_s is not None:
         timing += f"   waited {job.queue_wait_s:.1f} s"

@@ -52,6 +52,7 @@ from adapters.discord_render import (
 )
 from adapters.discord_reply import Replier, ReplyTarget
 from bot import followups
+from bot.animation import video_path
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
 from bot.delivery import Delivery, deliver_events
@@ -70,7 +71,8 @@ log = logging.getLogger("easel.discord")
 OPTION_FLAGS: dict[str, str] = {
     "seed": "seed", "steps": "steps", "cfg": "cfg", "aspect": "ar", "count": "n", "sampler": "sampler",
     "model": "model", "strength": "strength", "style": "style", "zoom": "zoom", "left": "left", "right": "right",
-    "up": "up", "down": "down", "negative": "no",
+    "up": "up", "down": "down", "frames": "frames", "fps": "fps", "pan": "pan", "rotate": "rotate",
+    "negative": "no",
 }
 
 
@@ -125,6 +127,18 @@ _OUTPAINT_HELP = {
     "up": "pixels to add above (--up)",
     "down": "pixels to add below (--down)",
     "strength": "how freely to paint the new border, 0 to 1 (--strength)",
+}
+# /animate's options: the clip and the camera; a picture, if attached, is the first frame.
+_ANIMATE_HELP = {
+    **{name: text for name, text in _GENERATION_HELP.items() if name != "count"},
+    "prompt": "what to draw; keyframes change it: 0: a forest | 12: a city",
+    "frames": "frames in the clip (--frames)",
+    "fps": "frames a second (--fps)",
+    "zoom": "scale per frame, 0.8 to 1.25: above 1 moves in (--zoom)",
+    "pan": "pixels per frame right,down, e.g. 2,0 (--pan)",
+    "rotate": "degrees per frame, -15 to 15 (--rotate)",
+    "image": "a picture to start from (optional)",
+    "strength": "how much each frame redraws the one before, 0 to 1 (--strength)",
 }
 
 
@@ -255,10 +269,24 @@ class EaselCog(commands.Cog, name=COG_NAME):
                    "model": model, "style": style}
         await self.generate(interaction, JobKind.OUTPAINT, prompt, options, image=image)
 
+    @app_commands.command(name="animate", description="A short video: each frame moves and redraws the one before")
+    @app_commands.describe(**_ANIMATE_HELP)
+    async def animate(self, interaction: discord.Interaction, prompt: str, frames: int | None = None,
+                      fps: int | None = None, zoom: float | None = None, pan: str | None = None,
+                      rotate: float | None = None, image: discord.Attachment | None = None,
+                      strength: float | None = None, negative: str | None = None, seed: int | None = None,
+                      steps: int | None = None, cfg: float | None = None, aspect: str | None = None,
+                      sampler: str | None = None, model: str | None = None, style: str | None = None) -> None:
+        options = {"frames": frames, "fps": fps, "zoom": zoom, "pan": pan, "rotate": rotate, "strength": strength,
+                   "negative": negative, "seed": seed, "steps": steps, "cfg": cfg, "aspect": aspect,
+                   "sampler": sampler, "model": model, "style": style}
+        await self.generate(interaction, JobKind.ANIMATE, prompt, options, image=image)
+
     @imagine.autocomplete("model")
     @edit.autocomplete("model")
     @inpaint.autocomplete("model")
     @outpaint.autocomplete("model")
+    @animate.autocomplete("model")
     async def complete_model(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return _choices([model.name for model in self.core.catalog.list() if model.usable], current)
 
@@ -266,6 +294,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @edit.autocomplete("style")
     @inpaint.autocomplete("style")
     @outpaint.autocomplete("style")
+    @animate.autocomplete("style")
     async def complete_style(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return _choices([style_flag(style.name) for style in self.core.parser.styles.styles()], current)
 
@@ -273,6 +302,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
     @edit.autocomplete("sampler")
     @inpaint.autocomplete("sampler")
     @outpaint.autocomplete("sampler")
+    @animate.autocomplete("sampler")
     async def complete_sampler(self, interaction: discord.Interaction,
                                current: str) -> list[app_commands.Choice[str]]:
         return _choices(SAMPLERS, current)
@@ -499,7 +529,10 @@ class EaselCog(commands.Cog, name=COG_NAME):
         appeal (`intro`) always goes to the channel as a new message."""
         job = delivery.job
         pngs = [(image, self.core.store.read_bytes(image.sha256)) for image in delivery.images]
-        packed = pack_results(job, pngs, target.upload_limit)
+        clip = None
+        if job.params.motion is not None and delivery.images:  # an /animate clip goes where its poster may
+            clip = video_path(self.core.settings.storage.data_dir, job.id).read_bytes()
+        packed = pack_results(job, pngs, target.upload_limit, clip)
         view = result_view(delivery)
         for number, files in enumerate(packed.messages, start=1):
             note = " ".join(part for part in (delivery.notice, packed.note) if part) if number == 1 else ""

@@ -151,15 +151,23 @@ class Packed:
     note: str = ""  # what the user should know: JPEG instead of PNG, images left out
 
 
-def pack_results(job: JobView, pngs: list[tuple[ShownImage, bytes]], upload_limit: int) -> Packed:
-    """PNGs in one message when they fit; else JPEGs; else fewer images per message.
+def pack_results(job: JobView, pngs: list[tuple[ShownImage, bytes]], upload_limit: int,
+                 clip: bytes | None = None) -> Packed:
+    """PNGs in one message when they fit; else JPEGs; else fewer images per message. An /animate
+    `clip` (its MP4, which Discord plays inline) comes first, beside its poster, when it fits.
 
     `upload_limit` is the bytes one message may carry in that channel (Discord tells it with every
     interaction). A PNG keeps the generation parameters; a JPEG does not, which the note says.
     """
     files = [ResultFile(_file_name(job, image, "png"), data, image.spoiler) for image, data in pngs]
+    if clip is not None and pngs:
+        poster = pngs[0][0]
+        video = ResultFile(_file_name(job, poster, "mp4"), clip, poster.spoiler)
+        if _fits([video, *files], upload_limit):
+            return Packed([[video, *files]])
     if _fits(files, upload_limit):
-        return Packed([files])
+        return Packed([files], "The clip did not fit this server's upload limit; the last frame is below."
+                      if clip is not None else "")
     jpegs: list[ResultFile] = []
     left_out: list[int] = []
     for image, data in pngs:

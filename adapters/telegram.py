@@ -46,6 +46,7 @@ from adapters import telegram_webhook
 from adapters.telegram_inputs import Albums, gather_inputs
 from adapters.telegram_send import ChatPacer, StatusBoard
 from bot import followups
+from bot.animation import video_path
 from bot.bootstrap import Core, open_core
 from bot.config import Settings, load_settings
 from bot.delivery import Delivery, ShownImage, deliver_events
@@ -393,7 +394,12 @@ class EaselTelegram:
             text = render.photo_caption(job, image, first=image is images[0])
             return f"{intro}\n{text}"[: render.MAX_CAPTION] if intro and image is images[0] else text
 
-        if len(pictures) == 1:
+        if job.params.motion is not None:  # an /animate clip, shown where its poster may be: it plays inline
+            image, _ = pictures[0]
+            clip = video_path(self.core.settings.storage.data_dir, job.id).read_bytes()
+            await bot.send_animation(chat_id, InputFile(clip, filename=f"{job.id}-seed{image.seed}.mp4"),
+                                     caption=caption(image), reply_markup=buttons, has_spoiler=image.spoiler, **where)
+        elif len(pictures) == 1:
             image, data = pictures[0]
             await bot.send_photo(chat_id, data, caption=caption(image), reply_markup=buttons,
                                  has_spoiler=image.spoiler, **where)

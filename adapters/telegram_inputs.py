@@ -81,6 +81,9 @@ async def gather_inputs(bot: Bot, message: Message, kind: JobKind, albums: Album
             raise InvalidCommand("/imagine takes no picture; to start from this one, use /edit <prompt>")
         return InputImages()
     replied = media_of(message.reply_to_message)
+    if kind is JobKind.ANIMATE:  # a picture, if one comes with it, is the clip's first frame
+        picture = own or replied
+        return InputImages(image=await download(bot, picture, limits, "image")) if picture else InputImages()
     if own is None:
         picture, mask = replied, None
     else:

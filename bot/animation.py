@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bot.domain import Motion
+from bot.domain import GenerationParams, Motion
 from bot.errors import InvalidCommand
 
 _KEYFRAME = re.compile(r"\s*(?P<frame>\d{1,6})\s*:\s*(?P<prompt>.*?)\s*", re.DOTALL)
@@ -66,6 +66,15 @@ def camera_move(frame: Image.Image, motion: Motion) -> Image.Image:
     if dx or dy:
         moved = _shift(moved, round(dx), round(dy))
     return moved
+
+
+def frames_done(params: GenerationParams, step: int) -> int:
+    """How many frames of an animation are finished once `step` of its steps have run (progress counts the
+    clip's steps: the first frame's, then `steps x strength` for each further one, as bot/policy.py does)."""
+    if params.motion is None or step < params.steps:
+        return 0
+    redraw = max(1, min(params.steps, int(params.steps * (params.strength or 1))))
+    return min(params.motion.frames, 1 + (step - params.steps) // redraw)
 
 
 def frames_folder(data_dir: Path, job_id: str) -> Path:

@@ -101,7 +101,7 @@ ATTACHMENT_FORMS = {
     "outpaint": "/outpaint [prompt] --zoom X | --left/--right/--up/--down N  paint more around an attached "
                 "picture",
     "animate": "/animate <prompt> [--frames N --fps N --zoom X --pan DX,DY --rotate DEG]  an MP4 whose frames "
-               "each move and redraw the last (the console and easel animate, for now)",
+               "each move and redraw the last",
     "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
 }
 

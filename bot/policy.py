@@ -369,6 +369,8 @@ def _minute_lifts_at(charges: list[tuple[datetime, int]], cost: int, limit: floa
 
 def _described_params(params: GenerationParams) -> str:
     steps = steps_run(params)
+    if params.motion is not None:
+        return f"/animate {params.width}x{params.height}, {params.motion.frames} frames, {steps} steps in all"
     ran = f"{steps} of {params.steps} steps" if steps != params.steps else f"{steps} steps"
     return (f"/{params.kind.value} {params.width}x{params.height}, {ran}, {params.n} "
             f"image{'s' if params.n != 1 else ''}")

@@ -39,9 +39,6 @@ from bot.store import ImageStore
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
-# Where an /animate clip can be shown: the console and `easel animate` hand over the MP4 file; the chat
-# adapters do not send videos yet, and would show only its poster frame.
-ANIMATION_PLATFORMS = ("console",)
 # Short ids users can type: no 0/O or 1/l look-alikes.
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
@@ -102,7 +99,6 @@ class JobService:
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
         """
-        _check_platform(requester, command)
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
         first, image_sha, mask_sha = self._prepare(command, inputs)
@@ -177,7 +173,6 @@ class JobService:
                        inputs: InputImages | None = None) -> Estimate:
         """A dry run of `submit`: the same checks and errors, plus the cost, with nothing stored. A
         permutation prompt is priced as all its jobs together; `params` are its first job's."""
-        _check_platform(requester, command)
         params, _, _ = self._prepare(command, inputs or InputImages(), save=False)
         params = replace(params, seed=command.params.seed)
         jobs = len(command.every_params())
@@ -240,12 +235,11 @@ class JobService:
         params = command.params
         if params.kind is not JobKind.OUTPAINT or params.prompt or inputs.image is None:
             return command
-        async with self.db.unit_of_work(write=False) as uow:
-            job = await uow.jobs.that_made(hashlib.sha256(inputs.image).hexdigest())
-            if job is None:
-                raise InvalidCommand("/outpaint needs a prompt for this picture (it is not an Easel result as "
-                                     "saved, whose prompt it would reuse), e.g. /outpaint a beach at sunset --zoom 2")
-            original = job_view(job, self.store.path_of).params
+        job = await self.job_that_made(hashlib.sha256(inputs.image).hexdigest())
+        if job is None:
+            raise InvalidCommand("/outpaint needs a prompt for this picture (it is not an Easel result as "
+                                 "saved, whose prompt it would reuse), e.g. /outpaint a beach at sunset --zoom 2")
+        original = job.params
         model = self.catalog.get(params.model)
         default_negative = model.negative if model is not None else ""
         negative = original.negative if params.negative in ("", default_negative) else params.negative
@@ -310,6 +304,12 @@ class JobService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(final_event(), timeout=timeout_s)
         return await self.get_job(job_id)
+
+    async def job_that_made(self, sha256: str) -> JobView | None:
+        """The first job with a result image of these bytes, or None."""
+        async with self.db.unit_of_work(write=False) as uow:
+            job = await uow.jobs.that_made(sha256)
+            return job_view(job, self.store.path_of) if job is not None else None
 
     async def image_withheld(self, sha256: str) -> bool:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
@@ -413,12 +413,6 @@ def _each_job(command: GenerateCommand, first: GenerationParams) -> list[Generat
              for i in range(len(command.every_params()))]
     return [replace(params, seed=seed, width=first.width, height=first.height, strength=first.strength)
             for params, seed in zip(command.every_params(), seeds, strict=True)]
-
-
-def _check_platform(requester: Requester, command: GenerateCommand) -> None:
-    if command.params.kind is JobKind.ANIMATE and requester.platform not in ANIMATION_PLATFORMS:
-        raise InvalidCommand("/animate runs in the console and `easel animate` for now: the chats do not show "
-                             "its video yet")
 
 
 def _flag_detail(term: str, prompt: str) -> str:

@@ -59,6 +59,7 @@ class BotMessage:
     caption: str | None = None  # photos and documents
     photo: bytes | None = None
     document: bytes | None = None
+    animation: bytes | None = None  # sendAnimation: an MP4 that plays inline
     filename: str | None = None
     media_group_id: str | None = None
     reply_to: int | None = None  # the message it answers
@@ -326,6 +327,11 @@ class FakeTelegram:
                              has_spoiler=bool(params.get("has_spoiler")))
         return self._record(params, message)
 
+    def _sendAnimation(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        message = BotMessage(0, 0, caption=params.get("caption"), animation=files.get("animation"),
+                             has_spoiler=bool(params.get("has_spoiler")))
+        return self._record(params, message)
+
     def _sendDocument(self, params: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
         return self._record(params, BotMessage(0, 0, caption=params.get("caption"),
                                                document=files.get("document")))
@@ -389,6 +395,8 @@ class FakeTelegram:
             data["photo"] = [self._add_file(message.photo, width=64, height=64)]
         if message.document is not None:
             data["document"] = self._add_file(message.document)
+        if message.animation is not None:
+            data["animation"] = {**self._add_file(message.animation), "width": 64, "height": 64, "duration": 1}
         if message.media_group_id:
             data["media_group_id"] = message.media_group_id
         return data

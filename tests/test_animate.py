@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 
 from adapters.console import ConsoleChat
-from bot.animation import camera_move, frames_folder, keyframes, prompt_at, video_path
+from bot.animation import camera_move, frames_done, frames_folder, keyframes, prompt_at, video_path
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
-from bot.domain import InputImages, JobKind, JobStatus, Motion, Requester
+from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
 from bot.errors import InvalidCommand
 from bot.grammar import CommandParser
+from bot.policy import describe_quota
 from bot.views import JobView
 from generation.pipelines import DiffusersGenerator
 from generation.shapes import COLOURS
@@ -175,6 +176,12 @@ def test_the_camera_moves_the_frame_and_fills_what_comes_in_from_its_edges() -> 
     assert tuple(turned[0, 0]) == (0, 0, 255)  # the uncovered corner is not black
 
 
+def test_progress_says_which_frame_an_animation_is_at() -> None:
+    params = GenerationParams(JobKind.ANIMATE, "a fox", steps=20, strength=0.35, motion=Motion(frames=12))
+    # 20 steps make frame 1; each further frame takes 20 x 0.35 = 7; the clip is 97 steps.
+    assert [frames_done(params, step) for step in (0, 19, 20, 26, 27, 90, 97)] == [0, 0, 1, 1, 2, 11, 12]
+
+
 def test_keyframes_are_read_in_order_and_checked() -> None:
     frames = keyframes("0: a forest | 12: a city")
     assert [prompt_at(frames, i) for i in (0, 11, 12, 30)] == ["a forest", "a forest", "a city", "a city"]
@@ -207,7 +214,7 @@ def test_animate_flags_are_checked_before_anything_is_queued(parser: CommandPars
     assert error in raised.value.message
 
 
-async def test_an_animation_costs_its_frames_and_runs_only_where_its_video_is_shown(core: Core) -> None:
+async def test_an_animation_costs_its_frames(core: Core) -> None:
     clip = core.parser.parse("/animate a fox --frames 12 --steps 20 --strength 0.35")
     still = core.parser.parse("/imagine a fox --steps 20")
     console = Requester(platform="console", user_id="alice")
@@ -215,6 +222,5 @@ async def test_an_animation_costs_its_frames_and_runs_only_where_its_video_is_sh
     unit = 512 * 512 * 20
     assert (await core.service.quota(console, clip)).cost == math.ceil(64 * 64 * (20 + 11 * 7) * 1000 / unit) / 1000
     assert (await core.service.quota(console, still)).cost == math.ceil(64 * 64 * 20 * 1000 / unit) / 1000
-    with pytest.raises(InvalidCommand, match="/animate runs in the console and `easel animate` for now"):
-        await core.service.submit(Requester(platform="telegram", user_id="42"), clip)
+    assert "/animate 64x64, 12 frames, 97 steps in all" in describe_quota(await core.service.quota(console, clip))
     assert clip.params.kind is JobKind.ANIMATE and clip.params.motion == Motion(frames=12, fps=8)

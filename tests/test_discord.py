@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import av
 import discord
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ BOT_TOKEN = "test-bot-token"
 STRING, INTEGER, NUMBER, ATTACHMENT = 3, 4, 10, 11
 _OPTION_TYPES = {"seed": INTEGER, "steps": INTEGER, "count": INTEGER, "cfg": NUMBER, "strength": NUMBER,
                  "image": ATTACHMENT, "mask": ATTACHMENT, "zoom": NUMBER, "left": INTEGER, "right": INTEGER,
-                 "up": INTEGER, "down": INTEGER}
+                 "up": INTEGER, "down": INTEGER, "frames": INTEGER, "fps": INTEGER, "rotate": NUMBER}
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
@@ -459,6 +460,17 @@ async def test_outpaint_paints_around_the_attachment(core: Core, generator, fake
         assert result.getpixel((80, 30)) == (20, 40, 220)  # the picture, kept, right of the new border
 
 
+async def test_animate_posts_the_clip_beside_its_poster(core: Core, generator, fake: FakeDiscord) -> None:
+    async with running(core) as bot:
+        token = bot.dispatch(slash("animate", prompt="a cat", frames=3, steps=4, pan="2,0"))
+        final = await work_until(core, generator, fake, is_final_edit(token))
+    job = await only_job(core)
+    assert job.params.kind is JobKind.ANIMATE and job.params.motion.pan == (2.0, 0.0)
+    assert [f.name for f in final.files] == [f"{job.id}-1-seed{job.seeds[0]}.mp4", f"{job.id}-1-seed{job.seeds[0]}.png"]
+    with av.open(io.BytesIO(final.files[0].data)) as clip:
+        assert len(list(clip.decode(video=0))) == 3
+
+
 @pytest.mark.parametrize(("attachment", "expected"), [
     (dict(name="huge.png", data=png_bytes(), size=30 * 1024 * 1024), "the image is 30.0 MB; the limit is 20.0 MB"),
     (dict(name="notes.txt", data=b"hello", content_type="text/plain"), "not a picture"),
@@ -589,15 +601,15 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     put = await fake.wait_for(lambda r: r.method == "PUT")
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
-    assert set(commands) == {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help",
-                             "models", "styles", "loras"}
+    assert set(commands) == {"imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel",
+                             "help", "models", "styles", "loras"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
     assert "image" in {option["name"] for option in commands["outpaint"]["options"]}
     assert not {option["name"]: option for option in commands["outpaint"]["options"]}["prompt"]["required"]
-    assert "registered 12 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 13 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -660,8 +672,8 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 
 # -- inside another bot: the extension ------------------------------------------------------------------
 
-EASEL_COMMANDS = {"imagine", "edit", "inpaint", "outpaint", "quota", "job", "jobs", "cancel", "help", "models",
-                  "styles", "loras"}
+EASEL_COMMANDS = {"imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel", "help",
+                  "models", "styles", "loras"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:

@@ -194,6 +194,22 @@ async def test_reframe_zooms_out_or_pans_an_image_of_a_result(server, generator)
     assert unknown.status_code == 422 and "zoom15" in unknown.text
 
 
+async def test_an_animation_links_its_clip_beside_its_poster(server, generator) -> None:
+    import av
+
+    token = await server.new_key()
+    async with server.client(token) as client, running_worker(server.core, generator):
+        job = await submit_and_wait(client, "/animate a cat --frames 4 --fps 4 --zoom 1.1 --steps 4")
+        clip = await client.get(job["video"])
+        poster = await client.get(job["images"][0]["url"])
+    assert job["kind"] == "animate" and job["status"] == "succeeded" and len(job["images"]) == 1
+    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(clip.content)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
+    assert poster.status_code == 200  # the last frame, the clip's picture
+
+
 async def test_a_dry_run_validates_and_prices_without_queuing(server) -> None:
     token = await server.new_key()
     async with server.client(token) as client:

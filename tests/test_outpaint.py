@@ -21,6 +21,7 @@ from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
 from bot.domain import JobKind, JobStatus, OutpaintMargins
 from bot.errors import InvalidCommand
+from bot.followups import reroll
 from bot.grammar import CommandParser
 from bot.outpaint import feather_px, feathered_mask, outpaint_canvas, outpaint_layout
 from bot.views import JobView
@@ -99,6 +100,20 @@ async def test_zoom_2_doubles_each_side_in_the_background_colour_with_the_circle
     colours = nearest_colours(result[border])
     assert (colours == "blue").mean() > 0.97, dict(zip(*np.unique(colours, return_counts=True), strict=True))
     assert "Job " in text and str(job.images[0].path) in text
+
+
+async def test_a_re_roll_paints_the_same_canvas_again_with_a_new_seed(
+        shapes_core: Core, shapes: DiffusersGenerator, tmp_path: Path) -> None:
+    picture = np.asarray(red_circle_on_blue(tmp_path / "circle.png"))
+    _, job = await chat(shapes_core, shapes, f"/outpaint {tmp_path / 'circle.png'} {PROMPT} --up 32 --seed 4")
+    assert job is not None
+    again = (await reroll(shapes_core.service, alice(), job.id)).job
+    await Worker(shapes_core.queue, shapes, shapes_core.store, shapes_core.settings, worker_id="w:1").run(burst=True)
+    again = await shapes_core.service.get_job(again.id)
+    result = result_of(again)
+    assert again.params.kind is JobKind.OUTPAINT and again.params.seed != job.params.seed
+    assert (again.init_image_sha, again.mask_image_sha) == (job.init_image_sha, job.mask_image_sha)
+    assert result.shape == (96, 64, 3) and np.array_equal(result[32:], picture)
 
 
 async def test_left_32_widens_only_the_left(shapes_core: Core, shapes: DiffusersGenerator, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -297,6 +298,19 @@ async def test_zoom_out_and_pan_buttons_under_one_picture_work_from_a_restarted_
     assert zoomed.params.prompt == original.params.prompt == "a blue bird"
     answered = [call.params.get("text") for call in fake.calls_of("answerCallbackQuery")]
     assert answered == [f"Zoom out 2x of job {original.id}…", f"Pan down of job {original.id}…"]
+
+
+async def test_animate_sends_the_clip_as_an_animation_with_the_buttons(tg: Core, fake: FakeTelegram,
+                                                                       generator) -> None:
+    chat = fake.private(ALICE)
+    async with running_bot(tg, fake), running_worker(tg, generator):
+        fake.send(chat, "/animate a cat --frames 3 --steps 4 --zoom 1.1")
+        [clip] = await fake.wait_for(lambda: [m for m in fake.chat(ALICE) if m.animation], what="the clip")
+    [job] = await tg.service.list_jobs()
+    assert job.params.kind is JobKind.ANIMATE and "a cat" in clip.caption
+    with av.open(io.BytesIO(clip.animation)) as container:
+        assert len(list(container.decode(video=0))) == 3
+    assert clip.button("🎲 Re-roll")["callback_data"] == f"r:{job.id}"
 
 
 # -- flood control, restarts, duplicates -------------------------------------------------------------

@@ -291,3 +291,18 @@ async def test_zoom_out_and_pan_buttons_under_an_image_make_outpaint_jobs(server
     assert (panned.params.width, panned.params.height) == (96, 64)
     await expect(cards.nth(1).locator("figure img")).to_have_attribute("width", "128")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_an_animation_plays_in_its_card(server, generator, browser) -> None:
+    page = await open_chat(browser, server.url)
+    await page.locator("#command").fill("/animate a fox --frames 3 --steps 4 --seed 5")
+    await page.keyboard.press("Enter")
+    card = page.locator("article.job").first
+    async with running_worker(server.core, generator):
+        await expect(card.locator(".status")).to_have_text("done, seed 5", timeout=60_000)
+    [job] = await server.core.service.list_jobs()
+    video = card.locator("video")
+    await expect(video).to_have_attribute("src", re.compile(rf"/v1/videos/{job.images[0].sha256}$"))
+    assert await video.evaluate("(v) => new Promise((done) => v.readyState >= 1 ? done(v.duration) : "
+                                "v.addEventListener('loadedmetadata', () => done(v.duration)))") > 0
+    assert page.errors == []  # type: ignore[attr-defined]

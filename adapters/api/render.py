@@ -54,6 +54,8 @@ def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[
         "notice": delivery.notice or None,
         "inputs": {"image": image_url(base, job.init_image_sha) if job.init_image_sha else None,
                    "mask": image_url(base, job.mask_image_sha) if job.mask_image_sha else None},
+        # An animation's clip goes where its poster may (bot/delivery.py decided that for the poster).
+        "video": f"{base}/v1/videos/{delivery.images[0].sha256}" if p.motion is not None and delivery.images else None,
         "error": job.error,
         "created_at": when(job.created_at), "started_at": when(job.started_at),
         "finished_at": when(job.finished_at),

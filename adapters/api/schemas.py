@@ -145,6 +145,8 @@ class JobOut(BaseModel):
     withheld: list[WithheldOut]
     notice: str | None = Field(None, description="every withheld image's message, as one paragraph")
     inputs: dict[str, str | None]
+    video: str | None = Field(None, description="/animate: the clip, an H.264 MP4, wherever its poster (the "
+                              "last frame, in `images`) may be shown")
     error: str | None
     created_at: str
     started_at: str | None

@@ -226,10 +226,15 @@ function figure(job, image) {
     "aria-label": `${label} of image ${n} of job ${job.id}`,
     onclick: () => run(async () => follow(await api("POST", `/v1/jobs/${job.id}/reframe`, { index: image.index, action }),
       `${label} of image ${n} of job ${job.id}`)) });
-  const picture = element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
-    width: String(image.width), height: String(image.height) });
+  // An /animate clip plays in place of its poster (the last frame), which the server lets us show.
+  const picture = job.video
+    ? element("video", { src: job.video, controls: "", autoplay: "", loop: "", muted: "", playsinline: "",
+      poster: image.url, "aria-label": `Clip of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
+      width: String(image.width), height: String(image.height) })
+    : element("img", { src: image.url, alt: `Image ${n} of job ${job.id}: ${job.prompt}, seed ${image.seed}`,
+      width: String(image.width), height: String(image.height) });
   const shown = image.spoiler ? spoiler(picture, `Image ${n} was flagged by the image check. Show it`)
-    : element("a", { href: image.url, target: "_blank", rel: "noopener" }, picture);
+    : job.video ? picture : element("a", { href: image.url, target: "_blank", rel: "noopener" }, picture);
   return element("figure", {}, shown,
     element("figcaption", {}, element("span", { class: "seed", text: `seed ${image.seed}` }),
       followUp("variations", "Variations"), followUp("upscale", "Upscale"),
