@@ -8,7 +8,6 @@ and render the job's events: queue position, a progress bar, and where each imag
 from __future__ import annotations
 
 import getpass
-import shutil
 from pathlib import Path
 from typing import TextIO
 
@@ -176,19 +175,20 @@ class ConsoleChat:
         elif delivery.kind is EventKind.CANCELLED:
             self.say(f"Job {job.id} was cancelled.")
         for image in delivery.images:
-            path = self._deliver(job, image.index, Path(image.path))
+            path = self._deliver(job, image.index, image.sha256, image.path)
             flagged = "  (flagged by the image check: open with care)" if image.spoiler else ""
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
         for notice in delivery.withheld:
             self.say("  " + notice.message)
 
-    def _deliver(self, job: JobView, index: int, stored: Path) -> Path:
+    def _deliver(self, job: JobView, index: int, sha256: str, location: str) -> str:
+        """Where the user finds the image: its copy in output_dir, or where the store keeps it."""
         if self.output_dir is None:
-            return stored
+            return location
         self.output_dir.mkdir(parents=True, exist_ok=True)
         target = self.output_dir / f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png"
-        shutil.copyfile(stored, target)
-        return target
+        target.write_bytes(self.core.store.read_bytes(sha256))  # from a folder or a bucket alike
+        return str(target)
 
 
 def _seeds(job: JobView) -> str:

@@ -34,7 +34,7 @@ from bot.policy import Policy
 from bot.queue import JobQueue
 from bot.safety import PromptCheck
 from bot.service import JobService
-from bot.store import ImageStore
+from bot.store import ImageStore, open_image_store
 
 
 @dataclass
@@ -68,7 +68,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     prompt_check = build_prompt_check(settings.safety)  # first: a model that will not load opens nothing
     clock = Clock()
     db = Database(settings.database_url, settings.database.busy_timeout_ms)
-    store = ImageStore(settings.storage.data_dir / "images")
+    store = open_image_store(settings.storage)
     bus = EventBus(db, clock=clock)
     policy = Policy(settings)
     parser = CommandParser.from_settings(settings)

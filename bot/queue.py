@@ -120,7 +120,7 @@ class JobQueue:
                 job.user.last_served_at = now
                 self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
             await uow.commit()
-            return [job_view(job, self.store.path_of) for job in batch]
+            return [job_view(job, self.store.location_of) for job in batch]
 
     async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
         """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.

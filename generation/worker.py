@@ -282,7 +282,7 @@ class Worker:
         def load(sha: str | None, mode: str) -> Image.Image | None:
             if sha is None:
                 return None
-            with Image.open(self.store.path_of(sha)) as image:
+            with self.store.open_image(sha) as image:
                 return image.convert(mode)
 
         return GenerationTask(params=job.params, init_image=load(job.init_image_sha, "RGB"),
