@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter
-from adapters.console import ConsoleChat, describe_job, read_attachment
+from adapters.console import ConsoleChat, describe_job, describe_workers, read_attachment
 from adapters.local_worker import announce_worker, import_generation, serving_the_queue
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings, safety_warning
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run the generation worker alone")
     worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
     commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    commands.add_parser("workers", help="list the running workers of every host: device, models, state")
     db = commands.add_parser("db", help="database maintenance")
     db.add_subparsers(dest="db_command", required=True).add_parser("upgrade", help="apply migrations")
     discord_sync = commands.add_parser("discord", help="Discord bot maintenance").add_subparsers(
@@ -301,6 +302,11 @@ async def _worker(core: Core, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _workers(core: Core, args: argparse.Namespace) -> int:
+    print(describe_workers(await core.workers.list(), core.clock(), core.settings.queue.lease_s))
+    return 0
+
+
 async def _serve(core: Core, args: argparse.Namespace) -> int:
     worker = (await import_generation(args.debug)).build_worker(core)
     adapters = configured_adapters(core)
@@ -373,7 +379,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "imagine": _generate, "edit": _generate, "inpaint": _generate, "chat": _chat,
-    "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve, "apikey": _apikey,
+    "jobs": _jobs, "job": _job, "worker": _worker, "workers": _workers, "serve": _serve, "apikey": _apikey,
     "discord": _discord,
 }
 

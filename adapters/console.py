@@ -8,6 +8,7 @@ and render the job's events: queue position, a progress bar, and where each imag
 from __future__ import annotations
 
 import getpass
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -38,6 +39,7 @@ from bot.policy import describe_quota
 from bot.service import SubmitResult
 from bot.styles import describe_styles
 from bot.views import JobView
+from bot.workers import WorkerView
 
 PLATFORM = "console"
 
@@ -202,6 +204,26 @@ def describe_jobs(jobs: list[JobView]) -> str:
     lines = [f"Your {len(jobs)} most recent job(s), newest first (/job <id> shows one):"]
     lines += [f"  {job.id}  {job.status.value:<9}  {job.params.kind.value:<7}  {job.created_at:%Y-%m-%d %H:%M}  "
               f"{_clipped(job.params.prompt, 60)}" for job in jobs]
+    return "\n".join(lines)
+
+
+def describe_workers(workers: list[WorkerView], now: datetime, lease_s: float) -> str:
+    """`easel workers`: a line per registered worker, on every host sharing the database."""
+    if not workers:
+        return "no workers are running; start one with: easel worker"
+    lines = [f"{len(workers)} worker(s):",
+             f"  {'worker':<24} {'status':<9} {'device':<34} {'memory MB':>13}  {'images':>6}  {'batch':<18} "
+             f"{'heartbeat':<10} models; loras"]
+    for worker in workers:
+        device = _clipped(f"{worker.device} {worker.device_name}".strip(), 34)
+        memory = f"{worker.memory_used_mb}/{worker.memory_total_mb}"
+        batch = _clipped(",".join(worker.batch), 18) or "-"
+        silent = worker.silent_s(now)
+        beat = f"{silent:.0f} s ago" + (" (silent: host down?)" if silent > lease_s else "")
+        models = ", ".join(worker.models) or "-"
+        loras = ", ".join(worker.loras) or "-"
+        lines.append(f"  {_clipped(worker.id, 24):<24} {worker.status:<9} {device:<34} {memory:>13}  "
+                     f"{worker.images_done:>6}  {batch:<18} {beat:<10} {models}; {loras}")
     return "\n".join(lines)
 
 

@@ -154,6 +154,10 @@ class QueueConfig(Section):
     # A worker whose batch makes no progress this long (or one step's allowance, if longer) logs why
     # and exits with status 70, for its supervisor to restart it. 0 = no watchdog.
     watchdog_s: float = Field(300.0, ge=0)
+    # The worker registry (`easel workers`, /metrics): a worker's row whose last heartbeat (every
+    # lease_s/4 while it runs) is older than this is deleted by the next worker that looks: a host that
+    # died leaves the list after this long. A worker that stops cleanly removes its own row at once.
+    worker_expiry_s: float = Field(300.0, ge=10)
 
 
 class ModelConfig(Section):

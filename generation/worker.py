@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView
+from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 
@@ -124,6 +126,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._exit_process = exit_process
         self._in_hand: ProgressReporter | None = None  # the batch being generated or finished
+        self._claimed: Sequence[JobView] = ()  # the batch from its claim until it is finished
+        self.registry = WorkerRegistry(queue.db, queue.clock, settings.queue.worker_expiry_s)
+        self._started_at = queue.clock()
 
     @property
     def batch_in_hand(self) -> ProgressReporter | None:
@@ -138,11 +143,14 @@ class Worker:
         if self.settings.generation.compile:  # trace the compiled UNet now, not in a user's first job
             await on_torch_thread(self.generator.warm, self.settings.generation.default_model)
         await self._upkeep(prune=True)  # before the first claim: what a dead worker left goes first
+        await self._report()
         watchdog = self._start_watchdog()
         upkeep = asyncio.create_task(self._keep_up(), name=f"easel-upkeep-{self.worker_id}")
         try:
             while not self._stop.is_set():
                 await self._wait_for_a_fuller_batch()
+                if self._stop.is_set():  # draining: claim nothing new
+                    break
                 # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
                 marker = self.queue.bus.change_marker()
                 batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
@@ -152,12 +160,19 @@ class Worker:
                     await self._idle(poll_s, marker)
                     continue
                 started = time.monotonic()
-                await self._run_batch(batch)
+                self._claimed = batch
+                await self._report()
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    self._claimed = ()
                 self.stats.batches += 1
                 self.stats.busy_seconds += time.monotonic() - started
+                await self._report()
         finally:
             upkeep.cancel()
             await asyncio.gather(upkeep, return_exceptions=True)
+            await asyncio.shield(self._forget())
             if watchdog is not None:
                 watchdog.stop()
         return self.stats
@@ -207,6 +222,7 @@ class Worker:
                 await self._heartbeat()
             except Exception:  # the database may be briefly busy: the next beat comes soon
                 log.warning("heartbeat of %s failed", self.worker_id, exc_info=True)
+            await self._report()
             prune = time.monotonic() - last_prune > PRUNE_EVERY_S
             try:
                 await self._upkeep(prune=prune)
@@ -237,6 +253,36 @@ class Worker:
                         len(report.failed), ", ".join(report.failed))
         if prune:
             await self.queue.prune_progress_events()
+            if expired := await self.registry.expire():
+                log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
+
+    def status(self) -> WorkerStatus:
+        if self._stop.is_set():
+            return WorkerStatus.DRAINING
+        return WorkerStatus.BUSY if self._claimed else WorkerStatus.IDLE
+
+    async def _report(self) -> None:
+        """Write this worker's row of the registry (`easel workers`). A failure is logged, never raised:
+        the registry is for people watching, and the jobs must go on."""
+        models, loras = getattr(self.generator, "loaded_models", []), getattr(self.generator, "loaded_loras", [])
+        describe = getattr(self.generator, "device_report", None)  # a test's fake generator has no device
+        host, _, pid = self.worker_id.rpartition(":")
+        report = WorkerReport(
+            worker_id=self.worker_id, host=host or socket.gethostname(), pid=int(pid) if pid.isdigit() else 0,
+            status=self.status(), device=describe() if describe is not None else DeviceReport(),
+            models=list(models), loras=list(loras), batch=[job.id for job in self._claimed],
+            images_done=self.stats.images, batches_done=self.stats.batches,
+            busy_seconds=self.stats.busy_seconds, started_at=self._started_at)
+        try:
+            await self.registry.report(report)
+        except Exception:
+            log.warning("could not write %s to the worker registry", self.worker_id, exc_info=True)
+
+    async def _forget(self) -> None:
+        try:
+            await self.registry.forget(self.worker_id)
+        except Exception:
+            log.warning("could not remove %s from the worker registry", self.worker_id, exc_info=True)
 
     async def _run_batch(self, batch: Sequence[JobView]) -> None:
         try:

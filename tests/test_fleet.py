@@ -1,0 +1,119 @@
+"""A fleet of workers on one queue: the worker registry (`easel workers`, per-worker /metrics, expiry of
+silent workers) and draining on SIGTERM, with real `easel worker` processes as on GPU hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from bot.bootstrap import Core, open_core
+from bot.config import load_settings
+from bot.domain import JobStatus, Requester
+from bot.workers import DeviceReport, WorkerReport, WorkerStatus, WorkerView
+from generation.worker import Worker
+from tests.http_fixtures import running_worker
+from tests.test_cli import easel, env  # noqa: F401  (the fixture: a data folder for `easel` processes)
+
+T = TypeVar("T")
+
+
+def user(name: str) -> Requester:
+    return Requester(platform="console", user_id=name, display_name=name)
+
+
+async def eventually(look: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 120) -> T:
+    """What `look` finds, once it finds something (polled: it reads another process's writes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (found := await look()) is not None:
+            return found
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_easel_workers_lists_a_worker_process_and_sigterm_drains_its_batch(
+        env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """SIGTERM mid-batch: the batch is finished, nothing new is claimed, the worker leaves the registry
+    and exits 0; `easel workers` showed it idle, then busy with that batch."""
+    core = await open_core(load_settings(None, storage={"data_dir": tmp_path / "data"}))
+    worker = subprocess.Popen([sys.executable, "-m", "adapters.cli", "worker"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    worker_id = f"{socket.gethostname()}:{worker.pid}"
+    try:
+        async def registered(status: str, models: list[str] | None = None) -> WorkerView | None:
+            return next((w for w in await core.workers.list() if w.id == worker_id and w.status == status
+                         and models in (None, w.models)), None)
+
+        await eventually(lambda: registered("idle"), "the worker to register")
+        listing = easel(env, "workers").stdout
+        assert "1 worker(s):" in listing and worker_id in listing and " idle " in listing and "cpu" in listing
+
+        slow = await core.service.submit(user("ann"), core.parser.parse("/imagine a slow one --size 192x192 "
+                                                                        "--steps 40 --seed 9"))
+        waiting = [await core.service.submit(user(name), core.parser.parse("/imagine a quick one --steps 2"))
+                   for name in ("bob", "cyd")]
+
+        async def slow_job_running() -> bool | None:
+            job = await core.service.get_job(slow.job.id)
+            return True if job.status is JobStatus.RUNNING and job.progress_step >= 1 else None
+
+        await eventually(slow_job_running, "the slow job's first step")
+        # Its next beat (every lease_s/4) reports the model the batch loaded.
+        busy = await eventually(lambda: registered("busy", models=["tiny"]), "the worker to report its batch")
+        assert busy.batch == [slow.job.id] and busy.memory_used_mb > 0
+        listing = easel(env, "workers").stdout
+        assert " busy " in listing and slow.job.id in listing and "tiny" in listing
+
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=180)
+        assert worker.returncode == 0, out + err
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert "stopping after the current batch" in err
+    assert (await core.service.get_job(slow.job.id)).status is JobStatus.SUCCEEDED  # the batch was finished
+    assert [(await core.service.get_job(r.job.id)).status for r in waiting] == [JobStatus.QUEUED] * 2  # not claimed
+    assert await core.workers.list() == []  # it left the registry
+    assert "no workers are running" in easel(env, "workers").stdout
+    await core.close()
+
+
+async def test_metrics_label_throughput_and_busy_ratio_per_worker(core: Core, generator) -> None:
+    async with running_worker(core, generator):
+        result = await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --steps 2 --n 2"))
+        await core.service.wait_until_final(result.job.id, timeout_s=120)
+        lines = (await core.metrics.scrape()).decode().splitlines()
+
+    def sample(name: str) -> float:
+        return float(next(line.split()[1] for line in lines if line.startswith(name)))
+
+    assert sample('easel_fleet_worker_images_per_second{worker="test-worker:1"}') > 0
+    assert 0 < sample('easel_fleet_worker_busy_ratio{worker="test-worker:1"}') <= 1
+    assert sample('easel_fleet_workers{status="idle"}') == 1.0
+
+
+async def test_a_silent_worker_expires_from_the_registry_and_a_live_one_stays(core: Core, generator) -> None:
+    ghost = WorkerReport(worker_id="gone-host:77", host="gone-host", pid=77, status=WorkerStatus.BUSY,
+                         device=DeviceReport("cuda:0", "NVIDIA H100", 30_000, 80_000), models=["sd15"],
+                         batch=["k7mq2x9a"], images_done=12)
+    await core.workers.report(ghost)
+    [row] = await core.workers.list()
+    assert (row.host, row.device_name, row.models, row.batch, row.images_done) == \
+        ("gone-host", "NVIDIA H100", ["sd15"], ["k7mq2x9a"], 12)
+
+    live = WorkerReport(worker_id="live-host:5", host="live-host", pid=5, status=WorkerStatus.IDLE)
+    core.clock.set(core.clock() + timedelta(seconds=core.settings.queue.worker_expiry_s - 5))
+    await core.workers.report(live)  # beats; the ghost does not
+    core.clock.advance(timedelta(seconds=10))  # the ghost is now older than the expiry, the live one is not
+    worker = Worker(core.queue, generator, core.store, core.settings, worker_id="checker:1")
+    await worker.run(burst=True)  # its upkeep removes the silent row; at exit it removes its own
+    assert [w.id for w in await core.workers.list()] == ["live-host:5"]
