@@ -158,6 +158,14 @@ class QueueConfig(Section):
     # lease_s/4 while it runs) is older than this is deleted by the next worker that looks: a host that
     # died leaves the list after this long. A worker that stops cleanly removes its own row at once.
     worker_expiry_s: float = Field(300.0, ge=10)
+    # Model affinity: a worker serves a user whose job is for a model it has loaded before a fairer job
+    # for a model it would have to load, but a job is passed over this way at most this many times
+    # (claims by any worker), then it is served next. 0 = no affinity: strictly fair order.
+    affinity_max_passes: int = Field(4, ge=0, le=100)
+    # And an idle worker leaves a job for a model it would have to load to another idle worker that has
+    # it loaded (the worker registry says which), for at most this long after the job was submitted;
+    # past it, whichever worker looks first takes it. 0 = never leave a job.
+    affinity_max_wait_s: float = Field(2.0, ge=0, le=60)
 
 
 class ModelConfig(Section):

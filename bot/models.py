@@ -116,6 +116,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), default=None)  # "host:pid" while running
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Claims that served another user's job first because that worker had its model loaded while this
+    # was the fairer job (bot/queue.py, choose_head); at queue.affinity_max_passes it is served next.
+    passed_over: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     batch_size: Mapped[int | None] = mapped_column(Integer, default=None)  # images in its diffusers call

@@ -153,7 +153,9 @@ class Worker:
                     break
                 # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
                 marker = self.queue.bus.change_marker()
-                batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
+                # A burst worker never leaves a job to another: it would stop with the job still queued.
+                batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch,
+                                                     loaded_models=self._loaded_models(), may_leave=not burst)
                 if not batch:
                     if burst:
                         break
@@ -256,6 +258,10 @@ class Worker:
             if expired := await self.registry.expire():
                 log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
 
+    def _loaded_models(self) -> list[str]:
+        """The models the generator holds (a test's fake generator holds none): affinity prefers their jobs."""
+        return list(getattr(self.generator, "loaded_models", []))
+
     def status(self) -> WorkerStatus:
         if self._stop.is_set():
             return WorkerStatus.DRAINING
@@ -264,7 +270,7 @@ class Worker:
     async def _report(self) -> None:
         """Write this worker's row of the registry (`easel workers`). A failure is logged, never raised:
         the registry is for people watching, and the jobs must go on."""
-        models, loras = getattr(self.generator, "loaded_models", []), getattr(self.generator, "loaded_loras", [])
+        models, loras = self._loaded_models(), list(getattr(self.generator, "loaded_loras", []))
         describe = getattr(self.generator, "device_report", None)  # a test's fake generator has no device
         host, _, pid = self.worker_id.rpartition(":")
         report = WorkerReport(

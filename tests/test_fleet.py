@@ -117,3 +117,75 @@ async def test_a_silent_worker_expires_from_the_registry_and_a_live_one_stays(co
     worker = Worker(core.queue, generator, core.store, core.settings, worker_id="checker:1")
     await worker.run(burst=True)  # its upkeep removes the silent row; at exit it removes its own
     assert [w.id for w in await core.workers.list()] == ["live-host:5"]
+
+
+TWO_MODELS = ('{"tiny": {"source": "builtin:tiny", "default_width": 64, "default_height": 64}, '
+              '"tiny_b": {"source": "builtin:tiny", "default_width": 64, "default_height": 64}}')
+
+
+async def two_model_core(tmp_path: Path, monkeypatch, max_passes: int) -> Core:
+    monkeypatch.setenv("EASEL_MODELS", TWO_MODELS)
+    return await open_core(load_settings(None, storage={"data_dir": tmp_path / "data"},
+                                         queue={"affinity_max_passes": max_passes}))
+
+
+async def claimed_users(core: Core, loaded: list[str], claims: int) -> list[str]:
+    """Whose job each claim of a worker holding `loaded` took (one job per claim)."""
+    taken = []
+    for _ in range(claims):
+        [job] = await core.queue.claim_batch("gpu-1:1", max_images=1, loaded_models=loaded)
+        taken.append(job.user_id)
+    return taken
+
+
+async def test_a_worker_prefers_jobs_for_its_loaded_model_but_passes_a_job_over_at_most_max_passes(
+        tmp_path: Path, monkeypatch) -> None:
+    core = await two_model_core(tmp_path, monkeypatch, max_passes=2)
+    # ann's job is the fairest (first submitted, every user unserved) and wants the model not loaded.
+    await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --model tiny_b"))
+    for name in ("bob", "cyd", "dan", "eve"):
+        await core.service.submit(user(name), core.parser.parse("/imagine a dog --model tiny"))
+    # Two claims serve loaded-model jobs first; the third may pass ann no more, though tiny jobs still wait.
+    assert await claimed_users(core, ["tiny"], 3) == ["bob", "cyd", "ann"]
+    assert await claimed_users(core, ["tiny"], 2) == ["dan", "eve"]
+    await core.close()
+
+
+async def test_without_affinity_or_a_loaded_model_the_fairest_job_goes_first(tmp_path: Path, monkeypatch) -> None:
+    core = await two_model_core(tmp_path, monkeypatch, max_passes=0)
+    await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --model tiny_b"))
+    await core.service.submit(user("bob"), core.parser.parse("/imagine a dog --model tiny"))
+    assert await claimed_users(core, ["tiny"], 2) == ["ann", "bob"]
+    await core.close()
+
+    core = await two_model_core(tmp_path / "fresh", monkeypatch, max_passes=4)
+    await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --model tiny_b"))
+    await core.service.submit(user("bob"), core.parser.parse("/imagine a dog --model tiny"))
+    assert await claimed_users(core, [], 2) == ["ann", "bob"]  # a fresh worker loads whichever comes first
+    await core.close()
+
+
+async def test_an_idle_worker_leaves_a_job_to_an_idle_worker_holding_its_model_for_max_wait_at_most(
+        tmp_path: Path, monkeypatch) -> None:
+    core = await two_model_core(tmp_path, monkeypatch, max_passes=4)
+    max_wait = core.settings.queue.affinity_max_wait_s
+    await core.workers.report(WorkerReport(worker_id="gpu-2:1", host="gpu-2", pid=1, status=WorkerStatus.IDLE,
+                                           models=["tiny_b"]))
+    job = (await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --model tiny_b"))).job
+
+    # gpu-1 holds tiny: it would have to load tiny_b, which gpu-2 has loaded and is idle: it leaves the job.
+    assert await core.queue.claim_batch("gpu-1:1", 4, ["tiny"], may_leave=True) == []
+    assert await core.queue.claim_batch("gpu-1:1", 4, [], may_leave=True) == []  # a fresh worker too
+    # gpu-2 takes it at its next poll.
+    assert [j.id for j in await core.queue.claim_batch("gpu-2:1", 4, ["tiny_b"], may_leave=True)] == [job.id]
+
+    # Past max_wait, whoever looks first takes it: gpu-2 may be busy or gone though the registry says idle.
+    late = (await core.service.submit(user("bob"), core.parser.parse("/imagine a dog --model tiny_b"))).job
+    core.clock.set(core.clock() + timedelta(seconds=max_wait + 0.1))
+    assert [j.id for j in await core.queue.claim_batch("gpu-1:1", 4, ["tiny"], may_leave=True)] == [late.id]
+
+    # A registry row silent for longer than the lease attracts nothing.
+    core.clock.advance(timedelta(seconds=core.settings.queue.lease_s + 1))
+    third = (await core.service.submit(user("cyd"), core.parser.parse("/imagine a fox --model tiny_b"))).job
+    assert [j.id for j in await core.queue.claim_batch("gpu-1:1", 4, ["tiny"], may_leave=True)] == [third.id]
+    await core.close()

@@ -1,4 +1,5 @@
-"""The worker registry: each running worker's host, device, loaded models, state and heartbeat
+"""The worker registry (each running worker's host, device, loaded models, state, heartbeat), and
+jobs.passed_over, the fairness bound of model affinity
 
 Revision ID: i17_workers
 Revises: 0006
@@ -39,9 +40,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_workers_heartbeat_at"), ["heartbeat_at"], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("passed_over", sa.Integer(), server_default="0", nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("passed_over")
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_workers_heartbeat_at"))
     op.drop_table("workers")
