@@ -87,6 +87,7 @@ class Scenario:
     jobs: int
     load: float
     models_per_worker: int
+    max_queued_per_user: int
     seed: int
 
 
@@ -201,10 +202,13 @@ def run(s: Scenario, arrivals: list[Job], *, policy: Policy, max_batch: int) -> 
     idle = list(range(s.workers))
     rng = random.Random(s.seed + 1)  # which idle worker wakes first, as polling decides
     queue = Queue()
-    events: list[tuple[float, int, int]] = []  # (time, 0 = arrival / 1 = worker free, job seq or worker)
+    events: list[tuple[float, int, int]] = []  # (time, 0 = arrival / 1 = worker free / 2 = poll, seq or worker)
     for job in jobs:
         heapq.heappush(events, (job.arrival, 0, job.seq))
     images_done, finished = 0, 0.0
+    active: dict[int, int] = defaultdict(int)  # each user's jobs waiting or running (queue.max_queued_per_user)
+    running: dict[int, list[Job]] = {}  # each busy worker's batch
+    accepted: list[Job] = []
 
     def start(index: int, now: float) -> bool:
         """Worker `index` claims and runs a batch; False when it left the jobs to another."""
@@ -226,6 +230,7 @@ def run(s: Scenario, arrivals: list[Job], *, policy: Policy, max_batch: int) -> 
                 worker.loaded.popitem(last=False)
         images_done += sum(job.n for job in batch)
         finished = max(finished, now + took)
+        running[index] = batch
         heapq.heappush(events, (now + took, 1, index))
         return True
 
@@ -233,8 +238,15 @@ def run(s: Scenario, arrivals: list[Job], *, policy: Policy, max_batch: int) -> 
     while events:
         now, kind, which = heapq.heappop(events)
         if kind == 0:
-            queue.add(jobs[which])
+            job = jobs[which]
+            if active[job.user] >= s.max_queued_per_user:
+                continue  # refused: "you have 10 jobs queued or running"
+            active[job.user] += 1
+            accepted.append(job)
+            queue.add(job)
         elif kind == 1:
+            for job in running.pop(which):
+                active[job.user] -= 1
             idle.append(which)
         else:
             poll_pending = False
@@ -249,14 +261,15 @@ def run(s: Scenario, arrivals: list[Job], *, policy: Policy, max_batch: int) -> 
                 break
             idle.remove(taker)
 
-    waits = sorted(job.started - job.arrival for job in jobs)  # type: ignore[operator]
+    waits = sorted(job.started - job.arrival for job in accepted)  # type: ignore[operator]
     per_user: dict[int, int] = defaultdict(int)
     for job in jobs:
         per_user[job.user] += 1
     median_jobs = statistics.median(per_user.values())
-    light = sorted(job.started - job.arrival for job in jobs if per_user[job.user] <= median_jobs)  # type: ignore[operator]
+    light = sorted(job.started - job.arrival for job in accepted if per_user[job.user] <= median_jobs)  # type: ignore[operator]
     return {"throughput": images_done / finished, "p50": pct(waits, 50), "p95": pct(waits, 95),
-            "p99": pct(waits, 99), "light_p95": pct(light, 95), "loads": sum(w.loads for w in workers)}
+            "p99": pct(waits, 99), "light_p95": pct(light, 95), "loads": sum(w.loads for w in workers),
+            "refused": 1 - len(accepted) / len(jobs)}
 
 
 def pct(ordered: list[float], p: float) -> float:
@@ -270,7 +283,9 @@ def main() -> None:
                         help="jobs per --workers entry (default: 12,500 per 8 workers, 100,000 at most)")
     parser.add_argument("--models", type=int, default=6)
     parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--load", type=float, default=0.85, help="offered load, share of unbatched capacity")
+    parser.add_argument("--load", type=float, default=0.7, help="offered load, share of unbatched capacity")
+    parser.add_argument("--max-queued-per-user", type=int, default=10,
+                        help="queue.max_queued_per_user: a user's jobs past it are refused")
     parser.add_argument("--models-per-worker", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=4, help="images per diffusers call, with batching")
     parser.add_argument("--max-passes", type=int, default=4, help="queue.affinity_max_passes, with affinity")
@@ -285,7 +300,8 @@ def main() -> None:
           f"offered load {args.load:g} x unbatched capacity, {args.models_per_worker} model(s) per worker\n")
     rows, ratios = [], []
     for workers, count in zip(args.workers, sizes, strict=True):
-        scenario = Scenario(workers, args.models, args.users, count, args.load, args.models_per_worker, args.seed)
+        scenario = Scenario(workers, args.models, args.users, count, args.load, args.models_per_worker,
+                            args.max_queued_per_user, args.seed)
         arrivals = make_arrivals(scenario)
         policies = [Policy("off"), Policy(f"passes {args.max_passes}", max_passes=args.max_passes),
                     Policy(f"passes {args.max_passes} + leave {args.max_wait:g} s", max_passes=args.max_passes,
@@ -296,11 +312,11 @@ def main() -> None:
                 started = time.perf_counter()
                 r = run(scenario, arrivals, policy=policy, max_batch=batch)
                 results[batch, policy] = r
-                rows.append([workers, count, policy.name, batch, r["throughput"], r["p50"], r["p95"],
-                             r["p99"], r["light_p95"], r["loads"], time.perf_counter() - started])
+                rows.append([workers, count, policy.name, batch, f"{r['refused']:.1%}", r["throughput"], r["p50"],
+                             r["p95"], r["p99"], r["light_p95"], r["loads"], time.perf_counter() - started])
         off, on = results[args.max_batch, policies[0]], results[args.max_batch, policies[-1]]
         ratios.append((workers, off["loads"] / max(on["loads"], 1), off["p95"], on["p95"]))
-    print_table(["workers", "jobs", "affinity", "max batch", "images/s", "wait p50 s", "p95 s", "p99 s",
+    print_table(["workers", "jobs", "affinity", "max batch", "refused", "images/s", "wait p50 s", "p95 s", "p99 s",
                  "light users p95 s", "model loads", "sim s"], rows)
     print()
     for workers, loads, p95_off, p95_on in ratios:
