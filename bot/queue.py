@@ -18,11 +18,11 @@ import base64
 import os
 import socket
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -122,6 +122,28 @@ def _batch_key(row: Any) -> tuple[Any, ...]:
     return tuple(row[-len(BATCH_KEY_COLUMNS):])
 
 
+@dataclass(frozen=True)
+class BatchChoice:
+    chosen: list[int]  # the seqs of the batch
+    passed: list[int] = field(default_factory=list)  # fairer heads passed over for model affinity
+    spare: list[int] = field(default_factory=list)  # the other heads, fairest first: taken if `chosen` is gone
+
+
+def _fill_from(free: Sequence[Job], order: list[int], max_images: int) -> list[Job]:
+    """The fairest of the `free` jobs (by their place in `order`), and those of its batch key after it,
+    up to `max_images` images."""
+    ranked = sorted(free, key=lambda job: order.index(job.seq))
+    if not ranked:
+        return []
+    key = [getattr(ranked[0], column.key) for column in BATCH_KEY_COLUMNS]
+    batch, images = [ranked[0]], ranked[0].n
+    for job in ranked[1:]:
+        if [getattr(job, column.key) for column in BATCH_KEY_COLUMNS] == key and images + job.n <= max_images:
+            batch.append(job)
+            images += job.n
+    return batch
+
+
 class JobQueue:
     # How long progress events stay readable (a reader that fell further behind skips them).
     PROGRESS_KEPT = timedelta(hours=1)
@@ -152,23 +174,26 @@ class JobQueue:
             # Choose in a read-only transaction: an idle worker's empty claims never take the write
             # lock that submissions need.
             async with self.db.unit_of_work(write=False) as uow:
-                chosen, passed = await self._choose_batch(uow.session, max_images, loaded_models,
-                                                          leave_for_others_than=worker_id if may_leave else None)
-            if not chosen:
+                choice = await self._choose_batch(uow.session, max_images, loaded_models,
+                                                  leave_for_others_than=worker_id if may_leave else None)
+            if not choice.chosen:
                 return []
-            views = await self._start(worker_id, chosen, passed)
-            if views:  # else another worker took all of them meanwhile: choose again
+            views = await self._start(worker_id, choice, max_images)
+            if views:  # else other workers took all of them and the spare heads meanwhile: choose again
                 return views
 
-    async def _start(self, worker_id: str, chosen: list[int], passed: list[int]) -> list[JobView]:
+    async def _start(self, worker_id: str, choice: BatchChoice, max_images: int) -> list[JobView]:
         """Mark the chosen jobs running, leaving out any another worker took after they were chosen; count
-        a pass on each fairer job `passed` over for them (model affinity)."""
+        a pass on each fairer job passed over for them (model affinity)."""
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            batch = (await uow.session.scalars(
-                select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
-                .options(lazyload(Job.images))
-                .order_by(Job.seq).with_for_update(skip_locked=True, of=Job))).unique().all()
+            batch, passed = await self._lock_queued(uow.session, choice.chosen), choice.passed
+            if not batch and choice.spare:
+                # Workers that claim at once read the same fair heads, and all but one find theirs taken.
+                # Rather than choosing again (the costly query), take the fairest spare heads still free.
+                free = await self._lock_queued(uow.session, choice.spare, fairest=max_images)
+                batch = _fill_from(free, choice.spare, max_images)
+                passed = []  # those passes were for the jobs another worker took
             images = sum(job.n for job in batch)
             for job in batch:
                 set_committed_value(job, "images", [])  # not read: a queued job has no images yet
@@ -186,8 +211,21 @@ class JobQueue:
             await uow.commit()
             return [job_view(job, self.store.location_of) for job in batch]
 
+    @staticmethod
+    async def _lock_queued(session: AsyncSession, seqs: list[int], fairest: int | None = None) -> list[Job]:
+        """The jobs of `seqs` still queued, locked; those another worker has locked are left out. With
+        `fairest`, only that many, the first in the order of `seqs`: the others stay free for the other
+        workers claiming at the same moment."""
+        query = select(Job).where(Job.seq.in_(seqs), Job.status == JobStatus.QUEUED.value)
+        if fairest is None:
+            query = query.order_by(Job.seq)
+        else:
+            query = query.order_by(case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
+        return list((await session.scalars(
+            query.options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))).unique().all())
+
     async def _choose_batch(self, session: AsyncSession, max_images: int, loaded_models: Collection[str] = (),
-                            leave_for_others_than: str | None = None) -> tuple[list[int], list[int]]:
+                            leave_for_others_than: str | None = None) -> BatchChoice:
         """The seqs of the next batch: the fairest head job (or, with affinity, a head for a model the
         worker has loaded: choose_head), then compatible jobs to fill it; and the seqs of the fairer
         heads passed over. Nothing when the head is better left to an idle worker other than
@@ -197,10 +235,10 @@ class JobQueue:
         query usually settles it: the fair heads come with each user's count of waiting jobs, so when
         they are all there and each user waits for one job, there is nothing else to look for.
         """
-        limit = 4 * max_images
+        limit = 16 * max_images  # enough spare heads for workers that claim at the same moment (_start)
         heads = (await session.execute(self._fair_heads().limit(limit))).all()
         if not heads:
-            return [], []
+            return BatchChoice([])
         now = self.clock()
         candidates = [Head(row.model, row.passed_over, (now - row.created_at).total_seconds()) for row in heads]
         index = choose_head(candidates, loaded_models, self.settings.queue.affinity_max_passes)
@@ -209,7 +247,7 @@ class JobQueue:
                 and candidates[index].waited_s < max_wait_s:
             idle_elsewhere = await self._models_on_idle_workers(session, leave_for_others_than)
             if leave_to_idle_worker(candidates[index], loaded_models, idle_elsewhere, max_wait_s):
-                return [], []
+                return BatchChoice([])
         head, key = heads[index], _batch_key(heads[index])
         passed = [row.seq for row in heads[:index]]
         same_key = [column == value if value is not None else column.is_(None)
@@ -226,11 +264,11 @@ class JobQueue:
             rows = fair if query is None else (await session.execute(query.limit(limit))).all()
             for seq, n, *_ in rows:
                 if images >= max_images:
-                    return chosen, passed
+                    return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
                 if seq not in chosen and images + n <= max_images:
                     chosen.append(seq)
                     images += n
-        return chosen, passed
+        return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
 
     async def _models_on_idle_workers(self, session: AsyncSession, other_than: str) -> set[str]:
         """The models loaded on workers the registry shows idle and alive (a heartbeat within the lease)."""

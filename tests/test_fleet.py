@@ -189,3 +189,15 @@ async def test_an_idle_worker_leaves_a_job_to_an_idle_worker_holding_its_model_f
     third = (await core.service.submit(user("cyd"), core.parser.parse("/imagine a fox --model tiny_b"))).job
     assert [j.id for j in await core.queue.claim_batch("gpu-1:1", 4, ["tiny"], may_leave=True)] == [third.id]
     await core.close()
+
+
+async def test_eight_workers_claiming_at_once_each_get_a_batch_and_no_job_twice(any_core: Core) -> None:
+    """They read the same fair heads; all but one find theirs taken and take the next free ones."""
+    core = any_core
+    for index in range(40):
+        await core.service.submit(user(f"user{index}"), core.parser.parse(f"/imagine a cat number {index}"))
+    batches = await asyncio.gather(*(core.queue.claim_batch(f"gpu-{w}:1", 4) for w in range(8)))
+    claimed = [job.id for batch in batches for job in batch]
+    assert all(batches) and len(claimed) == len(set(claimed)) == 32
+    # The first 32 users' jobs went, fairly: none of the last 8 users jumped ahead.
+    assert {job.user_id for batch in batches for job in batch} == {f"user{index}" for index in range(32)}
