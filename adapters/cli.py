@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("job_id")
     worker = commands.add_parser("worker", help="run the generation worker alone")
     worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
-    commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    serve = commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    serve.add_argument("--no-worker", action="store_true",
+                       help="the adapters alone, for a host without a GPU; `easel worker` runs on the GPU hosts")
     commands.add_parser("workers", help="list the running workers of every host: device, models, state")
     db = commands.add_parser("db", help="database maintenance")
     db.add_subparsers(dest="db_command", required=True).add_parser("upgrade", help="apply migrations")
@@ -308,23 +310,27 @@ async def _workers(core: Core, args: argparse.Namespace) -> int:
 
 
 async def _serve(core: Core, args: argparse.Namespace) -> int:
-    worker = (await import_generation(args.debug)).build_worker(core)
+    # With --no-worker torch is never imported: the jobs wait for `easel worker` processes elsewhere.
+    worker = None if args.no_worker else (await import_generation(args.debug)).build_worker(core)
     adapters = configured_adapters(core)
     stop = asyncio.Event()
 
     def stop_all() -> None:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         stop.set()
 
     _stop_on_signals(stop_all)
     names = ", ".join(adapter.platform for adapter in adapters) or "none (worker only)"
-    print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}; Ctrl+C to stop",
-          flush=True)
+    print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}"
+          f"{'; no worker' if worker is None else ''}; Ctrl+C to stop", flush=True)
     if (warning := safety_warning(core.settings)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    with announce_worker(core.settings):  # `easel imagine` on this data folder leaves its jobs to us
+    # `easel imagine` on this data folder leaves its jobs to our worker, when there is one.
+    with announce_worker(core.settings) if worker is not None else contextlib.nullcontext():
         async with asyncio.TaskGroup() as group:
-            group.create_task(worker.run(), name="easel-worker")
+            if worker is not None:
+                group.create_task(worker.run(), name="easel-worker")
             for adapter in adapters:
                 group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
     return 0
