@@ -98,7 +98,9 @@ class JobService:
         it) by the same user returns the job the first one queued instead of queuing another.
         """
         inputs = await self._fetch_references(command, inputs or InputImages())
-        first, image_sha, mask_sha = self._prepare(command, inputs)
+        # On a thread: decoding the upload and storing it (a PUT, with an object store) must not hold up
+        # every other request this process serves.
+        first, image_sha, mask_sha = await asyncio.to_thread(self._prepare, command, inputs)
         jobs = _each_job(command, first)
         # Only the prompt: a negative prompt names what to keep *out* of the picture.
         decisions = [self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here) for params in jobs]

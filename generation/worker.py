@@ -319,7 +319,8 @@ class Worker:
                 self._in_hand.progressed()
 
     async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
-        tasks = [self._task_for(job) for job in batch]
+        # On a thread: an init image or mask may come from an object store, a GET the loop must not wait on.
+        tasks = await asyncio.to_thread(lambda: [self._task_for(job) for job in batch])
         progress = ProgressReporter(self.queue, [job.id for job in batch],
                                     self.settings.generation.progress_every_s,
                                     TimeLimit.of(tasks, self.settings.queue), worker_id=self.worker_id)
