@@ -167,7 +167,7 @@ def claim(queue: Queue, worker: Worker, max_images: int, policy: Policy, now: fl
           idle_elsewhere: set[str]) -> list[Job]:
     """One claim, as JobQueue.claim_batch makes it: choose_head and leave_to_idle_worker (Easel's
     code), then the fill. Nothing when the job is left to an idle worker holding its model."""
-    heads = queue.heads(4 * max_images)
+    heads = queue.heads(16 * max_images)  # as JobQueue._choose_batch reads
     loaded = {str(model) for model in worker.loaded}
     candidates = [Head(str(job.model), job.passed_over, now - job.arrival) for job in heads]
     index = choose_head(candidates, loaded, policy.max_passes)
@@ -178,7 +178,7 @@ def claim(queue: Queue, worker: Worker, max_images: int, policy: Policy, now: fl
         passed.passed_over += 1
     batch, images = [head], head.n
     fill = [job for job in heads if job is not head and job.model == head.model]
-    for job in (*fill, *queue.by_model[head.model].islice(0, 4 * max_images)):
+    for job in (*fill, *queue.by_model[head.model].islice(0, 16 * max_images)):
         if images >= max_images:
             break
         if job not in batch and images + job.n <= max_images:

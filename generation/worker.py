@@ -18,6 +18,7 @@ restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -219,7 +220,12 @@ class Worker:
         hand while it makes progress, and take back the jobs of workers that died or stalled."""
         last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.queue.lease_s / 4)
+            beat_s = self.settings.queue.lease_s / 4
+            if self._stop.is_set():
+                await asyncio.sleep(beat_s)
+            else:  # stop() cuts the wait short once, so the registry shows `draining` at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), beat_s)
             try:
                 await self._heartbeat()
             except Exception:  # the database may be briefly busy: the next beat comes soon

@@ -73,6 +73,8 @@ async def test_easel_workers_lists_a_worker_process_and_sigterm_drains_its_batch
         assert " busy " in listing and slow.job.id in listing and "tiny" in listing
 
         worker.send_signal(signal.SIGTERM)
+        draining = await eventually(lambda: registered("draining"), "the worker to say it is draining")
+        assert draining.batch == [slow.job.id]
         out, err = worker.communicate(timeout=180)
         assert worker.returncode == 0, out + err
     finally:
