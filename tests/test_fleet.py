@@ -14,6 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
+
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings
 from bot.domain import JobStatus, Requester
@@ -203,3 +205,32 @@ async def test_eight_workers_claiming_at_once_each_get_a_batch_and_no_job_twice(
     assert all(batches) and len(claimed) == len(set(claimed)) == 32
     # The first 32 users' jobs went, fairly: none of the last 8 users jumped ahead.
     assert {job.user_id for batch in batches for job in batch} == {f"user{index}" for index in range(32)}
+
+
+async def test_serve_without_a_worker_queues_for_a_worker_process_elsewhere(
+        env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """`easel serve --no-worker` on a host without a GPU: the HTTP API takes the job, torch is never
+    loaded in that process, and an `easel worker` process runs the job."""
+    serve = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "--no-worker"],
+                             env={**env, "EASEL_HTTP__PORT": "0", "EASEL_HTTP__ENABLED": "true"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        lines = [serve.stdout.readline() for _ in range(2)]
+        assert "; no worker;" in lines[0], lines
+        url = lines[1].split()[4].rstrip("/")  # "Web chat and API: http://127.0.0.1:PORT/  (OpenAPI: ...)"
+        core = await open_core(load_settings(None, storage={"data_dir": tmp_path / "data"}), migrate=False)
+        token, _ = await core.apikeys.create("fleet")
+        await core.close()
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+            job = (await client.post("/v1/jobs", json={"command": "/imagine a cat --steps 2"})).json()
+            assert job["status"] == "queued"
+            assert "libtorch" not in Path(f"/proc/{serve.pid}/maps").read_text()  # no worker, no torch here
+            assert "1 job(s) done" in easel(env, "worker", "--burst").stdout
+            done = (await client.get(f"/v1/jobs/{job['id']}")).json()
+            assert done["status"] == "succeeded"
+            assert (await client.get(done["images"][0]["url"].removeprefix(url))).status_code == 200
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=60)
+    assert serve.returncode == 0
