@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter
-from adapters.console import ConsoleChat, describe_job, read_attachment
+from adapters.console import ConsoleChat, describe_job, describe_workers, read_attachment
 from adapters.local_worker import announce_worker, import_generation, serving_the_queue
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings, safety_warning
@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("job_id")
     worker = commands.add_parser("worker", help="run the generation worker alone")
     worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
-    commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    serve = commands.add_parser("serve", help="run the worker and every configured chat adapter")
+    serve.add_argument("--no-worker", action="store_true",
+                       help="the adapters alone, for a host without a GPU; `easel worker` runs on the GPU hosts")
+    commands.add_parser("workers", help="list the running workers of every host: device, models, state")
     db = commands.add_parser("db", help="database maintenance")
     db.add_subparsers(dest="db_command", required=True).add_parser("upgrade", help="apply migrations")
     discord_sync = commands.add_parser("discord", help="Discord bot maintenance").add_subparsers(
@@ -305,24 +308,33 @@ async def _worker(core: Core, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _workers(core: Core, args: argparse.Namespace) -> int:
+    print(describe_workers(await core.workers.list(), core.clock(), core.settings.queue.lease_s))
+    return 0
+
+
 async def _serve(core: Core, args: argparse.Namespace) -> int:
-    worker = (await import_generation(args.debug)).build_worker(core)
+    # With --no-worker torch is never imported: the jobs wait for `easel worker` processes elsewhere.
+    worker = None if args.no_worker else (await import_generation(args.debug)).build_worker(core)
     adapters = configured_adapters(core)
     stop = asyncio.Event()
 
     def stop_all() -> None:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         stop.set()
 
     _stop_on_signals(stop_all)
     names = ", ".join(adapter.platform for adapter in adapters) or "none (worker only)"
-    print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}; Ctrl+C to stop",
-          flush=True)
+    print(f"Easel serving: database {core.settings.database_url_safe}; adapters: {names}"
+          f"{'; no worker' if worker is None else ''}; Ctrl+C to stop", flush=True)
     if (warning := safety_warning(core.settings)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    with announce_worker(core.settings):  # `easel imagine` on this data folder leaves its jobs to us
+    # `easel imagine` on this data folder leaves its jobs to our worker, when there is one.
+    with announce_worker(core.settings) if worker is not None else contextlib.nullcontext():
         async with asyncio.TaskGroup() as group:
-            group.create_task(worker.run(), name="easel-worker")
+            if worker is not None:
+                group.create_task(worker.run(), name="easel-worker")
             for adapter in adapters:
                 group.create_task(adapter.run(stop), name=f"easel-{adapter.platform}")
     return 0
@@ -378,7 +390,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "imagine": _generate, "edit": _generate, "inpaint": _generate, "outpaint": _generate, "animate": _generate,
     "chat": _chat,
-    "jobs": _jobs, "job": _job, "worker": _worker, "serve": _serve, "apikey": _apikey,
+    "jobs": _jobs, "job": _job, "worker": _worker, "workers": _workers, "serve": _serve, "apikey": _apikey,
     "discord": _discord,
 }
 

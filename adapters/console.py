@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -40,6 +41,7 @@ from bot.policy import describe_quota
 from bot.service import SubmitResult
 from bot.styles import describe_styles
 from bot.views import JobView
+from bot.workers import WorkerView
 
 PLATFORM = "console"
 
@@ -183,7 +185,7 @@ class ConsoleChat:
         elif delivery.kind is EventKind.CANCELLED:
             self.say(f"Job {job.id} was cancelled.")
         for image in delivery.images:
-            path = self._deliver(job, image.index, Path(image.path))
+            path = self._deliver(job, image.index, image.sha256, image.path)
             flagged = "  (flagged by the image check: open with care)" if image.spoiler else ""
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
             if job.params.kind is JobKind.ANIMATE and job.params.motion is not None:
@@ -195,11 +197,17 @@ class ConsoleChat:
         for notice in delivery.withheld:
             self.say("  " + notice.message)
 
-    def _deliver(self, job: JobView, index: int, stored: Path) -> Path:
-        return self._deliver_file(stored, f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png")
+    def _deliver(self, job: JobView, index: int, sha256: str, location: str) -> str:
+        """Where the user finds the image: its copy in output_dir, or where the store keeps it."""
+        if self.output_dir is None:
+            return location
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        target = self.output_dir / f"{job.id}-{index + 1}-seed{job.params.image_seeds()[index]}.png"
+        target.write_bytes(self.core.store.read_bytes(sha256))  # from a folder or a bucket alike
+        return str(target)
 
     def _deliver_file(self, stored: Path, name: str) -> Path:
-        """The file where the user asked for it (`-o`), or where it is stored."""
+        """A file kept on this host (an animation's clip): its copy in output_dir, or where it is."""
         if self.output_dir is None:
             return stored
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +227,26 @@ def describe_jobs(jobs: list[JobView]) -> str:
     lines = [f"Your {len(jobs)} most recent job(s), newest first (/job <id> shows one):"]
     lines += [f"  {job.id}  {job.status.value:<9}  {job.params.kind.value:<7}  {job.created_at:%Y-%m-%d %H:%M}  "
               f"{_clipped(job.params.prompt, 60)}" for job in jobs]
+    return "\n".join(lines)
+
+
+def describe_workers(workers: list[WorkerView], now: datetime, lease_s: float) -> str:
+    """`easel workers`: a line per registered worker, on every host sharing the database."""
+    if not workers:
+        return "no workers are running; start one with: easel worker"
+    lines = [f"{len(workers)} worker(s):",
+             f"  {'worker':<24} {'status':<9} {'device':<34} {'memory MB':>13}  {'images':>6}  {'batch':<18} "
+             f"{'heartbeat':<10} models; loras"]
+    for worker in workers:
+        device = _clipped(f"{worker.device} {worker.device_name}".strip(), 34)
+        memory = f"{worker.memory_used_mb}/{worker.memory_total_mb}"
+        batch = _clipped(",".join(worker.batch), 18) or "-"
+        silent = worker.silent_s(now)
+        beat = f"{silent:.0f} s ago" + (" (silent: host down?)" if silent > lease_s else "")
+        models = ", ".join(worker.models) or "-"
+        loras = ", ".join(worker.loras) or "-"
+        lines.append(f"  {_clipped(worker.id, 24):<24} {worker.status:<9} {device:<34} {memory:>13}  "
+                     f"{worker.images_done:>6}  {batch:<18} {beat:<10} {models}; {loras}")
     return "\n".join(lines)
 
 

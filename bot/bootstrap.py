@@ -34,7 +34,8 @@ from bot.policy import Policy
 from bot.queue import JobQueue
 from bot.safety import PromptCheck
 from bot.service import JobService
-from bot.store import ImageStore
+from bot.store import ImageStore, open_image_store
+from bot.workers import WorkerRegistry
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Core:
     metrics: PrometheusExporter  # /metrics, read from the job rows at each scrape
     queue: JobQueue
     deliveries: Deliveries  # what each surface may show of a job (bot/delivery.py)
+    workers: WorkerRegistry  # every worker of the fleet, as it last reported itself (`easel workers`)
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -68,7 +70,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     prompt_check = build_prompt_check(settings.safety)  # first: a model that will not load opens nothing
     clock = Clock()
     db = Database(settings.database_url, settings.database.busy_timeout_ms)
-    store = ImageStore(settings.storage.data_dir / "images")
+    store = open_image_store(settings.storage)
     bus = EventBus(db, clock=clock)
     policy = Policy(settings)
     parser = CommandParser.from_settings(settings)
@@ -90,6 +92,7 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         metrics=PrometheusExporter(db, clock),
         queue=JobQueue(settings, db, store, bus, policy, clock),
         deliveries=Deliveries(settings),
+        workers=WorkerRegistry(db, clock, settings.queue.worker_expiry_s),
     )
 
 

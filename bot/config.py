@@ -43,6 +43,36 @@ class StorageConfig(Section):
     # Diffusers folders and .safetensors checkpoints dropped here are models named by their stem
     # (bot/catalog.py); default data_dir/checkpoints.
     checkpoints_dir: Path | None = None
+    # Where generated and uploaded images go (bot/store.py). Empty: <data_dir>/images on this host.
+    # "s3://BUCKET/PREFIX": an S3-compatible object store every worker and server host shares; its
+    # credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    # AWS_SESSION_TOKEN) or the host's role, never from this file.
+    images_url: str = ""
+    s3_endpoint: str = ""  # e.g. "http://minio:9000"; empty: AWS_ENDPOINT_URL, else AWS itself
+    s3_region: str = ""  # empty: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1
+    # How GET /v1/images/{sha256} serves an image from the object store: "stream" passes the bytes
+    # through Easel; "redirect" answers 307 to a presigned URL valid for presigned_url_s (the store
+    # then serves the bytes itself; withheld images are always streamed, to moderators only).
+    image_links: Literal["stream", "redirect"] = "stream"
+    presigned_url_s: int = Field(3600, ge=1, le=604800)  # S3 signs URLs for 7 days at most
+
+    @field_validator("images_url")
+    @classmethod
+    def _images_url_is_a_bucket(cls, url: str) -> str:
+        if not url:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("must be empty (images in <data_dir>/images) or s3://BUCKET/PREFIX, e.g. "
+                             "s3://easel-images/prod")
+        return url
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _s3_endpoint_is_a_url(cls, url: str) -> str:
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        return url
 
     @property
     def model_cache(self) -> Path:
@@ -145,6 +175,18 @@ class QueueConfig(Section):
     # A worker whose batch makes no progress this long (or one step's allowance, if longer) logs why
     # and exits with status 70, for its supervisor to restart it. 0 = no watchdog.
     watchdog_s: float = Field(300.0, ge=0)
+    # The worker registry (`easel workers`, /metrics): a worker's row whose last heartbeat (every
+    # lease_s/4 while it runs) is older than this is deleted by the next worker that looks: a host that
+    # died leaves the list after this long. A worker that stops cleanly removes its own row at once.
+    worker_expiry_s: float = Field(300.0, ge=10)
+    # Model affinity: a worker serves a user whose job is for a model it has loaded before a fairer job
+    # for a model it would have to load, but a job is passed over this way at most this many times
+    # (claims by any worker), then it is served next. 0 = no affinity: strictly fair order.
+    affinity_max_passes: int = Field(4, ge=0, le=100)
+    # And an idle worker leaves a job for a model it would have to load to another idle worker that has
+    # it loaded (the worker registry says which), for at most this long after the job was submitted;
+    # past it, whichever worker looks first takes it. 0 = never leave a job.
+    affinity_max_wait_s: float = Field(2.0, ge=0, le=60)
 
 
 class ModelConfig(Section):

@@ -47,7 +47,7 @@ class ShownImage:
     index: int  # 0-based position in the job
     seed: int
     sha256: str
-    path: str  # the stored PNG (the console copies it; chat adapters read it through the store)
+    path: str  # where the PNG lives: a file path or an s3:// URL (adapters read it through the store)
     width: int
     height: int
     spoiler: bool = False  # flagged, in a place that allows NSFW: show it only behind a spoiler

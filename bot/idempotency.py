@@ -21,4 +21,4 @@ async def earlier_job(service: JobService, requester: Requester, key: str) -> Jo
     """The job an earlier submit by this requester with this idempotency key queued, or None."""
     async with service.db.unit_of_work(write=False) as uow:
         job = await uow.jobs.for_idempotency_key(requester.platform, requester.user_id, key)
-        return job_view(job, service.store.path_of) if job is not None else None
+        return job_view(job, service.store.location_of) if job is not None else None

@@ -7,7 +7,7 @@ same whichever process serves `/metrics` and include workers on other hosts. Rea
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.clock import utcnow
 from bot.database import Database
 from bot.domain import JobStatus
-from bot.models import Image, Job
+from bot.models import Image, Job, WorkerRow
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,15 @@ class Metrics:
     images_per_second: float  # images stored over the last `window_s`, per second
     worker_busy_ratio: float  # share of the last `window_s` during which some batch was running
     window_s: float
+    # Per worker ("host:pid"), every registered one and any other that ran a batch in the window.
+    workers: dict[str, WorkerRates] = field(default_factory=dict)
+    workers_by_status: dict[str, int] = field(default_factory=dict)  # the registry's rows: idle, busy, draining
+
+
+@dataclass(frozen=True)
+class WorkerRates:
+    images_per_second: float  # images it stored over the window, per second
+    busy_ratio: float  # share of the window it had a batch in hand
 
 
 async def read_metrics(db: Database, window_s: float = 300.0, clock: Callable[[], datetime] = utcnow) -> Metrics:
@@ -54,6 +63,18 @@ async def read_metrics(db: Database, window_s: float = 300.0, clock: Callable[[]
             .where(Job.started_at.is_not(None),
                    (Job.finished_at >= since) | (Job.status == JobStatus.RUNNING.value))
             .group_by(Job.worker, Job.started_at))).all()
+        images_by_worker = dict((await session.execute(
+            select(Job.worker, func.count(Image.id)).join(Job, Job.id == Image.job_id)
+            .where(Image.created_at >= since, Job.worker.is_not(None)).group_by(Job.worker))).all())
+        registered = (await session.execute(select(WorkerRow.id, WorkerRow.status))).all()
+    busy_by_worker: dict[str, list[tuple[datetime, datetime]]] = {}
+    for worker, start, end in batches:
+        if worker is not None:
+            busy_by_worker.setdefault(worker, []).append((max(start, since), end))
+    names = {worker for worker, _ in registered} | set(busy_by_worker) | set(images_by_worker)
+    statuses: dict[str, int] = {}
+    for _, status in registered:
+        statuses[status] = statuses.get(status, 0) + 1
     return Metrics(
         queue_length=counts.get(JobStatus.QUEUED.value, 0),
         jobs_by_status={status.value: counts.get(status.value, 0) for status in JobStatus},
@@ -62,6 +83,10 @@ async def read_metrics(db: Database, window_s: float = 300.0, clock: Callable[[]
         images_per_second=(recent_images or 0) / window_s,
         worker_busy_ratio=_covered_seconds([(max(s, since), e) for _, s, e in batches], now) / window_s,
         window_s=window_s,
+        workers={name: WorkerRates(images_per_second=images_by_worker.get(name, 0) / window_s,
+                                   busy_ratio=_covered_seconds(busy_by_worker.get(name, []), now) / window_s)
+                 for name in sorted(names)},
+        workers_by_status=statuses,
     )
 
 
@@ -113,6 +138,21 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily("easel_worker_busy_ratio",
                                 f"Share of the last {m.window_s:g} s some batch was running.",
                                 value=m.worker_busy_ratio)
+        registered = GaugeMetricFamily("easel_fleet_workers", "Registered workers by status.", labels=["status"])
+        for status, count in m.workers_by_status.items():
+            registered.add_metric([status], count)
+        yield registered
+        throughput = GaugeMetricFamily("easel_fleet_worker_images_per_second",
+                                       f"Images each worker made per second over the last {m.window_s:g} s.",
+                                       labels=["worker"])
+        busy = GaugeMetricFamily("easel_fleet_worker_busy_ratio",
+                                 f"Share of the last {m.window_s:g} s each worker had a batch in hand.",
+                                 labels=["worker"])
+        for worker, rates in m.workers.items():
+            throughput.add_metric([worker], rates.images_per_second)
+            busy.add_metric([worker], rates.busy_ratio)
+        yield throughput
+        yield busy
 
 
 class PrometheusExporter:

@@ -118,6 +118,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), default=None)  # "host:pid" while running
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Claims that served another user's job first because that worker had its model loaded while this
+    # was the fairer job (bot/queue.py, choose_head); at queue.affinity_max_passes it is served next.
+    passed_over: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     batch_size: Mapped[int | None] = mapped_column(Integer, default=None)  # images in its diffusers call
@@ -239,6 +242,30 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
     user: Mapped[User] = relationship(lazy="joined")
+
+
+class WorkerRow(Base):
+    """One running worker, as it last reported itself (bot/workers.py): written by the worker at start,
+    at each batch and every lease_s/4; deleted when it stops, or by another once it is stale."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # "host:pid", as jobs.worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))  # "cuda:0", "cpu", "mps"
+    device_name: Mapped[str] = mapped_column(String(255))  # "NVIDIA H100 80GB HBM3", the CPU's model
+    memory_used_mb: Mapped[int] = mapped_column(Integer)  # the device's memory in use by this worker
+    memory_total_mb: Mapped[int] = mapped_column(Integer)
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)  # loaded, least recently used first
+    loras: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16))  # idle, busy, draining (bot.workers.WorkerStatus)
+    batch: Mapped[list[str]] = mapped_column(JSON, default=list)  # the job ids in hand
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    batches_done: Mapped[int] = mapped_column(Integer, default=0)
+    busy_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime] = mapped_column(index=True)  # expiry looks for old ones
 
 
 class IdempotencyKey(Base):

@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import lazyload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -32,12 +32,13 @@ from bot.config import Settings
 from bot.database import Database
 from bot.domain import JobStatus
 from bot.events import EventBus, EventKind
-from bot.models import Image, Job, JobEvent, User
+from bot.models import Image, Job, JobEvent, User, WorkerRow
 from bot.policy import Policy
 from bot.safety import WITHHOLD, ImageVerdict, flagged_category, image_action
 from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView, job_view
+from bot.workers import WorkerStatus
 
 
 def this_worker_id() -> str:
@@ -64,9 +65,83 @@ class RecoveryReport:
     failed: list[str]
 
 
+@dataclass(frozen=True)
+class Head:
+    """A user's oldest waiting job, as a claim sees it."""
+
+    model: str
+    passed_over: int  # claims that served a less fair job first, for model affinity
+    waited_s: float = 0.0  # since it was submitted
+
+
+def choose_head(heads: Sequence[Head], loaded_models: Collection[str], max_passes: int) -> int:
+    """Which of the heads, fairest first, a worker holding `loaded_models` serves (model affinity).
+
+    The fairest, unless its model is not loaded and a later head's is: then that one, since loading a
+    model costs seconds to minutes. A head passed over `max_passes` times already is never passed again,
+    nor is any head behind it; the heads in front of the one chosen are passed over once more. A worker
+    with no model loaded, or `max_passes` 0, serves the fairest.
+
+    >>> heads = [Head("sdxl", passed_over=0), Head("sd15", passed_over=0)]
+    >>> choose_head(heads, {"sd15"}, max_passes=4), choose_head(heads, {"sd15"}, max_passes=0)
+    (1, 0)
+    >>> choose_head([Head("sdxl", passed_over=4), Head("sd15", passed_over=0)], {"sd15"}, max_passes=4)
+    0
+    """
+    if max_passes and loaded_models:
+        for index, head in enumerate(heads):
+            if head.model in loaded_models:
+                return index
+            if head.passed_over >= max_passes:
+                break
+    return 0
+
+
+def leave_to_idle_worker(head: Head, loaded_models: Collection[str], idle_elsewhere: Collection[str],
+                         max_wait_s: float) -> bool:
+    """Whether a worker should leave `head` (the job choose_head picked) for another worker: true when it
+    would have to load the job's model, an idle worker elsewhere has it loaded (`idle_elsewhere`, from
+    the worker registry), and the job was submitted less than `max_wait_s` ago. That worker takes it at
+    its next poll; one the registry wrongly thinks idle delays the job by `max_wait_s` at most.
+
+    >>> leave_to_idle_worker(Head("sdxl", 0, waited_s=0.3), {"sd15"}, {"sdxl"}, max_wait_s=2)
+    True
+    >>> leave_to_idle_worker(Head("sdxl", 0, waited_s=2.5), {"sd15"}, {"sdxl"}, max_wait_s=2)
+    False
+    """
+    return head.model not in loaded_models and head.model in idle_elsewhere and head.waited_s < max_wait_s
+
+
 # The columns of GenerationParams.batch_key(): jobs equal in all of them share one diffusers call.
 BATCH_KEY_COLUMNS = (Job.kind, Job.model, Job.width, Job.height, Job.steps, Job.sampler, Job.cfg, Job.strength,
                      Job.loras, Job.motion)
+
+
+def _batch_key(row: Any) -> tuple[Any, ...]:
+    """The batch key of a row that ends with BATCH_KEY_COLUMNS."""
+    return tuple(row[-len(BATCH_KEY_COLUMNS):])
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    chosen: list[int]  # the seqs of the batch
+    passed: list[int] = field(default_factory=list)  # fairer heads passed over for model affinity
+    spare: list[int] = field(default_factory=list)  # the other heads, fairest first: taken if `chosen` is gone
+
+
+def _fill_from(free: Sequence[Job], order: list[int], max_images: int) -> list[Job]:
+    """The fairest of the `free` jobs (by their place in `order`), and those of its batch key after it,
+    up to `max_images` images."""
+    ranked = sorted(free, key=lambda job: order.index(job.seq))
+    if not ranked:
+        return []
+    key = [getattr(ranked[0], column.key) for column in BATCH_KEY_COLUMNS]
+    batch, images = [ranked[0]], ranked[0].n
+    for job in ranked[1:]:
+        if [getattr(job, column.key) for column in BATCH_KEY_COLUMNS] == key and images + job.n <= max_images:
+            batch.append(job)
+            images += job.n
+    return batch
 
 
 class JobQueue:
@@ -87,27 +162,38 @@ class JobQueue:
         """How long a running job may go without a heartbeat before another worker takes it back."""
         return timedelta(seconds=self.settings.queue.lease_s)
 
-    async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
-        """Mark up to `max_images` images' worth of compatible jobs running and return them."""
+    async def claim_batch(self, worker_id: str, max_images: int, loaded_models: Collection[str] = (),
+                          *, may_leave: bool = False) -> list[JobView]:
+        """Mark up to `max_images` images' worth of compatible jobs running and return them.
+
+        A worker holding `loaded_models` prefers their jobs within queue.affinity_max_passes
+        (choose_head); with `may_leave` (a worker that polls again soon, not a burst), it leaves a job it
+        would have to load a model for to an idle worker that has it (leave_to_idle_worker), and gets
+        nothing this time."""
         while True:
             # Choose in a read-only transaction: an idle worker's empty claims never take the write
             # lock that submissions need.
             async with self.db.unit_of_work(write=False) as uow:
-                chosen = await self._choose_batch(uow.session, max_images)
-            if not chosen:
+                choice = await self._choose_batch(uow.session, max_images, loaded_models,
+                                                  leave_for_others_than=worker_id if may_leave else None)
+            if not choice.chosen:
                 return []
-            views = await self._start(worker_id, chosen)
-            if views:  # else another worker took all of them meanwhile: choose again
+            views = await self._start(worker_id, choice, max_images)
+            if views:  # else other workers took all of them and the spare heads meanwhile: choose again
                 return views
 
-    async def _start(self, worker_id: str, chosen: list[int]) -> list[JobView]:
-        """Mark the chosen jobs running, leaving out any another worker took after they were chosen."""
+    async def _start(self, worker_id: str, choice: BatchChoice, max_images: int) -> list[JobView]:
+        """Mark the chosen jobs running, leaving out any another worker took after they were chosen; count
+        a pass on each fairer job passed over for them (model affinity)."""
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            batch = (await uow.session.scalars(
-                select(Job).where(Job.seq.in_(chosen), Job.status == JobStatus.QUEUED.value)
-                .options(lazyload(Job.images))
-                .order_by(Job.seq).with_for_update(skip_locked=True, of=Job))).unique().all()
+            batch, passed = await self._lock_queued(uow.session, choice.chosen), choice.passed
+            if not batch and choice.spare:
+                # Workers that claim at once read the same fair heads, and all but one find theirs taken.
+                # Rather than choosing again (the costly query), take the fairest spare heads still free.
+                free = await self._lock_queued(uow.session, choice.spare, fairest=max_images)
+                batch = _fill_from(free, choice.spare, max_images)
+                passed = []  # those passes were for the jobs another worker took
             images = sum(job.n for job in batch)
             for job in batch:
                 set_committed_value(job, "images", [])  # not read: a queued job has no images yet
@@ -119,27 +205,57 @@ class JobQueue:
                 job.batch_size = images
                 job.user.last_served_at = now
                 self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
+            if batch and passed:
+                await uow.session.execute(update(Job).where(Job.seq.in_(passed), Job.status == JobStatus.QUEUED.value)
+                                          .values(passed_over=Job.passed_over + 1))
             await uow.commit()
-            return [job_view(job, self.store.path_of) for job in batch]
+            return [job_view(job, self.store.location_of) for job in batch]
 
-    async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
-        """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.
+    @staticmethod
+    async def _lock_queued(session: AsyncSession, seqs: list[int], fairest: int | None = None) -> list[Job]:
+        """The jobs of `seqs` still queued, locked; those another worker has locked are left out. With
+        `fairest`, only that many, the first in the order of `seqs`: the others stay free for the other
+        workers claiming at the same moment."""
+        query = select(Job).where(Job.seq.in_(seqs), Job.status == JobStatus.QUEUED.value)
+        if fairest is None:
+            query = query.order_by(Job.seq)
+        else:
+            query = query.order_by(case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
+        return list((await session.scalars(
+            query.options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))).unique().all())
+
+    async def _choose_batch(self, session: AsyncSession, max_images: int, loaded_models: Collection[str] = (),
+                            leave_for_others_than: str | None = None) -> BatchChoice:
+        """The seqs of the next batch: the fairest head job (or, with affinity, a head for a model the
+        worker has loaded: choose_head), then compatible jobs to fill it; and the seqs of the fairer
+        heads passed over. Nothing when the head is better left to an idle worker other than
+        `leave_for_others_than` (when given) that has its model loaded.
 
         Only a few columns of the candidates are read; the chosen rows are loaded by the caller. One
         query usually settles it: the fair heads come with each user's count of waiting jobs, so when
         they are all there and each user waits for one job, there is nothing else to look for.
         """
-        limit = 4 * max_images
+        limit = 16 * max_images  # enough spare heads for workers that claim at the same moment (_start)
         heads = (await session.execute(self._fair_heads().limit(limit))).all()
         if not heads:
-            return []
-        head, key = heads[0], tuple(heads[0][3:])
+            return BatchChoice([])
+        now = self.clock()
+        candidates = [Head(row.model, row.passed_over, (now - row.created_at).total_seconds()) for row in heads]
+        index = choose_head(candidates, loaded_models, self.settings.queue.affinity_max_passes)
+        max_wait_s = self.settings.queue.affinity_max_wait_s
+        if leave_for_others_than is not None and max_wait_s and candidates[index].model not in loaded_models \
+                and candidates[index].waited_s < max_wait_s:
+            idle_elsewhere = await self._models_on_idle_workers(session, leave_for_others_than)
+            if leave_to_idle_worker(candidates[index], loaded_models, idle_elsewhere, max_wait_s):
+                return BatchChoice([])
+        head, key = heads[index], _batch_key(heads[index])
+        passed = [row.seq for row in heads[:index]]
         same_key = [column == value if value is not None else column.is_(None)
                     for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
         chosen, images = [head.seq], head.n
         every_waiting_job_seen = len(heads) < limit and all(row.waiting == 1 for row in heads)
         # Fill: other users' first jobs in fair order, then anyone's in submission order.
-        fair = [row for row in heads[1:] if tuple(row[3:]) == key]
+        fair = [row for row in heads if row.seq != head.seq and _batch_key(row) == key]
         queries = [] if every_waiting_job_seen else [
             select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key).order_by(Job.seq)]
         if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
@@ -148,19 +264,27 @@ class JobQueue:
             rows = fair if query is None else (await session.execute(query.limit(limit))).all()
             for seq, n, *_ in rows:
                 if images >= max_images:
-                    return chosen
+                    return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
                 if seq not in chosen and images + n <= max_images:
                     chosen.append(seq)
                     images += n
-        return chosen
+        return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
+
+    async def _models_on_idle_workers(self, session: AsyncSession, other_than: str) -> set[str]:
+        """The models loaded on workers the registry shows idle and alive (a heartbeat within the lease)."""
+        alive_since = self.clock() - self.LEASE
+        rows = await session.scalars(select(WorkerRow.models).where(
+            WorkerRow.status == WorkerStatus.IDLE.value, WorkerRow.id != other_than,
+            WorkerRow.heartbeat_at >= alive_since))
+        return {model for models in rows for model in models}
 
     @staticmethod
     def _fair_heads() -> Select[Any]:
-        """Each user's oldest waiting job (seq, n, the user's waiting jobs, batch key), the least
-        recently served user first."""
+        """Each user's oldest waiting job (seq, n, the user's waiting jobs, its passes, when it was
+        submitted, batch key), the least recently served user first."""
         heads = (select(Job.user_id, func.min(Job.seq).label("seq"), func.count().label("waiting"))
                  .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
-        return (select(Job.seq, Job.n, heads.c.waiting, *BATCH_KEY_COLUMNS)
+        return (select(Job.seq, Job.n, heads.c.waiting, Job.passed_over, Job.created_at, *BATCH_KEY_COLUMNS)
                 .join(heads, Job.seq == heads.c.seq)
                 .join(User, User.id == Job.user_id)
                 .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))

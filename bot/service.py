@@ -101,7 +101,9 @@ class JobService:
         """
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
-        first, image_sha, mask_sha = self._prepare(command, inputs)
+        # On a thread: decoding the upload and storing it (a PUT, with an object store) must not hold up
+        # every other request this process serves.
+        first, image_sha, mask_sha = await asyncio.to_thread(self._prepare, command, inputs)
         jobs = _each_job(command, first)
         # Only the prompt: a negative prompt names what to keep *out* of the picture.
         decisions = [self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here) for params in jobs]
@@ -128,7 +130,7 @@ class JobService:
                     reply_to = requester.reply_to_others if i else None
                     job, position = await self._queue(uow, user, requester, params, decision, (image_sha, mask_sha),
                                                       at, now, reply_to, job_is_first=not i)
-                    queued.append(SubmitResult(job_view(job, self.store.path_of), position))
+                    queued.append(SubmitResult(job_view(job, self.store.location_of), position))
             except (QuotaExceeded, QueueFull) as error:
                 if len(jobs) > 1:
                     error.message = f"This prompt makes {len(jobs)} jobs (one per {{...}} option). {error.message}"
@@ -203,7 +205,7 @@ class JobService:
                                       f"(job {earlier.job_id}); use a new key for a new request")
         job = await uow.jobs.get(earlier.job_id)
         position = await uow.jobs.queue_position(job) if job.status == JobStatus.QUEUED else 0
-        return SubmitResult(job_view(job, self.store.path_of), position, replayed=True)
+        return SubmitResult(job_view(job, self.store.location_of), position, replayed=True)
 
     async def _refuse_prompt(self, uow: UnitOfWork, user: User, params: GenerationParams, decision: Decision,
                              now: datetime) -> str:
@@ -291,7 +293,7 @@ class JobService:
 
     async def get_job(self, job_id: str) -> JobView:
         async with self.db.unit_of_work(write=False) as uow:
-            return job_view(await uow.jobs.get(job_id), self.store.path_of)
+            return job_view(await uow.jobs.get(job_id), self.store.location_of)
 
     async def wait_until_final(self, job_id: str, timeout_s: float) -> JobView:
         """The job once it is done, failed or cancelled, or as it is after `timeout_s` (check
@@ -309,7 +311,7 @@ class JobService:
         """The first job with a result image of these bytes, or None."""
         async with self.db.unit_of_work(write=False) as uow:
             job = await uow.jobs.that_made(sha256)
-            return job_view(job, self.store.path_of) if job is not None else None
+            return job_view(job, self.store.location_of) if job is not None else None
 
     async def image_withheld(self, sha256: str) -> bool:
         """Whether any job's image with these bytes is withheld by the image check (not yet released)."""
@@ -327,7 +329,7 @@ class JobService:
         """Newest first; only the requester's own jobs when one is given."""
         owner = (requester.platform, requester.user_id) if requester is not None else None
         async with self.db.unit_of_work(write=False) as uow:
-            return [job_view(job, self.store.path_of) for job in await uow.jobs.newest(limit, owner=owner)]
+            return [job_view(job, self.store.location_of) for job in await uow.jobs.newest(limit, owner=owner)]
 
     async def quota(self, requester: Requester, command: GenerateCommand | None = None) -> QuotaStatus:
         """Units used and left today, the per-minute window, and what `command` (or a default /imagine)
@@ -367,7 +369,7 @@ class JobService:
                 raise InvalidCommand(f"Job {job.id} already {job.status}; there is nothing to cancel")
             await finish_job(uow, self.bus, job, JobStatus.CANCELLED, now=self.clock())
             await uow.commit()
-            return job_view(job, self.store.path_of)
+            return job_view(job, self.store.location_of)
 
     async def mark_delivered(self, job_id: str) -> None:
         """The owning adapter has shown the final result to the user."""
@@ -379,7 +381,7 @@ class JobService:
     async def undelivered(self, platform: str) -> list[JobView]:
         """Finished jobs of a platform whose result the adapter never confirmed (e.g. it was down)."""
         async with self.db.unit_of_work(write=False) as uow:
-            return [job_view(job, self.store.path_of) for job in await uow.jobs.undelivered(platform)]
+            return [job_view(job, self.store.location_of) for job in await uow.jobs.undelivered(platform)]
 
 
 # -- shared with the queue ---------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""The image store: PNG files on disk, named by the sha256 of their bytes.
+"""The image store: PNGs named by the sha256 of their bytes, in a folder or an S3-compatible bucket.
 
-Layout: `<root>/<sha[:2]>/<sha>.png`. Content addressing makes saving idempotent (the same bytes land
-on the same path) and lets the database refer to an image by its hash alone. Every generated image
-carries its generation parameters in a PNG `parameters` text chunk, in the format AUTOMATIC1111 and
-ComfyUI users paste back into their tools.
+Layout: `<root>/<sha[:2]>/<sha>.png` in a folder, `<prefix>/<sha[:2]>/<sha>.png` in a bucket. Content
+addressing makes saving idempotent (the same bytes land on the same name) and lets the database refer
+to an image by its hash alone. Every generated image carries its generation parameters in a PNG
+`parameters` text chunk, in the format AUTOMATIC1111 and ComfyUI users paste back into their tools.
 
 Example:
-    >>> store = ImageStore(settings.storage.data_dir / "images")      # doctest: +SKIP
+    >>> store = open_image_store(settings.storage)                    # doctest: +SKIP
     >>> stored = store.save_generated(image, params, seed=42)        # doctest: +SKIP
     >>> read_parameters(stored.path).splitlines()[-1]                # doctest: +SKIP
     'Steps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 42, Size: 512x512, Model: tiny'
@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -21,12 +22,16 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 
+from bot.config import StorageConfig
 from bot.domain import GenerationParams, JobKind, lora_tags
 from bot.errors import NotFound
 from bot.images import to_png_bytes
@@ -55,7 +60,7 @@ class StoredImage:
     """One PNG in the store."""
 
     sha256: str
-    path: Path
+    path: Path | str  # a FolderImageStore's file, an S3ImageStore's s3:// URL
     size_bytes: int
     width: int
     height: int
@@ -135,11 +140,10 @@ def read_parameters(source: Path | str | bytes) -> str | None:
         return text.get(PARAMETERS_KEY)
 
 
-class ImageStore:
-    """Content-addressed PNG files under `root`; safe to share between processes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+class ImageStore(ABC):
+    """Content-addressed PNGs: a folder on this host (FolderImageStore) or an S3-compatible bucket every
+    host shares (S3ImageStore). The adapters' image routes, the service and the worker read and write
+    images only through this interface; `open_image_store` picks the one the settings name."""
 
     def save_generated(self, image: Image.Image, params: GenerationParams, seed: int,
                        hashes: Sequence[tuple[str, str]] = ()) -> StoredImage:
@@ -156,15 +160,64 @@ class ImageStore:
             size = image.size
         return self._save(png_bytes, size)
 
-    def path_of(self, sha256: str) -> Path:
-        """Where the image with this hash lives (whether or not it exists)."""
-        if not _SHA256_HEX.fullmatch(sha256):
-            raise NotFound(f"{sha256!r} is not an image id; "
-                           f"image ids are 64 lower-case hexadecimal characters")
-        return self.root / sha256[:2] / f"{sha256}.png"
+    def open_image(self, sha256: str) -> Image.Image:
+        """A stored image, decoded (the worker's init images and masks)."""
+        return Image.open(io.BytesIO(self.read_bytes(sha256)))
 
+    @abstractmethod
+    def location_of(self, sha256: str) -> str:
+        """Where the image with this hash lives (whether or not it exists): a file path or an s3:// URL."""
+
+    @abstractmethod
     def read_bytes(self, sha256: str) -> bytes:
         """The PNG bytes of a stored image; NotFound when it is not in the store."""
+
+    @abstractmethod
+    async def exists(self, sha256: str) -> bool:
+        """Whether the image with this hash is in the store."""
+
+    @abstractmethod
+    def stream(self, sha256: str) -> AsyncIterator[bytes]:
+        """The PNG bytes in chunks, for an HTTP response that never holds a whole image in memory."""
+
+    def local_path(self, sha256: str) -> Path | None:
+        """The image's file on this host, for a store that has one (an HTTP server sends it as is)."""
+        return None
+
+    def presigned_url(self, sha256: str, expires_s: int) -> str | None:
+        """A URL anyone may GET the image from for `expires_s`, for a store that can sign one."""
+        return None
+
+    def _save(self, png: bytes, size: tuple[int, int]) -> StoredImage:
+        sha256 = hashlib.sha256(png).hexdigest()
+        location = self._put_once(_checked_id(sha256), png)
+        width, height = size
+        return StoredImage(sha256=sha256, path=location, size_bytes=len(png), width=width, height=height)
+
+    @abstractmethod
+    def _put_once(self, sha256: str, png: bytes) -> Path | str:
+        """Write `png` under its hash unless it is there already (same bytes, same name: a second save has
+        nothing to do); return its location."""
+
+
+class FolderImageStore(ImageStore):
+    """Content-addressed PNG files under `root`, `<root>/<sha[:2]>/<sha>.png`; safe to share between the
+    processes of one host."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_of(self, sha256: str) -> Path:
+        """Where the image with this hash lives (whether or not it exists)."""
+        return self.root / sha256[:2] / f"{_checked_id(sha256)}.png"
+
+    def location_of(self, sha256: str) -> str:
+        return str(self.path_of(sha256))
+
+    def local_path(self, sha256: str) -> Path | None:
+        return self.path_of(sha256)
+
+    def read_bytes(self, sha256: str) -> bytes:
         path = self.path_of(sha256)
         try:
             return path.read_bytes()
@@ -172,13 +225,96 @@ class ImageStore:
             raise NotFound(f"image {sha256} is not in the store (looked for {path}); "
                            f"it may have been deleted") from None
 
-    def _save(self, png: bytes, size: tuple[int, int]) -> StoredImage:
-        sha256 = hashlib.sha256(png).hexdigest()
+    async def exists(self, sha256: str) -> bool:
+        return self.path_of(sha256).is_file()
+
+    async def stream(self, sha256: str) -> AsyncIterator[bytes]:
+        yield await asyncio.to_thread(self.read_bytes, sha256)
+
+    def _put_once(self, sha256: str, png: bytes) -> Path:
         path = self.path_of(sha256)
-        if not path.exists():  # same bytes, same name: a second save has nothing to do
+        if not path.exists():
             _write_atomically(path, png)
-        width, height = size
-        return StoredImage(sha256=sha256, path=path, size_bytes=len(png), width=width, height=height)
+        return path
+
+
+class S3ImageStore(ImageStore):
+    """Content-addressed PNG objects `<prefix>/<sha[:2]>/<sha>.png` in an S3-compatible bucket, shared by
+    every host of a fleet. Writes are conditional (If-None-Match), so two workers storing the same image
+    write it once.
+
+    The client is obstore (Rust's object_store): one small wheel with no Python dependencies, sync and
+    async calls, streaming reads, presigned URLs, the standard AWS variables and instance credentials."""
+
+    def __init__(self, images_url: str, *, endpoint: str = "", region: str = "") -> None:
+        # Imported here, not at the top: loading the client takes a tenth of a second that a single host,
+        # storing images in a folder, never needs to spend.
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+        from obstore.store import S3Store
+
+        self._obstore, self._already_exists = obstore, AlreadyExistsError
+
+        parts = urlsplit(images_url)
+        self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
+        config: dict[str, str] = {}
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint:
+            config["endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                config["allow_http"] = "true"  # a store on the local network (MinIO, a test server)
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        config["region"] = region
+        self._store = S3Store(self.bucket, prefix=self.prefix or None, config=config,
+                              client_options={"allow_http": endpoint.startswith("http://")})
+
+    @staticmethod
+    def key_of(sha256: str) -> str:
+        """The object's key below the prefix."""
+        return f"{sha256[:2]}/{_checked_id(sha256)}.png"
+
+    def location_of(self, sha256: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{self.key_of(sha256)}"
+
+    def read_bytes(self, sha256: str) -> bytes:
+        try:
+            return bytes(self._obstore.get(self._store, self.key_of(sha256)).bytes())
+        except FileNotFoundError:
+            raise NotFound(f"image {sha256} is not in the store (looked for {self.location_of(sha256)}); "
+                           f"it may have been deleted") from None
+
+    async def exists(self, sha256: str) -> bool:
+        try:
+            await self._obstore.head_async(self._store, self.key_of(sha256))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def stream(self, sha256: str) -> AsyncIterator[bytes]:
+        answer = await self._obstore.get_async(self._store, self.key_of(sha256))
+        async for chunk in answer.stream():
+            yield bytes(chunk)
+
+    def presigned_url(self, sha256: str, expires_s: int) -> str | None:
+        return self._obstore.sign(self._store, "GET", self.key_of(sha256), timedelta(seconds=expires_s))
+
+    def _put_once(self, sha256: str, png: bytes) -> str:
+        with contextlib.suppress(self._already_exists):  # another worker stored these very bytes first
+            self._obstore.put(self._store, self.key_of(sha256), png, mode="create")
+        return self.location_of(sha256)
+
+
+def open_image_store(storage: StorageConfig) -> ImageStore:
+    """The store `storage.images_url` names: an S3 bucket, or by default the folder <data_dir>/images."""
+    if storage.images_url:
+        return S3ImageStore(storage.images_url, endpoint=storage.s3_endpoint, region=storage.s3_region)
+    return FolderImageStore(storage.data_dir / "images")
+
+
+def _checked_id(sha256: str) -> str:
+    if not _SHA256_HEX.fullmatch(sha256):
+        raise NotFound(f"{sha256!r} is not an image id; image ids are 64 lower-case hexadecimal characters")
+    return sha256
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -109,7 +109,7 @@ def image_view(image: Image, path: str) -> ImageView:
 
 
 def job_view(job: Job, image_path: Any) -> JobView:
-    """`image_path` maps a sha256 to the file's path (the image store's `path_of`)."""
+    """`image_path` maps a sha256 to where the image lives (the image store's `location_of`)."""
     return JobView(
         id=job.id, status=JobStatus(job.status), params=params_of(job), platform=job.platform,
         user_id=job.user.platform_user_id, display_name=job.user.display_name,

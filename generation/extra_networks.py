@@ -58,6 +58,7 @@ class ModelNetworks:
         self.pipe = pipe
         self.networks = networks
         self.adapters: OrderedDict[str, int] = OrderedDict()  # adapter name -> bytes, least recent first
+        self.lora_names: dict[str, str] = {}  # adapter name -> the LoRA's name (its file stem)
         self.embeddings: dict[str, LoadedEmbedding] = {}
         self._active = False
         self._fused: list[tuple[str, float]] = []  # the (adapter, weight) pairs added into the weights now
@@ -129,6 +130,7 @@ class ModelNetworks:
         self._unfuse()
         self.pipe.delete_adapters(adapter)
         freed = self.adapters.pop(adapter, 0)
+        self.lora_names.pop(adapter, None)
         if not self.adapters:
             self._active = False
         return freed
@@ -160,6 +162,7 @@ class ModelNetworks:
             raise GenerationFailed(f"LoRA {found.name!r} changes no layer of model {self.model_name!r}; it is "
                                    "probably for another kind of model")
         self.adapters[adapter] = _tensor_bytes(header, self.pipe.unet.dtype)
+        self.lora_names[adapter] = found.name
         return adapter
 
     def _text_width(self) -> int:

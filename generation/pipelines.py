@@ -15,6 +15,9 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import os
+import platform
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -51,6 +54,7 @@ from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed, first_line
 from bot.extra_networks import ExtraNetworks
 from bot.outpaint import feathered_mask
+from bot.workers import DeviceReport
 from generation.builtin import ensure_builtin
 from generation.extra_networks import ModelNetworks
 from generation.prompt_embeds import PromptEncoder
@@ -421,6 +425,15 @@ class DiffusersGenerator:
         """Loaded model names, least recently used first."""
         return list(self._weights_bytes)
 
+    @property
+    def loaded_loras(self) -> list[str]:
+        """The names of the LoRAs loaded into any model."""
+        return sorted({name for loaded in self._loaded_networks.values() for name in loaded.lora_names.values()})
+
+    def device_report(self) -> DeviceReport:
+        """This generator's device, its name and memory (the worker registry's `easel workers` columns)."""
+        return device_report(self.device)
+
     def _check_model(self, model_name: str) -> None:
         self._model(model_name)
 
@@ -534,6 +547,43 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def device_report(device: torch.device) -> DeviceReport:
+    """The device's name and memory: what this process holds of a GPU's, or its resident size on a CPU."""
+    mb = 2**20
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return DeviceReport(device=str(device), name=properties.name,
+                            memory_used_mb=int(torch.cuda.memory_reserved(device) // mb),
+                            memory_total_mb=int(properties.total_memory // mb))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return DeviceReport(device=str(device), name=_cpu_name(), memory_used_mb=_resident_bytes() // mb,
+                        memory_total_mb=int(total // mb))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux); its peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _free_memory(device: torch.device) -> None:

@@ -18,8 +18,10 @@ restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +43,7 @@ from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView
+from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.animation import animate, write_mp4
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
@@ -132,6 +135,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._exit_process = exit_process
         self._in_hand: ProgressReporter | None = None  # the batch being generated or finished
+        self._claimed: Sequence[JobView] = ()  # the batch from its claim until it is finished
+        self.registry = WorkerRegistry(queue.db, queue.clock, settings.queue.worker_expiry_s)
+        self._started_at = queue.clock()
 
     @property
     def batch_in_hand(self) -> ProgressReporter | None:
@@ -146,26 +152,38 @@ class Worker:
         if self.settings.generation.compile:  # trace the compiled UNet now, not in a user's first job
             await on_torch_thread(self.generator.warm, self.settings.generation.default_model)
         await self._upkeep(prune=True)  # before the first claim: what a dead worker left goes first
+        await self._report()
         watchdog = self._start_watchdog()
         upkeep = asyncio.create_task(self._keep_up(), name=f"easel-upkeep-{self.worker_id}")
         try:
             while not self._stop.is_set():
                 await self._wait_for_a_fuller_batch()
+                if self._stop.is_set():  # draining: claim nothing new
+                    break
                 # Taken before claiming: a job submitted while the claim runs still wakes the idle wait.
                 marker = self.queue.bus.change_marker()
-                batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch)
+                # A burst worker never leaves a job to another: it would stop with the job still queued.
+                batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch,
+                                                     loaded_models=self._loaded_models(), may_leave=not burst)
                 if not batch:
                     if burst:
                         break
                     await self._idle(poll_s, marker)
                     continue
                 started = time.monotonic()
-                await self._run_batch(batch)
+                self._claimed = batch
+                await self._report()
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    self._claimed = ()
                 self.stats.batches += 1
                 self.stats.busy_seconds += time.monotonic() - started
+                await self._report()
         finally:
             upkeep.cancel()
             await asyncio.gather(upkeep, return_exceptions=True)
+            await asyncio.shield(self._forget())
             if watchdog is not None:
                 watchdog.stop()
         return self.stats
@@ -210,11 +228,17 @@ class Worker:
         hand while it makes progress, and take back the jobs of workers that died or stalled."""
         last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.queue.lease_s / 4)
+            beat_s = self.settings.queue.lease_s / 4
+            if self._stop.is_set():
+                await asyncio.sleep(beat_s)
+            else:  # stop() cuts the wait short once, so the registry shows `draining` at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), beat_s)
             try:
                 await self._heartbeat()
             except Exception:  # the database may be briefly busy: the next beat comes soon
                 log.warning("heartbeat of %s failed", self.worker_id, exc_info=True)
+            await self._report()
             prune = time.monotonic() - last_prune > PRUNE_EVERY_S
             try:
                 await self._upkeep(prune=prune)
@@ -245,6 +269,40 @@ class Worker:
                         len(report.failed), ", ".join(report.failed))
         if prune:
             await self.queue.prune_progress_events()
+            if expired := await self.registry.expire():
+                log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
+
+    def _loaded_models(self) -> list[str]:
+        """The models the generator holds (a test's fake generator holds none): affinity prefers their jobs."""
+        return list(getattr(self.generator, "loaded_models", []))
+
+    def status(self) -> WorkerStatus:
+        if self._stop.is_set():
+            return WorkerStatus.DRAINING
+        return WorkerStatus.BUSY if self._claimed else WorkerStatus.IDLE
+
+    async def _report(self) -> None:
+        """Write this worker's row of the registry (`easel workers`). A failure is logged, never raised:
+        the registry is for people watching, and the jobs must go on."""
+        models, loras = self._loaded_models(), list(getattr(self.generator, "loaded_loras", []))
+        describe = getattr(self.generator, "device_report", None)  # a test's fake generator has no device
+        host, _, pid = self.worker_id.rpartition(":")
+        report = WorkerReport(
+            worker_id=self.worker_id, host=host or socket.gethostname(), pid=int(pid) if pid.isdigit() else 0,
+            status=self.status(), device=describe() if describe is not None else DeviceReport(),
+            models=list(models), loras=list(loras), batch=[job.id for job in self._claimed],
+            images_done=self.stats.images, batches_done=self.stats.batches,
+            busy_seconds=self.stats.busy_seconds, started_at=self._started_at)
+        try:
+            await self.registry.report(report)
+        except Exception:
+            log.warning("could not write %s to the worker registry", self.worker_id, exc_info=True)
+
+    async def _forget(self) -> None:
+        try:
+            await self.registry.forget(self.worker_id)
+        except Exception:
+            log.warning("could not remove %s from the worker registry", self.worker_id, exc_info=True)
 
     async def _run_batch(self, batch: Sequence[JobView]) -> None:
         try:
@@ -275,7 +333,8 @@ class Worker:
                 self._in_hand.progressed()
 
     async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
-        tasks = [self._task_for(job) for job in batch]
+        # On a thread: an init image or mask may come from an object store, a GET the loop must not wait on.
+        tasks = await asyncio.to_thread(lambda: [self._task_for(job) for job in batch])
         progress = ProgressReporter(self.queue, [job.id for job in batch],
                                     self.settings.generation.progress_every_s,
                                     TimeLimit.of(tasks, self.settings.queue), worker_id=self.worker_id)
@@ -309,7 +368,7 @@ class Worker:
         def load(sha: str | None, mode: str) -> Image.Image | None:
             if sha is None:
                 return None
-            with Image.open(self.store.path_of(sha)) as image:
+            with self.store.open_image(sha) as image:
                 return image.convert(mode)
 
         return GenerationTask(params=job.params, init_image=load(job.init_image_sha, "RGB"),

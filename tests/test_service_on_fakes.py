@@ -20,7 +20,7 @@ from bot.models import Job, JobEvent, User
 from bot.policy import Policy
 from bot.safety import PromptCheck
 from bot.service import JobService
-from bot.store import ImageStore
+from bot.store import FolderImageStore
 from tests.conftest import alice, bob
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -87,7 +87,7 @@ def a_job(job_id: str, owner: User, status: JobStatus = JobStatus.QUEUED) -> Job
 
 def service_over(db: FakeDatabase, settings: Settings) -> JobService:
     clock = Clock(NOW)
-    return JobService(settings, db, ImageStore(settings.storage.data_dir / "images"),
+    return JobService(settings, db, FolderImageStore(settings.storage.data_dir / "images"),
                       EventBus(db, clock=clock), policy=Policy(settings),
                       prompt_check=PromptCheck.from_settings(settings.safety),
                       fetcher=ImageFetcher(settings.fetch), clock=clock)

@@ -12,7 +12,7 @@ from PIL import Image
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import NotFound
 from bot.images import to_png_bytes
-from bot.store import A1111_SAMPLER_NAMES, ImageStore, a1111_parameters, read_parameters
+from bot.store import A1111_SAMPLER_NAMES, FolderImageStore, a1111_parameters, read_parameters
 
 
 def picture(seed: int = 1) -> Image.Image:
@@ -21,8 +21,8 @@ def picture(seed: int = 1) -> Image.Image:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ImageStore:
-    return ImageStore(tmp_path / "images")
+def store(tmp_path: Path) -> FolderImageStore:
+    return FolderImageStore(tmp_path / "images")
 
 
 # The parameters text
@@ -64,7 +64,7 @@ def test_a_model_name_with_a_comma_is_quoted_like_a1111() -> None:
 # Saving and reading back
 
 
-def test_parameters_chunk_round_trips(store: ImageStore) -> None:
+def test_parameters_chunk_round_trips(store: FolderImageStore) -> None:
     params = GenerationParams(JobKind.EDIT, "a red fox\nin snow", negative="low quality", strength=0.6,
                               seed=9)
     stored = store.save_generated(picture(), params, seed=10)
@@ -74,12 +74,12 @@ def test_parameters_chunk_round_trips(store: ImageStore) -> None:
     assert read_parameters(store.read_bytes(stored.sha256)) == expected
 
 
-def test_an_image_without_the_chunk_reads_none(store: ImageStore) -> None:
+def test_an_image_without_the_chunk_reads_none(store: FolderImageStore) -> None:
     stored = store.save_input(to_png_bytes(picture()))
     assert read_parameters(stored.path) is None
 
 
-def test_layout_and_metadata(store: ImageStore) -> None:
+def test_layout_and_metadata(store: FolderImageStore) -> None:
     stored = store.save_generated(picture(), GenerationParams(JobKind.IMAGINE, "a cat"), seed=1)
     assert stored.path == store.root / stored.sha256[:2] / f"{stored.sha256}.png"
     assert stored.path == store.path_of(stored.sha256)
@@ -91,19 +91,19 @@ def test_layout_and_metadata(store: ImageStore) -> None:
 
 def test_same_pixels_and_parameters_give_the_same_file(tmp_path: Path) -> None:
     params = GenerationParams(JobKind.IMAGINE, "a cat", seed=3)
-    first = ImageStore(tmp_path / "a").save_generated(picture(), params, seed=3)
-    second = ImageStore(tmp_path / "b").save_generated(picture(), params, seed=3)
+    first = FolderImageStore(tmp_path / "a").save_generated(picture(), params, seed=3)
+    second = FolderImageStore(tmp_path / "b").save_generated(picture(), params, seed=3)
     assert first.sha256 == second.sha256
     assert first.path.read_bytes() == second.path.read_bytes()
 
 
-def test_another_seed_gives_another_file(store: ImageStore) -> None:
+def test_another_seed_gives_another_file(store: FolderImageStore) -> None:
     params = GenerationParams(JobKind.IMAGINE, "a cat", seed=3)
     first, second = store.save_generated(picture(), params, 3), store.save_generated(picture(), params, 4)
     assert first.sha256 != second.sha256
 
 
-def test_saving_twice_is_a_no_op(store: ImageStore) -> None:
+def test_saving_twice_is_a_no_op(store: FolderImageStore) -> None:
     png = to_png_bytes(picture())
     first = store.save_input(png)
     modified = first.path.stat().st_mtime_ns
@@ -113,7 +113,7 @@ def test_saving_twice_is_a_no_op(store: ImageStore) -> None:
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [first.path.name]
 
 
-def test_writes_leave_no_temporary_files(store: ImageStore) -> None:
+def test_writes_leave_no_temporary_files(store: FolderImageStore) -> None:
     for seed in range(3):
         store.save_input(to_png_bytes(picture(seed)))
     files = [p for p in store.root.rglob("*") if p.is_file()]
@@ -122,7 +122,7 @@ def test_writes_leave_no_temporary_files(store: ImageStore) -> None:
 
 
 def test_a_failed_write_leaves_neither_the_image_nor_a_temporary_file(
-    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+    store: FolderImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def killed(*args: object) -> None:
         raise KeyboardInterrupt  # the process is stopped between writing and renaming
@@ -134,7 +134,7 @@ def test_a_failed_write_leaves_neither_the_image_nor_a_temporary_file(
     assert [p for p in store.root.rglob("*") if p.is_file()] == []
 
 
-def test_save_input_wants_png(store: ImageStore) -> None:
+def test_save_input_wants_png(store: FolderImageStore) -> None:
     with pytest.raises(ValueError, match="PNG bytes"):
         store.save_input(b"\xff\xd8\xff\xe0 a jpeg")
 
@@ -142,12 +142,12 @@ def test_save_input_wants_png(store: ImageStore) -> None:
 # Looking images up
 
 
-def test_a_missing_image_is_not_found(store: ImageStore) -> None:
+def test_a_missing_image_is_not_found(store: FolderImageStore) -> None:
     with pytest.raises(NotFound, match="is not in the store"):
         store.read_bytes("0" * 64)
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc/passwd", "abc", "A" * 64, "g" * 64])
-def test_a_malformed_id_is_not_found(store: ImageStore, bad_id: str) -> None:
+def test_a_malformed_id_is_not_found(store: FolderImageStore, bad_id: str) -> None:
     with pytest.raises(NotFound, match="is not an image id"):
         store.read_bytes(bad_id)

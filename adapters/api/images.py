@@ -1,12 +1,15 @@
 """GET /v1/images/{sha256}: a stored PNG; GET /v1/videos/{sha256}: the /animate clip whose poster that is.
-The link is the permission, except for a withheld image."""
+The link is the permission, except for a withheld image.
+
+From a folder store the file is sent as is; from an object store the bytes are streamed through, or,
+with `storage.image_links = "redirect"`, the answer is a 307 to a presigned URL, so the store serves
+the bytes and Easel's HTTP server does not.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from adapters.api.deps import CoreDep, Credentials, KeysDep
 from adapters.api.schemas import errors
@@ -15,17 +18,31 @@ from bot.errors import NotFound, Refused
 
 router = APIRouter()
 
+IMMUTABLE = "public, max-age=31536000, immutable"  # the link names the bytes: they never change
+PRIVATE = "private, no-store"
+
 
 @router.get("/v1/images/{sha256}", tags=["images"], response_class=FileResponse, responses={
     200: {"description": "the PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+    307: {"description": "with storage.image_links = \"redirect\": the PNG at a presigned object-store URL"},
     **errors(403, 404, 422)}, openapi_extra={"security": [{}]})  # added to the bearer: the key is optional
-async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> FileResponse:
+async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> Response:
     """A PNG by the SHA-256 in its link. The link is the permission: it needs no key, so it can be
     shown in a browser or chat. An image the image check withheld is served only to a moderator's key."""
-    path = core.store.path_of(sha256)
-    if not path.is_file():
+    store = core.store
+    if not await store.exists(sha256):
         raise NotFound(f"No image {sha256}")
-    return await _served(core, keys, credentials, sha256, path, "image/png")
+    withheld = await _check_allowed(core, keys, credentials, sha256)
+    headers = {"Cache-Control": PRIVATE if withheld else IMMUTABLE}
+    if (path := store.local_path(sha256)) is not None:
+        return FileResponse(path, media_type="image/png", headers=headers)
+    storage = core.settings.storage
+    # A presigned URL is a bearer link anyone may pass on: never one for a withheld image.
+    if storage.image_links == "redirect" and not withheld:
+        url = store.presigned_url(sha256, storage.presigned_url_s)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": PRIVATE})
+    return StreamingResponse(store.stream(sha256), media_type="image/png", headers=headers)
 
 
 @router.get("/v1/videos/{sha256}", tags=["images"], response_class=FileResponse, responses={
@@ -38,15 +55,16 @@ async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Cred
     path = video_path(core.settings.storage.data_dir, job.id) if job is not None else None
     if path is None or not path.is_file():
         raise NotFound(f"No video for image {sha256}")
-    return await _served(core, keys, credentials, sha256, path, "video/mp4")
+    withheld = await _check_allowed(core, keys, credentials, sha256)
+    return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": PRIVATE if withheld else IMMUTABLE})
 
 
-async def _served(core: CoreDep, keys: KeysDep, credentials: Credentials, sha256: str, path: Path,
-                  media_type: str) -> FileResponse:
-    if await core.service.image_withheld(sha256):
-        key = await keys.authenticate(credentials.credentials) if credentials else None
-        if key is None or not core.service.policy.is_moderator(key.requester()):
-            raise Refused("This image was withheld by the image check; only a moderator can open it. "
-                          "Its owner can appeal with /appeal JOB_ID <why>")
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, no-store"})
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+async def _check_allowed(core: CoreDep, keys: KeysDep, credentials: Credentials, sha256: str) -> bool:
+    """Whether the image check withheld this image; Refused unless the key is a moderator's then."""
+    if not await core.service.image_withheld(sha256):
+        return False
+    key = await keys.authenticate(credentials.credentials) if credentials else None
+    if key is None or not core.service.policy.is_moderator(key.requester()):
+        raise Refused("This image was withheld by the image check; only a moderator can open it. "
+                      "Its owner can appeal with /appeal JOB_ID <why>")
+    return True

@@ -37,7 +37,6 @@ import asyncio
 import base64
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Request
@@ -434,7 +433,7 @@ async def images_out(request: Request, core: Core, job: JobView, body: BaseModel
     as_url = getattr(body, "response_format", None) == "url"
     data = []
     for image in delivery.images:
-        encoded = None if as_url else base64.b64encode(await asyncio.to_thread(Path(image.path).read_bytes))
+        encoded = None if as_url else base64.b64encode(await asyncio.to_thread(core.store.read_bytes, image.sha256))
         data.append({"url": image_url(base, image.sha256) if as_url else None,
                      "b64_json": encoded.decode() if encoded is not None else None,
                      "revised_prompt": job.params.prompt, "seed": image.seed, "spoiler": image.spoiler})

@@ -1,0 +1,149 @@
+"""Images in an S3-compatible object store (storage.images_url = "s3://BUCKET/PREFIX"), against a real
+S3 server on 127.0.0.1 (moto's server mode): generated through the real path, read back through the
+HTTP image route, streamed or redirected to a presigned URL."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from bot.bootstrap import Core, open_core
+from bot.config import ModelConfig, Settings, load_settings
+from bot.errors import ConfigError, NotFound
+from bot.store import S3ImageStore
+from generation.pipelines import DiffusersGenerator
+from generation.shapes import Description, describe
+from tests.conftest import png_bytes
+from tests.http_fixtures import running_worker, serving, wait_done
+from tests.s3_server import S3Server, s3_server, use_s3_environment
+
+BUCKET = "easel-images"
+SHAPES = '{"shapes": {"source": "builtin:shapes", "default_width": 64, "default_height": 64}}'
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shapes(models_dir: Path) -> DiffusersGenerator:
+    model = ModelConfig(source="builtin:shapes", default_width=64, default_height=64)
+    return DiffusersGenerator({"shapes": model}, device="cpu", dtype="float32", cache_dir=models_dir)
+
+
+def s3_settings(tmp_path: Path, models_dir: Path, prefix: str, **storage: object) -> Settings:
+    return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir,
+                                        "images_url": f"s3://{BUCKET}/{prefix}", **storage},
+                         generation={"poll_interval_ms": 50, "progress_every_s": 0},
+                         http={"port": 0})
+
+
+@pytest.fixture
+async def s3_core(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path, s3: S3Server,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Core]:
+    use_s3_environment(monkeypatch, s3)
+    monkeypatch.setenv("EASEL_MODELS", SHAPES)  # the pictures are read back: the model that draws shapes
+    monkeypatch.setenv("EASEL_GENERATION__DEFAULT_MODEL", "shapes")
+    links = getattr(request, "param", "stream")
+    core = await open_core(s3_settings(tmp_path, models_dir, prefix=request.node.name[:40], image_links=links))
+    try:
+        yield core
+    finally:
+        await core.close()
+
+
+async def generate(client: httpx.AsyncClient, prompt: str, **fields: object) -> dict:
+    response = await client.post("/v1/jobs", json={"kind": "imagine", "prompt": prompt, "seed": 1, **fields})
+    assert response.status_code == 202, response.text
+    job = await wait_done(client, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
+async def test_a_generated_image_lands_in_the_bucket_and_the_image_route_streams_it(
+        s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
+    async with serving(s3_core) as server, server.client(await server.new_key()) as client, \
+            running_worker(s3_core, shapes):
+        job = await generate(client, "a red circle on a blue background")
+        image = job["images"][0]
+        served = await httpx.AsyncClient().get(image["url"])  # the link, no key, as a chat shows it
+
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert describe(Image.open(io.BytesIO(served.content))) == Description("red", "circle", "blue")
+    sha = image["url"].rsplit("/", 1)[1]
+    prefix = s3_core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/")
+    assert s3.keys(BUCKET) and f"{prefix}/{sha[:2]}/{sha}.png" in s3.keys(BUCKET)
+    stored = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}/{sha[:2]}/{sha}.png")["Body"].read()
+    assert stored == served.content
+    assert not (s3_core.settings.storage.data_dir / "images").exists()  # nothing on this host's disk
+    assert (await s3_core.service.get_job(job["id"])).images[0].path == f"s3://{BUCKET}/{prefix}/{sha[:2]}/{sha}.png"
+
+
+@pytest.mark.parametrize("s3_core", ["redirect"], indirect=True)
+async def test_with_redirect_links_the_route_answers_307_to_a_presigned_url_the_store_serves(
+        s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
+    async with serving(s3_core) as server, server.client(await server.new_key()) as client, \
+            running_worker(s3_core, shapes):
+        job = await generate(client, "a yellow square on a black background")
+        link = job["images"][0]["url"]
+        answer = await httpx.AsyncClient().get(link)
+        followed = await httpx.AsyncClient(follow_redirects=True).get(link)
+
+    assert answer.status_code == 307
+    assert answer.headers["location"].startswith(f"{s3.endpoint}/{BUCKET}/")
+    assert "X-Amz-Signature=" in answer.headers["location"]
+    assert followed.status_code == 200 and str(followed.url).startswith(s3.endpoint)  # the store sent the bytes
+    assert describe(Image.open(io.BytesIO(followed.content))) == Description("yellow", "square", "black")
+
+
+async def test_an_uploaded_image_goes_to_the_bucket_and_the_worker_edits_it_from_there(
+        s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
+    async with serving(s3_core) as server, server.client(await server.new_key()) as client, \
+            running_worker(s3_core, shapes):
+        response = await client.post("/v1/jobs", data={"command": "/edit a green circle on a white background "
+                                                                  "--strength 0.3 --steps 4 --seed 1"},
+                                     files={"image": ("photo.png", png_bytes(64, 64, (255, 255, 255)), "image/png")})
+        assert response.status_code == 202, response.text
+        job = await wait_done(client, response.json()["id"])
+        upload = await client.get(job["inputs"]["image"])
+
+    assert job["status"] == "succeeded", job
+    assert upload.status_code == 200 and Image.open(io.BytesIO(upload.content)).getpixel((5, 5)) == (255, 255, 255)
+    upload_sha = job["inputs"]["image"].rsplit("/", 1)[1]
+    assert any(key.endswith(f"/{upload_sha}.png") for key in s3.keys(BUCKET))
+    assert not (s3_core.settings.storage.data_dir / "images").exists()
+
+
+async def test_the_same_bytes_are_stored_once_and_a_missing_image_is_not_found(
+        s3_core: Core, s3: S3Server) -> None:
+    prefix = s3_core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/")
+    first = s3_core.store.save_input(png_bytes(color=(1, 2, 3)))
+    again = s3_core.store.save_input(png_bytes(color=(1, 2, 3)))  # a second worker with the same image
+    assert first == again
+    assert [key for key in s3.keys(BUCKET) if key.startswith(f"{prefix}/")] == \
+        [f"{prefix}/{first.sha256[:2]}/{first.sha256}.png"]
+    assert s3_core.store.read_bytes(first.sha256) == png_bytes(color=(1, 2, 3))
+    missing = "0" * 64
+    assert not await s3_core.store.exists(missing)
+    with pytest.raises(NotFound, match="is not in the store"):
+        s3_core.store.read_bytes(missing)
+    async with serving(s3_core) as server:
+        assert (await httpx.AsyncClient().get(f"{server.url}/v1/images/{missing}")).status_code == 404
+
+
+def test_the_store_is_chosen_by_images_url_and_a_bad_url_names_the_fix(tmp_path: Path, models_dir: Path) -> None:
+    store = S3ImageStore(f"s3://{BUCKET}/a/b", endpoint="http://127.0.0.1:1")
+    assert store.location_of("ab" * 32) == f"s3://{BUCKET}/a/b/ab/{'ab' * 32}.png"
+    for bad in ("/srv/images", "http://bucket/prefix", "s3:///prefix"):
+        with pytest.raises(ConfigError, match=r"s3://BUCKET/PREFIX"):
+            load_settings(None, storage={"data_dir": tmp_path, "images_url": bad})
+    with pytest.raises(ConfigError, match=r"http:// or https://"):
+        load_settings(None, storage={"data_dir": tmp_path, "images_url": "s3://b/p", "s3_endpoint": "minio:9000"})
