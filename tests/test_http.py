@@ -246,7 +246,10 @@ async def receiving(receiver: Receiver):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", receiver.hook, methods=["POST"])]),
-                                           log_level="warning", lifespan="off"))
+                                           log_level="warning", lifespan="off",
+                                           # Easel's webhook client may keep its connection open: without a
+                                           # bound, uvicorn waits for it to close for ever (seen once in 700).
+                                           timeout_graceful_shutdown=3))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
