@@ -35,6 +35,7 @@ from bot.queue import JobQueue
 from bot.safety import PromptCheck
 from bot.service import JobService
 from bot.store import ImageStore
+from bot.teach import TeachService
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Core:
     policy: Policy
     prompt_check: PromptCheck
     service: JobService
+    teach: TeachService  # /teach: trainings on the same queue, and the trained words (bot/teach.py)
     moderation: Moderation  # /mod and /appeal
     apikeys: ApiKeys
     metrics: PrometheusExporter  # /metrics, read from the job rows at each scrape
@@ -74,6 +76,8 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     parser = CommandParser.from_settings(settings)
     service = JobService(settings, db, store, bus, policy=policy, prompt_check=prompt_check,
                          fetcher=ImageFetcher(settings.fetch), clock=clock, catalog=parser.catalog)
+    teach = TeachService(settings, db, store, bus, policy=policy, prompt_check=prompt_check, clock=clock,
+                         catalog=parser.catalog, networks=parser.networks)
     return Core(
         settings=settings,
         clock=clock,
@@ -85,7 +89,8 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         policy=policy,
         prompt_check=prompt_check,
         service=service,
-        moderation=Moderation(settings, db, policy, bus, clock),
+        teach=teach,
+        moderation=Moderation(settings, db, policy, bus, clock, teach=teach),
         apikeys=ApiKeys(db, clock),
         metrics=PrometheusExporter(db, clock),
         queue=JobQueue(settings, db, store, bus, policy, clock),

@@ -22,22 +22,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import lazyload
+from sqlalchemy.orm import aliased, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bot.clock import Clock
 from bot.config import Settings
 from bot.database import Database
-from bot.domain import JobStatus
+from bot.domain import JobKind, JobStatus
 from bot.events import EventBus, EventKind
-from bot.models import Image, Job, JobEvent, User
+from bot.models import Image, Job, JobEvent, Training, User
 from bot.policy import Policy
 from bot.safety import WITHHOLD, ImageVerdict, flagged_category, image_action
 from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView, job_view
+from bot.views import JobView, TrainingView, job_view, training_view
 
 
 def this_worker_id() -> str:
@@ -87,13 +87,14 @@ class JobQueue:
         """How long a running job may go without a heartbeat before another worker takes it back."""
         return timedelta(seconds=self.settings.queue.lease_s)
 
-    async def claim_batch(self, worker_id: str, max_images: int) -> list[JobView]:
-        """Mark up to `max_images` images' worth of compatible jobs running and return them."""
+    async def claim_batch(self, worker_id: str, max_images: int, *, train: bool = False) -> list[JobView]:
+        """Mark up to `max_images` images' worth of compatible jobs running and return them. A slice
+        of a training (kind teach) is claimed alone, and only by a worker that `train`s."""
         while True:
             # Choose in a read-only transaction: an idle worker's empty claims never take the write
             # lock that submissions need.
             async with self.db.unit_of_work(write=False) as uow:
-                chosen = await self._choose_batch(uow.session, max_images)
+                chosen = await self._choose_batch(uow.session, max_images, train)
             if not chosen:
                 return []
             views = await self._start(worker_id, chosen)
@@ -115,14 +116,16 @@ class JobQueue:
                 job.attempts += 1
                 job.worker = worker_id
                 job.started_at = job.heartbeat_at = now
-                job.progress_step, job.progress_total = 0, job.steps
+                # A training goes on from the steps its earlier slices ran.
+                job.progress_step = job.progress_step if job.kind == JobKind.TEACH.value else 0
+                job.progress_total = job.steps
                 job.batch_size = images
                 job.user.last_served_at = now
                 self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
             await uow.commit()
             return [job_view(job, self.store.path_of) for job in batch]
 
-    async def _choose_batch(self, session: AsyncSession, max_images: int) -> list[int]:
+    async def _choose_batch(self, session: AsyncSession, max_images: int, train: bool = False) -> list[int]:
         """The seqs of the next batch: the fairest head job, then compatible jobs to fill it.
 
         Only a few columns of the candidates are read; the chosen rows are loaded by the caller. One
@@ -130,10 +133,12 @@ class JobQueue:
         they are all there and each user waits for one job, there is nothing else to look for.
         """
         limit = 4 * max_images
-        heads = (await session.execute(self._fair_heads().limit(limit))).all()
+        heads = (await session.execute(self._fair_heads(train).limit(limit))).all()
         if not heads:
             return []
         head, key = heads[0], tuple(heads[0][3:])
+        if head.kind == JobKind.TEACH.value:
+            return [head.seq]  # one training slice at a time: it is not a diffusers call to share
         same_key = [column == value if value is not None else column.is_(None)
                     for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
         chosen, images = [head.seq], head.n
@@ -143,7 +148,7 @@ class JobQueue:
         queries = [] if every_waiting_job_seen else [
             select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key).order_by(Job.seq)]
         if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
-            fair, queries = [], [self._fair_heads().where(*same_key), *queries]
+            fair, queries = [], [self._fair_heads(train).where(*same_key), *queries]
         for query in (None, *queries):
             rows = fair if query is None else (await session.execute(query.limit(limit))).all()
             for seq, n, *_ in rows:
@@ -155,11 +160,18 @@ class JobQueue:
         return chosen
 
     @staticmethod
-    def _fair_heads() -> Select[Any]:
+    def _fair_heads(train: bool = False) -> Select[Any]:
         """Each user's oldest waiting job (seq, n, the user's waiting jobs, batch key), the least
-        recently served user first."""
+        recently served user first. A user's generation jobs go before their own waiting training
+        slice (which was queued before them), and trainings not at all unless `train`."""
+        other = aliased(Job)
+        generation_waits = select(other.seq).where(
+            other.user_id == Job.user_id, other.status == JobStatus.QUEUED.value,
+            other.kind != JobKind.TEACH.value).exists()
+        eligible = (or_(Job.kind != JobKind.TEACH.value, ~generation_waits) if train
+                    else Job.kind != JobKind.TEACH.value)
         heads = (select(Job.user_id, func.min(Job.seq).label("seq"), func.count().label("waiting"))
-                 .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
+                 .where(Job.status == JobStatus.QUEUED.value, eligible).group_by(Job.user_id).subquery())
         return (select(Job.seq, Job.n, heads.c.waiting, *BATCH_KEY_COLUMNS)
                 .join(heads, Job.seq == heads.c.seq)
                 .join(User, User.id == Job.user_id)
@@ -239,6 +251,47 @@ class JobQueue:
             await uow.commit()
         return True
 
+    # -- trainings (bot/teach.py): one queue entry, claimed once per slice of steps ------------------
+
+    async def training(self, job_id: str) -> TrainingView:
+        async with self.db.unit_of_work(write=False) as uow:
+            row = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            if row is None:
+                raise LookupError(f"job {job_id} is not a training")
+            return training_view(row)
+
+    async def requeue_slice(self, job_id: str, worker_id: str, step: int, loss: float, eta_s: float,
+                            sample: bytes | None = None) -> bool:
+        """A slice of a training ran to `step` and its state is checkpointed: put the training back in
+        the queue behind the other users' jobs (its owner was just served), with a progress event
+        (step, loss, seconds left, maybe a sample picture). False if it was cancelled or taken back."""
+        now = self.clock()
+        async with self.db.unit_of_work() as uow:
+            job = await uow.session.scalar(select(Job).where(Job.id == job_id).options(lazyload(Job.images)))
+            if job is None or job.status != JobStatus.RUNNING.value or job.worker != worker_id:
+                return False
+            training = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            training.losses = [*training.losses, round(loss, 5)]
+            job.status, job.worker, job.heartbeat_at = JobStatus.QUEUED.value, None, now
+            job.progress_step = step
+            job.attempts = 0  # a slice that ran to its end is no failed attempt
+            job.user.last_served_at = now
+            payload: dict[str, Any] = {"step": step, "total": job.steps, "loss": round(loss, 5),
+                                       "eta_s": round(eta_s, 1), "training": training.name}
+            if sample is not None:
+                payload["sample"] = "data:image/png;base64," + base64.b64encode(sample).decode()
+            self.bus.stage(uow, job, EventKind.PROGRESS, payload)
+            await uow.commit()
+        return True
+
+    async def record_training_loss(self, job_id: str, loss: float) -> None:
+        """The last slice's mean loss, before the training completes."""
+        async with self.db.unit_of_work() as uow:
+            training = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            if training is not None:
+                training.losses = [*training.losses, round(loss, 5)]
+            await uow.commit()
+
     async def fail(self, job_id: str, error: str, worker_id: str | None = None) -> None:
         """Mark a running job failed with `error`, the message its owner reads. With `worker_id`, only
         while it is still that worker's: a job taken back meanwhile belongs to its new worker."""
@@ -285,8 +338,9 @@ class JobQueue:
                         f"The worker stopped {job.attempts} times while running this job, so it was not "
                         f"retried again. Try fewer images (--n) or a smaller --size."))
                     report.failed.append(job.id)
-                else:
-                    job.status, job.worker, job.progress_step = JobStatus.QUEUED.value, None, 0
+                else:  # a training keeps its step: its checkpoint holds the slices it ran
+                    job.status, job.worker = JobStatus.QUEUED.value, None
+                    job.progress_step = job.progress_step if job.kind == JobKind.TEACH.value else 0
                     self.bus.stage(uow, job, EventKind.QUEUED, {"position": 1, "requeued": True})
                     report.requeued.append(job.id)
             await uow.commit()

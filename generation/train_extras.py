@@ -197,18 +197,20 @@ def train_lora(shape: str, steps: int, images: int, batch: int,
     return {key: value.detach().clone() for key, value in get_peft_model_state_dict(unet).items()}, log
 
 
-def save_kohya_lora(state: dict[str, torch.Tensor], path: Path, name: str, description: str) -> None:
-    """Write a diffusers/PEFT LoRA state dict in the kohya-ss format AUTOMATIC1111 and ComfyUI load."""
+def save_kohya_lora(state: dict[str, torch.Tensor], path: Path, name: str, description: str, rank: int = RANK,
+                    model: str = "builtin:shapes") -> None:
+    """Write a diffusers/PEFT LoRA state dict (rank `rank`, alpha = rank) in the kohya-ss format
+    AUTOMATIC1111 and ComfyUI load; `model` is the model it was trained for (`ss_sd_model_name`)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, part = key.rpartition(".lora_")  # "down_blocks.1.attentions.0...attn2.to_k", "A.weight"
         kohya = "lora_unet_" + module.replace(".", "_")
         tensors[f"{kohya}.lora_down.weight" if part.startswith("A") else f"{kohya}.lora_up.weight"] = \
             value.to(torch.float16).contiguous()
-        tensors[f"{kohya}.alpha"] = torch.tensor(float(RANK), dtype=torch.float16)
+        tensors[f"{kohya}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(RANK),
-        "ss_sd_model_name": "builtin:shapes", "ss_output_name": name, "ss_training_comment": description,
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        "ss_sd_model_name": model, "ss_output_name": name, "ss_training_comment": description,
         "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": name,
     }
     save_file(tensors, path, metadata=metadata)

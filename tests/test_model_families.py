@@ -110,14 +110,14 @@ def test_a_single_file_checkpoint_draws_what_its_diffusers_folder_draws(
     generator = DiffusersGenerator(catalog, device="cpu", dtype="float32", cache_dir=models_dir)
     pictures = {}
     for model in ("single", "folder"):
-        for kind in JobKind:
+        for kind in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
             params = GenerationParams(kind, "a lighthouse", width=64, height=64, steps=3, model=model, seed=11,
                                       strength=None if kind is JobKind.IMAGINE else 0.8)
             task = GenerationTask(params, init_image=None if kind is JobKind.IMAGINE else Image.new("RGB", (64, 64)),
                                   mask_image=Image.new("L", (64, 64), 255) if kind is JobKind.INPAINT else None)
             [[image]] = generator.generate([task])
             pictures[model, kind] = np.asarray(image)
-    for kind in JobKind:
+    for kind in (JobKind.IMAGINE, JobKind.EDIT, JobKind.INPAINT):
         assert np.array_equal(pictures["single", kind], pictures["folder", kind]), kind
 
 
