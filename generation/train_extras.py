@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -213,7 +214,18 @@ def save_kohya_lora(state: dict[str, torch.Tensor], path: Path, name: str, descr
         "ss_sd_model_name": model, "ss_output_name": name, "ss_training_comment": description,
         "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": name,
     }
-    save_file(tensors, path, metadata=metadata)
+    save_canonical(tensors, path, metadata)
+
+
+def save_canonical(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' own writer, with the header's keys in sorted order: the library writes the metadata
+    from a hash map whose order changes from process to process, so equal tensors would otherwise
+    make files that differ in their header's bytes."""
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as the library pads it
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
 
 
 # -- textual inversion -------------------------------------------------------------------------------------

@@ -232,7 +232,9 @@ def easel_env(data_dir: Path, models_dir: Path) -> dict[str, str]:
 def test_a_training_killed_mid_way_finishes_with_the_same_lora(tmp_path: Path, models_dir: Path) -> None:
     """`easel teach` uninterrupted, and `easel teach` SIGKILLed after its first checkpoint then finished by
     `easel worker --burst`, write the same bytes: the resumed slices start from the checkpointed LoRA
-    weights, optimizer moments, schedule and random generator, and compute what the first run did."""
+    weights, optimizer moments, schedule and random generator, and compute bit for bit what the first
+    run did (same machine, same thread count); the file's header is written in sorted order, since
+    safetensors' own order of its metadata changes from process to process."""
     folder = write_folder(tmp_path / "pictures", teaching_pictures(4))
     command = [sys.executable, "-m", "adapters.cli", "teach", "kept", str(folder), "--steps", "30",
                "-o", str(tmp_path / "out")]
