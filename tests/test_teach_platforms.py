@@ -1,5 +1,6 @@
-"""Starting a /teach training from each surface: the HTTP API's multipart POST /v1/trainings, the console
-chat's `/teach NAME FOLDER` (captions from .txt files), and `/quota /teach` there. The training itself is
+"""Starting a /teach training from each surface: the HTTP API's multipart POST /v1/trainings, the web chat
+(several pictures attached at once, in a real browser), the console chat's `/teach NAME FOLDER` (captions
+from .txt files), and `/quota /teach` there. The training itself is
 tested in tests/test_teach.py; here it is queued, with its pictures and captions, and nothing more.
 """
 
@@ -8,11 +9,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from playwright.async_api import expect
+
 from adapters.console import ConsoleChat
 from bot.domain import JobKind, JobStatus
 from tests.conftest import alice
 from tests.http_fixtures import server, settings  # noqa: F401
 from tests.test_teach import teaching_pictures, write_folder
+from tests.test_web import browser, chromium, open_chat  # noqa: F401
 
 
 async def test_a_training_is_posted_as_multipart_pictures_with_their_captions(server) -> None:  # noqa: F811
@@ -74,3 +78,19 @@ async def _teach_command(chat: ConsoleChat, line: str):
     text, folder = split_teach_folder(line)
     return chat.core.parser.parse(text), read_training_folder(folder)
 
+
+
+async def test_the_web_chat_teaches_from_several_attached_pictures(server, browser, tmp_path: Path) -> None:  # noqa: F811
+    page = await open_chat(browser, server.url)
+    folder = write_folder(tmp_path / "pics", teaching_pictures(3))
+    await page.locator("#file").set_input_files([str(path) for path in sorted(folder.glob("*.png"))])
+    await expect(page.locator("#log")).to_contain_text("Attached 3 pictures. Type /teach NAME")
+    await page.locator("#command").fill("/teach zorb --steps 40 a zorb thing")
+    await page.locator("#send").click()
+    await expect(page.locator("article.job .prompt")).to_have_text("teach: zorb")
+    await expect(page.locator("#log")).to_contain_text("Teaching: ")
+    [job] = await server.core.service.list_jobs()
+    training = await server.core.queue.training(job.id)
+    assert [caption for _, caption in training.pictures] == ["a zorb thing"] * 3  # the shared caption
+    assert training.steps == 40 and job.params.kind is JobKind.TEACH
+    assert page.errors == []  # type: ignore[attr-defined]

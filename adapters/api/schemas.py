@@ -367,6 +367,9 @@ class ProgressData(BaseModel):
     total: int
     preview: str | None = Field(None, description="a data: URL of a rough picture so far (generation.previews)")
     preview_spoiler: bool = Field(False, description="show the preview only behind a spoiler")
+    loss: float | None = Field(None, description="a /teach training: the mean loss of the slice that ended")
+    eta_s: float | None = Field(None, description="a /teach training: about how many seconds are left")
+    sample: str | None = Field(None, description="a /teach training: a data: URL of a picture made with it so far")
 
 
 class DoneData(BaseModel):

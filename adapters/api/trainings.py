@@ -33,12 +33,14 @@ class TrainingOut(SubmitOut):
     cost_units: float = Field(description="the quota units reserved for all its steps (bot/policy.py)")
 
 
-FIELDS = ("name", "kind", "steps", "rank", "trigger", "model", "shared_caption")
+FIELDS = ("command", "name", "kind", "steps", "rank", "trigger", "model", "shared_caption")
 TRAINING_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["name", "picture"], "additionalProperties": False,
+    "type": "object", "required": ["picture"], "additionalProperties": False,
     "properties": {
         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$",
                  "description": "what to call it: <lora:NAME>, and the trigger word unless `trigger`"},
+        "command": {"type": "string", "description": "instead of the other fields: the chat's "
+                    "`/teach NAME [--steps N] [--rank R] [--trigger WORD] [shared caption]` (the web chat)"},
         "picture": {"type": "array", "items": {"type": "string", "format": "binary"},
                     "description": "the pictures, teach.min_pictures to teach.max_pictures of them"},
         "caption": {"type": "array", "items": {"type": "string"},
@@ -85,11 +87,18 @@ async def submit_training(request: Request, core: CoreDep, key: Key, response: R
         else:
             raise InvalidCommand(f"unexpected field `{name[:40]}`; the fields are {', '.join(FIELDS)}, picture "
                                  "and caption")
-    if "name" not in fields:
+    if "command" in fields:
+        if set(fields) != {"command"}:
+            raise InvalidCommand("send either `command` (/teach NAME ...) or the separate fields, not both")
+        command = core.parser.parse(fields["command"])
+        if not isinstance(command, TeachCommand):
+            raise InvalidCommand("POST /v1/trainings takes /teach NAME ...; the other commands go to /v1/jobs")
+    elif "name" not in fields:
         raise InvalidCommand("`name` is missing: what to call the new word, e.g. name=mascot")
-    command = TeachCommand(name=fields["name"], kind=fields.get("kind", "lora"), steps=_whole(fields, "steps"),
-                           rank=_whole(fields, "rank"), trigger=fields.get("trigger"), model=fields.get("model"),
-                           caption=fields.get("shared_caption", ""))
+    else:
+        command = TeachCommand(name=fields["name"], kind=fields.get("kind", "lora"), steps=_whole(fields, "steps"),
+                               rank=_whole(fields, "rank"), trigger=fields.get("trigger"),
+                               model=fields.get("model"), caption=fields.get("shared_caption", ""))
     result = await core.teach.submit(key.requester(), command, pictures)
     base = base_url(core, request)
     response.headers["Location"] = f"{base}/v1/jobs/{result.job.id}"
