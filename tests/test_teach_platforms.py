@@ -1,7 +1,8 @@
-"""Starting a /teach training from each surface: the HTTP API's multipart POST /v1/trainings, the web chat
-(several pictures attached at once, in a real browser), the console chat's `/teach NAME FOLDER` (captions
-from .txt files), and `/quota /teach` there. The training itself is
-tested in tests/test_teach.py; here it is queued, with its pictures and captions, and nothing more.
+"""Starting a /teach training from each surface: the HTTP API's multipart POST /v1/trainings, the web
+chat (several pictures attached at once, in a real browser), a Telegram album with the command as one
+caption, the console chat's `/teach NAME FOLDER` (captions from .txt files), and `/quota /teach` there.
+The training itself is tested in tests/test_teach.py; here it is queued, with its pictures and
+captions, and nothing more.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from bot.domain import JobKind, JobStatus
 from tests.conftest import alice
 from tests.http_fixtures import server, settings  # noqa: F401
 from tests.test_teach import teaching_pictures, write_folder
+from tests.test_telegram import ALICE, fake, replies_to, running_bot, tg  # noqa: F401
 from tests.test_web import browser, chromium, open_chat  # noqa: F401
 
 
@@ -94,3 +96,19 @@ async def test_the_web_chat_teaches_from_several_attached_pictures(server, brows
     assert [caption for _, caption in training.pictures] == ["a zorb thing"] * 3  # the shared caption
     assert training.steps == 40 and job.params.kind is JobKind.TEACH
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_telegram_teaches_from_an_album_with_the_command_as_one_caption(tg, fake) -> None:  # noqa: F811
+    chat = fake.private(ALICE)
+    pictures = teaching_pictures(3)
+    async with running_bot(tg, fake):
+        command = fake.send(chat, photo=pictures[0].data, caption="/teach zorb --steps 40", media_group_id="a1")
+        for picture in pictures[1:]:  # the album's other pictures: their captions are their own
+            fake.send(chat, photo=picture.data, caption=picture.caption, media_group_id="a1")
+        await fake.wait_for(lambda: any("Teaching 'zorb' from 3 pictures" in m.shown for m in fake.chat(ALICE)),
+                            what="the training queued")
+    [job] = await tg.service.list_jobs()
+    training = await tg.queue.training(job.id)
+    assert [caption for _, caption in training.pictures] == ["zorb", *(p.caption for p in pictures[1:])]
+    assert training.steps == 40 and job.reply_to["status_message_id"]
+    assert replies_to(fake, ALICE, command)
