@@ -103,7 +103,7 @@ async def model(core: CoreDep, key: Key, model_id: str) -> dict[str, Any]:
     return model_out(core, found)
 
 
-@router.get("/v1/loras")
+@router.get("/v1/loras", responses=errors(401))
 async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
     """The installed LoRAs (`<lora:NAME:WEIGHT>` in a prompt) and textual-inversion embeddings (their
     name as a word in a prompt or negative prompt), each with `for` (the models it fits), its size and
@@ -114,7 +114,7 @@ async def loras(core: CoreDep, key: Key) -> dict[str, Any]:
             "text": networks.listing()}
 
 
-@router.get("/v1/styles")
+@router.get("/v1/styles", responses=errors(401))
 async def styles(core: CoreDep, key: Key) -> dict[str, Any]:
     """The styles of styles.csv (`--style NAME` in a command, `flag` being the NAME to write), each with
     its prompt (`{prompt}` marks where the user's goes) and negative prompt; `text` is the chat's

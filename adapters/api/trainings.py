@@ -34,24 +34,30 @@ class TrainingOut(SubmitOut):
 
 
 FIELDS = ("command", "name", "kind", "steps", "rank", "trigger", "model", "shared_caption")
-TRAINING_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["picture"], "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$",
-                 "description": "what to call it: <lora:NAME>, and the trigger word unless `trigger`"},
-        "command": {"type": "string", "description": "instead of the other fields: the chat's "
-                    "`/teach NAME [--steps N] [--rank R] [--trigger WORD] [shared caption]` (the web chat)"},
-        "picture": {"type": "array", "items": {"type": "string", "format": "binary"},
-                    "description": "the pictures, teach.min_pictures to teach.max_pictures of them"},
-        "caption": {"type": "array", "items": {"type": "string"},
-                    "description": "each picture's caption, in the pictures' order"},
-        "shared_caption": {"type": "string", "description": "the caption of pictures without their own"},
-        "kind": {"type": "string", "enum": ["lora"]},
-        "steps": {"type": "integer", "description": "teach.min_steps to teach.max_steps"},
-        "rank": {"type": "integer", "description": "teach.min_rank to teach.max_rank"},
-        "trigger": {"type": "string", "description": "the word that calls it (default: the name)"},
-        "model": {"type": "string", "description": "the model to train it for (default: the default model)"},
-    }}}}}}
+PICTURE_TYPES = "image/png, image/jpeg, image/webp, image/gif, image/bmp"
+TRAINING_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "encoding": {"picture": {"contentType": PICTURE_TYPES}},
+    "schema": {
+        "type": "object", "required": ["picture"], "additionalProperties": False,
+        # the separate fields with `name`, or the chat's command alone
+        "oneOf": [{"required": ["name"], "not": {"required": ["command"]}},
+                  {"required": ["command"], "not": {"required": ["name"]}}],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$",
+                     "description": "what to call it: <lora:NAME>, and the trigger word unless `trigger`"},
+            "command": {"type": "string", "description": "instead of the other fields: the chat's "
+                        "`/teach NAME [--steps N] [--rank R] [--trigger WORD] [shared caption]` (the web chat)"},
+            "picture": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 3,
+                        "maxItems": 30, "description": "the pictures, teach.min_pictures to teach.max_pictures"},
+            "caption": {"type": "array", "items": {"type": "string"},
+                        "description": "each picture's caption, each part right after its picture"},
+            "shared_caption": {"type": "string", "description": "the caption of pictures without their own"},
+            "kind": {"type": "string", "enum": ["lora"]},
+            "steps": {"type": "integer", "description": "teach.min_steps to teach.max_steps"},
+            "rank": {"type": "integer", "description": "teach.min_rank to teach.max_rank"},
+            "trigger": {"type": "string", "description": "the word that calls it (default: the name)"},
+            "model": {"type": "string", "description": "the model to train it for (default: the default model)"},
+        }}}}}}
 
 
 @router.post("/v1/trainings", tags=["jobs"], status_code=202, response_model=TrainingOut, openapi_extra=TRAINING_FORM,
