@@ -208,10 +208,10 @@ class ConsoleChat:
         bar: tqdm | None = None
         try:
             async for event in self.core.bus.watch(job.id):
-                if event.kind is EventKind.PROGRESS and event.payload.get("loss") is not None:
-                    self._training_progress(job, self.core.deliveries.of_event(event, job))
-                elif event.kind is EventKind.PROGRESS and self.progress:
-                    progress = self.core.deliveries.of_event(event, job)
+                progress = self.core.deliveries.of_event(event, job) if event.kind is EventKind.PROGRESS else None
+                if progress is not None and progress.loss is not None:
+                    self._training_progress(job, progress)
+                elif progress is not None and self.progress:
                     if bar is None:
                         bar = tqdm(total=progress.total, desc=f"job {job.id}", unit="step", file=self.out,
                                    leave=False)

@@ -282,7 +282,7 @@ class CommandParser:
             "  /models  the models, each with its family, size, default settings and what it is for",
             "  /loras  the installed LoRAs and embeddings, and what each is for",
             "  /teach NAME [--steps N] [--rank R] [--trigger WORD] [caption]  teach a new word from 3 or more of "
-            "your pictures (attached together); then NAME in your prompts calls it",
+            "your pictures, sent together; then NAME in your prompts calls it",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal|share|trained ...  moderators only (/mod alone explains)",

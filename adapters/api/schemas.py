@@ -99,6 +99,11 @@ class WithheldOut(BaseModel):
     message: str = Field(description="what happened, why, and how to appeal; show it instead of the image")
 
 
+class LoraUseOut(BaseModel):
+    name: str = Field(description="the LoRA's name (trained/u<id>/NAME: its owner's /teach word)")
+    weight: float
+
+
 class ParamsOut(BaseModel):
     """The settings a job runs with: the defaults filled in, the size fitted to an input picture."""
 
@@ -112,6 +117,8 @@ class ParamsOut(BaseModel):
     seed: int | None = Field(description="image i has seed + i; null only in a dry run without --seed "
                                          "(a random one is picked when the job is queued)")
     strength: float | None = Field(description="edit and inpaint: how much of the picture is redrawn")
+    loras: list[LoraUseOut] = Field(default_factory=list, description="its LoRAs, <lora:NAME:WEIGHT> and "
+                                    "--lora, and the trigger words of its owner's trained words")
 
 
 class JobOut(BaseModel):
