@@ -573,7 +573,7 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
-    assert "registered 11 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 12 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
