@@ -289,7 +289,7 @@ async def shapes_core(teach_core_settings: Settings):
     (TeachCommand("zorb"), [*teaching_pictures(2), TrainingPicture(png_bytes(2100, 64), "", "wide.png")],
      "picture 3 (wide.png) is 2100x64; each side may be at most 2048 pixels (teach.max_picture_side)"),
     (TeachCommand("zorb"), [*teaching_pictures(2), TrainingPicture(b"not a picture", "", "notes.txt")],
-     "the picture 3 (notes.txt) file"),
+     "the picture 3 (notes.txt) is not a PNG, JPEG, WebP, GIF or BMP file"),
 ])
 async def test_what_cannot_be_taught_is_refused_in_one_line_before_anything_is_queued(
         shapes_core: Core, command: TeachCommand, pictures: list[TrainingPicture], message: str) -> None:
