@@ -112,12 +112,13 @@ class Moderation:
 
     # -- /mod ----------------------------------------------------------------------------------------
 
-    async def _trained_owner(self, requester: Requester, reference: str | None) -> User | None:
+    async def _trained_owner(self, requester: Requester, reference: str | None) -> int | None:
+        """The users.id of the user named, whose trained word is meant; None: whoever trained it."""
         if reference is None:
             return None
         platform, user_id = self._target(requester, reference)
         async with self.db.unit_of_work(write=False) as uow:
-            return await self._user(uow, platform, user_id)
+            return (await self._user(uow, platform, user_id)).id
 
     async def share(self, requester: Requester, command: ModShareCommand) -> str:
         """/mod share NAME [user]: a trained word for everyone (bot/teach.py)."""

@@ -220,24 +220,24 @@ class TeachService:
             rows = (await uow.session.scalars(select(Training).order_by(Training.id))).all()
             return [training_view(row) for row in rows]
 
-    async def _find(self, uow: UnitOfWork, name: str, owner: User | None) -> Training:
+    async def _find(self, uow: UnitOfWork, name: str, owner_id: int | None) -> Training:
         query = select(Training).where(Training.name == name)
-        if owner is not None:
-            query = query.where(Training.user_id == owner.id)
+        if owner_id is not None:
+            query = query.where(Training.user_id == owner_id)
         rows = [row for row in (await uow.session.scalars(query)).all()
                 if JobStatus(row.job.status) not in (JobStatus.FAILED, JobStatus.CANCELLED)]
         if not rows:
-            raise NotFound(f"no trained word called {name[:40]!r}" + (" of that user" if owner else "")
+            raise NotFound(f"no trained word called {name[:40]!r}" + (" of that user" if owner_id else "")
                            + "; /mod trained lists them")
         if len(rows) > 1:
             owners = ", ".join(f"{row.user.platform}:{row.user.platform_user_id}" for row in rows)
             raise InvalidCommand(f"{len(rows)} users trained {name!r} ({owners}); name one: /mod share {name} USER")
         return rows[0]
 
-    async def share(self, name: str, owner: User | None) -> str:
+    async def share(self, name: str, owner_id: int | None) -> str:
         """Copy a finished trained LoRA into lora_dir under its name: everyone can use it, /loras lists it."""
         async with self.db.unit_of_work() as uow:
-            row = await self._find(uow, name, owner)
+            row = await self._find(uow, name, owner_id)
             if row.job.status != JobStatus.SUCCEEDED.value:
                 raise InvalidCommand(f"{name!r} is still training ({row.job.progress_step}/{row.job.steps} steps); "
                                      "share it once it is done")
@@ -251,10 +251,10 @@ class TeachService:
             await uow.commit()
         return f"Shared {name!r}: everyone can use <lora:{name}> now (/loras lists it)."
 
-    async def delete(self, name: str, owner: User | None) -> str:
+    async def delete(self, name: str, owner_id: int | None) -> str:
         """Forget a trained word: its file, its shared copy, and its record (its job stays in the history)."""
         async with self.db.unit_of_work() as uow:
-            row = await self._find(uow, name, owner)
+            row = await self._find(uow, name, owner_id)
             if not JobStatus(row.job.status).is_final:
                 raise InvalidCommand(f"{name!r} is still training; its owner cancels it with /cancel {row.job_id}")
             path = self.settings.storage.loras / f"{trained_lora_name(row.user_id, row.name)}.safetensors"

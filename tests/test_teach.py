@@ -394,3 +394,22 @@ def test_the_grammar_reads_teach_and_its_moderation() -> None:
         parser.parse("/teach --steps 3")
     with pytest.raises(InvalidCommand, match="holds no /"):
         parser.parse("/imagine a circle <lora:trained/u1/zorb>")  # nobody names another's file
+
+
+async def test_a_moderator_lists_and_deletes_a_trained_word(shapes_core: Core) -> None:
+    result = await shapes_core.teach.submit(alice(), TeachCommand("zorb", steps=10), teaching_pictures(3))
+    [job] = await shapes_core.queue.claim_batch("w:1", 1, train=True)
+    path = shapes_core.settings.storage.loras / "trained" / "u1" / "zorb.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"a LoRA")  # what the worker writes before it completes the job
+    assert await shapes_core.queue.complete(job.id, [], worker_id="w:1")
+    moderation, parser = shapes_core.moderation, shapes_core.parser
+    with pytest.raises(Refused, match="/mod is for moderators"):
+        await moderation.handle(bob(), parser.parse("/mod trained delete zorb"))
+    listing = await moderation.handle(moderator(), parser.parse("/mod trained"))
+    assert "zorb  by console:alice, trigger 'zorb', rank 4, 3 pictures: succeeded" in listing
+    answer = await moderation.handle(moderator(), parser.parse("/mod trained delete zorb console:alice"))
+    assert answer == "Deleted the trained word 'zorb'." and not path.exists()
+    assert await moderation.handle(moderator(), parser.parse("/mod trained")) == "Nobody has trained a word yet."
+    await shapes_core.teach.submit(alice(), TeachCommand("zorb"), teaching_pictures(3))  # the name is free again
+    assert result.job.id != (await shapes_core.service.list_jobs())[0].id
