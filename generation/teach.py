@@ -161,6 +161,10 @@ class LoraTrainer:
                                    model=model.name, seed=COMPARISON_SEED, negative=model.negative)
         return replace(without, loras=((lora, 1.0),)), without
 
+    def checkpointed_jobs(self) -> list[str]:
+        """The jobs whose trainings have a checkpoint here."""
+        return sorted(path.stem for path in self.checkpoints.glob("*.pt")) if self.checkpoints.is_dir() else []
+
     def forget(self, job_id: str) -> None:
         """Delete a finished training's checkpoint."""
         self.checkpoint_path(job_id).unlink(missing_ok=True)

@@ -122,6 +122,8 @@ class Trainer(Protocol):
 
     def forget(self, job_id: str) -> None: ...
 
+    def checkpointed_jobs(self) -> list[str]: ...
+
     def has_checkpoint(self, job_id: str) -> bool: ...
 
     def comparison_params(self, spec: TrainingSpec, lora: str) -> tuple[GenerationParams, GenerationParams]: ...
@@ -250,7 +252,8 @@ class Worker:
 
     async def _upkeep(self, *, prune: bool) -> None:
         """Take back the jobs of workers that died (on this host) or whose lease ran out (any host),
-        and, with `prune`, delete progress events nobody needs any more."""
+        and, with `prune`, delete progress events nobody needs any more and the checkpoints of trainings
+        that ended while queued (cancelled between slices, or failed by another worker)."""
         report = await self.queue.requeue_abandoned(by=self.worker_id)
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
@@ -260,6 +263,10 @@ class Worker:
                         len(report.failed), ", ".join(report.failed))
         if prune:
             await self.queue.prune_progress_events()
+            if self.trainer is not None:
+                ended = await self.queue.ended(self.trainer.checkpointed_jobs())
+                for job_id in ended:
+                    self.trainer.forget(job_id)
 
     async def _run_batch(self, batch: Sequence[JobView]) -> None:
         try:

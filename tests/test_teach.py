@@ -413,3 +413,15 @@ async def test_a_moderator_lists_and_deletes_a_trained_word(shapes_core: Core) -
     assert await moderation.handle(moderator(), parser.parse("/mod trained")) == "Nobody has trained a word yet."
     await shapes_core.teach.submit(alice(), TeachCommand("zorb"), teaching_pictures(3))  # the name is free again
     assert result.job.id != (await shapes_core.service.list_jobs())[0].id
+
+
+async def test_a_training_cancelled_between_slices_leaves_no_checkpoint(shapes_core: Core) -> None:
+    cancelled = (await shapes_core.teach.submit(alice(), TeachCommand("zorb"), teaching_pictures(3))).job
+    going_on = (await shapes_core.teach.submit(bob(), TeachCommand("zorb"), teaching_pictures(3))).job
+    worker = build_worker(shapes_core)
+    for job in (cancelled, going_on):  # as a slice leaves them
+        worker.trainer.checkpoints.mkdir(parents=True, exist_ok=True)
+        worker.trainer.checkpoint_path(job.id).write_bytes(b"state")
+    await shapes_core.service.cancel(alice(), cancelled.id)
+    await worker._upkeep(prune=True)
+    assert worker.trainer.checkpointed_jobs() == [going_on.id]
