@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from adapters.base import Adapter
-from adapters.console import ConsoleChat, describe_job, describe_workers, read_attachment
+from adapters.console import ConsoleChat, describe_job, describe_workers, read_attachment, read_training_folder
 from adapters.local_worker import announce_worker, import_generation, serving_the_queue
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings, safety_warning
 from bot.database import upgrade_database
-from bot.domain import InputImages, JobKind, JobStatus
+from bot.domain import InputImages, JobKind, JobStatus, TeachCommand
 from bot.errors import EaselError, InvalidCommand
 from bot.views import JobView
 
@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompt may be left out for an Easel result)", ["image"])
     generation_command("animate", "an MP4 whose frames move and redraw the one before: \"PROMPT --frames 24 "
                        "--zoom 1.05\", or keyframes \"0: a forest | 12: a city\"", [])
+    teach = commands.add_parser("teach", help="teach the model a new word from a folder of pictures (a LoRA)",
+                                epilog="example: easel teach mascot pics/ --steps 300 (captions: pics/*.txt)")
+    teach.add_argument("name", help="what to call it: <lora:NAME>, and the trigger word unless --trigger")
+    teach.add_argument("folder", type=Path, help="the pictures, each with an optional .txt caption of the same name")
+    teach.add_argument("--steps", type=int, help="training steps (default: teach.default_steps)")
+    teach.add_argument("--rank", type=int, help="LoRA rank (default: teach.default_rank)")
+    teach.add_argument("--trigger", help="the word that calls it in a prompt (default: the name)")
+    teach.add_argument("--kind", default="lora", help="what to train: lora")
+    teach.add_argument("--model", help="the model to train it for (default: the default model)")
+    teach.add_argument("--caption", default="", help="the caption of pictures without a .txt of their own")
+    teach.add_argument("-o", "--out", type=Path, default=Path("."),
+                       help="folder for the sample and comparison PNGs (default: .)")
     commands.add_parser("chat", help="a console chat that takes the same commands as Discord or Telegram")
     jobs = commands.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
@@ -65,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("job_id")
     worker = commands.add_parser("worker", help="run the generation worker alone")
     worker.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    worker.add_argument("--no-train", action="store_true",
+                        help="never run /teach trainings (leave them to the other workers); generate only")
     serve = commands.add_parser("serve", help="run the worker and every configured chat adapter")
     serve.add_argument("--no-worker", action="store_true",
                        help="the adapters alone, for a host without a GPU; `easel worker` runs on the GPU hosts")
@@ -296,8 +310,20 @@ async def _apikey(core: Core, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _teach(core: Core, args: argparse.Namespace) -> int:
+    """`easel teach NAME DIR`: the console's /teach, with the folder's pictures as its attachments."""
+    check_output_folder(args.out)
+    command = TeachCommand(name=args.name, kind=args.kind, steps=args.steps, rank=args.rank, trigger=args.trigger,
+                           model=args.model, caption=args.caption)
+    pictures = read_training_folder(args.folder)
+    chat = ConsoleChat(core, sys.stdout, output_dir=args.out)
+    async with serving_the_queue(core, debug=args.debug):
+        job = await chat.teach(command, pictures)
+    return 0 if job.status is JobStatus.SUCCEEDED else 1
+
+
 async def _worker(core: Core, args: argparse.Namespace) -> int:
-    worker = (await import_generation(args.debug)).build_worker(core)
+    worker = (await import_generation(args.debug)).build_worker(core, train=not args.no_train)
     _stop_on_signals(worker.stop)
     with announce_worker(core.settings):  # `easel imagine` on this data folder leaves its jobs to us
         if not args.burst:
@@ -389,7 +415,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "imagine": _generate, "edit": _generate, "inpaint": _generate, "outpaint": _generate, "animate": _generate,
-    "chat": _chat,
+    "chat": _chat, "teach": _teach,
     "jobs": _jobs, "job": _job, "worker": _worker, "workers": _workers, "serve": _serve, "apikey": _apikey,
     "discord": _discord,
 }

@@ -7,9 +7,11 @@ and render the job's events: queue position, a progress bar, and where each imag
 
 from __future__ import annotations
 
+import base64
 import getpass
 import shutil
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -33,11 +35,13 @@ from bot.domain import (
     QuotaCommand,
     Requester,
     StylesCommand,
+    TeachCommand,
+    TrainingPicture,
     lora_tags,
 )
 from bot.errors import EaselError, InvalidCommand, InvalidImage
 from bot.events import EventKind
-from bot.policy import describe_quota
+from bot.policy import describe_params, describe_quota, humanize
 from bot.service import SubmitResult
 from bot.styles import describe_styles
 from bot.views import JobView
@@ -45,10 +49,12 @@ from bot.workers import WorkerView
 
 PLATFORM = "console"
 
-# How many file names each command takes before its prompt: the console's attachments.
+# How many file names each command takes before its prompt: the console's attachments. /teach takes
+# a folder of pictures after its name instead (`read_training_folder`).
 ATTACHMENTS = {"edit": 1, "inpaint": 2, "outpaint": 1}
 USAGES = {"edit": "/edit <image> <prompt>", "inpaint": "/inpaint <image> <mask> <prompt>",
           "outpaint": "/outpaint <image> [prompt] --zoom X"}
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # /help's lines for them (bot/grammar.py's ATTACHMENT_FORMS are for platforms with attachments).
 HELP_FORMS = {
     "edit": "/edit <image file> <prompt> [flags]  redraw the picture in that file guided by the prompt",
@@ -90,6 +96,32 @@ def split_attachments(text: str) -> tuple[str, list[str]]:
     return " ".join([words[0], *rest]), paths
 
 
+def read_training_folder(folder: Path) -> list[TrainingPicture]:
+    """The pictures in `folder` (by name), each with the caption in the .txt file of the same name beside
+    it, if there is one: `cat1.png` and `cat1.txt`. Size and count limits are the job service's."""
+    if not folder.is_dir():
+        raise InvalidImage(f"{folder} is not a folder; /teach takes a folder of pictures (and .txt captions)")
+    pictures = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in PICTURE_SUFFIXES or not path.is_file():
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else ""
+        pictures.append(TrainingPicture(read_attachment(str(path), "picture"), caption, path.name))
+    if not pictures:
+        raise InvalidImage(f"{folder} holds no pictures ({', '.join(PICTURE_SUFFIXES)}); put the pictures to "
+                           "teach from there")
+    return pictures
+
+
+def split_teach_folder(text: str) -> tuple[str, Path | None]:
+    """'/teach mascot pics/ --steps 200' -> ('/teach mascot --steps 200', Path('pics/'))."""
+    words = text.split()
+    if len(words) < 3 or words[0].lstrip("/").lower() != "teach" or words[2].startswith("--"):
+        return text, None
+    return " ".join([words[0], words[1], *words[3:]]), Path(words[2]).expanduser()
+
+
 class ConsoleChat:
     """One console user's conversation. `handle` answers one line; output goes to `out`."""
 
@@ -113,15 +145,25 @@ class ConsoleChat:
             return None
 
     async def _handle(self, line: str) -> JobView | None:
-        text, paths = split_attachments(line)
+        text, folder = split_teach_folder(line)
+        text, paths = split_attachments(text)
         command = self.core.parser.parse(text)
+        if isinstance(command, TeachCommand):
+            if folder is None:
+                raise InvalidCommand("usage: /teach NAME FOLDER [--steps N] [--rank R] [--trigger WORD] [caption], "
+                                     "e.g. /teach mascot pics/ (captions: a .txt beside each picture)")
+            return await self.teach(command, read_training_folder(folder))
         if isinstance(command, GenerateCommand):
             inputs = InputImages(
                 image=read_attachment(paths[0], "image") if paths else None,
                 mask=read_attachment(paths[1], "mask") if len(paths) > 1 else None,
             )
             return await self.generate(command, inputs)
-        if isinstance(command, QuotaCommand):
+        if isinstance(command, QuotaCommand) and command.teach is not None:
+            estimate = await self.core.teach.estimate(self.requester, command.teach)
+            self.say(describe_quota(replace(await self.core.service.quota(self.requester), cost=estimate.cost,
+                                            cost_of=describe_params(estimate.params))))
+        elif isinstance(command, QuotaCommand):
             self.say(describe_quota(await self.core.service.quota(self.requester, command.command)))
         elif isinstance(command, AppealCommand | ModCommand):
             self.say(await self.core.moderation.handle(self.requester, command))
@@ -142,6 +184,17 @@ class ConsoleChat:
             self.say(self.core.parser.networks.listing())
         return None
 
+    async def teach(self, command: TeachCommand, pictures: list[TrainingPicture]) -> JobView:
+        """Queue a training and follow it to its end: progress after each slice, then the comparison."""
+        result = await self.core.teach.submit(self.requester, command, pictures)
+        self.say(f"Training {command.name!r} queued as job {result.job.id} (position {result.position}): "
+                 f"{len(pictures)} pictures, {result.job.params.steps} steps, {result.cost:g} units. Afterwards "
+                 f"{command.trigger_word!r} in your prompts (or <lora:{command.name}>) calls it.")
+        job = await self.follow(result.job)
+        if job.status.value == "succeeded":
+            self.say(f"Taught {command.name!r}. Image 1: without it; image 2: with it (same prompt and seed).")
+        return job
+
     async def generate(self, command: GenerateCommand, inputs: InputImages) -> JobView:
         """Submit, then follow the job to its end: the finished job. A permutation prompt's jobs are
         followed one after another; the first is returned."""
@@ -160,8 +213,10 @@ class ConsoleChat:
         bar: tqdm | None = None
         try:
             async for event in self.core.bus.watch(job.id):
-                if event.kind is EventKind.PROGRESS and self.progress:
-                    progress = self.core.deliveries.of_event(event, job)
+                progress = self.core.deliveries.of_event(event, job) if event.kind is EventKind.PROGRESS else None
+                if progress is not None and progress.loss is not None:
+                    self._training_progress(job, progress)
+                elif progress is not None and self.progress:
                     if bar is None:
                         bar = tqdm(total=progress.total, desc=f"job {job.id}", unit="step", file=self.out,
                                    leave=False)
@@ -176,6 +231,18 @@ class ConsoleChat:
         self.show_result(self.core.deliveries.of_job(job))
         await self.core.service.mark_delivered(job.id)
         return job
+
+    def _training_progress(self, job: JobView, progress: Delivery) -> None:
+        """A slice of a training ended: step, loss, time left, and where a sample picture was saved."""
+        line = (f"job {job.id}: step {progress.step}/{progress.total}, loss {progress.loss:.4f}, "
+                f"about {humanize(timedelta(seconds=progress.eta_s or 0))} left")
+        if progress.sample is not None:
+            folder = self.output_dir or self.core.settings.storage.data_dir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{job.id}-sample-step{progress.step}.png"
+            path.write_bytes(base64.b64decode(progress.sample.split(",", 1)[1]))
+            line += f"; sample: {path}"
+        self.say(line)
 
     def show_result(self, delivery: Delivery) -> None:
         """Where each image that may be shown was saved, and why any other was not."""

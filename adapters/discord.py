@@ -56,7 +56,7 @@ from bot.animation import video_path
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
 from bot.delivery import Delivery, deliver_events
-from bot.domain import SAMPLERS, InputImages, JobKind, JobsCommand, Requester
+from bot.domain import SAMPLERS, InputImages, JobKind, JobsCommand, Requester, TeachCommand, TrainingPicture
 from bot.errors import ConfigError, EaselError, InvalidImage, Refused
 from bot.events import EventKind
 from bot.policy import describe_quota
@@ -307,6 +307,37 @@ class EaselCog(commands.Cog, name=COG_NAME):
                                current: str) -> list[app_commands.Choice[str]]:
         return _choices(SAMPLERS, current)
 
+    @app_commands.command(name="teach", description="Teach a new word from 3 to 10 of your pictures (a LoRA)")
+    @app_commands.describe(word="the new word: what calls it in a prompt, and its <lora:NAME>",
+                           picture1="a picture to learn from", picture2="another", picture3="another",
+                           steps="training steps (--steps)", rank="LoRA rank (--rank)",
+                           trigger="the word that calls it, if not the name (--trigger)",
+                           caption="what the pictures show, with the word in it (one caption for all)")
+    async def teach(self, interaction: discord.Interaction, word: str, picture1: discord.Attachment,
+                    picture2: discord.Attachment, picture3: discord.Attachment,
+                    picture4: discord.Attachment | None = None, picture5: discord.Attachment | None = None,
+                    picture6: discord.Attachment | None = None, picture7: discord.Attachment | None = None,
+                    picture8: discord.Attachment | None = None, picture9: discord.Attachment | None = None,
+                    picture10: discord.Attachment | None = None, steps: int | None = None, rank: int | None = None,
+                    trigger: str | None = None, caption: str | None = None) -> None:
+        attachments = [picture for picture in (picture1, picture2, picture3, picture4, picture5, picture6,
+                                               picture7, picture8, picture9, picture10) if picture is not None]
+        command = TeachCommand(name=word, steps=steps, rank=rank, trigger=trigger, caption=caption or "")
+        try:
+            self.core.teach.check_command(command)
+            for number, attachment in enumerate(attachments, 1):
+                check_attachment(attachment, self.core.settings.limits, f"picture {number}")
+        except EaselError as error:
+            await interaction.response.send_message(error_text(error.message), ephemeral=True)
+            return
+
+        async def submit(requester: Requester) -> object:
+            pictures = [TrainingPicture(await _download(attachment, f"picture {number}"), "", attachment.filename)
+                        for number, attachment in enumerate(attachments, 1)]
+            return await self.core.teach.submit(requester, command, pictures)
+
+        await self._deferred_submit(interaction, submit)
+
     @app_commands.command(name="quota", description="How many images you have left today")
     async def quota(self, interaction: discord.Interaction) -> None:
         async def answer() -> str:
@@ -435,7 +466,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
             await interaction.followup.send(error_text(error.message), ephemeral=True)
 
     async def _deferred_submit(self, interaction: discord.Interaction,
-                               submit: Callable[[Requester], Awaitable[SubmitResult]]) -> None:
+                               submit: Callable[[Requester], Awaitable[object]]) -> None:
         """Defer with a public "thinking" message that becomes the job's message, then submit."""
         response = await interaction.response.defer(thinking=True)
         message_id = getattr(response, "message_id", None)
@@ -519,7 +550,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
         elif delivery.kind is EventKind.STARTED:
             text = started_text(job)
         else:
-            text = progress_text(job, delivery.step, delivery.total)
+            text = progress_text(job, delivery.step, delivery.total, delivery.loss, delivery.eta_s)
         self._last_edit[job.id] = now
         await self.replier.edit(target, text)
 

@@ -38,10 +38,14 @@ def started_text(job: JobView) -> str:
     return _clip(f"**{_prompt(job)}**\nJob `{job.id}` started.")
 
 
-def progress_text(job: JobView, step: int, total: int) -> str:
+def progress_text(job: JobView, step: int, total: int, loss: float | None = None, eta_s: float | None = None) -> str:
+    """The job's progress; a /teach training's after each slice says its loss and the time left too."""
     total = max(total, 1)
     filled = round(PROGRESS_BAR_CELLS * step / total)
     bar = "▰" * filled + "▱" * (PROGRESS_BAR_CELLS - filled)
+    if loss is not None:
+        return _clip(f"**Teaching {job.params.prompt}**\nJob `{job.id}`: {bar} step {step}/{total} · loss {loss:.4f} · "
+                     f"about {max(1, round((eta_s or 0) / 60))} min left")
     return _clip(f"**{_prompt(job)}**\nJob `{job.id}`: {bar} step {step}/{total}")
 
 

@@ -31,7 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from adapters.api import a1111, account, images, jobs, openai_images, operations
+from adapters.api import a1111, account, images, jobs, openai_images, operations, trainings
 from adapters.api.errors import EXCEPTION_HANDLERS
 from adapters.api.openapi import openapi_of
 from adapters.api.render import base_url, job_out
@@ -55,6 +55,7 @@ def build_app(core: Core) -> FastAPI:
     # Included in this order so /openapi.json lists the paths as it always has.
     app.include_router(operations.router)
     app.include_router(jobs.router)
+    app.include_router(trainings.router)
     app.include_router(images.router)
     app.include_router(account.router)
     app.include_router(openai_images.router)

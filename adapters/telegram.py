@@ -43,7 +43,7 @@ from telegram.ext import Application, BaseHandler, CallbackContext, CallbackQuer
 
 from adapters import telegram_render as render
 from adapters import telegram_webhook
-from adapters.telegram_inputs import Albums, gather_inputs
+from adapters.telegram_inputs import Albums, gather_inputs, gather_training_pictures
 from adapters.telegram_send import ChatPacer, StatusBoard
 from bot import followups
 from bot.animation import video_path
@@ -63,12 +63,13 @@ from bot.domain import (
     QuotaCommand,
     Requester,
     StylesCommand,
+    TeachCommand,
 )
 from bot.errors import ConfigError, EaselError
 from bot.events import EventKind
 from bot.grammar import COMMANDS, split_command
 from bot.idempotency import earlier_job
-from bot.policy import describe_quota
+from bot.policy import describe_params, describe_quota
 from bot.styles import describe_styles
 from bot.views import JobView
 
@@ -237,6 +238,13 @@ class EaselTelegram:
             requester = await self._requester(message.from_user, message.chat, message)
             if isinstance(command, GenerateCommand):
                 await self._generate(message, command, requester)
+            elif isinstance(command, TeachCommand):
+                await self._teach(message, command, requester)
+            elif isinstance(command, QuotaCommand) and command.teach is not None:
+                estimate = await self.core.teach.estimate(requester, command.teach)
+                status = await self.core.service.quota(requester)
+                await self._say(message, describe_quota(replace(status, cost=estimate.cost,
+                                                                cost_of=describe_params(estimate.params))))
             elif isinstance(command, QuotaCommand):
                 await self._say(message, describe_quota(await self.core.service.quota(requester, command.command)))
             elif isinstance(command, AppealCommand | ModCommand):
@@ -277,6 +285,20 @@ class EaselTelegram:
         # 3. Submit under the message's idempotency key.
         await self._submit(status, lambda: self.core.service.submit(
             requester, command, inputs, idempotency_key=key, fingerprint=FINGERPRINT))
+
+    async def _teach(self, message: Message, command: TeachCommand, requester: Requester) -> None:
+        """/teach NAME as the caption of an album of pictures: queue the training; its progress edits the
+        status message like a picture's, and its two comparison pictures come as an album."""
+        pictures = await gather_training_pictures(message.get_bot(), message, self.albums, self.core.settings.limits)
+        status = await self._say(message, "⏳ Queuing…")
+        requester = replace(requester, reply_to={**requester.reply_to, "status_message_id": status.message_id})
+        try:
+            result = await self.core.teach.submit(requester, command, pictures)
+        except EaselError as error:
+            await self.board.settle(status.chat.id, status.message_id, render.error_text(error.message))
+            return
+        self.board.show(status.chat.id, status.message_id, render.queued_text(result.job.id, result.position)
+                        + f"\nTeaching {command.name!r} from {len(pictures)} pictures ({result.cost:g} units).")
 
     async def _submit(self, status: Message, submit: Any) -> JobView | None:
         """Run a submit and show its outcome in the status message."""

@@ -1,4 +1,4 @@
-"""Finding and downloading the pictures of /edit, /inpaint and /outpaint on Telegram.
+"""Finding and downloading the pictures of /edit, /inpaint, /outpaint and /teach on Telegram.
 
 A picture can be the message's own photo or image file, the picture of the message it replies to,
 or (for /inpaint) come with its mask as an album: Telegram delivers an album as separate messages
@@ -17,7 +17,7 @@ from telegram import Bot, Document, Message, PhotoSize
 from telegram.error import BadRequest
 
 from bot.config import LimitsConfig
-from bot.domain import InputImages, JobKind
+from bot.domain import InputImages, JobKind, TrainingPicture
 from bot.errors import InvalidCommand, InvalidImage
 from bot.images import load_upload
 
@@ -103,6 +103,24 @@ async def gather_inputs(bot: Bot, message: Message, kind: JobKind, albums: Album
     image_bytes, mask_bytes = await asyncio.gather(download(bot, picture, limits, "image"),
                                                    download(bot, mask, limits, "mask"))
     return InputImages(image=image_bytes, mask=mask_bytes)
+
+
+NO_TRAINING_PICTURES = ("/teach needs pictures: send them as one album (up to 10 a message) with /teach NAME as "
+                        "the caption of one of them; each other picture's caption is its own")
+
+
+async def gather_training_pictures(bot: Bot, message: Message, albums: Albums,
+                                   limits: LimitsConfig) -> list[TrainingPicture]:
+    """The pictures of /teach: the album the command is the caption of, each with its own caption (the
+    command's picture has none: the command's shared caption, else the trigger word, stands in)."""
+    album = [item for item in await albums.complete(message) if media_of(item) is not None]
+    if not album:
+        raise InvalidImage(NO_TRAINING_PICTURES)
+    data = await asyncio.gather(*(download(bot, media_of(item), limits, f"picture {number}")  # type: ignore[arg-type]
+                                  for number, item in enumerate(album, 1)))
+    return [TrainingPicture(picture, "" if item.message_id == message.message_id else (item.caption or ""),
+                            f"picture {number}")
+            for number, (item, picture) in enumerate(zip(album, data, strict=True), 1)]
 
 
 async def download(bot: Bot, media: Media, limits: LimitsConfig, what: str) -> bytes:

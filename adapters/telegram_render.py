@@ -110,6 +110,9 @@ def status_text(delivery: Delivery) -> str | None:
         return f"🎨 Generating · job {job.id}"
     if delivery.kind is EventKind.PROGRESS:
         step, total = delivery.step, max(1, delivery.total)
+        if delivery.loss is not None:  # a /teach training, after a slice
+            return (f"🧠 Training {progress_bar(step, total)} {step}/{total} · loss {delivery.loss:.4f} · "
+                    f"about {max(1, round((delivery.eta_s or 0) / 60))} min left · job {job.id}")
         return f"🎨 Generating {progress_bar(step, total)} {step}/{total} · job {job.id}"
     return None
 

@@ -13,6 +13,7 @@ from bot.config import Settings, load_settings
 ARCHES = {
     # arch: (model source, side in pixels, steps)
     "tiny": ("builtin:tiny", 64, 20),
+    "shapes": ("builtin:shapes", 64, 20),
     "sd15": ("builtin:sd15-random", 512, 20),
 }
 

@@ -35,6 +35,7 @@ from bot.queue import JobQueue
 from bot.safety import PromptCheck
 from bot.service import JobService
 from bot.store import ImageStore, open_image_store
+from bot.teach import TeachService
 from bot.workers import WorkerRegistry
 
 
@@ -50,6 +51,7 @@ class Core:
     policy: Policy
     prompt_check: PromptCheck
     service: JobService
+    teach: TeachService  # /teach: trainings on the same queue, and the trained words (bot/teach.py)
     moderation: Moderation  # /mod and /appeal
     apikeys: ApiKeys
     metrics: PrometheusExporter  # /metrics, read from the job rows at each scrape
@@ -76,6 +78,8 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
     parser = CommandParser.from_settings(settings)
     service = JobService(settings, db, store, bus, policy=policy, prompt_check=prompt_check,
                          fetcher=ImageFetcher(settings.fetch), clock=clock, catalog=parser.catalog)
+    teach = TeachService(settings, db, store, bus, policy=policy, prompt_check=prompt_check, clock=clock,
+                         catalog=parser.catalog, networks=parser.networks)
     return Core(
         settings=settings,
         clock=clock,
@@ -87,7 +91,8 @@ async def open_core(settings: Settings, *, migrate: bool = True) -> Core:
         policy=policy,
         prompt_check=prompt_check,
         service=service,
-        moderation=Moderation(settings, db, policy, bus, clock),
+        teach=teach,
+        moderation=Moderation(settings, db, policy, bus, clock, teach=teach),
         apikeys=ApiKeys(db, clock),
         metrics=PrometheusExporter(db, clock),
         queue=JobQueue(settings, db, store, bus, policy, clock),

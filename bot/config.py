@@ -189,6 +189,38 @@ class QueueConfig(Section):
     affinity_max_wait_s: float = Field(2.0, ge=0, le=60)
 
 
+class TeachConfig(Section):
+    """/teach: training a LoRA from a user's pictures, a slice of steps per queue entry (bot/teach.py)."""
+
+    min_pictures: int = Field(3, ge=1)
+    max_pictures: int = Field(30, ge=1)
+    max_picture_side: int = Field(2048, ge=8)  # pixels, each side of each picture
+    max_total_pixels: int = Field(30 * 1024 * 1024, ge=64)  # all pictures of one training together
+    min_steps: int = Field(10, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    default_steps: int = Field(300, ge=1)
+    min_rank: int = Field(1, ge=1)
+    max_rank: int = Field(64, ge=1)
+    default_rank: int = Field(4, ge=1)
+    # Steps one queue entry runs before the training goes back to the queue (and other users' jobs
+    # run): the most a generation job waits behind a training, and the most a SIGKILL loses.
+    slice_steps: int = Field(50, ge=1)
+    batch: int = Field(4, ge=1)  # pictures per training step
+    learning_rate: float = Field(1e-2, gt=0)  # builtin:shapes learns fast; sd15 LoRAs use about 1e-4
+    max_trained_per_user: int = Field(20, ge=0)  # trained LoRAs one user may keep
+    samples: int = Field(2, ge=0)  # sample pictures sent while it trains (after evenly spaced slices)
+
+    @model_validator(mode="after")
+    def _ranges_make_sense(self) -> TeachConfig:
+        for name in ("steps", "rank"):
+            low, high = getattr(self, f"min_{name}"), getattr(self, f"max_{name}")
+            if not low <= getattr(self, f"default_{name}") <= high:
+                raise ValueError(f"teach.default_{name} must lie between min_{name} = {low} and max_{name} = {high}")
+        if self.min_pictures > self.max_pictures:
+            raise ValueError(f"teach.min_pictures = {self.min_pictures} must not exceed max_pictures")
+        return self
+
+
 class ModelConfig(Section):
     """One model and its defaults (bot/catalog.py). A user's flags override every default."""
 
@@ -518,6 +550,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = StorageConfig()
     limits: LimitsConfig = LimitsConfig()
     queue: QueueConfig = QueueConfig()
+    teach: TeachConfig = TeachConfig()
     generation: GenerationConfig = GenerationConfig()
     models: dict[str, ModelConfig] = Field(default_factory=_builtin_models)
     discord: DiscordConfig = DiscordConfig()

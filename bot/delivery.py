@@ -81,6 +81,11 @@ class Delivery:
     preview: str | None = None  # PROGRESS: a data: URL of a rough picture so far, when allowed here
     preview_spoiler: bool = False  # show the preview only behind a spoiler (blurred)
     error: str | None = None  # FAILED: what went wrong, in words the user can act on
+    # PROGRESS of a /teach training, after each slice: the slice's mean loss, the seconds still to go,
+    # and now and then a sample picture (a data: URL) made with the LoRA so far; it passed the image check.
+    loss: float | None = None
+    eta_s: float | None = None
+    sample: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -121,7 +126,8 @@ class Deliveries:
         if event.kind is EventKind.PROGRESS:
             preview, spoiler = self._preview(job, payload.get("preview"))
             return Delivery(event.kind, job, step=int(payload.get("step", 0)), total=int(payload.get("total", 0)),
-                            preview=preview, preview_spoiler=spoiler)
+                            preview=preview, preview_spoiler=spoiler, loss=payload.get("loss"),
+                            eta_s=payload.get("eta_s"), sample=payload.get("sample"))
         if event.kind is EventKind.FAILED:
             return Delivery(event.kind, job, error=payload.get("error") or job.error)
         if event.kind is EventKind.RELEASED:

@@ -21,6 +21,7 @@ class JobKind(StrEnum):
     INPAINT = "inpaint"  # repaint the white pixels of a mask
     OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
     ANIMATE = "animate"  # frames, each the last one moved by a camera and redrawn (generation/animation.py)
+    TEACH = "teach"  # train a LoRA from the owner's pictures, one slice of steps per claim (bot/teach.py)
 
     @property
     def takes_image(self) -> bool:
@@ -188,10 +189,38 @@ class GenerateCommand:
 
 
 @dataclass(frozen=True)
+class TeachCommand:
+    """/teach NAME [--kind lora] [--steps N] [--rank R] [--trigger WORD] [shared caption]: teach the model
+    a new word from the attached pictures (bot/teach.py). None: the configured default."""
+
+    name: str
+    kind: str = "lora"
+    steps: int | None = None
+    rank: int | None = None
+    trigger: str | None = None  # the word that calls it in a prompt; default: the name
+    model: str | None = None  # the model it is trained for; default: the default model
+    caption: str = ""  # for every picture without a caption of its own; default: the trigger word
+
+    @property
+    def trigger_word(self) -> str:
+        return self.trigger or self.name
+
+
+@dataclass(frozen=True)
+class TrainingPicture:
+    """One picture to teach from, as the adapter received it, with its own caption (may be empty)."""
+
+    data: bytes
+    caption: str = ""
+    filename: str = ""  # for error messages: "cat3.png"
+
+
+@dataclass(frozen=True)
 class QuotaCommand:
     """/quota [command]: what is left, when it resets, and what `command` (or a default /imagine) costs."""
 
     command: GenerateCommand | None = None
+    teach: TeachCommand | None = None  # /quota /teach NAME --steps N: what that training costs
 
 
 @dataclass(frozen=True)
@@ -292,10 +321,26 @@ class ModResolveCommand:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class ModShareCommand:
+    """/mod share NAME [USER]: make a trained LoRA usable by everyone on this server (it joins /loras)."""
+
+    name: str
+    user: str | None = None  # whose training; default: the only one called NAME
+
+
+@dataclass(frozen=True)
+class ModTrainedCommand:
+    """/mod trained [delete NAME [USER]]: list trained LoRAs, or delete one (its file and its record)."""
+
+    delete: str | None = None
+    user: str | None = None
+
+
 ModCommand = (ModFlagsCommand | ModBanCommand | ModUnbanCommand | ModQuotaCommand | ModAppealsCommand
-              | ModResolveCommand)
+              | ModResolveCommand | ModShareCommand | ModTrainedCommand)
 Command = (GenerateCommand | QuotaCommand | JobCommand | JobsCommand | CancelCommand | HelpCommand
-           | StylesCommand | ModelsCommand | LorasCommand | AppealCommand | ModCommand)
+           | StylesCommand | ModelsCommand | LorasCommand | AppealCommand | TeachCommand | ModCommand)
 
 
 @dataclass(frozen=True)

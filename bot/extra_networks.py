@@ -42,6 +42,16 @@ FAMILIES_BY_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 
 Kind = Literal["lora", "embedding"]
+# `/teach` writes each user's trained LoRAs to <lora_dir>/trained/u<users.id>/NAME.safetensors: not listed
+# by /loras, and used by jobs under the name `trained/u<id>/NAME`, which only the job service writes
+# (for their owner, bot/teach.py); a name a user types may not hold a "/".
+TRAINED_FOLDER = "trained"
+# What a trained LoRA may be called: a word a user types, and a file name on every system.
+TRAINED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+
+
+def trained_lora_name(owner_id: int, name: str) -> str:
+    return f"{TRAINED_FOLDER}/u{owner_id}/{name}"
 
 # AUTOMATIC1111's extra-network tags: `<lora:NAME:WEIGHT>`, `<lora:NAME>`; `lyco` is its older
 # name for the same thing. The name may hold spaces (it is a file stem).
@@ -90,6 +100,8 @@ def parse_lora_specs(specs: Iterable[str], networks: ExtraNetworks, max_loras: i
     chosen: dict[str, float] = {}
     for spec in specs:
         name, weight = _name_and_weight(spec, max_weight)
+        if "/" in name or "\\" in name:
+            raise InvalidCommand(f"unknown LoRA {name[:40]!r}: a LoRA's name holds no / or \\; /loras lists them")
         found = networks.lora(name)
         if found.name in chosen:
             raise InvalidCommand(f"LoRA {found.name!r} was given twice; give it once, with one weight")
@@ -214,7 +226,13 @@ class ExtraNetworks:
         return self._scan("embedding", self.embeddings_dir, EMBEDDING_SUFFIXES)
 
     def lora(self, name: str) -> NetworkFile:
-        """The LoRA called `name` (exactly, else ignoring case), or InvalidCommand naming the closest ones."""
+        """The LoRA called `name` (exactly, else ignoring case), or InvalidCommand naming the closest ones.
+        A name some user trained (`/teach`) is found too, as a file of theirs: the job service then
+        picks the requester's own, or refuses (bot/teach.py)."""
+        if name.startswith(f"{TRAINED_FOLDER}/") and self.lora_dir is not None:
+            path = self.lora_dir / f"{name}.safetensors"
+            if path.is_file():
+                return NetworkFile("lora", name, path)
         installed = self.loras()
         if name in installed:
             return installed[name]
@@ -225,10 +243,20 @@ class ExtraNetworks:
         if any(path.is_file() for path in pickled):
             raise InvalidCommand(f"LoRA {name!r} is a pickle file, which can run code when loaded, so Easel does "
                                  f"not load it; ask the server owner to convert it to .safetensors")
+        trained = self.trained_files(name)
+        if trained and "/" not in name:
+            return trained[0]
         close = difflib.get_close_matches(name, list(installed), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         listing = "/loras lists them" if installed else f"none are installed (in {self.lora_dir})"
         raise InvalidCommand(f"unknown LoRA {name[:40]!r}{hint}; {listing}")
+
+    def trained_files(self, name: str) -> list[NetworkFile]:
+        """Every user's trained LoRA called `name` (named by stem, like installed ones)."""
+        folder = self.lora_dir / TRAINED_FOLDER if self.lora_dir is not None else None
+        if folder is None or not folder.is_dir() or not TRAINED_NAME.fullmatch(name):
+            return []
+        return [NetworkFile("lora", name, path) for path in sorted(folder.glob(f"u*/{name}.safetensors"))]
 
     def words_in(self, *texts: str) -> list[NetworkFile]:
         """The embeddings whose names appear as words in `texts` (a prompt and its negative)."""

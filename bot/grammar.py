@@ -47,11 +47,14 @@ from bot.domain import (
     ModFlagsCommand,
     ModQuotaCommand,
     ModResolveCommand,
+    ModShareCommand,
+    ModTrainedCommand,
     ModUnbanCommand,
     Motion,
     OutpaintMargins,
     QuotaCommand,
     StylesCommand,
+    TeachCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
 from bot.extra_networks import ExtraNetworks, has_lora_tag, parse_lora_specs, take_lora_tags
@@ -59,8 +62,9 @@ from bot.permutations import check_permutations, expand_permutations
 from bot.styles import StyleBook
 
 COMMANDS: tuple[str, ...] = ("imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel",
-                             "help", "styles", "models", "loras", "appeal", "mod")
-MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal")
+                             "help", "styles", "models", "loras", "teach", "appeal", "mod")
+MOD_COMMANDS: tuple[str, ...] = ("flags", "ban", "unban", "quota", "appeals", "appeal", "share", "trained")
+TEACH_FLAGS: tuple[str, ...] = ("kind", "steps", "rank", "trigger", "model")
 FLAGS: tuple[str, ...] = ("no", "seed", "steps", "cfg", "ar", "size", "n", "sampler", "model", "strength", "style",
                           "lora")
 REPEATABLE_FLAGS: tuple[str, ...] = ("style", "lora")  # each use adds one: --style a --style b
@@ -157,6 +161,8 @@ class CommandParser:
         args = rest.split()
         if name == "quota":
             return self._quota(rest)
+        if name == "teach":
+            return parse_teach(rest)
         if name == "appeal":
             return _appeal(rest)
         if name == "mod":
@@ -331,9 +337,11 @@ class CommandParser:
             "  /styles  the styles --style NAME applies",
             "  /models  the models, each with its family, size, default settings and what it is for",
             "  /loras  the installed LoRAs and embeddings, and what each is for",
+            "  /teach NAME [--steps N] [--rank R] [--trigger WORD] [caption]  teach a new word from 3 or more of "
+            "your pictures, sent together; then NAME in your prompts calls it",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
-            "  /mod flags|ban|unban|quota|appeals|appeal ...  moderators only (/mod alone explains)",
+            "  /mod flags|ban|unban|quota|appeals|appeal|share|trained ...  moderators only (/mod alone explains)",
             "Reference images: /edit {https://cdn.discordapp.com/...} <prompt> fetches the linked picture "
             "(platform image links only)",
             "Prompt syntax (as in AUTOMATIC1111): (word) or (word:1.3) weighs a word more, [word] less, "
@@ -408,6 +416,8 @@ class CommandParser:
         if not rest:
             return QuotaCommand()
         name, _bot, command_text = split_command(rest if rest.startswith("/") else "/" + rest)
+        if name == "teach":
+            return QuotaCommand(teach=parse_teach(command_text))
         if name not in GENERATION_KINDS:
             raise InvalidCommand("/quota takes nothing, or a command to price, e.g. /quota /imagine a cat --n 4 "
                                  f"(got {_shown(rest)})")
@@ -621,7 +631,48 @@ def _take_links(kind: JobKind, text: str) -> tuple[str, tuple[str, ...]]:
 
 _MOD_USAGE = ("moderator commands: /mod flags [user], /mod ban <user> [30m|12h|7d|2w|forever] [reason], "
               "/mod unban <user>, /mod quota <user> [tier NAME | grant UNITS], /mod appeals, "
-              "/mod appeal <id> accept|reject [note]")
+              "/mod appeal <id> accept|reject [note], /mod share NAME [user], /mod trained [delete NAME [user]]")
+
+
+def parse_teach(rest: str) -> TeachCommand:
+    """`/teach NAME [--kind lora] [--steps N] [--rank R] [--trigger WORD] [--model M] [caption...]`: the
+    words that are not flags are the caption shared by the pictures without their own. The values'
+    ranges are the [teach] settings, checked by bot/teach.py for every platform alike."""
+    words = rest.split()
+    if not words or words[0].startswith("-"):
+        raise InvalidCommand("/teach needs a name first, e.g. /teach mascot --steps 300, with 3 or more pictures "
+                             "attached")
+    name, values, caption = words[0], {}, []
+    position = 1
+    while position < len(words):
+        word = words[position]
+        position += 1
+        if not word.startswith("--"):
+            caption.append(word)
+            continue
+        flag, _, value = word[2:].partition("=")
+        flag = flag.lower()
+        if flag not in TEACH_FLAGS:
+            raise InvalidCommand(f"unknown flag --{_shown(flag)}{_did_you_mean(flag, TEACH_FLAGS, '--')}; /teach "
+                                 f"takes {_listed(TEACH_FLAGS, '--')}")
+        if flag in values:
+            raise InvalidCommand(f"--{flag} was given twice; give it once")
+        if not value and position < len(words) and not words[position].startswith("--"):
+            value, position = words[position], position + 1
+        if not value:
+            raise InvalidCommand(f"--{flag} needs a value after it, e.g. /teach mascot --{flag} "
+                                 + {"kind": "lora", "steps": "300", "rank": "4", "trigger": "mascot",
+                                    "model": "shapes"}[flag])
+        values[flag] = value
+    numbers = {}
+    for flag in ("steps", "rank"):
+        if flag in values:
+            if not values[flag].isdecimal() or len(values[flag]) > 9:
+                raise InvalidCommand(f"--{flag} takes a whole number (got {_shown(values[flag])})")
+            numbers[flag] = int(values[flag])
+    return TeachCommand(name=name, kind=values.get("kind", "lora").lower(), steps=numbers.get("steps"),
+                        rank=numbers.get("rank"), trigger=values.get("trigger"), model=values.get("model"),
+                        caption=" ".join(caption))
 
 
 def _appeal(rest: str) -> AppealCommand:
@@ -653,6 +704,16 @@ def _mod(args: list[str], rest: str) -> ModCommand:
                 words[1].lower() not in ("accept", "reject"):
             raise InvalidCommand("usage: /mod appeal <id> accept|reject [note], e.g. /mod appeal 4 accept a statue")
         return ModResolveCommand(int(number), words[1].lower() == "accept", " ".join(words[2:]))
+    if sub == "share":
+        if not 1 <= len(words) <= 2:
+            raise InvalidCommand("usage: /mod share NAME [user], e.g. /mod share mascot")
+        return ModShareCommand(words[0], words[1] if len(words) > 1 else None)
+    if sub == "trained":
+        if not words:
+            return ModTrainedCommand()
+        if words[0].lower() != "delete" or not 2 <= len(words) <= 3:
+            raise InvalidCommand("usage: /mod trained, or /mod trained delete NAME [user]")
+        return ModTrainedCommand(delete=words[1], user=words[2] if len(words) > 2 else None)
     if sub not in MOD_COMMANDS:
         raise InvalidCommand(f"unknown /mod command {_shown(sub)}{_did_you_mean(sub, MOD_COMMANDS)}; {_MOD_USAGE}")
     if not words:

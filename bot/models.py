@@ -278,3 +278,29 @@ class IdempotencyKey(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of the request, to spot a reused key
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime]
+
+
+class Training(Base):
+    """A `/teach` training: what it learns from and where its LoRA goes. Its job (kind "teach") is the
+    queue entry, requeued after each slice of steps; the job's status and progress are the training's."""
+
+    __tablename__ = "trainings"
+    __table_args__ = (Index("ix_trainings_user_name", "user_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(64))  # unique per owner among trainings not failed or cancelled
+    kind: Mapped[str] = mapped_column(String(16), default="lora")
+    trigger: Mapped[str] = mapped_column(String(64))  # the word that calls it in the owner's prompts
+    rank: Mapped[int] = mapped_column(Integer)
+    # [{"sha": sha256 of the stored PNG, "caption": "..."}], in the order they were given
+    pictures: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # Mean loss of each finished slice, for progress messages and the closing note.
+    losses: Mapped[list[float]] = mapped_column(JSON, default=list)
+    # When a moderator shared it (`/mod share`: copied into lora_dir, so everyone can use it); NULL: private.
+    shared_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(lazy="joined")
+    user: Mapped[User] = relationship(lazy="joined")

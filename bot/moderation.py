@@ -30,6 +30,8 @@ from bot.domain import (
     ModFlagsCommand,
     ModQuotaCommand,
     ModResolveCommand,
+    ModShareCommand,
+    ModTrainedCommand,
     ModUnbanCommand,
     Requester,
 )
@@ -38,6 +40,7 @@ from bot.events import EventBus, EventKind
 from bot.models import Appeal, QuotaGrant, SafetyFlag, User
 from bot.policy import PERMANENT, Policy, describe_quota, units, user_key, when
 from bot.safety import WITHHOLD, flagged_category, released_flags
+from bot.teach import TeachService, describe_trained
 
 _MENTION = re.compile(r"<@!?(\d+)>")
 _PLATFORM_ID = re.compile(r"([a-z][a-z0-9_-]{0,31}):(\S+)")
@@ -49,7 +52,9 @@ class Moderation:
     service's policy, event bus and clock."""
 
     def __init__(self, settings: Settings, db: Database, policy: Policy, bus: EventBus,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], teach: TeachService | None = None) -> None:
+        """`teach`: the trained words /mod share and /mod trained act on (None: those commands say so)."""
+        self.teach = teach
         self.settings = settings
         self.db = db
         self.policy = policy
@@ -61,7 +66,8 @@ class Moderation:
         if isinstance(command, AppealCommand):
             return await self.appeal(requester, command)
         handlers = {ModFlagsCommand: self.flags, ModBanCommand: self.ban, ModUnbanCommand: self.unban,
-                    ModQuotaCommand: self.quota, ModAppealsCommand: self.appeals, ModResolveCommand: self.resolve}
+                    ModQuotaCommand: self.quota, ModAppealsCommand: self.appeals, ModResolveCommand: self.resolve,
+                    ModShareCommand: self.share, ModTrainedCommand: self.trained}
         handler = handlers.get(type(command))
         if handler is None:
             raise InvalidCommand(f"{type(command).__name__} is not a /mod or /appeal command")
@@ -105,6 +111,30 @@ class Moderation:
         return user
 
     # -- /mod ----------------------------------------------------------------------------------------
+
+    async def _trained_owner(self, requester: Requester, reference: str | None) -> int | None:
+        """The users.id of the user named, whose trained word is meant; None: whoever trained it."""
+        if reference is None:
+            return None
+        platform, user_id = self._target(requester, reference)
+        async with self.db.unit_of_work(write=False) as uow:
+            return (await self._user(uow, platform, user_id)).id
+
+    async def share(self, requester: Requester, command: ModShareCommand) -> str:
+        """/mod share NAME [user]: a trained word for everyone (bot/teach.py)."""
+        if self.teach is None:
+            raise InvalidCommand("/teach is not set up on this server")
+        return await self.teach.share(command.name, await self._trained_owner(requester, command.user))
+
+    async def trained(self, requester: Requester, command: ModTrainedCommand) -> str:
+        """/mod trained: every trained word; /mod trained delete NAME [user]: forget one."""
+        if self.teach is None:
+            raise InvalidCommand("/teach is not set up on this server")
+        if command.delete is not None:
+            return await self.teach.delete(command.delete, await self._trained_owner(requester, command.user))
+        scope = self._scope(requester)
+        return describe_trained([each for each in await self.teach.trained()
+                                 if scope is None or each.owner.startswith(f"{scope}:")])
 
     async def flags(self, requester: Requester, command: ModFlagsCommand) -> str:
         query = select(SafetyFlag, User).join(User, User.id == SafetyFlag.user_id)

@@ -3,7 +3,8 @@
 Cost units measure work: width × height × steps actually run × images, with 512×512 at 20 steps for
 one image = 1 unit (`cost_milli` counts thousandths). /edit and /inpaint run `steps × strength` steps,
 as diffusers does, so they cost that much. /animate costs per frame: its first frame's steps, then
-`steps × strength` for each further frame.
+`steps × strength` for each further frame. A `/teach` training step costs TRAINING_STEP_FACTOR denoising
+steps per picture of its batch (a forward pass, and a backward pass of about twice its work).
 
 The jobs are the ledger: each job row carries its charge (`jobs.cost_milli`). It is *reserved* when the
 job is queued, *committed* when it succeeds, and *refunded* when it fails or is cancelled: a charge
@@ -22,7 +23,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from bot.config import QuotaTier, Settings
 from bot.database import UnitOfWork
@@ -33,6 +34,10 @@ from bot.views import QuotaStatus
 
 UNIT_WORK = 512 * 512 * 20  # pixels × steps of one unit
 CHARGED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.SUCCEEDED.value)
+# A training that failed or was cancelled keeps the charge of the steps it ran (finish_job lowers its
+# cost_milli to that); the rest is refunded.
+PARTLY_CHARGED = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+TRAINING_STEP_FACTOR = 3
 MINUTE = timedelta(seconds=60)
 PERMANENT = datetime(9999, 1, 1, tzinfo=UTC)  # a ban "forever"
 
@@ -40,7 +45,9 @@ PERMANENT = datetime(9999, 1, 1, tzinfo=UTC)  # a ban "forever"
 def steps_run(params: GenerationParams) -> int:
     """Denoising steps the model actually runs: /edit and /inpaint skip the first (1 - strength); an
     animation runs its first frame's (counted also when the first frame is an attached picture), then a
-    frame's img2img each."""
+    frame's img2img each; a training step counts TRAINING_STEP_FACTOR."""
+    if params.kind is JobKind.TEACH:
+        return params.steps * TRAINING_STEP_FACTOR
     redraw = params.steps if params.strength is None else max(1, min(params.steps, int(params.steps * params.strength)))
     if params.kind is JobKind.ANIMATE and params.motion is not None:
         return params.steps + (params.motion.frames - 1) * redraw
@@ -50,9 +57,20 @@ def steps_run(params: GenerationParams) -> int:
 
 
 def cost_milli(params: GenerationParams) -> int:
-    """The job's charge in thousandths of a unit, rounded up (so no job is free)."""
+    """The job's charge in thousandths of a unit, rounded up (so no job is free). A training's `n` is
+    the pictures of each of its steps."""
     work = params.width * params.height * steps_run(params) * params.n
     return max(1, -(-work * 1000 // UNIT_WORK))
+
+
+def is_charged() -> ColumnElement[bool]:
+    """The jobs whose cost_milli counts against their owner's quota."""
+    return or_(Job.status.in_(CHARGED), and_(Job.kind == JobKind.TEACH.value, Job.status.in_(PARTLY_CHARGED)))
+
+
+def used_part_milli(cost: int, steps_done: int, steps: int) -> int:
+    """What a training that stopped after `steps_done` of `steps` keeps charging (rounded up)."""
+    return -(-cost * max(0, min(steps_done, steps)) // max(steps, 1))
 
 
 def units(milli: float) -> str:
@@ -241,14 +259,14 @@ class Policy:
 
     async def usage(self, uow: UnitOfWork, user: User, now: datetime) -> Usage:
         """The day's and the last minute's charges and today's grant, in one statement."""
-        charged = and_(Job.user_id == user.id, Job.status.in_(CHARGED))
+        charged = and_(Job.user_id == user.id, is_charged())
         day, minute_ago = start_of_day(now), now - MINUTE
         today, last_minute = Job.created_at >= day, Job.created_at > minute_ago
         granted = select(QuotaGrant.extra_milli).where(
             QuotaGrant.user_id == user.id, QuotaGrant.day == now.date()).scalar_subquery()
         row = (await uow.session.execute(select(
             func.coalesce(func.sum(Job.cost_milli).filter(today), 0),
-            func.coalesce(func.sum(Job.n).filter(today), 0),
+            func.coalesce(func.sum(Job.n).filter(today, Job.kind != JobKind.TEACH.value), 0),  # images
             func.coalesce(func.sum(Job.cost_milli).filter(today, Job.status != JobStatus.SUCCEEDED.value), 0),
             func.coalesce(func.sum(Job.cost_milli).filter(last_minute), 0),
             func.min(Job.created_at).filter(last_minute),
@@ -263,7 +281,7 @@ class Policy:
         say when a per-minute refusal lifts."""
         return [(created_at, cost) for created_at, cost in (await uow.session.execute(
             select(Job.created_at, Job.cost_milli).where(
-                Job.user_id == user.id, Job.status.in_(CHARGED), Job.created_at > now - MINUTE)
+                Job.user_id == user.id, is_charged(), Job.created_at > now - MINUTE)
             .order_by(Job.created_at))).all()]
 
     @staticmethod
@@ -295,7 +313,8 @@ class Policy:
         tier = self.tier(name)
         usage = await self.usage(uow, user, now) if user.id is not None else NO_USAGE
         too_big = (f"this job alone costs {units_of(cost)}, more than the whole window; make it smaller "
-                   "(fewer --n, a smaller --size, fewer --steps)")
+                   + ("(fewer --steps)" if params.kind is JobKind.TEACH else
+                      "(fewer --n, a smaller --size, fewer --steps)"))
         daily = self.daily_limit_milli(tier, usage)
         if usage.daily_milli + cost > daily:
             lifts = next_midnight(now)
@@ -306,6 +325,8 @@ class Policy:
                     f"It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}); /quota shows what is left.")
                 + f" {_raised_by(f'quota.tiers.{name}.daily_units')}",
                 retry_after_s=None if cost > daily else (lifts - now).total_seconds())
+        if params.kind is JobKind.TEACH:  # its steps run a slice at a time: no burst, and no images
+            return cost
         per_minute = tier.per_minute_units * 1000
         if usage.minute_milli + cost > per_minute:
             raised_by = _raised_by(f"quota.tiers.{name}.per_minute_units")
@@ -348,7 +369,7 @@ class Policy:
             images_limit=self.images_limit(user),
             minute_resets_at=usage.minute_oldest + MINUTE if usage.minute_oldest else None,
             cost=cost_milli(params) / 1000 if params is not None else None,
-            cost_of=_described_params(params) if params is not None else "",
+            cost_of=describe_params(params) if params is not None else "",
         )
 
 
@@ -367,7 +388,9 @@ def _minute_lifts_at(charges: list[tuple[datetime, int]], cost: int, limit: floa
     return now + MINUTE
 
 
-def _described_params(params: GenerationParams) -> str:
+def describe_params(params: GenerationParams) -> str:
+    if params.kind is JobKind.TEACH:
+        return f"/teach {params.steps} steps of {params.n} pictures at {params.width}x{params.height}"
     steps = steps_run(params)
     if params.motion is not None:
         return f"/animate {params.width}x{params.height}, {params.motion.frames} frames, {steps} steps in all"

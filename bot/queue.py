@@ -22,22 +22,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, case, delete, func, select, update
+from sqlalchemy import Select, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import lazyload
+from sqlalchemy.orm import aliased, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from bot.clock import Clock
 from bot.config import Settings
 from bot.database import Database
-from bot.domain import JobStatus
+from bot.domain import JobKind, JobStatus
 from bot.events import EventBus, EventKind
-from bot.models import Image, Job, JobEvent, User, WorkerRow
+from bot.models import Image, Job, JobEvent, Training, User, WorkerRow
 from bot.policy import Policy
 from bot.safety import WITHHOLD, ImageVerdict, flagged_category, image_action
 from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView, job_view
+from bot.views import JobView, TrainingView, job_view, training_view
 from bot.workers import WorkerStatus
 
 
@@ -163,19 +163,20 @@ class JobQueue:
         return timedelta(seconds=self.settings.queue.lease_s)
 
     async def claim_batch(self, worker_id: str, max_images: int, loaded_models: Collection[str] = (),
-                          *, may_leave: bool = False) -> list[JobView]:
+                          *, may_leave: bool = False, train: bool = False) -> list[JobView]:
         """Mark up to `max_images` images' worth of compatible jobs running and return them.
 
         A worker holding `loaded_models` prefers their jobs within queue.affinity_max_passes
         (choose_head); with `may_leave` (a worker that polls again soon, not a burst), it leaves a job it
         would have to load a model for to an idle worker that has it (leave_to_idle_worker), and gets
-        nothing this time."""
+        nothing this time. A slice of a training (kind teach) is claimed alone, and only by a worker
+        that `train`s."""
         while True:
             # Choose in a read-only transaction: an idle worker's empty claims never take the write
             # lock that submissions need.
             async with self.db.unit_of_work(write=False) as uow:
                 choice = await self._choose_batch(uow.session, max_images, loaded_models,
-                                                  leave_for_others_than=worker_id if may_leave else None)
+                                                  leave_for_others_than=worker_id if may_leave else None, train=train)
             if not choice.chosen:
                 return []
             views = await self._start(worker_id, choice, max_images)
@@ -201,7 +202,9 @@ class JobQueue:
                 job.attempts += 1
                 job.worker = worker_id
                 job.started_at = job.heartbeat_at = now
-                job.progress_step, job.progress_total = 0, job.steps
+                # A training goes on from the steps its earlier slices ran.
+                job.progress_step = job.progress_step if job.kind == JobKind.TEACH.value else 0
+                job.progress_total = job.steps
                 job.batch_size = images
                 job.user.last_served_at = now
                 self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
@@ -225,18 +228,19 @@ class JobQueue:
             query.options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))).unique().all())
 
     async def _choose_batch(self, session: AsyncSession, max_images: int, loaded_models: Collection[str] = (),
-                            leave_for_others_than: str | None = None) -> BatchChoice:
+                            leave_for_others_than: str | None = None, train: bool = False) -> BatchChoice:
         """The seqs of the next batch: the fairest head job (or, with affinity, a head for a model the
         worker has loaded: choose_head), then compatible jobs to fill it; and the seqs of the fairer
         heads passed over. Nothing when the head is better left to an idle worker other than
-        `leave_for_others_than` (when given) that has its model loaded.
+        `leave_for_others_than` (when given) that has its model loaded. A training slice (`train`
+        only) is a batch alone.
 
         Only a few columns of the candidates are read; the chosen rows are loaded by the caller. One
         query usually settles it: the fair heads come with each user's count of waiting jobs, so when
         they are all there and each user waits for one job, there is nothing else to look for.
         """
         limit = 16 * max_images  # enough spare heads for workers that claim at the same moment (_start)
-        heads = (await session.execute(self._fair_heads().limit(limit))).all()
+        heads = (await session.execute(self._fair_heads(train).limit(limit))).all()
         if not heads:
             return BatchChoice([])
         now = self.clock()
@@ -250,6 +254,10 @@ class JobQueue:
                 return BatchChoice([])
         head, key = heads[index], _batch_key(heads[index])
         passed = [row.seq for row in heads[:index]]
+        # Spare heads for _start's fallback: never a training slice, which must run alone.
+        spare = [row.seq for row in heads if row.seq != head.seq and row.kind != JobKind.TEACH.value]
+        if head.kind == JobKind.TEACH.value:
+            return BatchChoice([head.seq], passed)  # one training slice at a time: no diffusers call to share
         same_key = [column == value if value is not None else column.is_(None)
                     for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
         chosen, images = [head.seq], head.n
@@ -259,16 +267,16 @@ class JobQueue:
         queries = [] if every_waiting_job_seen else [
             select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key).order_by(Job.seq)]
         if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
-            fair, queries = [], [self._fair_heads().where(*same_key), *queries]
+            fair, queries = [], [self._fair_heads(train).where(*same_key), *queries]
         for query in (None, *queries):
             rows = fair if query is None else (await session.execute(query.limit(limit))).all()
             for seq, n, *_ in rows:
                 if images >= max_images:
-                    return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
+                    return BatchChoice(chosen, passed, [seq for seq in spare if seq not in chosen])
                 if seq not in chosen and images + n <= max_images:
                     chosen.append(seq)
                     images += n
-        return BatchChoice(chosen, passed, [row.seq for row in heads if row.seq not in chosen])
+        return BatchChoice(chosen, passed, [seq for seq in spare if seq not in chosen])
 
     async def _models_on_idle_workers(self, session: AsyncSession, other_than: str) -> set[str]:
         """The models loaded on workers the registry shows idle and alive (a heartbeat within the lease)."""
@@ -279,11 +287,19 @@ class JobQueue:
         return {model for models in rows for model in models}
 
     @staticmethod
-    def _fair_heads() -> Select[Any]:
+    def _fair_heads(train: bool = False) -> Select[Any]:
         """Each user's oldest waiting job (seq, n, the user's waiting jobs, its passes, when it was
-        submitted, batch key), the least recently served user first."""
+        submitted, batch key), the least recently served user first. A user's generation jobs go before
+        their own waiting training slice (which was queued before them), and trainings not at all unless
+        `train`."""
+        other = aliased(Job)
+        generation_waits = select(other.seq).where(
+            other.user_id == Job.user_id, other.status == JobStatus.QUEUED.value,
+            other.kind != JobKind.TEACH.value).exists()
+        eligible = (or_(Job.kind != JobKind.TEACH.value, ~generation_waits) if train
+                    else Job.kind != JobKind.TEACH.value)
         heads = (select(Job.user_id, func.min(Job.seq).label("seq"), func.count().label("waiting"))
-                 .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
+                 .where(Job.status == JobStatus.QUEUED.value, eligible).group_by(Job.user_id).subquery())
         return (select(Job.seq, Job.n, heads.c.waiting, Job.passed_over, Job.created_at, *BATCH_KEY_COLUMNS)
                 .join(heads, Job.seq == heads.c.seq)
                 .join(User, User.id == Job.user_id)
@@ -363,6 +379,56 @@ class JobQueue:
             await uow.commit()
         return True
 
+    # -- trainings (bot/teach.py): one queue entry, claimed once per slice of steps ------------------
+
+    async def training(self, job_id: str) -> TrainingView:
+        async with self.db.unit_of_work(write=False) as uow:
+            row = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            if row is None:
+                raise LookupError(f"job {job_id} is not a training")
+            return training_view(row)
+
+    async def requeue_slice(self, job_id: str, worker_id: str, step: int, loss: float, eta_s: float,
+                            sample: bytes | None = None) -> bool:
+        """A slice of a training ran to `step` and its state is checkpointed: put the training back in
+        the queue behind the other users' jobs (its owner was just served), with a progress event
+        (step, loss, seconds left, maybe a sample picture). False if it was cancelled or taken back."""
+        now = self.clock()
+        async with self.db.unit_of_work() as uow:
+            job = await uow.session.scalar(select(Job).where(Job.id == job_id).options(lazyload(Job.images)))
+            if job is None or job.status != JobStatus.RUNNING.value or job.worker != worker_id:
+                return False
+            training = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            training.losses = [*training.losses, round(loss, 5)]
+            job.status, job.worker, job.heartbeat_at = JobStatus.QUEUED.value, None, now
+            job.progress_step = step
+            job.attempts = 0  # a slice that ran to its end is no failed attempt
+            job.user.last_served_at = now
+            payload: dict[str, Any] = {"step": step, "total": job.steps, "loss": round(loss, 5),
+                                       "eta_s": round(eta_s, 1), "training": training.name}
+            if sample is not None:
+                payload["sample"] = "data:image/png;base64," + base64.b64encode(sample).decode()
+            self.bus.stage(uow, job, EventKind.PROGRESS, payload)
+            await uow.commit()
+        return True
+
+    async def ended(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of `job_ids` that succeeded, failed or were cancelled (or no longer exist)."""
+        if not job_ids:
+            return []
+        async with self.db.unit_of_work(write=False) as uow:
+            unfinished = set(await uow.session.scalars(select(Job.id).where(
+                Job.id.in_(job_ids), Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))))
+        return [job_id for job_id in job_ids if job_id not in unfinished]
+
+    async def record_training_loss(self, job_id: str, loss: float) -> None:
+        """The last slice's mean loss, before the training completes."""
+        async with self.db.unit_of_work() as uow:
+            training = await uow.session.scalar(select(Training).where(Training.job_id == job_id))
+            if training is not None:
+                training.losses = [*training.losses, round(loss, 5)]
+            await uow.commit()
+
     async def fail(self, job_id: str, error: str, worker_id: str | None = None) -> None:
         """Mark a running job failed with `error`, the message its owner reads. With `worker_id`, only
         while it is still that worker's: a job taken back meanwhile belongs to its new worker."""
@@ -409,8 +475,9 @@ class JobQueue:
                         f"The worker stopped {job.attempts} times while running this job, so it was not "
                         f"retried again. Try fewer images (--n) or a smaller --size."))
                     report.failed.append(job.id)
-                else:
-                    job.status, job.worker, job.progress_step = JobStatus.QUEUED.value, None, 0
+                else:  # a training keeps its step: its checkpoint holds the slices it ran
+                    job.status, job.worker = JobStatus.QUEUED.value, None
+                    job.progress_step = job.progress_step if job.kind == JobKind.TEACH.value else 0
                     self.bus.stage(uow, job, EventKind.QUEUED, {"position": 1, "requeued": True})
                     report.requeued.append(job.id)
             await uow.commit()

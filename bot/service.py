@@ -27,15 +27,17 @@ from bot.database import Database, UnitOfWork
 from bot.domain import GenerateCommand, GenerationParams, InputImages, JobKind, JobStatus, Requester, loras_text
 from bot.errors import IdempotencyConflict, InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
 from bot.events import EventBus, EventKind
+from bot.extra_networks import ExtraNetworks
 from bot.fetch import ImageFetcher
 from bot.grammar import fit_size
 from bot.images import load_upload, prepare_inputs, to_png_bytes
 from bot.models import IdempotencyKey, Image, Job, User
 from bot.outpaint import outpaint_canvas, outpaint_layout
-from bot.policy import Policy, cost_milli
+from bot.policy import Policy, cost_milli, used_part_milli
 from bot.repositories import QueueLoad
 from bot.safety import WITHHOLD, Decision, PromptCheck, flagged_category
 from bot.store import ImageStore
+from bot.teach import own_loras
 from bot.views import JobView, QuotaStatus, job_view
 
 MAX_SEED = 2**32 - 1
@@ -80,6 +82,7 @@ class JobService:
                  catalog: ModelCatalog | None = None) -> None:
         self.settings = settings
         self.catalog = catalog or ModelCatalog.from_settings(settings)  # the models and their defaults
+        self.catalog_networks = ExtraNetworks.from_settings(settings)  # installed LoRAs, beside trained ones
         self.db = db
         self.store = store
         self.bus = bus
@@ -117,6 +120,9 @@ class JobService:
                     await uow.commit()  # keep the user row get_or_create may have made or renamed
                     return earlier
             self.policy.check_not_banned(user, now)
+            # The user's own trained words (/teach): by name and by trigger word.
+            jobs = [await own_loras(uow, user, params, self.catalog_networks, self.settings.limits.max_loras)
+                    for params in jobs]
             for params, decision in zip(jobs, decisions, strict=True):
                 if not decision.allowed:  # one refused combination refuses the whole command
                     raise Refused(await self._refuse_prompt(uow, user, params, decision, now))
@@ -393,8 +399,11 @@ async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus
     """Move a job to a final state and stage the event (at `now`, else the bus's clock's time).
 
     The status is also the quota's bookkeeping (bot/policy.py): SUCCEEDED commits the job's charge,
-    FAILED and CANCELLED refund it (a charge counts only while queued, running or succeeded).
+    FAILED and CANCELLED refund it (a charge counts only while queued, running or succeeded), except
+    the steps a training ran (its progress_step), which stay charged.
     """
+    if job.kind == JobKind.TEACH.value and status is not JobStatus.SUCCEEDED:
+        job.cost_milli = used_part_milli(job.cost_milli, job.progress_step, job.steps)  # refund the rest
     job.status = status.value
     job.finished_at = now or bus.clock()
     job.error = error

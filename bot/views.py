@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from bot.domain import GenerationParams, JobKind, JobStatus, Motion, loras_of_text
-from bot.models import Image, Job
+from bot.models import Image, Job, Training
 from bot.safety import WITHHOLD, flagged_category
 
 
@@ -74,6 +74,30 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class TrainingView:
+    """What a worker needs to run a slice of a `/teach` training, and what /mod trained lists."""
+
+    job_id: str
+    owner_id: int  # users.id
+    owner: str  # "platform:user id", as moderators name users
+    name: str
+    kind: str
+    trigger: str
+    rank: int
+    pictures: tuple[tuple[str, str], ...]  # (sha256 of the stored PNG, caption)
+    losses: tuple[float, ...]
+    status: JobStatus
+    step: int
+    steps: int
+    shared: bool = False
+
+    @property
+    def lora_name(self) -> str:
+        """The name jobs of its owner use for it (bot/extra_networks.trained_lora_name)."""
+        return f"trained/u{self.owner_id}/{self.name}"
+
+
+@dataclass(frozen=True)
 class QuotaStatus:
     """A user's quota in cost units (bot/policy.py; `describe_quota` renders it). `limit` may be inf."""
 
@@ -120,3 +144,14 @@ def job_view(job: Job, image_path: Any) -> JobView:
         images=tuple(image_view(image, str(image_path(image.sha256))) for image in job.images),
         nsfw_allowed=bool(job.nsfw_allowed), cost_milli=job.cost_milli or 0,
     )
+
+
+def training_view(training: Training) -> TrainingView:
+    job = training.job
+    return TrainingView(
+        job_id=training.job_id, owner_id=training.user_id,
+        owner=f"{training.user.platform}:{training.user.platform_user_id}", name=training.name, kind=training.kind,
+        trigger=training.trigger, rank=training.rank,
+        pictures=tuple((picture["sha"], picture["caption"]) for picture in training.pictures),
+        losses=tuple(training.losses), status=JobStatus(job.status), step=job.progress_step, steps=job.steps,
+        shared=training.shared_at is not None)

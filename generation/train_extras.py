@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -197,21 +198,34 @@ def train_lora(shape: str, steps: int, images: int, batch: int,
     return {key: value.detach().clone() for key, value in get_peft_model_state_dict(unet).items()}, log
 
 
-def save_kohya_lora(state: dict[str, torch.Tensor], path: Path, name: str, description: str) -> None:
-    """Write a diffusers/PEFT LoRA state dict in the kohya-ss format AUTOMATIC1111 and ComfyUI load."""
+def save_kohya_lora(state: dict[str, torch.Tensor], path: Path, name: str, description: str, rank: int = RANK,
+                    model: str = "builtin:shapes") -> None:
+    """Write a diffusers/PEFT LoRA state dict (rank `rank`, alpha = rank) in the kohya-ss format
+    AUTOMATIC1111 and ComfyUI load; `model` is the model it was trained for (`ss_sd_model_name`)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, part = key.rpartition(".lora_")  # "down_blocks.1.attentions.0...attn2.to_k", "A.weight"
         kohya = "lora_unet_" + module.replace(".", "_")
         tensors[f"{kohya}.lora_down.weight" if part.startswith("A") else f"{kohya}.lora_up.weight"] = \
             value.to(torch.float16).contiguous()
-        tensors[f"{kohya}.alpha"] = torch.tensor(float(RANK), dtype=torch.float16)
+        tensors[f"{kohya}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(RANK), "ss_network_alpha": str(RANK),
-        "ss_sd_model_name": "builtin:shapes", "ss_output_name": name, "ss_training_comment": description,
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        "ss_sd_model_name": model, "ss_output_name": name, "ss_training_comment": description,
         "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": name,
     }
-    save_file(tensors, path, metadata=metadata)
+    save_canonical(tensors, path, metadata)
+
+
+def save_canonical(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' own writer, with the header's keys in sorted order: the library writes the metadata
+    from a hash map whose order changes from process to process, so equal tensors would otherwise
+    make files that differ in their header's bytes."""
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as the library pads it
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
 
 
 # -- textual inversion -------------------------------------------------------------------------------------

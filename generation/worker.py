@@ -35,18 +35,20 @@ from PIL import Image
 
 from bot.animation import frames_folder, video_path
 from bot.config import QueueConfig, Settings
-from bot.domain import JobKind
+from bot.domain import GenerationParams, JobKind
 from bot.errors import EaselError, GenerationFailed
 from bot.extra_networks import ExtraNetworks
-from bot.policy import steps_run
+from bot.images import to_png_bytes
+from bot.policy import TRAINING_STEP_FACTOR, steps_run
 from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView
+from bot.views import JobView, TrainingView
 from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.animation import animate, write_mp4
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
+from generation.teach import LoraTrainer, SliceResult, TrainingSpec
 
 log = logging.getLogger("easel.worker")
 
@@ -118,11 +120,30 @@ class WorkerStats:
     busy_seconds: float = 0.0
 
 
+class Trainer(Protocol):
+    """Runs `/teach` slices (generation/teach.py's LoraTrainer)."""
+
+    def run_slice(self, spec: TrainingSpec, slice_steps: int,
+                  on_step: StepCallback | None = None) -> SliceResult: ...
+
+    def save_lora(self, spec: TrainingSpec, path: Path) -> None: ...
+
+    def forget(self, job_id: str) -> None: ...
+
+    def checkpointed_jobs(self) -> list[str]: ...
+
+    def has_checkpoint(self, job_id: str) -> bool: ...
+
+    def comparison_params(self, spec: TrainingSpec, lora: str) -> tuple[GenerationParams, GenerationParams]: ...
+
+
 class Worker:
     def __init__(self, queue: JobQueue, generator: Generator, store: ImageStore, settings: Settings,
                  worker_id: str | None = None, image_checker: ImageChecker | None = None,
-                 exit_process: Callable[[int], object] = os._exit) -> None:
-        """`exit_process` is what the watchdog calls to end a stuck worker (tests pass a fake)."""
+                 exit_process: Callable[[int], object] = os._exit, trainer: Trainer | None = None) -> None:
+        """`exit_process` is what the watchdog calls to end a stuck worker (tests pass a fake). Without
+        a `trainer` the worker never claims a training slice (`easel worker --no-train`)."""
+        self.trainer = trainer
         self.queue = queue
         self.generator = generator
         # The output check runs on every image before it is stored as done (generation/safety_checker.py).
@@ -164,7 +185,8 @@ class Worker:
                 marker = self.queue.bus.change_marker()
                 # A burst worker never leaves a job to another: it would stop with the job still queued.
                 batch = await self.queue.claim_batch(self.worker_id, self.settings.generation.max_batch,
-                                                     loaded_models=self._loaded_models(), may_leave=not burst)
+                                                     loaded_models=self._loaded_models(), may_leave=not burst,
+                                                     train=self.trainer is not None)
                 if not batch:
                     if burst:
                         break
@@ -259,7 +281,8 @@ class Worker:
 
     async def _upkeep(self, *, prune: bool) -> None:
         """Take back the jobs of workers that died (on this host) or whose lease ran out (any host),
-        and, with `prune`, delete progress events nobody needs any more."""
+        and, with `prune`, delete progress events nobody needs any more and the checkpoints of trainings
+        that ended while queued (cancelled between slices, or failed by another worker)."""
         report = await self.queue.requeue_abandoned(by=self.worker_id)
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
@@ -271,6 +294,10 @@ class Worker:
             await self.queue.prune_progress_events()
             if expired := await self.registry.expire():
                 log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
+            if self.trainer is not None:
+                ended = await self.queue.ended(self.trainer.checkpointed_jobs())
+                for job_id in ended:
+                    self.trainer.forget(job_id)
 
     def _loaded_models(self) -> list[str]:
         """The models the generator holds (a test's fake generator holds none): affinity prefers their jobs."""
@@ -311,6 +338,9 @@ class Worker:
             self._in_hand = None
 
     async def _run_batch_in_hand(self, batch: Sequence[JobView]) -> None:
+        if batch[0].params.kind is JobKind.TEACH:  # claimed alone (bot/queue.py)
+            await self._run_training_slice(batch[0])
+            return
         try:
             results = await self._generate(batch)
         except BatchCancelled:
@@ -413,6 +443,117 @@ class Worker:
                        "it has been logged. Try again, or with other settings.")
         self.stats.failed += 1
         await asyncio.shield(self.queue.fail(job.id, message, worker_id=self.worker_id))
+
+
+    # -- /teach: one slice of a training per claim (bot/teach.py, generation/teach.py) ------------------
+
+    async def _run_training_slice(self, job: JobView) -> None:
+        assert self.trainer is not None  # only a worker with a trainer claims trainings
+        teach = self.settings.teach
+        try:
+            view = await self.queue.training(job.id)
+            spec = await asyncio.to_thread(self._training_spec, job, view)
+        except Exception as error:
+            await self._fail(job, error)
+            return
+        progress = ProgressReporter(self.queue, [job.id], self.settings.generation.progress_every_s,
+                                    _slice_time_limit(job, teach.batch, teach.slice_steps, self.settings.queue),
+                                    worker_id=self.worker_id)
+        self._in_hand = progress
+        try:
+            if not self.trainer.has_checkpoint(job.id):  # before its first step: the pictures pass the check
+                flagged = [(number, verdict) for number, verdict in enumerate(await self._check(spec.pictures), 1)
+                           if verdict is not None]
+                if flagged:
+                    number, verdict = flagged[0]
+                    raise GenerationFailed(f"training picture {number} did not pass the image check "
+                                           f"({verdict.category}); teach with other pictures")
+            result = await on_torch_thread(self.trainer.run_slice, spec, teach.slice_steps, progress.on_step)
+        except BatchCancelled:
+            self.stats.cancelled += 1
+            self.trainer.forget(job.id)
+            return
+        except Exception as error:
+            self.trainer.forget(job.id)
+            await self._fail(job, error)
+            return
+        finally:
+            progress.progressed()
+            await progress.settle()
+        if not result.done(spec):
+            sample = await self._training_sample(job, view, spec, result.step)
+            eta_s = result.seconds_per_step * (view.steps - result.step)
+            if not await self.queue.requeue_slice(job.id, self.worker_id, result.step, result.loss, eta_s, sample):
+                self.trainer.forget(job.id)  # cancelled meanwhile
+            return
+        await asyncio.shield(self._finish_training(job, view, spec, result))
+
+    def _training_spec(self, job: JobView, view: TrainingView) -> TrainingSpec:
+        pictures = []
+        for sha, _caption in view.pictures:
+            with self.store.open_image(sha) as picture:  # from a folder or a bucket alike
+                pictures.append(picture.convert("RGB"))
+        return TrainingSpec(view=view, pictures=pictures, model=job.params.model, width=job.params.width,
+                            height=job.params.height, batch=self.settings.teach.batch,
+                            learning_rate=self.settings.teach.learning_rate)
+
+    async def _training_sample(self, job: JobView, view: TrainingView, spec: TrainingSpec, step: int) -> bytes | None:
+        """A picture of the first caption made with the LoRA so far, after evenly spaced slices
+        (teach.samples of them); None between them. A failed sample costs the sample, not the training."""
+        samples, slice_steps = self.settings.teach.samples, self.settings.teach.slice_steps
+        slices = -(-view.steps // slice_steps)
+        every = max(1, slices // (samples + 1)) if samples else 0
+        if not every or (step // slice_steps) % every or step // slice_steps > every * samples:
+            return None
+        path = self.settings.storage.loras / f"{view.lora_name}.sample.safetensors"
+        try:
+            await on_torch_thread(self.trainer.save_lora, spec, path)
+            with_word, _ = self.trainer.comparison_params(spec, f"{view.lora_name}.sample")
+            [[image]] = await on_torch_thread(self.generator.generate, [GenerationTask(with_word)])
+            [verdict] = await self._check([image])
+            return to_png_bytes(image) if verdict is None else None  # a flagged sample is simply not sent
+        except Exception:
+            log.warning("sample of training %s failed", job.id, exc_info=True)
+            return None
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _finish_training(self, job: JobView, view: TrainingView, spec: TrainingSpec,
+                               result: SliceResult) -> None:
+        """Save the LoRA where its owner's jobs find it, then end with the comparison: the same prompt
+        and seed without and with it, as /imagine makes them."""
+        try:
+            path = self.settings.storage.loras / f"{view.lora_name}.safetensors"
+            await on_torch_thread(self.trainer.save_lora, spec, path)
+            with_word, without = self.trainer.comparison_params(spec, view.lora_name)
+            images = []
+            for params in (without, with_word):  # two calls: a LoRA changes the weights for a whole call
+                [[image]] = await on_torch_thread(self.generator.generate, [GenerationTask(params)])
+                images.append(image)
+            verdicts = await self._check(images)
+            stored = await asyncio.to_thread(lambda: [
+                (params.seed, self.store.save_generated(image, params, params.seed or 0))
+                for params, image in zip((without, with_word), images, strict=True)])
+            await self.queue.record_training_loss(job.id, result.loss)
+            if await self.queue.complete(job.id, stored, verdicts, worker_id=self.worker_id):
+                self.stats.succeeded += 1
+                self.stats.images += len(stored)
+            else:
+                path.unlink(missing_ok=True)  # cancelled at the last moment: nothing stays
+                self.stats.cancelled += 1
+            self.trainer.forget(job.id)
+        except Exception as error:
+            await self._fail(job, error)
+
+
+def _slice_time_limit(job: JobView, batch: int, slice_steps: int, config: QueueConfig) -> TimeLimit:
+    """A training step is about TRAINING_STEP_FACTOR denoising steps per picture of its batch."""
+    params = job.params
+    per_step = (config.time_limit_s_per_megapixel_step * params.width * params.height / 1e6 * batch
+                * TRAINING_STEP_FACTOR)
+    return TimeLimit(total_s=config.time_limit_base_s + per_step * slice_steps,
+                     step_s=config.time_limit_base_s + per_step,
+                     work=f"{slice_steps} training steps of {batch} pictures at {params.width}x{params.height}")
 
 
 def _finished_frames(folder: Path, frames: int) -> list[Image.Image]:
@@ -596,8 +737,9 @@ class CoreParts(Protocol):
     settings: Settings
 
 
-def build_worker(core: CoreParts, generator: Generator | None = None) -> Worker:
-    """The worker `easel serve` and `easel worker` run: diffusers on the configured device."""
+def build_worker(core: CoreParts, generator: Generator | None = None, *, train: bool = True) -> Worker:
+    """The worker `easel serve` and `easel worker` run: diffusers on the configured device; it trains
+    `/teach` slices too unless not `train` (`easel worker --no-train`)."""
     if generator is None:
         from bot.catalog import ModelCatalog
         from generation.pipelines import DiffusersGenerator
@@ -607,5 +749,10 @@ def build_worker(core: CoreParts, generator: Generator | None = None) -> Worker:
         generator = DiffusersGenerator(catalog, device=gen.device, dtype=gen.dtype,
                                        cache_dir=core.settings.storage.model_cache, options=gen,
                                        networks=ExtraNetworks.from_settings(core.settings))
+    trainer = None
+    if train:
+        from bot.catalog import ModelCatalog
+
+        trainer = LoraTrainer(ModelCatalog.from_settings(core.settings), core.settings)
     return Worker(core.queue, generator, core.store, core.settings,
-                  image_checker=build_image_checker(core.settings))
+                  image_checker=build_image_checker(core.settings), trainer=trainer)

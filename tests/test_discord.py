@@ -47,7 +47,8 @@ BOT_TOKEN = "test-bot-token"
 STRING, INTEGER, NUMBER, ATTACHMENT = 3, 4, 10, 11
 _OPTION_TYPES = {"seed": INTEGER, "steps": INTEGER, "count": INTEGER, "cfg": NUMBER, "strength": NUMBER,
                  "image": ATTACHMENT, "mask": ATTACHMENT, "zoom": NUMBER, "left": INTEGER, "right": INTEGER,
-                 "up": INTEGER, "down": INTEGER, "frames": INTEGER, "fps": INTEGER, "rotate": NUMBER}
+                 "up": INTEGER, "down": INTEGER, "frames": INTEGER, "fps": INTEGER, "rotate": NUMBER,
+                 "rank": INTEGER, **{f"picture{number}": ATTACHMENT for number in range(1, 11)}}
 
 
 # -- fixtures and helpers -----------------------------------------------------------------------------
@@ -485,6 +486,27 @@ async def test_attachments_too_large_or_not_pictures_are_refused_before_download
     assert fake.downloads == [] and await core.service.list_jobs() == []
 
 
+async def test_teach_takes_its_pictures_as_attachment_options_and_queues_a_training(
+        core: Core, fake: FakeDiscord) -> None:
+    from tests.test_teach import teaching_pictures
+
+    pictures = [fake.add_attachment(f"{index}.png", picture.data) for index, picture in enumerate(teaching_pictures(3))]
+    async with running(core) as bot:
+        token = bot.dispatch(slash("teach", word="zorb", picture1=pictures[0], picture2=pictures[1],
+                                   picture3=pictures[2], steps=40, caption="a zorb shape"))
+        queued = await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path
+                                     and "queued, position" in r.content)
+        refused = bot.dispatch(slash("teach", word="no way", picture1=pictures[0], picture2=pictures[1],
+                                     picture3=pictures[2]))
+        refusal = await fake.wait_for(lambda r: r.path.endswith(f"/{refused}/callback"))
+    job = await only_job(core)
+    training = await core.queue.training(job.id)
+    assert fake.downloads == ["0.png", "1.png", "2.png"] and training.steps == 40
+    assert [caption for _, caption in training.pictures] == ["a zorb shape"] * 3
+    assert job.id in queued.content
+    assert "a trained word's name is 1 to 32 letters" in refusal.json["data"]["content"]
+
+
 async def test_a_damaged_picture_is_refused_after_download(core: Core, fake: FakeDiscord) -> None:
     image = fake.add_attachment("cut.png", png_bytes()[:60])
     async with running(core) as bot:
@@ -602,14 +624,14 @@ async def test_discord_sync_registers_the_commands_in_one_guild(core: Core, fake
     assert put.path == f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands"
     commands = {command["name"]: command for command in put.json}
     assert set(commands) == {"imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel",
-                             "help", "models", "styles", "loras"}
+                             "help", "models", "styles", "loras", "teach"}
     imagine = {option["name"]: option for option in commands["imagine"]["options"]}
     assert imagine["prompt"]["required"] and imagine["model"]["autocomplete"] and imagine["seed"]["type"] == INTEGER
     assert "image" in {option["name"] for option in commands["inpaint"]["options"]}
     printed = capsys.readouterr().out
     assert "image" in {option["name"] for option in commands["outpaint"]["options"]}
     assert not {option["name"]: option for option in commands["outpaint"]["options"]}["prompt"]["required"]
-    assert "registered 13 commands in server" in printed and BOT_TOKEN not in printed
+    assert "registered 14 commands in server" in printed and BOT_TOKEN not in printed
 
 
 def _original_id(fake: FakeDiscord, callback: Request) -> int:
@@ -673,7 +695,7 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
 # -- inside another bot: the extension ------------------------------------------------------------------
 
 EASEL_COMMANDS = {"imagine", "edit", "inpaint", "outpaint", "animate", "quota", "job", "jobs", "cancel", "help",
-                  "models", "styles", "loras"}
+                  "models", "styles", "loras", "teach"}
 
 
 def host_bot(core: Core | None = None) -> commands.Bot:

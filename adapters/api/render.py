@@ -85,6 +85,10 @@ def event_data(delivery: Delivery, base: str) -> dict[str, Any]:
         data.update(step=delivery.step, total=delivery.total)
         if delivery.preview is not None:
             data.update(preview=delivery.preview, preview_spoiler=delivery.preview_spoiler)
+        if delivery.loss is not None:  # a /teach training's slice ended
+            data.update(loss=delivery.loss, eta_s=delivery.eta_s)
+            if delivery.sample is not None:
+                data["sample"] = delivery.sample
     elif kind in (EventKind.DONE, EventKind.RELEASED):
         data.update(images=images_out(delivery, base), withheld=withheld_out(delivery))
         if delivery.notice:

@@ -110,8 +110,8 @@ class WithheldOut(BaseModel):
     message: str = Field(description="what happened, why, and how to appeal; show it instead of the image")
 
 
-class LoraWeightOut(BaseModel):
-    name: str
+class LoraUseOut(BaseModel):
+    name: str = Field(description="the LoRA's name (trained/u<id>/NAME: its owner's /teach word)")
     weight: float
 
 
@@ -128,7 +128,8 @@ class ParamsOut(BaseModel):
     seed: int | None = Field(description="image i has seed + i; null only in a dry run without --seed "
                                          "(a random one is picked when the job is queued)")
     strength: float | None = Field(description="edit and inpaint: how much of the picture is redrawn")
-    loras: list[LoraWeightOut] = Field(description="the LoRAs it runs with (<lora:NAME:WEIGHT> or --lora)")
+    loras: list[LoraUseOut] = Field(default_factory=list, description="its LoRAs, <lora:NAME:WEIGHT> and "
+                                    "--lora, and the trigger words of its owner's trained words")
 
 
 class JobOut(BaseModel):
@@ -393,6 +394,9 @@ class ProgressData(BaseModel):
     total: int
     preview: str | None = Field(None, description="a data: URL of a rough picture so far (generation.previews)")
     preview_spoiler: bool = Field(False, description="show the preview only behind a spoiler")
+    loss: float | None = Field(None, description="a /teach training: the mean loss of the slice that ended")
+    eta_s: float | None = Field(None, description="a /teach training: about how many seconds are left")
+    sample: str | None = Field(None, description="a /teach training: a data: URL of a picture made with it so far")
 
 
 class DoneData(BaseModel):

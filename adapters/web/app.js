@@ -13,6 +13,7 @@ const cursor = $("#cursor");
 const TOKEN_KEY = "easel.token";
 let token = localStorage.getItem(TOKEN_KEY);
 let attached = null; // the File attached for /edit, /inpaint and /outpaint
+let pictures = []; // the Files attached together for /teach (several at once)
 let maskPainted = false;
 const cards = new Map(); // job id -> its card in the log
 const origins = new Map(); // job id -> the button that made it ("Upscale of image 1 of job k7mq2x9a")
@@ -127,6 +128,8 @@ async function handle(text) {
     sayBlock((await api("GET", "/v1/loras")).text);
   } else if (command === "/job" && args.length === 1) {
     showJob(await api("GET", `/v1/jobs/${encodeURIComponent(args[0])}`));
+  } else if (command === "/teach") {
+    await teach(text);
   } else if (command === "/cancel" && args.length <= 1) {
     const id = args[0] || (await api("GET", "/v1/jobs?limit=20")).find((job) => !isFinal(job.status))?.id;
     if (!id) throw new Error("You have no queued or running job to cancel.");
@@ -150,6 +153,18 @@ async function submit(text) {
   follow(job);
   // A permutation prompt (`a {red, green} circle`) queues one more job per further combination.
   for (const other of job.others || []) follow(other);
+}
+
+// /teach NAME [--steps N] [caption]: the pictures attached together are what it learns from.
+async function teach(text) {
+  const body = new FormData();
+  body.append("command", text);
+  for (const file of pictures.length ? pictures : attached ? [attached] : []) body.append("picture", file, file.name);
+  const job = await api("POST", "/v1/trainings", body);
+  say(`Teaching: ${job.cost_units} units. When it is done, the word works in your prompts.`);
+  pictures = [];
+  fileInput.value = "";
+  follow(job);
 }
 
 function isFinal(status) {
@@ -266,6 +281,14 @@ async function follow(job, origin) {
       else if (event.kind === "progress") {
         setProgress(card, event.data.step, event.data.total);
         card.status.textContent = `generating, step ${event.data.step} of ${event.data.total}`;
+        if (event.data.loss !== undefined) { // a /teach training: a slice ended
+          card.status.textContent = `training, step ${event.data.step} of ${event.data.total}, loss ` +
+            `${event.data.loss.toFixed(4)}, about ${Math.ceil(event.data.eta_s)} s left`;
+          if (event.data.sample) {
+            card.images.replaceChildren(element("img", { class: "preview", src: event.data.sample,
+              alt: `Sample of training ${job.id} at step ${event.data.step}`, width: "128", height: "128" }));
+          }
+        }
         // Live preview (generation.previews): a rough picture of the image so far, replaced by the result.
         // The server sends previews only where they may be shown; preview_spoiler means blurred.
         if (event.data.preview) {
@@ -312,6 +335,14 @@ async function refreshSide() {
 // -- attaching a picture and painting the mask -------------------------------------------------
 
 fileInput.addEventListener("change", () => {
+  if (fileInput.files.length > 1) { // several: pictures to teach from, not one to edit
+    removeImage(false);
+    pictures = [...fileInput.files];
+    say(`Attached ${pictures.length} pictures. Type /teach NAME to teach a new word from them ` +
+      "(e.g. /teach mascot --steps 300).");
+    return;
+  }
+  pictures = [];
   const file = fileInput.files[0];
   if (!file) return;
   attached = file;
@@ -328,9 +359,9 @@ fileInput.addEventListener("change", () => {
   say(`Attached ${file.name}. Type /edit with a prompt, /outpaint --zoom 2 to paint around it, or paint the mask and type /inpaint.`);
 });
 
-function removeImage() {
+function removeImage(clearInput = true) {
   attached = null;
-  fileInput.value = "";
+  if (clearInput) fileInput.value = "";
   $("#attachment").hidden = true;
   commandBox.focus();
 }

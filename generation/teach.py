@@ -1,0 +1,248 @@
+"""Train a `/teach` LoRA a slice of steps at a time, from a checkpoint to a checkpoint (bot/teach.py).
+
+    trainer = LoraTrainer(catalog, settings)
+    result = trainer.run_slice(spec, on_step)   # up to teach.slice_steps steps, then its state is saved
+    # ...the job goes back to the queue; any worker runs the next slice from the checkpoint...
+    trainer.save_lora(spec, path)               # after the last slice: the file <lora:NAME> loads
+
+The recipe is diffusers' `train_text_to_image_lora.py`, as generation/train_extras.py follows it for the
+shipped LoRAs: a `LoraConfig` (rank r, alpha r, gaussian init) on the attention projections of the UNet
+added with `unet.add_adapter`, the model's own noise scheduler and prediction type (epsilon or v), MSE
+on the noise (or velocity) of the model's VAE latents at random timesteps, AdamW, and
+`get_peft_model_state_dict` for the weights, saved in the kohya-ss layout AUTOMATIC1111 reads. Two
+changes for slices: the learning rate follows a one-cycle schedule over the whole training (so it is the
+same however it is cut), and everything a step draws (pictures, noise, timesteps, which captions are
+dropped for classifier-free guidance) comes from one seeded torch.Generator whose state is checkpointed
+with the LoRA weights, the optimizer's moments and the schedule. A slice that starts from a checkpoint
+therefore computes what an uninterrupted run computes, to the bit on the same device and thread count.
+
+A checkpoint is written to a temporary file and renamed over the old one, so a SIGKILL at any moment
+leaves the last finished slice's state, and the next slice (on any worker that reads the same folder)
+runs again from there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageOps
+
+from bot.catalog import ModelCatalog, ModelFamily
+from bot.config import Settings
+from bot.domain import GenerationParams, JobKind
+from bot.errors import GenerationFailed
+from bot.teach import COMPARISON_SEED
+from bot.views import TrainingView
+from generation.pipelines import load_pipeline, resolve_device_dtype
+from generation.train_extras import LORA_TARGETS, save_kohya_lora
+
+CAPTION_DROPOUT = 0.1  # share of steps' captions left empty, so classifier-free guidance still works
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """One training as a slice needs it: the record, its pictures, and its settings."""
+
+    view: TrainingView
+    pictures: list[Image.Image]  # in the record's order, RGB
+    model: str
+    width: int
+    height: int
+    batch: int
+    learning_rate: float
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    step: int  # steps done, all slices together
+    loss: float  # the mean loss of this slice's steps
+    seconds_per_step: float
+
+    def done(self, spec: TrainingSpec) -> bool:
+        return self.step >= spec.view.steps
+
+
+class LoraTrainer:
+    """Runs slices of LoRA trainings on one device; keeps the last model's parts loaded between slices."""
+
+    def __init__(self, catalog: ModelCatalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.device, _ = resolve_device_dtype(settings.generation.device, settings.generation.dtype)
+        self.checkpoints = settings.storage.data_dir / "trainings"
+        self._parts: tuple[str, int, object] | None = None  # (model, rank, pipeline with the adapter)
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        return self.checkpoints / f"{job_id}.pt"
+
+    def run_slice(self, spec: TrainingSpec, slice_steps: int,
+                  on_step: Callable[[int, int], None] | None = None) -> SliceResult:
+        """Run up to `slice_steps` steps from the checkpoint (or from the start), then checkpoint."""
+        # 1. The model's parts, with a fresh adapter, and the state so far
+        pipe = self._pipeline(spec)
+        unet, vae, noise_schedule = pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config)
+        parameters = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0)
+        total = spec.view.steps
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.learning_rate, total_steps=total,
+                                                       pct_start=0.1)
+        generator = torch.Generator().manual_seed(spec.seed)
+        step = self._restore(spec, unet, optimizer, schedule, generator)
+
+        # 2. What it learns from: the pictures' latents and the captions' text states (frozen parts)
+        latents = self._latents(vae, spec)
+        states, empty = self._text_states(pipe, [caption for _, caption in spec.view.pictures])
+
+        # 3. The steps of this slice
+        unet.train()
+        losses, started = [], time.monotonic()
+        end = min(total, step + slice_steps)
+        while step < end:
+            picked = torch.randint(0, len(latents), (spec.batch,), generator=generator)
+            clean = latents[picked]
+            noise = torch.randn(clean.shape, generator=generator).to(self.device)
+            timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (spec.batch,),
+                                      generator=generator).to(self.device)
+            dropped = torch.rand(spec.batch, generator=generator) < CAPTION_DROPOUT
+            text = torch.where(dropped[:, None, None].to(self.device), empty, states[picked])
+            noisy = noise_schedule.add_noise(clean, noise, timesteps)
+            target = noise if noise_schedule.config.prediction_type == "epsilon" \
+                else noise_schedule.get_velocity(clean, noise, timesteps)
+            loss = F.mse_loss(unet(noisy, timesteps, text).sample.float(), target.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(step, total)
+        unet.eval()
+
+        # 4. Checkpoint: written whole, then renamed over the last one
+        self._save_checkpoint(spec, step, unet, optimizer, schedule, generator)
+        elapsed = time.monotonic() - started
+        return SliceResult(step=step, loss=float(np.mean(losses)) if losses else 0.0,
+                           seconds_per_step=elapsed / max(1, len(losses)))
+
+    def save_lora(self, spec: TrainingSpec, path: Path) -> None:
+        """Write the trained LoRA (from the checkpoint) where its owner's jobs load it."""
+        state = torch.load(self.checkpoint_path(spec.view.job_id), weights_only=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        model = self.catalog.get(spec.model)
+        label = model.source if model is not None and model.source.startswith("builtin:") else spec.model
+        save_kohya_lora(state["lora"], temporary, name=spec.view.name, rank=spec.view.rank, model=label,
+                        description=f"/teach {spec.view.name}: trigger {spec.view.trigger!r}, "
+                                    f"{len(spec.pictures)} pictures, {spec.view.steps} steps")
+        os.replace(temporary, path)
+
+    def has_checkpoint(self, job_id: str) -> bool:
+        return self.checkpoint_path(job_id).is_file()
+
+    def comparison_params(self, spec: TrainingSpec, lora: str) -> tuple[GenerationParams, GenerationParams]:
+        """/imagine of the first caption with LoRA `lora` and without: the model's defaults, one seed."""
+        model = self.catalog.get(spec.model)
+        if model is None:
+            raise GenerationFailed(f"model {spec.model!r} is no longer configured")
+        without = GenerationParams(kind=JobKind.IMAGINE, prompt=spec.view.pictures[0][1], width=spec.width,
+                                   height=spec.height, steps=model.steps, cfg=model.cfg, sampler=model.sampler,
+                                   model=model.name, seed=COMPARISON_SEED, negative=model.negative)
+        return replace(without, loras=((lora, 1.0),)), without
+
+    def checkpointed_jobs(self) -> list[str]:
+        """The jobs whose trainings have a checkpoint here."""
+        return sorted(path.stem for path in self.checkpoints.glob("*.pt")) if self.checkpoints.is_dir() else []
+
+    def forget(self, job_id: str) -> None:
+        """Delete a finished training's checkpoint."""
+        self.checkpoint_path(job_id).unlink(missing_ok=True)
+
+    # -- parts ---------------------------------------------------------------------------------------
+
+    def _pipeline(self, spec: TrainingSpec):  # -> StableDiffusionPipeline with a LoRA adapter on its UNet
+        """The model's parts in float32 (trained weights and their gradients need it), with a LoRA
+        adapter of the training's rank; kept for the next slice of the same model and rank."""
+        rank = spec.view.rank
+        if self._parts is None or self._parts[:2] != (spec.model, rank):
+            self._parts = None  # the old parts go before the new ones load
+            model = self.catalog.get(spec.model)
+            if model is None or model.problem is not None:
+                raise GenerationFailed(f"model {spec.model!r} cannot be used for training: "
+                                       f"{model.problem if model else 'it is no longer configured'}")
+            if model.family is ModelFamily.SDXL:
+                raise GenerationFailed(f"model {spec.model!r} is an SDXL model; /teach trains SD 1.x and 2.x "
+                                       "LoRAs (pick one with --model)")
+            pipe = load_pipeline(model.source, self.device, torch.float32, self.settings.storage.model_cache,
+                                 family=model.family, config=model.config)
+            for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+                part.requires_grad_(False).eval()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)  # the adapter's initial weights are overwritten below anyway
+                pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                 target_modules=LORA_TARGETS))
+            self._parts = (spec.model, rank, pipe)
+        return self._parts[2]
+
+    def _restore(self, spec: TrainingSpec, unet, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> int:
+        """Load the checkpoint into the parts; without one, start from the seed's initial adapter. The step."""
+        path = self.checkpoint_path(spec.view.job_id)
+        if not path.is_file():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                initial = {key: (torch.randn_like(value) / spec.view.rank if ".lora_A." in key
+                                 else torch.zeros_like(value))  # peft's gaussian init: B = 0, so no change yet
+                           for key, value in get_peft_model_state_dict(unet).items()}
+            set_peft_model_state_dict(unet, initial)
+            return 0
+        state = torch.load(path, weights_only=True)
+        set_peft_model_state_dict(unet, {key: value.to(self.device) for key, value in state["lora"].items()})
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        return int(state["step"])
+
+    def _save_checkpoint(self, spec: TrainingSpec, step: int, unet, optimizer: torch.optim.Optimizer,
+                         schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> None:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_path(spec.view.job_id)
+        temporary = path.with_name(f".{path.name}.tmp")
+        state = {"step": step, "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(),
+                 "lora": {key: value.detach().cpu().clone() for key, value in get_peft_model_state_dict(unet).items()}}
+        with temporary.open("wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+
+    @torch.no_grad()
+    def _latents(self, vae, spec: TrainingSpec) -> torch.Tensor:
+        """Each picture at the model's size (scaled to cover it, centred), as scaled VAE latents (means)."""
+        pixels = torch.stack([
+            torch.from_numpy(np.asarray(ImageOps.fit(picture, (spec.width, spec.height),
+                                                     Image.Resampling.LANCZOS), dtype=np.float32))
+            for picture in spec.pictures]).permute(0, 3, 1, 2) / 127.5 - 1
+        latents = vae.encode(pixels.to(self.device)).latent_dist.mean
+        return latents * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _text_states(self, pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each caption's text states as the pipeline encodes a prompt, and the empty prompt's."""
+        tokenizer = pipe.tokenizer
+        ids = tokenizer([*captions, ""], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(self.device)
+        states = pipe.text_encoder(ids).last_hidden_state
+        return states[:-1], states[-1]
