@@ -2,8 +2,9 @@
 The link is the permission, except for a withheld image.
 
 From a folder store the file is sent as is; from an object store the bytes are streamed through, or,
-with `storage.image_links = "redirect"`, the answer is a 307 to a presigned URL, so the store serves
-the bytes and Easel's HTTP server does not.
+for an image with `storage.image_links = "redirect"`, the answer is a 307 to a presigned URL, so the
+store serves the bytes and Easel's HTTP server does not. A clip (at most 48 small frames) always
+streams through.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response, Streamin
 
 from adapters.api.deps import CoreDep, Credentials, KeysDep
 from adapters.api.schemas import errors
-from bot.animation import video_path
+from bot.animation import CLIP_NAME
 from bot.errors import NotFound, Refused
 
 router = APIRouter()
@@ -48,15 +49,18 @@ async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Cred
 @router.get("/v1/videos/{sha256}", tags=["images"], response_class=FileResponse, responses={
     200: {"description": "the MP4", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
     **errors(403, 404, 422)}, openapi_extra={"security": [{}]})
-async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> FileResponse:
+async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> Response:
     """The clip of the /animate job whose poster (last frame) has this SHA-256, under the poster's rules:
     the link is the permission, and a withheld clip is served only to a moderator's key."""
+    store = core.store
     job = await core.service.job_that_made(sha256)
-    path = video_path(core.settings.storage.data_dir, job.id) if job is not None else None
-    if path is None or not path.is_file():
+    if job is None or not await store.job_file_exists(job.id, CLIP_NAME):
         raise NotFound(f"No video for image {sha256}")
     withheld = await _check_allowed(core, keys, credentials, sha256)
-    return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": PRIVATE if withheld else IMMUTABLE})
+    headers = {"Cache-Control": PRIVATE if withheld else IMMUTABLE}
+    if (path := store.job_file_local_path(job.id, CLIP_NAME)) is not None:
+        return FileResponse(path, media_type="video/mp4", headers=headers)
+    return StreamingResponse(store.stream_job_file(job.id, CLIP_NAME), media_type="video/mp4", headers=headers)
 
 
 async def _check_allowed(core: CoreDep, keys: KeysDep, credentials: Credentials, sha256: str) -> bool:
