@@ -43,7 +43,8 @@ class StorageConfig(Section):
     # Diffusers folders and .safetensors checkpoints dropped here are models named by their stem
     # (bot/catalog.py); default data_dir/checkpoints.
     checkpoints_dir: Path | None = None
-    # Where generated and uploaded images go (bot/store.py). Empty: <data_dir>/images on this host.
+    # Where generated and uploaded images, and /animate frames and clips, go (bot/store.py). Empty:
+    # <data_dir>/images on this host.
     # "s3://BUCKET/PREFIX": an S3-compatible object store every worker and server host shares; its
     # credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     # AWS_SESSION_TOKEN) or the host's role, never from this file.
