@@ -260,7 +260,7 @@ class ImageStore(ABC):
 
     @abstractmethod
     def _names(self, folder_key: str) -> list[str]:
-        """The names of the objects directly in the folder `folder_key` (which ends in /)."""
+        """The names of the objects in the folder `folder_key` (which ends in /), relative to it."""
 
 
 class FolderImageStore(ImageStore):
