@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mimetypes
 import os
 import re
 import tempfile
@@ -193,7 +194,7 @@ class ImageStore(ABC):
 
     def presigned_url(self, sha256: str, expires_s: int) -> str | None:
         """A URL anyone may GET the image from for `expires_s`, for a store that can sign one."""
-        return None
+        return self._presigned_url(_image_key(sha256), expires_s)
 
     # A job's named files: written as they are made (a later write of the same name replaces the file
     # whole), listed by a successor, read back by whoever delivers them.
@@ -227,6 +228,10 @@ class ImageStore(ABC):
         """One of a job's files in chunks, for an HTTP response."""
         return self._stream(_job_file_key(job_id, name))
 
+    def job_file_presigned_url(self, job_id: str, name: str, expires_s: int) -> str | None:
+        """A URL anyone may GET the job's file from for `expires_s`, for a store that can sign one."""
+        return self._presigned_url(_job_file_key(job_id, name), expires_s)
+
     def _save(self, png: bytes, size: tuple[int, int]) -> StoredImage:
         sha256 = hashlib.sha256(png).hexdigest()
         key = _image_key(sha256)
@@ -237,6 +242,9 @@ class ImageStore(ABC):
                            width=width, height=height)
 
     def _local_path(self, key: str) -> Path | None:
+        return None
+
+    def _presigned_url(self, key: str, expires_s: int) -> str | None:
         return None
 
     # What each store implements, on keys below its root.
@@ -339,8 +347,8 @@ class S3ImageStore(ImageStore):
         """The image's key below the prefix."""
         return _image_key(sha256)
 
-    def presigned_url(self, sha256: str, expires_s: int) -> str | None:
-        return self._obstore.sign(self._store, "GET", _image_key(sha256), timedelta(seconds=expires_s))
+    def _presigned_url(self, key: str, expires_s: int) -> str | None:
+        return self._obstore.sign(self._store, "GET", key, timedelta(seconds=expires_s))
 
     def _location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
@@ -365,11 +373,13 @@ class S3ImageStore(ImageStore):
             yield bytes(chunk)
 
     def _write(self, key: str, data: bytes, *, replace: bool) -> None:
+        # The type travels with the object: a presigned link then serves a PNG or an MP4 a browser shows.
+        attributes = {"Content-Type": mimetypes.guess_type(key)[0] or "application/octet-stream"}
         if replace:
-            self._obstore.put(self._store, key, data)
+            self._obstore.put(self._store, key, data, attributes=attributes)
             return
         with contextlib.suppress(self._already_exists):  # another worker stored these very bytes first
-            self._obstore.put(self._store, key, data, mode="create")
+            self._obstore.put(self._store, key, data, attributes=attributes, mode="create")
 
     def _names(self, folder_key: str) -> list[str]:
         return [meta["path"].removeprefix(folder_key)

@@ -167,6 +167,7 @@ def job_files(s3: S3Server, core: Core, job_id: str) -> dict[str, bytes]:
             for key in s3.keys(BUCKET) if key.startswith(folder)}
 
 
+@pytest.mark.parametrize("s3_core", ["stream", "redirect"], indirect=True)
 async def test_an_animation_keeps_its_frames_and_clip_in_the_bucket_and_the_video_route_serves_it(
         s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
     async with serving(s3_core) as server, server.client(await server.new_key()) as client, \
@@ -174,10 +175,13 @@ async def test_an_animation_keeps_its_frames_and_clip_in_the_bucket_and_the_vide
         job_id = await submit(client, "/animate a red circle on a blue background --frames 6 --fps 4 "
                                       "--zoom 1.05 --steps 6 --seed 3")
         job = await wait_done(client, job_id)
-        served = await httpx.AsyncClient().get(job["video"])  # the link, no key, as a chat shows it
+        # The link, no key, as a chat or the web page's <video> opens it.
+        served = await httpx.AsyncClient(follow_redirects=True).get(job["video"])
 
     assert job["status"] == "succeeded", job
     assert served.status_code == 200 and served.headers["content-type"] == "video/mp4"
+    if s3_core.settings.storage.image_links == "redirect":  # the store sent the bytes, from a presigned URL
+        assert str(served.url).startswith(s3.endpoint) and "X-Amz-Signature=" in str(served.url)
     frames = decoded(served.content)
     assert len(frames) == 6 and frames[0].shape == (64, 64, 3)
     assert share(frames[0], "red") + share(frames[0], "blue") > 0.85  # the prompt, drawn
