@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import getpass
-import shutil
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from bot.animation import frames_done, frames_folder, video_path
+from bot.animation import CLIP_NAME, frames_done
 from bot.bootstrap import Core
 from bot.delivery import Delivery
 from bot.domain import (
@@ -257,10 +256,9 @@ class ConsoleChat:
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
             if job.params.kind is JobKind.ANIMATE and job.params.motion is not None:
                 # The clip is shown where its poster (last frame) may be: it holds the check of every frame.
-                data_dir = self.core.settings.storage.data_dir
-                video = self._deliver_file(video_path(data_dir, job.id), f"{job.id}-seed{image.seed}.mp4")
+                video = self._deliver_clip(job, f"{job.id}-seed{image.seed}.mp4")
                 self.say(f"  video  {video}  ({job.params.motion.frames} frames at {job.params.motion.fps} fps; "
-                         f"each frame in {frames_folder(data_dir, job.id)}){flagged}")
+                         f"each frame in {self.core.store.job_file_location(job.id)}){flagged}")
         for notice in delivery.withheld:
             self.say("  " + notice.message)
 
@@ -273,14 +271,14 @@ class ConsoleChat:
         target.write_bytes(self.core.store.read_bytes(sha256))  # from a folder or a bucket alike
         return str(target)
 
-    def _deliver_file(self, stored: Path, name: str) -> Path:
-        """A file kept on this host (an animation's clip): its copy in output_dir, or where it is."""
+    def _deliver_clip(self, job: JobView, name: str) -> str:
+        """Where the user finds an animation's clip: its copy in output_dir, or where the store keeps it."""
         if self.output_dir is None:
-            return stored
+            return self.core.store.job_file_location(job.id, CLIP_NAME)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         target = self.output_dir / name
-        shutil.copyfile(stored, target)
-        return target
+        target.write_bytes(self.core.store.read_job_file(job.id, CLIP_NAME))  # from a folder or a bucket alike
+        return str(target)
 
 
 def _seeds(job: JobView) -> str:

@@ -52,7 +52,7 @@ from adapters.discord_render import (
 )
 from adapters.discord_reply import Replier, ReplyTarget
 from bot import followups
-from bot.animation import video_path
+from bot.animation import CLIP_NAME
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
 from bot.delivery import Delivery, deliver_events
@@ -562,7 +562,7 @@ class EaselCog(commands.Cog, name=COG_NAME):
         pngs = [(image, self.core.store.read_bytes(image.sha256)) for image in delivery.images]
         clip = None
         if job.params.motion is not None and delivery.images:  # an /animate clip goes where its poster may
-            clip = video_path(self.core.settings.storage.data_dir, job.id).read_bytes()
+            clip = self.core.store.read_job_file(job.id, CLIP_NAME)
         packed = pack_results(job, pngs, target.upload_limit, clip)
         view = result_view(delivery)
         for number, files in enumerate(packed.messages, start=1):

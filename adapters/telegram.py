@@ -46,7 +46,7 @@ from adapters import telegram_webhook
 from adapters.telegram_inputs import Albums, gather_inputs, gather_training_pictures
 from adapters.telegram_send import ChatPacer, StatusBoard
 from bot import followups
-from bot.animation import video_path
+from bot.animation import CLIP_NAME
 from bot.bootstrap import Core, open_core
 from bot.config import Settings, load_settings
 from bot.delivery import Delivery, ShownImage, deliver_events
@@ -418,7 +418,7 @@ class EaselTelegram:
 
         if job.params.motion is not None:  # an /animate clip, shown where its poster may be: it plays inline
             image, _ = pictures[0]
-            clip = video_path(self.core.settings.storage.data_dir, job.id).read_bytes()
+            clip = self.core.store.read_job_file(job.id, CLIP_NAME)
             await bot.send_animation(chat_id, InputFile(clip, filename=f"{job.id}-seed{image.seed}.mp4"),
                                      caption=caption(image), reply_markup=buttons, has_spoiler=image.spoiler, **where)
         elif len(pictures) == 1:

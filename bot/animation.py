@@ -2,8 +2,9 @@
 frames and the video of a job are kept.
 
 The grammar checks keyframes with `keyframes`; the worker asks `prompt_at` for each frame's prompt,
-moves the frame before with `camera_move`, and keeps each finished frame in `frames_folder` (so a
-killed worker's successor resumes at the last finished frame) and the clip at `video_path`.
+moves the frame before with `camera_move`, and keeps each finished frame as the job's file
+`frame_name(index)` in the image store (so a killed worker's successor, on any host, resumes at the last
+finished frame) and the clip as its file `CLIP_NAME`.
 
 Example:
     >>> keyframes("0: a forest | 12: a city")
@@ -15,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -77,14 +77,12 @@ def frames_done(params: GenerationParams, step: int) -> int:
     return min(params.motion.frames, 1 + (step - params.steps) // redraw)
 
 
-def frames_folder(data_dir: Path, job_id: str) -> Path:
-    """Where a job's finished frames are kept, `frame-0000.png` on, as they are made."""
-    return Path(data_dir) / "animations" / job_id
+CLIP_NAME = "clip.mp4"  # the job's clip, an H.264 MP4, a file of the job in the store beside its frames
 
 
-def video_path(data_dir: Path, job_id: str) -> Path:
-    """The job's clip, an H.264 MP4, beside its frames."""
-    return frames_folder(data_dir, job_id) / f"{job_id}.mp4"
+def frame_name(index: int) -> str:
+    """The name of a job's finished frame in the store (bot/store.py's job files), `frame-0000.png` on."""
+    return f"frame-{index:04d}.png"
 
 
 def _with_edges(original: Image.Image, rotated: Image.Image, degrees: float) -> Image.Image:

@@ -43,16 +43,17 @@ class StorageConfig(Section):
     # Diffusers folders and .safetensors checkpoints dropped here are models named by their stem
     # (bot/catalog.py); default data_dir/checkpoints.
     checkpoints_dir: Path | None = None
-    # Where generated and uploaded images go (bot/store.py). Empty: <data_dir>/images on this host.
+    # Where generated and uploaded images, and /animate frames and clips, go (bot/store.py). Empty:
+    # <data_dir>/images on this host.
     # "s3://BUCKET/PREFIX": an S3-compatible object store every worker and server host shares; its
     # credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     # AWS_SESSION_TOKEN) or the host's role, never from this file.
     images_url: str = ""
     s3_endpoint: str = ""  # e.g. "http://minio:9000"; empty: AWS_ENDPOINT_URL, else AWS itself
     s3_region: str = ""  # empty: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1
-    # How GET /v1/images/{sha256} serves an image from the object store: "stream" passes the bytes
-    # through Easel; "redirect" answers 307 to a presigned URL valid for presigned_url_s (the store
-    # then serves the bytes itself; withheld images are always streamed, to moderators only).
+    # How GET /v1/images/{sha256} and /v1/videos/{sha256} serve from the object store: "stream" passes
+    # the bytes through Easel; "redirect" answers 307 to a presigned URL valid for presigned_url_s (the
+    # store then serves the bytes itself; withheld images and clips are always streamed, to moderators).
     image_links: Literal["stream", "redirect"] = "stream"
     presigned_url_s: int = Field(3600, ge=1, le=604800)  # S3 signs URLs for 7 days at most
 

@@ -1,9 +1,11 @@
-"""The image store: PNGs named by the sha256 of their bytes, in a folder or an S3-compatible bucket.
+"""The image store: PNGs named by the sha256 of their bytes, and a job's named files (an /animate
+clip's frames and MP4), in a folder or an S3-compatible bucket.
 
-Layout: `<root>/<sha[:2]>/<sha>.png` in a folder, `<prefix>/<sha[:2]>/<sha>.png` in a bucket. Content
-addressing makes saving idempotent (the same bytes land on the same name) and lets the database refer
-to an image by its hash alone. Every generated image carries its generation parameters in a PNG
-`parameters` text chunk, in the format AUTOMATIC1111 and ComfyUI users paste back into their tools.
+Layout: `<root>/<sha[:2]>/<sha>.png` in a folder, `<prefix>/<sha[:2]>/<sha>.png` in a bucket; a job's
+files under `animations/<job id>/` beside them. Content addressing makes saving idempotent (the same
+bytes land on the same name) and lets the database refer to an image by its hash alone. Every generated
+image carries its generation parameters in a PNG `parameters` text chunk, in the format AUTOMATIC1111
+and ComfyUI users paste back into their tools.
 
 Example:
     >>> store = open_image_store(settings.storage)                    # doctest: +SKIP
@@ -19,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mimetypes
 import os
 import re
 import tempfile
@@ -141,9 +144,14 @@ def read_parameters(source: Path | str | bytes) -> str | None:
 
 
 class ImageStore(ABC):
-    """Content-addressed PNGs: a folder on this host (FolderImageStore) or an S3-compatible bucket every
-    host shares (S3ImageStore). The adapters' image routes, the service and the worker read and write
-    images only through this interface; `open_image_store` picks the one the settings name."""
+    """Content-addressed PNGs, and the named files of a job (an animation's frames and clip): a folder on
+    this host (FolderImageStore) or an S3-compatible bucket every host shares (S3ImageStore). The
+    adapters' image and video routes, the service and the worker read and write images and a job's files
+    only through this interface; `open_image_store` picks the one the settings name.
+
+    Both keep the same keys below their root: `<sha[:2]>/<sha>.png` for an image, `animations/<job id>/
+    <name>` for a job's file. A job's files are named, not content-addressed, so a worker on any host
+    finds the frames a killed one left and resumes after them."""
 
     def save_generated(self, image: Image.Image, params: GenerationParams, seed: int,
                        hashes: Sequence[tuple[str, str]] = ()) -> StoredImage:
@@ -164,84 +172,150 @@ class ImageStore(ABC):
         """A stored image, decoded (the worker's init images and masks)."""
         return Image.open(io.BytesIO(self.read_bytes(sha256)))
 
-    @abstractmethod
     def location_of(self, sha256: str) -> str:
         """Where the image with this hash lives (whether or not it exists): a file path or an s3:// URL."""
+        return self._location(_image_key(sha256))
 
-    @abstractmethod
     def read_bytes(self, sha256: str) -> bytes:
         """The PNG bytes of a stored image; NotFound when it is not in the store."""
+        return self._read(_image_key(sha256), f"image {sha256}")
 
-    @abstractmethod
     async def exists(self, sha256: str) -> bool:
         """Whether the image with this hash is in the store."""
+        return await self._exists(_image_key(sha256))
 
-    @abstractmethod
     def stream(self, sha256: str) -> AsyncIterator[bytes]:
         """The PNG bytes in chunks, for an HTTP response that never holds a whole image in memory."""
+        return self._stream(_image_key(sha256))
 
     def local_path(self, sha256: str) -> Path | None:
         """The image's file on this host, for a store that has one (an HTTP server sends it as is)."""
-        return None
+        return self._local_path(_image_key(sha256))
 
     def presigned_url(self, sha256: str, expires_s: int) -> str | None:
         """A URL anyone may GET the image from for `expires_s`, for a store that can sign one."""
-        return None
+        return self._presigned_url(_image_key(sha256), expires_s)
+
+    # A job's named files: written as they are made (a later write of the same name replaces the file
+    # whole), listed by a successor, read back by whoever delivers them.
+
+    def put_job_file(self, job_id: str, name: str, data: bytes) -> str:
+        """Write one of a job's files whole (readers never see half of it); return its location."""
+        key = _job_file_key(job_id, name)
+        self._write(key, data, replace=True)
+        return self._location(key)
+
+    def read_job_file(self, job_id: str, name: str) -> bytes:
+        """One of a job's files; NotFound when it is not in the store."""
+        return self._read(_job_file_key(job_id, name), f"file {name} of job {job_id}")
+
+    async def job_file_exists(self, job_id: str, name: str) -> bool:
+        return await self._exists(_job_file_key(job_id, name))
+
+    def job_file_names(self, job_id: str) -> list[str]:
+        """The names of a job's files, sorted; none when it has none."""
+        return sorted(self._names(_job_file_key(job_id, "")))
+
+    def job_file_location(self, job_id: str, name: str = "") -> str:
+        """Where one of a job's files lives (a file path or an s3:// URL); with no name, where all do."""
+        return self._location(_job_file_key(job_id, name))
+
+    def job_file_local_path(self, job_id: str, name: str) -> Path | None:
+        """The job's file on this host, for a store that has one (an HTTP server sends it as is)."""
+        return self._local_path(_job_file_key(job_id, name))
+
+    def stream_job_file(self, job_id: str, name: str) -> AsyncIterator[bytes]:
+        """One of a job's files in chunks, for an HTTP response."""
+        return self._stream(_job_file_key(job_id, name))
+
+    def job_file_presigned_url(self, job_id: str, name: str, expires_s: int) -> str | None:
+        """A URL anyone may GET the job's file from for `expires_s`, for a store that can sign one."""
+        return self._presigned_url(_job_file_key(job_id, name), expires_s)
 
     def _save(self, png: bytes, size: tuple[int, int]) -> StoredImage:
         sha256 = hashlib.sha256(png).hexdigest()
-        location = self._put_once(_checked_id(sha256), png)
+        key = _image_key(sha256)
+        # Same bytes, same name: a second save of an image has nothing to do.
+        self._write(key, png, replace=False)
         width, height = size
-        return StoredImage(sha256=sha256, path=location, size_bytes=len(png), width=width, height=height)
+        return StoredImage(sha256=sha256, path=self._local_path(key) or self._location(key), size_bytes=len(png),
+                           width=width, height=height)
+
+    def _local_path(self, key: str) -> Path | None:
+        return None
+
+    def _presigned_url(self, key: str, expires_s: int) -> str | None:
+        return None
+
+    # What each store implements, on keys below its root.
 
     @abstractmethod
-    def _put_once(self, sha256: str, png: bytes) -> Path | str:
-        """Write `png` under its hash unless it is there already (same bytes, same name: a second save has
-        nothing to do); return its location."""
+    def _location(self, key: str) -> str: ...
+
+    @abstractmethod
+    def _read(self, key: str, what: str) -> bytes:
+        """The object's bytes; NotFound naming `what` when there is none."""
+
+    @abstractmethod
+    async def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _stream(self, key: str) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    def _write(self, key: str, data: bytes, *, replace: bool) -> None:
+        """Write `data` whole; unless `replace`, only if nothing is there yet."""
+
+    @abstractmethod
+    def _names(self, folder_key: str) -> list[str]:
+        """The names of the objects in the folder `folder_key` (which ends in /), relative to it."""
 
 
 class FolderImageStore(ImageStore):
-    """Content-addressed PNG files under `root`, `<root>/<sha[:2]>/<sha>.png`; safe to share between the
-    processes of one host."""
+    """Images `<root>/<sha[:2]>/<sha>.png` and a job's files `<root>/animations/<job id>/<name>`; safe
+    to share between the processes of one host."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     def path_of(self, sha256: str) -> Path:
         """Where the image with this hash lives (whether or not it exists)."""
-        return self.root / sha256[:2] / f"{_checked_id(sha256)}.png"
+        return self.root / _image_key(sha256)
 
-    def location_of(self, sha256: str) -> str:
-        return str(self.path_of(sha256))
+    def _location(self, key: str) -> str:
+        return str(self.root / key)
 
-    def local_path(self, sha256: str) -> Path | None:
-        return self.path_of(sha256)
+    def _local_path(self, key: str) -> Path:
+        return self.root / key
 
-    def read_bytes(self, sha256: str) -> bytes:
-        path = self.path_of(sha256)
+    def _read(self, key: str, what: str) -> bytes:
+        path = self.root / key
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"image {sha256} is not in the store (looked for {path}); "
-                           f"it may have been deleted") from None
+            raise NotFound(f"{what} is not in the store (looked for {path}); it may have been deleted") from None
 
-    async def exists(self, sha256: str) -> bool:
-        return self.path_of(sha256).is_file()
+    async def _exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
 
-    async def stream(self, sha256: str) -> AsyncIterator[bytes]:
-        yield await asyncio.to_thread(self.read_bytes, sha256)
+    async def _stream(self, key: str) -> AsyncIterator[bytes]:
+        yield await asyncio.to_thread(self._read, key, key)
 
-    def _put_once(self, sha256: str, png: bytes) -> Path:
-        path = self.path_of(sha256)
-        if not path.exists():
-            _write_atomically(path, png)
-        return path
+    def _write(self, key: str, data: bytes, *, replace: bool) -> None:
+        path = self.root / key
+        if replace or not path.exists():
+            _write_atomically(path, data)
+
+    def _names(self, folder_key: str) -> list[str]:
+        folder = self.root / folder_key
+        # A write in progress is a hidden temporary file (see _write_atomically): not one of the names.
+        return [path.name for path in folder.iterdir() if not path.name.startswith(".")] if folder.is_dir() else []
 
 
 class S3ImageStore(ImageStore):
-    """Content-addressed PNG objects `<prefix>/<sha[:2]>/<sha>.png` in an S3-compatible bucket, shared by
-    every host of a fleet. Writes are conditional (If-None-Match), so two workers storing the same image
-    write it once.
+    """Images `<prefix>/<sha[:2]>/<sha>.png` and a job's files `<prefix>/animations/<job id>/<name>` in
+    an S3-compatible bucket, shared by every host of a fleet. Image writes are conditional (If-None-Match),
+    so two workers storing the same image write it once; a PUT is atomic, so a job's file is whole or absent.
 
     The client is obstore (Rust's object_store): one small wheel with no Python dependencies, sync and
     async calls, streaming reads, presigned URLs, the standard AWS variables and instance credentials."""
@@ -270,38 +344,46 @@ class S3ImageStore(ImageStore):
 
     @staticmethod
     def key_of(sha256: str) -> str:
-        """The object's key below the prefix."""
-        return f"{sha256[:2]}/{_checked_id(sha256)}.png"
+        """The image's key below the prefix."""
+        return _image_key(sha256)
 
-    def location_of(self, sha256: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{self.key_of(sha256)}"
+    def _presigned_url(self, key: str, expires_s: int) -> str | None:
+        return self._obstore.sign(self._store, "GET", key, timedelta(seconds=expires_s))
 
-    def read_bytes(self, sha256: str) -> bytes:
+    def _location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
+
+    def _read(self, key: str, what: str) -> bytes:
         try:
-            return bytes(self._obstore.get(self._store, self.key_of(sha256)).bytes())
+            return bytes(self._obstore.get(self._store, key).bytes())
         except FileNotFoundError:
-            raise NotFound(f"image {sha256} is not in the store (looked for {self.location_of(sha256)}); "
+            raise NotFound(f"{what} is not in the store (looked for {self._location(key)}); "
                            f"it may have been deleted") from None
 
-    async def exists(self, sha256: str) -> bool:
+    async def _exists(self, key: str) -> bool:
         try:
-            await self._obstore.head_async(self._store, self.key_of(sha256))
+            await self._obstore.head_async(self._store, key)
         except FileNotFoundError:
             return False
         return True
 
-    async def stream(self, sha256: str) -> AsyncIterator[bytes]:
-        answer = await self._obstore.get_async(self._store, self.key_of(sha256))
+    async def _stream(self, key: str) -> AsyncIterator[bytes]:
+        answer = await self._obstore.get_async(self._store, key)
         async for chunk in answer.stream():
             yield bytes(chunk)
 
-    def presigned_url(self, sha256: str, expires_s: int) -> str | None:
-        return self._obstore.sign(self._store, "GET", self.key_of(sha256), timedelta(seconds=expires_s))
-
-    def _put_once(self, sha256: str, png: bytes) -> str:
+    def _write(self, key: str, data: bytes, *, replace: bool) -> None:
+        # The type travels with the object: a presigned link then serves a PNG or an MP4 a browser shows.
+        attributes = {"Content-Type": mimetypes.guess_type(key)[0] or "application/octet-stream"}
+        if replace:
+            self._obstore.put(self._store, key, data, attributes=attributes)
+            return
         with contextlib.suppress(self._already_exists):  # another worker stored these very bytes first
-            self._obstore.put(self._store, self.key_of(sha256), png, mode="create")
-        return self.location_of(sha256)
+            self._obstore.put(self._store, key, data, attributes=attributes, mode="create")
+
+    def _names(self, folder_key: str) -> list[str]:
+        return [meta["path"].removeprefix(folder_key)
+                for batch in self._obstore.list(self._store, folder_key) for meta in batch]
 
 
 def open_image_store(storage: StorageConfig) -> ImageStore:
@@ -309,6 +391,21 @@ def open_image_store(storage: StorageConfig) -> ImageStore:
     if storage.images_url:
         return S3ImageStore(storage.images_url, endpoint=storage.s3_endpoint, region=storage.s3_region)
     return FolderImageStore(storage.data_dir / "images")
+
+
+def _image_key(sha256: str) -> str:
+    return f"{sha256[:2]}/{_checked_id(sha256)}.png"
+
+
+_JOB_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _job_file_key(job_id: str, name: str) -> str:
+    """`animations/<job id>/<name>`; a job id or name that could climb out of the folder is refused."""
+    if not _JOB_FILE_NAME.fullmatch(job_id) or (name and not _JOB_FILE_NAME.fullmatch(name)):
+        raise NotFound(f"{job_id!r}/{name!r} is not a job's file; job ids and file names are letters, "
+                       f"digits, '.', '_' and '-'")
+    return f"animations/{job_id}/{name}"
 
 
 def _checked_id(sha256: str) -> str:

@@ -8,17 +8,15 @@ so the worker can keep it and a successor resume from it (`done` holds the frame
 
 Example:
     frames = animate(generator, [task], done=[[]], on_frame=lambda task, index, frame: None)
-    write_mp4(frames[0], fps=8, path=Path("clip.mp4"))
+    store.put_job_file(job_id, CLIP_NAME, mp4_bytes(frames[0], fps=8))
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -71,13 +69,12 @@ def animate(generate: Generate, tasks: Sequence[GenerationTask], done: Sequence[
     return frames
 
 
-def write_mp4(frames: Sequence[Image.Image], fps: int, path: Path) -> None:
-    """An H.264 MP4 (yuv420p, which every player and chat app shows inline), written to a temporary file
-    and moved into place, so `path` is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.mp4")
+def mp4_bytes(frames: Sequence[Image.Image], fps: int) -> bytes:
+    """The frames as an H.264 MP4 (yuv420p, which every player and chat app shows inline), made in memory:
+    the store writes it whole (a clip is at most 48 small frames)."""
     width, height = frames[0].size
-    with av.open(str(partial), mode="w") as container:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "18"}  # near-lossless: the frames are small and differ little
@@ -86,7 +83,7 @@ def write_mp4(frames: Sequence[Image.Image], fps: int, path: Path) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(partial, path)
+    return buffer.getvalue()
 
 
 def _frame_task(task: GenerationTask, kind: JobKind, index: int, frames: list[Image.Image]) -> GenerationTask:

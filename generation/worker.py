@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -33,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from bot.animation import frames_folder, video_path
+from bot.animation import CLIP_NAME, frame_name
 from bot.config import QueueConfig, Settings
 from bot.domain import GenerationParams, JobKind
 from bot.errors import EaselError, GenerationFailed
@@ -45,7 +46,7 @@ from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView, TrainingView
 from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
-from generation.animation import animate, write_mp4
+from generation.animation import animate, mp4_bytes
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 from generation.teach import LoraTrainer, SliceResult, TrainingSpec
@@ -379,19 +380,18 @@ class Worker:
 
     def _animate(self, batch: Sequence[JobView], tasks: list[GenerationTask],
                  on_step: StepCallback) -> list[list[Image.Image]]:
-        """Every frame of each animation, resumed from the frames a stopped worker left, each kept as it
-        is made; then each clip's MP4 (on the torch thread: it is the one that holds the frames)."""
-        data_dir = self.settings.storage.data_dir
-        folders = [frames_folder(data_dir, job.id) for job in batch]
-        done = [_finished_frames(folder, task.params.motion.frames)
-                for folder, task in zip(folders, tasks, strict=True)]
+        """Every frame of each animation, resumed from the frames a stopped worker (on any host) left in
+        the store, each kept there as it is made; then each clip's MP4 (on the torch thread: it is the one
+        that holds the frames)."""
+        done = [_finished_frames(self.store, job.id, task.params.motion.frames)
+                for job, task in zip(batch, tasks, strict=True)]
 
         def keep(task: int, index: int, frame: Image.Image) -> None:
-            _keep_frame(folders[task], index, frame)
+            self.store.put_job_file(batch[task].id, frame_name(index), to_png_bytes(frame))
 
         clips = animate(self.generator.generate, tasks, done, keep, on_step)
         for job, frames in zip(batch, clips, strict=True):
-            write_mp4(frames, job.params.motion.fps, video_path(data_dir, job.id))
+            self.store.put_job_file(job.id, CLIP_NAME, mp4_bytes(frames, job.params.motion.fps))
         return clips
 
     def _task_for(self, job: JobView) -> GenerationTask:
@@ -556,26 +556,16 @@ def _slice_time_limit(job: JobView, batch: int, slice_steps: int, config: QueueC
                      work=f"{slice_steps} training steps of {batch} pictures at {params.width}x{params.height}")
 
 
-def _finished_frames(folder: Path, frames: int) -> list[Image.Image]:
+def _finished_frames(store: ImageStore, job_id: str, frames: int) -> list[Image.Image]:
     """The frames kept so far, `frame-0000.png` on, up to the first one missing."""
+    kept = set(store.job_file_names(job_id))
     found = []
     for index in range(frames):
-        path = folder / f"frame-{index:04d}.png"
-        if not path.exists():
+        if frame_name(index) not in kept:
             break
-        with Image.open(path) as frame:
+        with Image.open(io.BytesIO(store.read_job_file(job_id, frame_name(index)))) as frame:
             found.append(frame.convert("RGB"))
     return found
-
-
-def _keep_frame(folder: Path, index: int, frame: Image.Image) -> None:
-    """Write a finished frame whole or not at all (a kill mid-write leaves no half frame to resume from)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f"frame-{index:04d}.partial.png"
-    frame.save(partial, format="PNG")
-    with open(partial, "rb") as written:
-        os.fsync(written.fileno())
-    os.replace(partial, folder / f"frame-{index:04d}.png")
 
 
 class ProgressReporter:

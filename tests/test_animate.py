@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from adapters.console import ConsoleChat
-from bot.animation import camera_move, frames_done, frames_folder, keyframes, prompt_at, video_path
+from bot.animation import CLIP_NAME, camera_move, frames_done, keyframes, prompt_at
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
 from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
@@ -68,9 +68,9 @@ async def chat(core: Core, generator: DiffusersGenerator, line: str, out_dir: Pa
     return out.getvalue(), handled.result()
 
 
-def decoded(path: Path) -> list[np.ndarray]:
-    """Every frame of a video file, as RGB arrays."""
-    with av.open(str(path)) as container:
+def decoded(video: Path | bytes) -> list[np.ndarray]:
+    """Every frame of a video file (or its bytes), as RGB arrays."""
+    with av.open(io.BytesIO(video) if isinstance(video, bytes) else str(video)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
         return [frame.to_ndarray(format="rgb24").astype(np.int16) for frame in container.decode(video=0)]
 
@@ -107,7 +107,7 @@ async def test_keyframes_change_the_subject_over_time(shapes_core: Core, shapes:
                                              "a green background --frames 12 --strength 0.6 --steps 10 --seed 5",
                         tmp_path / "out")
     assert job is not None and job.status is JobStatus.SUCCEEDED
-    frames = decoded(video_path(shapes_core.settings.storage.data_dir, job.id))
+    frames = decoded(shapes_core.store.read_job_file(job.id, CLIP_NAME))
     assert share(frames[0], "blue") > 0.4 and share(frames[0], "green") < 0.1
     assert share(frames[-1], "green") > 0.4 and share(frames[-1], "blue") < 0.1
 
@@ -119,7 +119,7 @@ def test_a_killed_animation_resumes_at_its_last_frame_and_ends_with_all_frames(t
     clip = "a slow clip --frames 16 --size 128x128 --steps 20 --seed 2"
     process = subprocess.Popen([sys.executable, "-m", "adapters.cli", "animate", clip, "-o", str(tmp_path / "out")],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    folder = tmp_path / "data" / "animations"
+    folder = tmp_path / "data" / "images" / "animations"  # the folder store's job files
     deadline = time.monotonic() + 240
     kept: list[Path] = []
     while len(kept) < 3 and time.monotonic() < deadline and process.poll() is None:
@@ -136,11 +136,11 @@ def test_a_killed_animation_resumes_at_its_last_frame_and_ends_with_all_frames(t
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     job_id = kept[0].parent.name
-    frames = sorted(frames_folder(tmp_path / "data", job_id).glob("frame-????.png"))
+    frames = sorted((folder / job_id).glob("frame-????.png"))
     assert [path.name for path in frames] == [f"frame-{i:04d}.png" for i in range(16)]
     # The frames made before the kill were not made again: the successor started after the last one.
     assert {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in frames[:len(kept)]} == before
-    assert len(decoded(video_path(tmp_path / "data", job_id))) == 16
+    assert len(decoded(folder / job_id / CLIP_NAME)) == 16
     listing = subprocess.run([sys.executable, "-m", "adapters.cli", "job", job_id], env=env, capture_output=True,
                              text=True, timeout=120).stdout
     assert f"Job {job_id}: succeeded" in listing and "attempts  2" in listing

@@ -1,6 +1,7 @@
 """Images in an S3-compatible object store (storage.images_url = "s3://BUCKET/PREFIX"), against a real
 S3 server on 127.0.0.1 (moto's server mode): generated through the real path, read back through the
-HTTP image route, streamed or redirected to a presigned URL."""
+HTTP image route, streamed or redirected to a presigned URL; an /animate clip's frames and MP4 kept in
+the bucket, served from it, and resumed from it."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from bot.config import ModelConfig, Settings, load_settings
 from bot.errors import ConfigError, NotFound
 from bot.store import S3ImageStore
 from generation.pipelines import DiffusersGenerator
-from generation.shapes import Description, describe
+from generation.shapes import COLOURS, Description, describe
 from tests.conftest import png_bytes
 from tests.http_fixtures import running_worker, serving, wait_done
 from tests.s3_server import S3Server, s3_server, use_s3_environment
+from tests.test_animate import decoded, share
 
 BUCKET = "easel-images"
 SHAPES = '{"shapes": {"source": "builtin:shapes", "default_width": 64, "default_height": 64}}'
@@ -147,3 +149,67 @@ def test_the_store_is_chosen_by_images_url_and_a_bad_url_names_the_fix(tmp_path:
             load_settings(None, storage={"data_dir": tmp_path, "images_url": bad})
     with pytest.raises(ConfigError, match=r"http:// or https://"):
         load_settings(None, storage={"data_dir": tmp_path, "images_url": "s3://b/p", "s3_endpoint": "minio:9000"})
+
+
+# -- /animate: a clip's frames and MP4 in the bucket ---------------------------------------------------------
+
+
+async def submit(client: httpx.AsyncClient, command: str) -> str:
+    response = await client.post("/v1/jobs", json={"command": command})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def job_files(s3: S3Server, core: Core, job_id: str) -> dict[str, bytes]:
+    """A job's files as they lie in the bucket, read behind Easel's back: name -> bytes."""
+    folder = core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/") + f"/animations/{job_id}/"
+    return {key.removeprefix(folder): s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+            for key in s3.keys(BUCKET) if key.startswith(folder)}
+
+
+@pytest.mark.parametrize("s3_core", ["stream", "redirect"], indirect=True)
+async def test_an_animation_keeps_its_frames_and_clip_in_the_bucket_and_the_video_route_serves_it(
+        s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
+    async with serving(s3_core) as server, server.client(await server.new_key()) as client, \
+            running_worker(s3_core, shapes):
+        job_id = await submit(client, "/animate a red circle on a blue background --frames 6 --fps 4 "
+                                      "--zoom 1.05 --steps 6 --seed 3")
+        job = await wait_done(client, job_id)
+        # The link, no key, as a chat or the web page's <video> opens it.
+        served = await httpx.AsyncClient(follow_redirects=True).get(job["video"])
+
+    assert job["status"] == "succeeded", job
+    assert served.status_code == 200 and served.headers["content-type"] == "video/mp4"
+    if s3_core.settings.storage.image_links == "redirect":  # the store sent the bytes, from a presigned URL
+        assert str(served.url).startswith(s3.endpoint) and "X-Amz-Signature=" in str(served.url)
+    frames = decoded(served.content)
+    assert len(frames) == 6 and frames[0].shape == (64, 64, 3)
+    assert share(frames[0], "red") + share(frames[0], "blue") > 0.85  # the prompt, drawn
+    stored = job_files(s3, s3_core, job_id)
+    assert sorted(stored) == ["clip.mp4", *(f"frame-{i:04d}.png" for i in range(6))]
+    assert stored["clip.mp4"] == served.content  # the API host served the worker's clip from the bucket
+    data_dir = s3_core.settings.storage.data_dir
+    assert not [path for path in data_dir.rglob("*") if path.suffix in (".png", ".mp4")]  # nothing on this disk
+
+
+async def test_an_animation_with_frames_in_the_bucket_resumes_after_them(
+        s3_core: Core, s3: S3Server, shapes: DiffusersGenerator) -> None:
+    async with serving(s3_core) as server, server.client(await server.new_key()) as client:
+        job_id = await submit(client, "/animate a red circle on a blue background --frames 6 --steps 6 --seed 3")
+        # What a worker on another host left when it was killed: the first three frames, here all green,
+        # a picture this prompt never draws, so a frame made again would show.
+        prefix = s3_core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/")
+        green = png_bytes(64, 64, COLOURS["green"])
+        for index in range(3):
+            s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/animations/{job_id}/frame-{index:04d}.png",
+                                   Body=green)
+        async with running_worker(s3_core, shapes):
+            job = await wait_done(client, job_id)
+        clip = decoded((await client.get(job["video"])).content)
+
+    assert job["status"] == "succeeded", job
+    stored = job_files(s3, s3_core, job_id)
+    assert [stored[f"frame-{i:04d}.png"] for i in range(3)] == [green] * 3  # not made again
+    assert len(clip) == 6
+    assert all(share(frame, "green") > 0.9 for frame in clip[:3])  # the kept frames open the clip
+    assert share(clip[3], "green") > 0.5  # the first new frame redraws the last kept one, not the prompt anew

@@ -151,3 +151,29 @@ def test_a_missing_image_is_not_found(store: FolderImageStore) -> None:
 def test_a_malformed_id_is_not_found(store: FolderImageStore, bad_id: str) -> None:
     with pytest.raises(NotFound, match="is not an image id"):
         store.read_bytes(bad_id)
+
+
+# A job's named files (an /animate clip's frames and MP4)
+
+
+def test_a_jobs_files_are_listed_by_name_and_a_rewrite_replaces_one_whole(store: FolderImageStore,
+                                                                           tmp_path: Path) -> None:
+    assert store.job_file_names("job1") == []  # a job that never kept a file
+    store.put_job_file("job1", "frame-0001.png", b"second")
+    store.put_job_file("job1", "frame-0000.png", b"first")
+    store.put_job_file("job1", "frame-0000.png", b"first, again")  # a worker taken back and rerun
+    assert store.job_file_names("job1") == ["frame-0000.png", "frame-0001.png"]
+    assert store.read_job_file("job1", "frame-0000.png") == b"first, again"
+    folder = tmp_path / "images" / "animations" / "job1"
+    assert sorted(path.name for path in folder.iterdir()) == ["frame-0000.png", "frame-0001.png"]  # no temporaries
+    assert store.job_file_names("job2") == []  # one job's files are its own
+    with pytest.raises(NotFound, match=r"file clip\.mp4 of job job1 is not in the store"):
+        store.read_job_file("job1", "clip.mp4")
+
+
+@pytest.mark.parametrize(("job_id", "name"), [("..", "x"), ("job1", "../../outside.png"), ("job1/..", "x"),
+                                              ("job1", ".hidden")])
+def test_a_job_file_name_that_could_leave_its_folder_is_refused(store: FolderImageStore, job_id: str,
+                                                                 name: str) -> None:
+    with pytest.raises(NotFound, match="letters, digits"):
+        store.put_job_file(job_id, name, b"data")

@@ -8,12 +8,16 @@ the bytes and Easel's HTTP server does not.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from adapters.api.deps import CoreDep, Credentials, KeysDep
 from adapters.api.schemas import errors
-from bot.animation import video_path
+from bot.animation import CLIP_NAME
 from bot.errors import NotFound, Refused
 
 router = APIRouter()
@@ -33,30 +37,41 @@ async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Cred
     if not await store.exists(sha256):
         raise NotFound(f"No image {sha256}")
     withheld = await _check_allowed(core, keys, credentials, sha256)
-    headers = {"Cache-Control": PRIVATE if withheld else IMMUTABLE}
-    if (path := store.local_path(sha256)) is not None:
-        return FileResponse(path, media_type="image/png", headers=headers)
-    storage = core.settings.storage
-    # A presigned URL is a bearer link anyone may pass on: never one for a withheld image.
-    if storage.image_links == "redirect" and not withheld:
-        url = store.presigned_url(sha256, storage.presigned_url_s)
-        if url is not None:
-            return RedirectResponse(url, status_code=307, headers={"Cache-Control": PRIVATE})
-    return StreamingResponse(store.stream(sha256), media_type="image/png", headers=headers)
+    return _send(core, withheld, "image/png", store.local_path(sha256),
+                 partial(store.presigned_url, sha256), partial(store.stream, sha256))
 
 
 @router.get("/v1/videos/{sha256}", tags=["images"], response_class=FileResponse, responses={
     200: {"description": "the MP4", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+    307: {"description": "with storage.image_links = \"redirect\": the MP4 at a presigned object-store URL"},
     **errors(403, 404, 422)}, openapi_extra={"security": [{}]})
-async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> FileResponse:
+async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> Response:
     """The clip of the /animate job whose poster (last frame) has this SHA-256, under the poster's rules:
     the link is the permission, and a withheld clip is served only to a moderator's key."""
+    store = core.store
     job = await core.service.job_that_made(sha256)
-    path = video_path(core.settings.storage.data_dir, job.id) if job is not None else None
-    if path is None or not path.is_file():
+    if job is None or not await store.job_file_exists(job.id, CLIP_NAME):
         raise NotFound(f"No video for image {sha256}")
     withheld = await _check_allowed(core, keys, credentials, sha256)
-    return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": PRIVATE if withheld else IMMUTABLE})
+    return _send(core, withheld, "video/mp4", store.job_file_local_path(job.id, CLIP_NAME),
+                 partial(store.job_file_presigned_url, job.id, CLIP_NAME),
+                 partial(store.stream_job_file, job.id, CLIP_NAME))
+
+
+def _send(core: CoreDep, withheld: bool, media_type: str, path: Path | None,
+          presigned_url: Callable[[int], str | None], stream: Callable[[], AsyncIterator[bytes]]) -> Response:
+    """A stored file as the answer: sent as is from this host's disk; from an object store, a 307 to a
+    presigned URL with `image_links = "redirect"`, else streamed through."""
+    headers = {"Cache-Control": PRIVATE if withheld else IMMUTABLE}
+    if path is not None:
+        return FileResponse(path, media_type=media_type, headers=headers)
+    storage = core.settings.storage
+    # A presigned URL is a bearer link anyone may pass on: never one for a withheld image or clip.
+    if storage.image_links == "redirect" and not withheld:
+        url = presigned_url(storage.presigned_url_s)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": PRIVATE})
+    return StreamingResponse(stream(), media_type=media_type, headers=headers)
 
 
 async def _check_allowed(core: CoreDep, keys: KeysDep, credentials: Credentials, sha256: str) -> bool:
