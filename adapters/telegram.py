@@ -457,7 +457,13 @@ class EaselTelegram:
         return await self._send_text(message.chat.id, text, target)
 
     async def _send_text(self, chat_id: int, text: str, target: dict[str, Any]) -> Message:
-        return await self.application.bot.send_message(chat_id, text[: render.MAX_TEXT], **self._where(target))
+        """Send `text`; one longer than Telegram's 4096 characters (/help) goes as several messages, split
+        between lines, so nothing is cut off. Returns the first."""
+        parts = render.split_text(text, render.MAX_TEXT)
+        first = await self.application.bot.send_message(chat_id, parts[0], **self._where(target))
+        for part in parts[1:]:
+            await self.application.bot.send_message(chat_id, part, **self._where(target))
+        return first
 
     @staticmethod
     def _where(target: dict[str, Any]) -> dict[str, Any]:

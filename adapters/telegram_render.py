@@ -214,5 +214,17 @@ def error_text(message: str) -> str:
     return _clip(f"⚠️ {message}", MAX_TEXT)
 
 
+def split_text(text: str, limit: int) -> list[str]:
+    """`text` in parts of at most `limit` characters, split after whole lines (a line longer than
+    `limit` alone is cut)."""
+    parts, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > limit:
+            parts.append(current.rstrip("\n"))
+            current = ""
+        current += line[:limit]
+    return [*parts, current.rstrip("\n")] if current or not parts else parts
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from adapters.telegram import TelegramAdapter
-from adapters.telegram_render import parse_callback
+from adapters.telegram_render import TELEGRAM_HELP, parse_callback
 from bot.bootstrap import Core
 from bot.config import TelegramConfig
 from bot.domain import JobKind, JobStatus, Requester
@@ -150,13 +150,17 @@ async def test_imagine_shows_position_then_an_album_with_seeds_and_buttons(tg: C
     assert job.delivered_at is not None
 
 
+TELEGRAM_HELP_END = TELEGRAM_HELP.splitlines()[-1]  # the last line of /help on Telegram
+
+
 async def test_other_commands_answer_in_one_message_each(tg: Core, fake: FakeTelegram) -> None:
     chat = fake.private(ALICE)
     async with running_bot(tg, fake):
         quota = fake.send(chat, "/quota")
         helps = fake.send(chat, "/help")
         typo = fake.send(chat, "/imagine a cat --sed 4")
-        await fake.wait_for(lambda: all(replies_to(fake, ALICE, m) for m in (quota, helps, typo)), what="answers")
+        await fake.wait_for(lambda: all(replies_to(fake, ALICE, m) for m in (quota, helps, typo)) and any(
+            m.shown.endswith(TELEGRAM_HELP_END) for m in replies_to(fake, ALICE, helps)), what="answers")
         command = fake.send(chat, "/imagine a red fox --steps 2")
         status = (await fake.wait_for(lambda: [m for m in replies_to(fake, ALICE, command)
                                                 if "Queued" in m.shown], what="queued"))[0]
@@ -171,8 +175,12 @@ async def test_other_commands_answer_in_one_message_each(tg: Core, fake: FakeTel
     assert jobs_answer.shown.splitlines()[1] == f"{job.id} · cancelled · imagine · a red fox"
     [quota_answer] = replies_to(fake, ALICE, quota)
     assert quota_answer.shown.startswith("Quota (user tier): 50 of 50 units left today")
-    [help_answer] = replies_to(fake, ALICE, helps)
-    assert "/inpaint" in help_answer.shown and "album" in help_answer.shown and "Examples:" in help_answer.shown
+    # /help is longer than one Telegram message (4096 characters): it comes whole, in parts split between lines.
+    help_parts = [answer.shown for answer in replies_to(fake, ALICE, helps)]
+    help_answer = "\n".join(help_parts)
+    assert all(len(part) <= 4096 and not part.endswith("…") for part in help_parts)
+    assert "/inpaint" in help_answer and "album" in help_answer and "Examples:" in help_answer
+    assert help_answer.startswith("Commands:") and help_answer.endswith(TELEGRAM_HELP_END)
     [typo_answer] = replies_to(fake, ALICE, typo)
     assert typo_answer.shown == "⚠️ unknown flag --sed (did you mean --seed?); the flags are " + \
         "--no, --seed, --steps, --cfg, --ar, --size, --n, --sampler, --model, --strength, --style, --lora"
