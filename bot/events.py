@@ -152,7 +152,8 @@ class EventBus:
                     yield event
                 if len(events) < READ_LIMIT:  # caught up: wait (at once done if notified since the read)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake_up.wait(), timeout=self.poll_interval_s)
+                        async with asyncio.timeout(self.poll_interval_s):  # not wait_for: see wait_for_change
+                            await wake_up.wait()
             finally:
                 self._forget_wake_up(job_id, wake_up)
 
@@ -178,5 +179,8 @@ class EventBus:
     async def wait_for_change(self, timeout_s: float, since: asyncio.Event | None = None) -> None:
         """Return on the next `notify` in this process (or the first since `since`), or after
         `timeout_s` (changes made by other processes are found by polling)."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that arrives as the
+        # event is set, and the cancelled caller (a stopping worker's loop) would carry on for ever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for((since or self._changed).wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await (since or self._changed).wait()

@@ -310,7 +310,8 @@ class JobService:
                 pass  # watch ends after the final event
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(final_event(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see EventBus.wait_for_change
+                await final_event()
         return await self.get_job(job_id)
 
     async def job_that_made(self, sha256: str) -> JobView | None:

@@ -255,8 +255,12 @@ class Worker:
             if self._stop.is_set():
                 await asyncio.sleep(beat_s)
             else:  # stop() cuts the wait short once, so the registry shows `draining` at once
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops the cancellation that
+                # run() sends as it stops if stop() set the event at the same moment, and this loop
+                # then never ends (a stopped worker hung in its shutdown).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), beat_s)
+                    async with asyncio.timeout(beat_s):
+                        await self._stop.wait()
             try:
                 await self._heartbeat()
             except Exception:  # the database may be briefly busy: the next beat comes soon

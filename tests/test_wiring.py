@@ -1,6 +1,7 @@
 """The composition root and the unit of work: each service built once, one clock, repositories, and
 events announced by the commit that saves them (real SQLite; no model needed)."""
 
+import asyncio
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,19 @@ async def test_one_clock_stamps_the_job_and_its_event(core: Core) -> None:
     core.clock.advance(timedelta(minutes=1))
     cancelled = await core.service.cancel(alice(), job.id)
     assert cancelled.finished_at == moment + timedelta(minutes=1)
+
+
+async def test_a_wait_cancelled_as_the_change_comes_ends_cancelled(core: Core) -> None:
+    """A stopping worker sets its stop event and cancels its upkeep's wait at once: the wait must end
+    cancelled, not return as if woken (with Python 3.11's asyncio.wait_for it returned, the upkeep loop
+    went on, and the stopped worker never finished stopping)."""
+    marker = core.bus.change_marker()
+    waiting = asyncio.create_task(core.bus.wait_for_change(60, marker))
+    await asyncio.sleep(0)  # it waits
+    marker.set()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 async def test_the_commit_wakes_the_watchers_of_staged_events_and_a_rollback_does_not(core: Core) -> None:
