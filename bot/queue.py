@@ -412,14 +412,11 @@ class JobQueue:
             await uow.commit()
         return True
 
-    async def ended(self, job_ids: Sequence[str]) -> list[str]:
-        """Those of `job_ids` that succeeded, failed or were cancelled (or no longer exist)."""
-        if not job_ids:
-            return []
+    async def trainings_ended_since(self, since: datetime) -> list[str]:
+        """The trainings (teach jobs) that succeeded, failed or were cancelled at `since` or later."""
         async with self.db.unit_of_work(write=False) as uow:
-            unfinished = set(await uow.session.scalars(select(Job.id).where(
-                Job.id.in_(job_ids), Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))))
-        return [job_id for job_id in job_ids if job_id not in unfinished]
+            return list(await uow.session.scalars(select(Job.id).where(
+                Job.kind == JobKind.TEACH.value, Job.finished_at >= since).order_by(Job.id)))
 
     async def record_training_loss(self, job_id: str, loss: float) -> None:
         """The last slice's mean loss, before the training completes."""

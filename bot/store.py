@@ -1,11 +1,11 @@
-"""The image store: PNGs named by the sha256 of their bytes, and a job's named files (an /animate
-clip's frames and MP4), in a folder or an S3-compatible bucket.
+"""The image store: PNGs named by the sha256 of their bytes, a job's named files (an /animate clip's
+frames and MP4, a /teach training's checkpoint) and trained LoRAs, in a folder or an S3-compatible bucket.
 
 Layout: `<root>/<sha[:2]>/<sha>.png` in a folder, `<prefix>/<sha[:2]>/<sha>.png` in a bucket; a job's
-files under `animations/<job id>/` beside them. Content addressing makes saving idempotent (the same
-bytes land on the same name) and lets the database refer to an image by its hash alone. Every generated
-image carries its generation parameters in a PNG `parameters` text chunk, in the format AUTOMATIC1111
-and ComfyUI users paste back into their tools.
+files under `jobs/<job id>/` and trained LoRAs under `loras/<name>.safetensors` beside them. Content
+addressing makes saving idempotent (the same bytes land on the same name) and lets the database refer
+to an image by its hash alone. Every generated image carries its generation parameters in a PNG
+`parameters` text chunk, in the format AUTOMATIC1111 and ComfyUI users paste back into their tools.
 
 Example:
     >>> store = open_image_store(settings.storage)                    # doctest: +SKIP
@@ -149,7 +149,7 @@ class ImageStore(ABC):
     adapters' image and video routes, the service and the worker read and write images and a job's files
     only through this interface; `open_image_store` picks the one the settings name.
 
-    Both keep the same keys below their root: `<sha[:2]>/<sha>.png` for an image, `animations/<job id>/
+    Both keep the same keys below their root: `<sha[:2]>/<sha>.png` for an image, `jobs/<job id>/
     <name>` for a job's file. A job's files are named, not content-addressed, so a worker on any host
     finds the frames a killed one left and resumes after them."""
 
@@ -232,6 +232,23 @@ class ImageStore(ABC):
         """A URL anyone may GET the job's file from for `expires_s`, for a store that can sign one."""
         return self._presigned_url(_job_file_key(job_id, name), expires_s)
 
+    def delete_job_file(self, job_id: str, name: str) -> None:
+        """Delete one of a job's files; nothing happens when it is not there."""
+        self._delete(_job_file_key(job_id, name))
+
+    # Trained LoRAs (/teach, and the copies /mod share makes), whichever host trained them: the store
+    # holds the original, each worker copies one into its lora_dir the first time a job needs it.
+
+    def put_lora(self, name: str, data: bytes) -> None:
+        self._write(_lora_key(name), data, replace=True)
+
+    def read_lora(self, name: str) -> bytes:
+        """A trained LoRA's file; NotFound when the store has none of that name."""
+        return self._read(_lora_key(name), f"the LoRA {name!r}")
+
+    def delete_lora(self, name: str) -> None:
+        self._delete(_lora_key(name))
+
     def _save(self, png: bytes, size: tuple[int, int]) -> StoredImage:
         sha256 = hashlib.sha256(png).hexdigest()
         key = _image_key(sha256)
@@ -270,9 +287,13 @@ class ImageStore(ABC):
     def _names(self, folder_key: str) -> list[str]:
         """The names of the objects in the folder `folder_key` (which ends in /), relative to it."""
 
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Delete the object; nothing happens when there is none."""
+
 
 class FolderImageStore(ImageStore):
-    """Images `<root>/<sha[:2]>/<sha>.png` and a job's files `<root>/animations/<job id>/<name>`; safe
+    """Images `<root>/<sha[:2]>/<sha>.png` and a job's files `<root>/jobs/<job id>/<name>`; safe
     to share between the processes of one host."""
 
     def __init__(self, root: Path) -> None:
@@ -304,16 +325,19 @@ class FolderImageStore(ImageStore):
     def _write(self, key: str, data: bytes, *, replace: bool) -> None:
         path = self.root / key
         if replace or not path.exists():
-            _write_atomically(path, data)
+            write_atomically(path, data)
 
     def _names(self, folder_key: str) -> list[str]:
         folder = self.root / folder_key
-        # A write in progress is a hidden temporary file (see _write_atomically): not one of the names.
+        # A write in progress is a hidden temporary file (see write_atomically): not one of the names.
         return [path.name for path in folder.iterdir() if not path.name.startswith(".")] if folder.is_dir() else []
+
+    def _delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
 
 
 class S3ImageStore(ImageStore):
-    """Images `<prefix>/<sha[:2]>/<sha>.png` and a job's files `<prefix>/animations/<job id>/<name>` in
+    """Images `<prefix>/<sha[:2]>/<sha>.png` and a job's files `<prefix>/jobs/<job id>/<name>` in
     an S3-compatible bucket, shared by every host of a fleet. Image writes are conditional (If-None-Match),
     so two workers storing the same image write it once; a PUT is atomic, so a job's file is whole or absent.
 
@@ -385,6 +409,9 @@ class S3ImageStore(ImageStore):
         return [meta["path"].removeprefix(folder_key)
                 for batch in self._obstore.list(self._store, folder_key) for meta in batch]
 
+    def _delete(self, key: str) -> None:
+        self._obstore.delete(self._store, key)  # S3 answers a DELETE of a missing key with success
+
 
 def open_image_store(storage: StorageConfig) -> ImageStore:
     """The store `storage.images_url` names: an S3 bucket, or by default the folder <data_dir>/images."""
@@ -401,11 +428,18 @@ _JOB_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def _job_file_key(job_id: str, name: str) -> str:
-    """`animations/<job id>/<name>`; a job id or name that could climb out of the folder is refused."""
+    """`jobs/<job id>/<name>`; a job id or name that could climb out of the folder is refused."""
     if not _JOB_FILE_NAME.fullmatch(job_id) or (name and not _JOB_FILE_NAME.fullmatch(name)):
         raise NotFound(f"{job_id!r}/{name!r} is not a job's file; job ids and file names are letters, "
                        f"digits, '.', '_' and '-'")
-    return f"animations/{job_id}/{name}"
+    return f"jobs/{job_id}/{name}"
+
+
+def _lora_key(name: str) -> str:
+    """`loras/<name>.safetensors`; a name is folders and a stem as a LoRA's name is (`trained/u3/zorb`)."""
+    if not all(_JOB_FILE_NAME.fullmatch(part) for part in name.split("/")):
+        raise NotFound(f"{name!r} is not a LoRA's name; its parts are letters, digits, '.', '_' and '-'")
+    return f"loras/{name}.safetensors"
 
 
 def _checked_id(sha256: str) -> str:
@@ -414,7 +448,7 @@ def _checked_id(sha256: str) -> str:
     return sha256
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, then rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -21,8 +21,8 @@ that fails or is cancelled keeps charging only the steps it ran.
 
 from __future__ import annotations
 
+import asyncio
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -40,7 +40,7 @@ from bot.images import load_upload, to_png_bytes
 from bot.models import Job, Training, User
 from bot.policy import Policy, cost_milli
 from bot.safety import PromptCheck
-from bot.store import ImageStore
+from bot.store import ImageStore, write_atomically
 from bot.views import JobView, TrainingView, job_view, training_view
 
 KINDS = ("lora",)  # textual-inversion embeddings: not yet (see README "Teach Easel a word")
@@ -244,9 +244,11 @@ class TeachService:
             if name in self.networks.loras():
                 raise InvalidCommand(f"a LoRA called {name!r} is already installed for everyone; it cannot be shared "
                                      "under that name")
-            source = self.networks.lora(trained_lora_name(row.user_id, row.name)).path
-            target = self.settings.storage.loras / f"{row.name}.safetensors"
-            shutil.copyfile(source, target)
+            # From the store, whichever worker trained it; the store's copy reaches the fleet's workers,
+            # this host's lora_dir copy makes /loras list it here.
+            data = await asyncio.to_thread(self.store.read_lora, trained_lora_name(row.user_id, row.name))
+            await asyncio.to_thread(self.store.put_lora, row.name, data)
+            await asyncio.to_thread(write_atomically, self.settings.storage.loras / f"{row.name}.safetensors", data)
             row.shared_at = self.clock()
             await uow.commit()
         return f"Shared {name!r}: everyone can use <lora:{name}> now (/loras lists it)."
@@ -257,10 +259,10 @@ class TeachService:
             row = await self._find(uow, name, owner_id)
             if not JobStatus(row.job.status).is_final:
                 raise InvalidCommand(f"{name!r} is still training; its owner cancels it with /cancel {row.job_id}")
-            path = self.settings.storage.loras / f"{trained_lora_name(row.user_id, row.name)}.safetensors"
-            path.unlink(missing_ok=True)
-            if row.shared_at is not None:
-                (self.settings.storage.loras / f"{row.name}.safetensors").unlink(missing_ok=True)
+            names = [trained_lora_name(row.user_id, row.name)] + ([row.name] if row.shared_at is not None else [])
+            for lora in names:  # the store's copies, and this host's
+                await asyncio.to_thread(self.store.delete_lora, lora)
+                (self.settings.storage.loras / f"{lora}.safetensors").unlink(missing_ok=True)
             await uow.session.delete(row)
             await uow.commit()
         return f"Deleted the trained word {name!r}."

@@ -1,6 +1,6 @@
 """Train a `/teach` LoRA a slice of steps at a time, from a checkpoint to a checkpoint (bot/teach.py).
 
-    trainer = LoraTrainer(catalog, settings)
+    trainer = LoraTrainer(catalog, settings, store)
     result = trainer.run_slice(spec, on_step)   # up to teach.slice_steps steps, then its state is saved
     # ...the job goes back to the queue; any worker runs the next slice from the checkpoint...
     trainer.save_lora(spec, path)               # after the last slice: the file <lora:NAME> loads
@@ -16,13 +16,14 @@ dropped for classifier-free guidance) comes from one seeded torch.Generator whos
 with the LoRA weights, the optimizer's moments and the schedule. A slice that starts from a checkpoint
 therefore computes what an uninterrupted run computes, to the bit on the same device and thread count.
 
-A checkpoint is written to a temporary file and renamed over the old one, so a SIGKILL at any moment
-leaves the last finished slice's state, and the next slice (on any worker that reads the same folder)
-runs again from there.
+A checkpoint is one of the training job's files in the image store (`jobs/<job id>/checkpoint.pt`, in
+the folder or the fleet's bucket), written whole over the last one, so a SIGKILL at any moment leaves
+the last finished slice's state, and the next slice, on any worker of the fleet, runs from there.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable
@@ -40,13 +41,15 @@ from PIL import Image, ImageOps
 from bot.catalog import ModelCatalog, ModelFamily
 from bot.config import Settings
 from bot.domain import GenerationParams, JobKind
-from bot.errors import GenerationFailed
+from bot.errors import GenerationFailed, NotFound
+from bot.store import ImageStore
 from bot.teach import COMPARISON_SEED
 from bot.views import TrainingView
 from generation.pipelines import load_pipeline, resolve_device_dtype
 from generation.train_extras import LORA_TARGETS, save_kohya_lora
 
 CAPTION_DROPOUT = 0.1  # share of steps' captions left empty, so classifier-free guidance still works
+CHECKPOINT = "checkpoint.pt"  # the training job's file that holds its state between slices
 
 
 @dataclass(frozen=True)
@@ -76,15 +79,12 @@ class SliceResult:
 class LoraTrainer:
     """Runs slices of LoRA trainings on one device; keeps the last model's parts loaded between slices."""
 
-    def __init__(self, catalog: ModelCatalog, settings: Settings) -> None:
+    def __init__(self, catalog: ModelCatalog, settings: Settings, store: ImageStore) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.store = store
         self.device, _ = resolve_device_dtype(settings.generation.device, settings.generation.dtype)
-        self.checkpoints = settings.storage.data_dir / "trainings"
         self._parts: tuple[str, int, object] | None = None  # (model, rank, pipeline with the adapter)
-
-    def checkpoint_path(self, job_id: str) -> Path:
-        return self.checkpoints / f"{job_id}.pt"
 
     def run_slice(self, spec: TrainingSpec, slice_steps: int,
                   on_step: Callable[[int, int], None] | None = None) -> SliceResult:
@@ -95,8 +95,10 @@ class LoraTrainer:
         parameters = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=0.0)
         total = spec.view.steps
+        # A tenth of the steps warm up, at least two: OneCycleLR divides by the warm-up's length minus one,
+        # which is zero for --steps 10.
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.learning_rate, total_steps=total,
-                                                       pct_start=0.1)
+                                                       pct_start=max(0.1, 2 / total))
         generator = torch.Generator().manual_seed(spec.seed)
         step = self._restore(spec, unet, optimizer, schedule, generator)
 
@@ -130,7 +132,7 @@ class LoraTrainer:
                 on_step(step, total)
         unet.eval()
 
-        # 4. Checkpoint: written whole, then renamed over the last one
+        # 4. Checkpoint: written whole over the last one
         self._save_checkpoint(spec, step, unet, optimizer, schedule, generator)
         elapsed = time.monotonic() - started
         return SliceResult(step=step, loss=float(np.mean(losses)) if losses else 0.0,
@@ -138,7 +140,9 @@ class LoraTrainer:
 
     def save_lora(self, spec: TrainingSpec, path: Path) -> None:
         """Write the trained LoRA (from the checkpoint) where its owner's jobs load it."""
-        state = torch.load(self.checkpoint_path(spec.view.job_id), weights_only=True)
+        state = self._checkpoint(spec.view.job_id)
+        if state is None:
+            raise GenerationFailed(f"training {spec.view.job_id} has no checkpoint in the store to save")
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         model = self.catalog.get(spec.model)
@@ -149,7 +153,7 @@ class LoraTrainer:
         os.replace(temporary, path)
 
     def has_checkpoint(self, job_id: str) -> bool:
-        return self.checkpoint_path(job_id).is_file()
+        return CHECKPOINT in self.store.job_file_names(job_id)
 
     def comparison_params(self, spec: TrainingSpec, lora: str) -> tuple[GenerationParams, GenerationParams]:
         """/imagine of the first caption with LoRA `lora` and without: the model's defaults, one seed."""
@@ -161,13 +165,9 @@ class LoraTrainer:
                                    model=model.name, seed=COMPARISON_SEED, negative=model.negative)
         return replace(without, loras=((lora, 1.0),)), without
 
-    def checkpointed_jobs(self) -> list[str]:
-        """The jobs whose trainings have a checkpoint here."""
-        return sorted(path.stem for path in self.checkpoints.glob("*.pt")) if self.checkpoints.is_dir() else []
-
     def forget(self, job_id: str) -> None:
-        """Delete a finished training's checkpoint."""
-        self.checkpoint_path(job_id).unlink(missing_ok=True)
+        """Delete an ended training's checkpoint (nothing happens when it has none)."""
+        self.store.delete_job_file(job_id, CHECKPOINT)
 
     # -- parts ---------------------------------------------------------------------------------------
 
@@ -198,8 +198,8 @@ class LoraTrainer:
     def _restore(self, spec: TrainingSpec, unet, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> int:
         """Load the checkpoint into the parts; without one, start from the seed's initial adapter. The step."""
-        path = self.checkpoint_path(spec.view.job_id)
-        if not path.is_file():
+        state = self._checkpoint(spec.view.job_id)
+        if state is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
                 initial = {key: (torch.randn_like(value) / spec.view.rank if ".lora_A." in key
@@ -207,7 +207,6 @@ class LoraTrainer:
                            for key, value in get_peft_model_state_dict(unet).items()}
             set_peft_model_state_dict(unet, initial)
             return 0
-        state = torch.load(path, weights_only=True)
         set_peft_model_state_dict(unet, {key: value.to(self.device) for key, value in state["lora"].items()})
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -216,17 +215,20 @@ class LoraTrainer:
 
     def _save_checkpoint(self, spec: TrainingSpec, step: int, unet, optimizer: torch.optim.Optimizer,
                          schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_path(spec.view.job_id)
-        temporary = path.with_name(f".{path.name}.tmp")
         state = {"step": step, "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(),
                  "lora": {key: value.detach().cpu().clone() for key, value in get_peft_model_state_dict(unet).items()}}
-        with temporary.open("wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.store.put_job_file(spec.view.job_id, CHECKPOINT, buffer.getvalue())
+
+    def _checkpoint(self, job_id: str) -> dict | None:
+        """The state the last slice saved, from the store; None before the first slice."""
+        try:
+            data = self.store.read_job_file(job_id, CHECKPOINT)
+        except NotFound:
+            return None
+        return torch.load(io.BytesIO(data), weights_only=True)
 
     @torch.no_grad()
     def _latents(self, vae, spec: TrainingSpec) -> torch.Tensor:

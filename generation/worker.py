@@ -37,13 +37,13 @@ from PIL import Image
 from bot.animation import CLIP_NAME, frame_name
 from bot.config import QueueConfig, Settings
 from bot.domain import GenerationParams, JobKind
-from bot.errors import EaselError, GenerationFailed
+from bot.errors import EaselError, GenerationFailed, NotFound
 from bot.extra_networks import ExtraNetworks
 from bot.images import to_png_bytes
 from bot.policy import TRAINING_STEP_FACTOR, steps_run
 from bot.queue import JobQueue, this_worker_id
 from bot.safety import ImageVerdict
-from bot.store import ImageStore, StoredImage
+from bot.store import ImageStore, StoredImage, write_atomically
 from bot.views import JobView, TrainingView
 from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.animation import animate, mp4_bytes
@@ -131,8 +131,6 @@ class Trainer(Protocol):
 
     def forget(self, job_id: str) -> None: ...
 
-    def checkpointed_jobs(self) -> list[str]: ...
-
     def has_checkpoint(self, job_id: str) -> bool: ...
 
     def comparison_params(self, spec: TrainingSpec, lora: str) -> tuple[GenerationParams, GenerationParams]: ...
@@ -160,6 +158,8 @@ class Worker:
         self._claimed: Sequence[JobView] = ()  # the batch from its claim until it is finished
         self.registry = WorkerRegistry(queue.db, queue.clock, settings.queue.worker_expiry_s)
         self._started_at = queue.clock()
+        # Trainings that ended before this look have had their checkpoints deleted (a day back at start).
+        self._trainings_looked_at = self._started_at - timedelta(days=1)
 
     @property
     def batch_in_hand(self) -> ProgressReporter | None:
@@ -287,7 +287,7 @@ class Worker:
     async def _upkeep(self, *, prune: bool) -> None:
         """Take back the jobs of workers that died (on this host) or whose lease ran out (any host),
         and, with `prune`, delete progress events nobody needs any more and the checkpoints of trainings
-        that ended while queued (cancelled between slices, or failed by another worker)."""
+        that ended while queued (cancelled between slices, or failed by the queue), from the store."""
         report = await self.queue.requeue_abandoned(by=self.worker_id)
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
@@ -300,9 +300,11 @@ class Worker:
             if expired := await self.registry.expire():
                 log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
             if self.trainer is not None:
-                ended = await self.queue.ended(self.trainer.checkpointed_jobs())
-                for job_id in ended:
-                    self.trainer.forget(job_id)
+                # Since a little before the last look: a training that ended meanwhile is seen once
+                # or twice, and forgetting a checkpoint twice does nothing.
+                since, self._trainings_looked_at = self._trainings_looked_at, self.queue.clock()
+                for job_id in await self.queue.trainings_ended_since(since - timedelta(minutes=1)):
+                    await asyncio.to_thread(self.trainer.forget, job_id)
 
     def _loaded_models(self) -> list[str]:
         """The models the generator holds (a test's fake generator holds none): affinity prefers their jobs."""
@@ -367,8 +369,23 @@ class Worker:
             if self._in_hand is not None:
                 self._in_hand.progressed()
 
+    def _bring_loras(self, batch: Sequence[JobView]) -> None:
+        """Copy into this host's lora_dir, from the store, the trained LoRAs the batch names (made by
+        /teach on whichever worker finished the training) and any shared copy this host lacks. A trained
+        one is compared every time: deleted and taught again, the same name holds new weights."""
+        installed = self.networks.loras()  # the files of lora_dir itself; trained ones are in a subfolder
+        for name in sorted({name for job in batch for name, _ in job.params.loras} - set(installed)):
+            try:
+                data = self.store.read_lora(name)
+            except NotFound:
+                continue  # not one the store keeps: the pipeline names what is missing
+            path = self.settings.storage.loras / f"{name}.safetensors"
+            if not path.is_file() or path.read_bytes() != data:
+                write_atomically(path, data)
+
     async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
         # On a thread: an init image or mask may come from an object store, a GET the loop must not wait on.
+        await asyncio.to_thread(self._bring_loras, batch)
         tasks = await asyncio.to_thread(lambda: [self._task_for(job) for job in batch])
         progress = ProgressReporter(self.queue, [job.id for job in batch],
                                     self.settings.generation.progress_every_s,
@@ -529,6 +546,8 @@ class Worker:
         try:
             path = self.settings.storage.loras / f"{view.lora_name}.safetensors"
             await on_torch_thread(self.trainer.save_lora, spec, path)
+            # The store's copy is the one every worker of a fleet uses (see _bring_loras).
+            await asyncio.to_thread(lambda: self.store.put_lora(view.lora_name, path.read_bytes()))
             with_word, without = self.trainer.comparison_params(spec, view.lora_name)
             images = []
             for params in (without, with_word):  # two calls: a LoRA changes the weights for a whole call
@@ -544,6 +563,7 @@ class Worker:
                 self.stats.images += len(stored)
             else:
                 path.unlink(missing_ok=True)  # cancelled at the last moment: nothing stays
+                await asyncio.to_thread(self.store.delete_lora, view.lora_name)
                 self.stats.cancelled += 1
             self.trainer.forget(job.id)
         except Exception as error:
@@ -747,6 +767,6 @@ def build_worker(core: CoreParts, generator: Generator | None = None, *, train: 
     if train:
         from bot.catalog import ModelCatalog
 
-        trainer = LoraTrainer(ModelCatalog.from_settings(core.settings), core.settings)
+        trainer = LoraTrainer(ModelCatalog.from_settings(core.settings), core.settings, core.store)
     return Worker(core.queue, generator, core.store, core.settings,
                   image_checker=build_image_checker(core.settings), trainer=trainer)

@@ -7,22 +7,30 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from bot.bootstrap import Core, open_core
 from bot.config import ModelConfig, Settings, load_settings
+from bot.domain import JobStatus, TeachCommand
 from bot.errors import ConfigError, NotFound
-from bot.store import S3ImageStore
+from bot.queue import JobQueue
+from bot.store import ImageStore, S3ImageStore
+from bot.teach import COMPARISON_SEED
+from bot.views import ImageView
 from generation.pipelines import DiffusersGenerator
 from generation.shapes import COLOURS, Description, describe
-from tests.conftest import png_bytes
+from generation.worker import Worker, build_worker
+from tests.conftest import alice, png_bytes
 from tests.http_fixtures import running_worker, serving, wait_done
 from tests.s3_server import S3Server, s3_server, use_s3_environment
 from tests.test_animate import decoded, share
+from tests.test_teach import WORD, teaching_pictures
 
 BUCKET = "easel-images"
 SHAPES = '{"shapes": {"source": "builtin:shapes", "default_width": 64, "default_height": 64}}'
@@ -162,7 +170,7 @@ async def submit(client: httpx.AsyncClient, command: str) -> str:
 
 def job_files(s3: S3Server, core: Core, job_id: str) -> dict[str, bytes]:
     """A job's files as they lie in the bucket, read behind Easel's back: name -> bytes."""
-    folder = core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/") + f"/animations/{job_id}/"
+    folder = core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/") + f"/jobs/{job_id}/"
     return {key.removeprefix(folder): s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
             for key in s3.keys(BUCKET) if key.startswith(folder)}
 
@@ -201,7 +209,7 @@ async def test_an_animation_with_frames_in_the_bucket_resumes_after_them(
         prefix = s3_core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/")
         green = png_bytes(64, 64, COLOURS["green"])
         for index in range(3):
-            s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/animations/{job_id}/frame-{index:04d}.png",
+            s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}/jobs/{job_id}/frame-{index:04d}.png",
                                    Body=green)
         async with running_worker(s3_core, shapes):
             job = await wait_done(client, job_id)
@@ -213,3 +221,64 @@ async def test_an_animation_with_frames_in_the_bucket_resumes_after_them(
     assert len(clip) == 6
     assert all(share(frame, "green") > 0.9 for frame in clip[:3])  # the kept frames open the clip
     assert share(clip[3], "green") > 0.5  # the first new frame redraws the last kept one, not the prompt anew
+
+
+# -- /teach across hosts: checkpoints and trained LoRAs go through the bucket ------------------------------
+
+
+@dataclass
+class Host:
+    """One GPU host of a fleet: its own data folder (lora_dir, model cache), the fleet's database and bucket."""
+
+    queue: JobQueue
+    store: ImageStore
+    settings: Settings
+
+
+def host(core: Core, data_dir: Path) -> Host:
+    """A host whose trainings run in slices of 5 steps with no samples."""
+    storage = core.settings.storage.model_copy(update={"data_dir": data_dir})
+    teach = core.settings.teach.model_copy(update={"slice_steps": 5, "samples": 0})
+    return Host(core.queue, core.store, core.settings.model_copy(update={"storage": storage, "teach": teach}))
+
+
+async def run_one_claim(worker: Worker, *, train: bool) -> None:
+    """What a worker's loop does for one claim, on its own: the slice or batch it claims, run."""
+    batch = await worker.queue.claim_batch(worker.worker_id, 4, train=train)
+    assert batch, "nothing to claim"
+    await worker._run_batch(batch)
+
+
+async def test_a_training_goes_on_on_another_host_and_its_word_draws_on_a_third(
+        s3_core: Core, s3: S3Server, tmp_path: Path) -> None:
+    """Host A runs the first slice of a /teach, host B the second from A's checkpoint in the bucket and
+    saves the LoRA there; host C, which never saw the training, draws with the word exactly what B's
+    closing comparison drew with it."""
+    a, b, c = (build_worker(host(s3_core, tmp_path / name)) for name in ("host-a", "host-b", "host-c"))
+    training = (await s3_core.teach.submit(alice(), TeachCommand(WORD, steps=10), teaching_pictures(4))).job
+
+    await run_one_claim(a, train=True)
+    assert "checkpoint.pt" in job_files(s3, s3_core, training.id)  # in the bucket...
+    assert not list((tmp_path / "host-a").rglob("*.pt"))  # ...not on host A's disk
+    await run_one_claim(b, train=True)  # from step 5: the last slice, so the training ends here
+    trained = await s3_core.service.get_job(training.id)
+    assert trained.status is JobStatus.SUCCEEDED, trained.error
+    prefix = s3_core.settings.storage.images_url.removeprefix(f"s3://{BUCKET}/")
+    in_bucket = s3.client().get_object(Bucket=BUCKET, Key=f"{prefix}/loras/trained/u1/{WORD}.safetensors")
+
+    caption = teaching_pictures(4)[0].caption  # the comparison's prompt, with the comparison's seed
+    asked = await s3_core.service.submit(alice(), s3_core.parser.parse(f"/imagine {caption} --seed {COMPARISON_SEED}"))
+    await run_one_claim(c, train=False)
+    drawn = await s3_core.service.get_job(asked.job.id)
+
+    assert drawn.status is JobStatus.SUCCEEDED, drawn.error
+    assert (tmp_path / "host-c" / "loras" / "trained" / "u1" / f"{WORD}.safetensors").read_bytes() == \
+        in_bucket["Body"].read()
+    without, with_word = (pixels(s3_core.store, image) for image in trained.images)
+    assert np.array_equal(pixels(s3_core.store, drawn.images[0]), with_word) and not np.array_equal(with_word, without)
+    assert not job_files(s3, s3_core, training.id).get("checkpoint.pt")  # a finished training keeps none
+
+
+def pixels(store: ImageStore, image: ImageView) -> np.ndarray:
+    with store.open_image(image.sha256) as opened:
+        return np.asarray(opened.convert("RGB"))

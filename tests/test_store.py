@@ -164,7 +164,7 @@ def test_a_jobs_files_are_listed_by_name_and_a_rewrite_replaces_one_whole(store:
     store.put_job_file("job1", "frame-0000.png", b"first, again")  # a worker taken back and rerun
     assert store.job_file_names("job1") == ["frame-0000.png", "frame-0001.png"]
     assert store.read_job_file("job1", "frame-0000.png") == b"first, again"
-    folder = tmp_path / "images" / "animations" / "job1"
+    folder = tmp_path / "images" / "jobs" / "job1"
     assert sorted(path.name for path in folder.iterdir()) == ["frame-0000.png", "frame-0001.png"]  # no temporaries
     assert store.job_file_names("job2") == []  # one job's files are its own
     with pytest.raises(NotFound, match=r"file clip\.mp4 of job job1 is not in the store"):

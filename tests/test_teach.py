@@ -31,7 +31,7 @@ from adapters.console import ConsoleChat
 from bot.bootstrap import Core, open_core
 from bot.config import Settings, load_settings
 from bot.domain import JobStatus, Requester, TeachCommand, TrainingPicture
-from bot.errors import InvalidCommand, InvalidImage, QuotaExceeded, Refused
+from bot.errors import InvalidCommand, InvalidImage, NotFound, QuotaExceeded, Refused
 from bot.events import EventKind
 from bot.grammar import CommandParser
 from bot.views import JobView
@@ -246,10 +246,10 @@ def test_a_training_killed_mid_way_finishes_with_the_same_lora(tmp_path: Path, m
 
     env = easel_env(tmp_path / "killed", models_dir)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = tmp_path / "killed" / "trainings"
+    job_files = tmp_path / "killed" / "images" / "jobs"  # the folder store's files of each job
 
     async def first_slice_done() -> None:
-        while not (checkpoint.is_dir() and any(checkpoint.glob("*.pt"))):
+        while not (job_files.is_dir() and any(job_files.glob("*/checkpoint.pt"))):
             assert process.poll() is None, process.communicate()
             await asyncio.sleep(0.01)
 
@@ -402,7 +402,8 @@ async def test_a_moderator_lists_and_deletes_a_trained_word(shapes_core: Core) -
     [job] = await shapes_core.queue.claim_batch("w:1", 1, train=True)
     path = shapes_core.settings.storage.loras / "trained" / "u1" / "zorb.safetensors"
     path.parent.mkdir(parents=True)
-    path.write_bytes(b"a LoRA")  # what the worker writes before it completes the job
+    path.write_bytes(b"a LoRA")  # what the worker writes before it completes the job, here and in the store
+    shapes_core.store.put_lora("trained/u1/zorb", b"a LoRA")
     assert await shapes_core.queue.complete(job.id, [], worker_id="w:1")
     moderation, parser = shapes_core.moderation, shapes_core.parser
     with pytest.raises(Refused, match="/mod is for moderators"):
@@ -411,6 +412,8 @@ async def test_a_moderator_lists_and_deletes_a_trained_word(shapes_core: Core) -
     assert "zorb  by console:alice, trigger 'zorb', rank 4, 3 pictures: succeeded" in listing
     answer = await moderation.handle(moderator(), parser.parse("/mod trained delete zorb console:alice"))
     assert answer == "Deleted the trained word 'zorb'." and not path.exists()
+    with pytest.raises(NotFound):
+        shapes_core.store.read_lora("trained/u1/zorb")
     assert await moderation.handle(moderator(), parser.parse("/mod trained")) == "Nobody has trained a word yet."
     await shapes_core.teach.submit(alice(), TeachCommand("zorb"), teaching_pictures(3))  # the name is free again
     assert result.job.id != (await shapes_core.service.list_jobs())[0].id
@@ -421,8 +424,7 @@ async def test_a_training_cancelled_between_slices_leaves_no_checkpoint(shapes_c
     going_on = (await shapes_core.teach.submit(bob(), TeachCommand("zorb"), teaching_pictures(3))).job
     worker = build_worker(shapes_core)
     for job in (cancelled, going_on):  # as a slice leaves them
-        worker.trainer.checkpoints.mkdir(parents=True, exist_ok=True)
-        worker.trainer.checkpoint_path(job.id).write_bytes(b"state")
+        shapes_core.store.put_job_file(job.id, "checkpoint.pt", b"state")
     await shapes_core.service.cancel(alice(), cancelled.id)
     await worker._upkeep(prune=True)
-    assert worker.trainer.checkpointed_jobs() == [going_on.id]
+    assert not worker.trainer.has_checkpoint(cancelled.id) and worker.trainer.has_checkpoint(going_on.id)
