@@ -119,7 +119,7 @@ def test_a_killed_animation_resumes_at_its_last_frame_and_ends_with_all_frames(t
     clip = "a slow clip --frames 16 --size 128x128 --steps 20 --seed 2"
     process = subprocess.Popen([sys.executable, "-m", "adapters.cli", "animate", clip, "-o", str(tmp_path / "out")],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    folder = tmp_path / "data" / "images" / "animations"  # the folder store's job files
+    folder = tmp_path / "data" / "images" / "jobs"  # the folder store's job files
     deadline = time.monotonic() + 240
     kept: list[Path] = []
     while len(kept) < 3 and time.monotonic() < deadline and process.poll() is None:

@@ -58,7 +58,7 @@ async def test_easel_workers_lists_a_worker_process_and_sigterm_drains_its_batch
         listing = easel(env, "workers").stdout
         assert "1 worker(s):" in listing and worker_id in listing and " idle " in listing and "cpu" in listing
 
-        slow = await core.service.submit(user("ann"), core.parser.parse("/imagine a slow one --size 192x192 "
+        slow = await core.service.submit(user("ann"), core.parser.parse("/imagine a slow one --size 256x256 "
                                                                         "--steps 40 --seed 9"))
         waiting = [await core.service.submit(user(name), core.parser.parse("/imagine a quick one --steps 2"))
                    for name in ("bob", "cyd")]
