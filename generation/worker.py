@@ -429,8 +429,18 @@ class Worker:
     def _save(self, job: JobView, images: list[Image.Image]) -> list[tuple[int, StoredImage]]:
         """Store a job's images (PNG encode, write, fsync), on a thread of its own."""
         hashes = self.networks.a1111_hashes(job.params)  # its LoRAs' and embeddings', as AUTOMATIC1111 writes
-        return [(seed, self.store.save_generated(image, job.params, seed, hashes))
+        fields = [*hashes, *self._upscale_fields(job)]
+        return [(seed, self.store.save_generated(image, job.params, seed, fields))
                 for seed, image in zip(job.params.image_seeds(), images, strict=True)]
+
+    def _upscale_fields(self, job: JobView) -> list[tuple[str, str]]:
+        """An upscale's `Hires upscale` (how many times larger) and `Hires upscaler`, as AUTOMATIC1111 writes
+        them for its hires fix; nothing for other kinds."""
+        if job.params.kind is not JobKind.UPSCALE or job.init_image_sha is None:
+            return []
+        with self.store.open_image(job.init_image_sha) as picture:
+            factor = job.params.width / picture.width
+        return [("Hires upscale", f"{factor:.3g}"), ("Hires upscaler", self.settings.upscale.model or "Lanczos")]
 
     async def _fail(self, job: JobView, error: BaseException) -> None:
         if isinstance(error, TimeLimitExceeded):
@@ -738,7 +748,8 @@ def build_worker(core: CoreParts, generator: Generator | None = None, *, train: 
         catalog = ModelCatalog.from_settings(core.settings)  # the configured models and the checkpoints folder
         generator = DiffusersGenerator(catalog, device=gen.device, dtype=gen.dtype,
                                        cache_dir=core.settings.storage.model_cache, options=gen,
-                                       networks=ExtraNetworks.from_settings(core.settings))
+                                       networks=ExtraNetworks.from_settings(core.settings),
+                                       upscale=core.settings.upscale)
     trainer = None
     if train:
         from bot.catalog import ModelCatalog
