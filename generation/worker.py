@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from bot.animation import CLIP_NAME, frame_name
+from bot.animation import CLIP_NAME, GIF_NAME, frame_name
 from bot.config import QueueConfig, Settings
 from bot.domain import GenerationParams, JobKind
 from bot.errors import EaselError, GenerationFailed
@@ -46,7 +46,7 @@ from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage
 from bot.views import JobView, TrainingView
 from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
-from generation.animation import animate, mp4_bytes
+from generation.animation import animate, gif_bytes, mp4_bytes
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 from generation.teach import LoraTrainer, SliceResult, TrainingSpec
@@ -381,8 +381,8 @@ class Worker:
     def _animate(self, batch: Sequence[JobView], tasks: list[GenerationTask],
                  on_step: StepCallback) -> list[list[Image.Image]]:
         """Every frame of each animation, resumed from the frames a stopped worker (on any host) left in
-        the store, each kept there as it is made; then each clip's MP4 (on the torch thread: it is the one
-        that holds the frames)."""
+        the store, each kept there as it is made; then each clip's MP4 and GIF (on the torch thread: it is the
+        one that holds the frames)."""
         done = [_finished_frames(self.store, job.id, task.params.motion.frames)
                 for job, task in zip(batch, tasks, strict=True)]
 
@@ -392,6 +392,9 @@ class Worker:
         clips = animate(self.generator.generate, tasks, done, keep, on_step)
         for job, frames in zip(batch, clips, strict=True):
             self.store.put_job_file(job.id, CLIP_NAME, mp4_bytes(frames, job.params.motion.fps))
+            gif = gif_bytes(frames, job.params.motion.fps)
+            if gif is not None:
+                self.store.put_job_file(job.id, GIF_NAME, gif)
         return clips
 
     def _task_for(self, job: JobView) -> GenerationTask:
