@@ -16,9 +16,9 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from bot.animation import CLIP_NAME, frames_done
+from bot.animation import CLIP_NAME, GIF_NAME, frames_done
 from bot.bootstrap import Core
-from bot.delivery import Delivery
+from bot.delivery import Delivery, offers_gif
 from bot.domain import (
     AppealCommand,
     CancelCommand,
@@ -256,9 +256,11 @@ class ConsoleChat:
             self.say(f"  image {image.index + 1}/{job.params.n}  seed {image.seed}  {path}{flagged}")
             if job.params.kind is JobKind.ANIMATE and job.params.motion is not None:
                 # The clip is shown where its poster (last frame) may be: it holds the check of every frame.
-                video = self._deliver_clip(job, f"{job.id}-seed{image.seed}.mp4")
+                video = self._deliver_clip(job, CLIP_NAME, f"{job.id}-seed{image.seed}.mp4")
                 self.say(f"  video  {video}  ({job.params.motion.frames} frames at {job.params.motion.fps} fps; "
                          f"each frame in {self.core.store.job_file_location(job.id)}){flagged}")
+                if offers_gif("console") and GIF_NAME in self.core.store.job_file_names(job.id):
+                    self.say(f"  gif    {self._deliver_clip(job, GIF_NAME, f'{job.id}-seed{image.seed}.gif')}{flagged}")
         for notice in delivery.withheld:
             self.say("  " + notice.message)
 
@@ -271,13 +273,14 @@ class ConsoleChat:
         target.write_bytes(self.core.store.read_bytes(sha256))  # from a folder or a bucket alike
         return str(target)
 
-    def _deliver_clip(self, job: JobView, name: str) -> str:
-        """Where the user finds an animation's clip: its copy in output_dir, or where the store keeps it."""
+    def _deliver_clip(self, job: JobView, stored: str, name: str) -> str:
+        """Where the user finds an animation's clip (the job's file `stored`, its MP4 or GIF): its copy
+        `name` in output_dir, or where the store keeps it."""
         if self.output_dir is None:
-            return self.core.store.job_file_location(job.id, CLIP_NAME)
+            return self.core.store.job_file_location(job.id, stored)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         target = self.output_dir / name
-        target.write_bytes(self.core.store.read_job_file(job.id, CLIP_NAME))  # from a folder or a bucket alike
+        target.write_bytes(self.core.store.read_job_file(job.id, stored))  # from a folder or a bucket alike
         return str(target)
 
 

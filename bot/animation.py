@@ -78,6 +78,12 @@ def frames_done(params: GenerationParams, step: int) -> int:
 
 
 CLIP_NAME = "clip.mp4"  # the job's clip, an H.264 MP4, a file of the job in the store beside its frames
+# The same clip as a looping GIF, where that previews better than the MP4 (bot/delivery.py's offers_gif).
+# Bounded: frames shrunk to GIF_MAX_SIDE pixels at most, then halved until the file fits GIF_MAX_BYTES
+# (a clip that does not fit even at 64 pixels has no GIF).
+GIF_NAME = "clip.gif"
+GIF_MAX_SIDE = 512
+GIF_MAX_BYTES = 8 * 2**20
 
 
 def frame_name(index: int) -> str:

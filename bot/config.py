@@ -275,6 +275,47 @@ class GenerationConfig(Section):
     preview_every_steps: int = Field(5, ge=1)
 
 
+# The upscale models Easel ships (generation/upscale.py), by the name after `builtin:`, with their scale.
+BUILTIN_UPSCALERS: dict[str, int] = {"upscale-x2": 2}
+
+
+class UpscaleConfig(Section):
+    """The Upscale button (U1..., POST /v1/jobs/{id}/upscale): the picture at twice its size."""
+
+    # Empty: an img2img pass at twice the size (the picture enlarged by Lanczos first). Else an upscale
+    # model does the enlarging: "builtin:upscale-x2", or a Real-ESRGAN compact (SRVGGNetCompact)
+    # .safetensors file such as realesr-general-x4v3; then the img2img pass below, if any.
+    model: str = ""
+    denoise: float = Field(0.2, ge=0, le=1)  # strength of the img2img pass after the model; 0 = none
+    # Both passes run in tiles of this many output pixels a side, overlapping by tile_overlap and
+    # blended there, so a 2048x2048 result needs the memory of one tile. Multiples of 8.
+    tile: int = Field(512, ge=64, le=2048)
+    tile_overlap: int = Field(32, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _usable(self) -> UpscaleConfig:
+        if self.tile % 8 or self.tile_overlap % 8:
+            raise ValueError(f"tile = {self.tile} and tile_overlap = {self.tile_overlap} must be multiples of 8")
+        if self.tile_overlap * 2 >= self.tile:
+            raise ValueError(f"tile_overlap = {self.tile_overlap} must be less than half of tile = {self.tile}")
+        if not self.model:
+            return self
+        if self.model.startswith("builtin:"):
+            if self.model.removeprefix("builtin:") not in BUILTIN_UPSCALERS:
+                raise ValueError(f"model = {self.model!r} is not a built-in upscale model; use "
+                                 f"{', '.join('builtin:' + name for name in BUILTIN_UPSCALERS)} or a .safetensors file")
+            return self
+        from bot.catalog import PICKLE_SUFFIXES, pickle_refusal
+
+        if self.model.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(pickle_refusal(self.model))
+        if not self.model.lower().endswith(".safetensors"):
+            raise ValueError(f"model = {self.model!r} is neither builtin:upscale-x2 nor a .safetensors file")
+        if not Path(self.model).expanduser().is_file():
+            raise ValueError(f"model file {self.model} does not exist; fix the path or use builtin:upscale-x2")
+        return self
+
+
 class DiscordConfig(Section):
     """The Discord adapter (adapters/discord.py) runs when a token is set."""
 
@@ -553,6 +594,7 @@ class Settings(BaseSettings):
     queue: QueueConfig = QueueConfig()
     teach: TeachConfig = TeachConfig()
     generation: GenerationConfig = GenerationConfig()
+    upscale: UpscaleConfig = UpscaleConfig()
     models: dict[str, ModelConfig] = Field(default_factory=_builtin_models)
     discord: DiscordConfig = DiscordConfig()
     telegram: TelegramConfig = TelegramConfig()

@@ -39,6 +39,19 @@ log = logging.getLogger("easel.delivery")
 
 SHUTDOWN_GRACE_S = 10.0  # how long deliveries in flight may finish when an adapter stops
 
+# Where an /animate clip also goes out as a GIF (bot/animation.py's GIF_NAME), because a GIF previews better
+# there than the MP4: the console and `easel animate -o` (a file opened in an image viewer, or dropped into a
+# document or another chat, loops as a GIF where an MP4 needs a video player) and the HTTP API (its job's
+# `gif` link, for clients that show Markdown images and play no video, as Open WebUI and LibreChat do).
+# Discord, Telegram (sendAnimation) and the web chat (<video>) play the MP4 inline, at a fraction of the
+# GIF's bytes: the MP4 alone there. Either goes only where the clip's poster may (the Delivery's images).
+GIF_SURFACES = frozenset({"console", "http"})
+
+
+def offers_gif(surface: str) -> bool:
+    """Whether an /animate clip is offered as a GIF, beside its MP4, on `surface` (see GIF_SURFACES)."""
+    return surface in GIF_SURFACES
+
 
 @dataclass(frozen=True)
 class ShownImage:

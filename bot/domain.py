@@ -21,12 +21,13 @@ class JobKind(StrEnum):
     INPAINT = "inpaint"  # repaint the white pixels of a mask
     OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
     ANIMATE = "animate"  # frames, each the last one moved by a camera and redrawn (generation/animation.py)
+    UPSCALE = "upscale"  # a picture enlarged by the [upscale] model, then a light img2img pass (generation/upscale.py)
     TEACH = "teach"  # train a LoRA from the owner's pictures, one slice of steps per claim (bot/teach.py)
 
     @property
     def takes_image(self) -> bool:
         """Whether the job starts from a picture (and so has a --strength). /animate may start from one."""
-        return self in (JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT)
+        return self in (JobKind.EDIT, JobKind.INPAINT, JobKind.OUTPAINT, JobKind.UPSCALE)
 
     @property
     def takes_mask(self) -> bool:

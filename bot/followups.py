@@ -25,8 +25,8 @@ from bot.views import ImageView, JobView
 
 # How much of the chosen image a variation repaints: enough to differ, little enough to stay close.
 VARIATION_STRENGTH = 0.6
-# Upscale: each side grows this much (within [limits]); a light img2img pass adds detail at the
-# new size without changing the picture.
+# Upscale: each side grows this much (within [limits]). Without an [upscale] model, a light img2img
+# pass at UPSCALE_STRENGTH adds detail at the new size without changing the picture.
 UPSCALE_FACTOR = 2
 UPSCALE_STRENGTH = 0.35
 # Zoom out and pan: /outpaint of one image, as the buttons under a single-image result name them. A zoom
@@ -74,8 +74,15 @@ async def upscale(service: JobService, requester: Requester, job_id: str, index:
                              f"the largest size allowed here (limits.max_side {limits.max_side}, "
                              f"limits.max_pixels {limits.max_pixels})")
     # The image's own seed keeps the added detail consistent with the picture it came from.
-    params = _edit_of(job.params, image, strength=_within_limits(service, UPSCALE_STRENGTH), n=1,
-                      seed=image.seed)
+    upscaler = service.settings.upscale
+    if upscaler.model:
+        # The upscale model enlarges the picture as stored (the worker sees its size), then an img2img
+        # pass at `denoise`, if any (generation/upscale.py).
+        strength = _within_limits(service, upscaler.denoise) if upscaler.denoise else None
+        params = _edit_of(job.params, image, strength=strength, n=1, seed=image.seed, kind=JobKind.UPSCALE)
+    else:
+        params = _edit_of(job.params, image, strength=_within_limits(service, UPSCALE_STRENGTH), n=1,
+                          seed=image.seed)
     params = replace(params, width=width, height=height)
     return await service.submit(requester, GenerateCommand(params),
                                 InputImages(image=service.store.read_bytes(image.sha256)),
@@ -140,10 +147,10 @@ def _result_image(job: JobView, index: int) -> ImageView:
     return image
 
 
-def _edit_of(params: GenerationParams, image: ImageView, *, strength: float, n: int,
+def _edit_of(params: GenerationParams, image: ImageView, *, strength: float | None, n: int,
              seed: int | None, kind: JobKind = JobKind.EDIT) -> GenerationParams:
     # img2img runs steps × strength denoising steps; a short /imagine must still give at least one.
-    steps = max(params.steps, math.ceil(1 / strength))
+    steps = max(params.steps, math.ceil(1 / strength)) if strength else params.steps
     return replace(params, kind=kind, width=image.width, height=image.height, n=n, seed=seed,
                    strength=strength, steps=steps)
 

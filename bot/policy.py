@@ -45,12 +45,15 @@ PERMANENT = datetime(9999, 1, 1, tzinfo=UTC)  # a ban "forever"
 def steps_run(params: GenerationParams) -> int:
     """Denoising steps the model actually runs: /edit and /inpaint skip the first (1 - strength); an
     animation runs its first frame's (counted also when the first frame is an attached picture), then a
-    frame's img2img each; a training step counts TRAINING_STEP_FACTOR."""
+    frame's img2img each; a training step counts TRAINING_STEP_FACTOR; an upscale without an img2img pass
+    counts one."""
     if params.kind is JobKind.TEACH:
         return params.steps * TRAINING_STEP_FACTOR
     redraw = params.steps if params.strength is None else max(1, min(params.steps, int(params.steps * params.strength)))
     if params.kind is JobKind.ANIMATE and params.motion is not None:
         return params.steps + (params.motion.frames - 1) * redraw
+    if params.kind is JobKind.UPSCALE and params.strength is None:
+        return 1  # the upscale model alone: one pass over the picture, less work than one denoising step
     if params.kind is JobKind.IMAGINE or params.strength is None:
         return params.steps
     return redraw

@@ -271,7 +271,7 @@ class JobService:
             raise InvalidImage(f"/{params.kind.value} needs an image: attach one")
         if params.kind is JobKind.INPAINT and inputs.mask is None:
             raise InvalidImage("/inpaint needs a mask too: white pixels are repainted, black ones kept")
-        if params.kind in (JobKind.EDIT, JobKind.ANIMATE) and inputs.mask is not None:
+        if params.kind in (JobKind.EDIT, JobKind.ANIMATE, JobKind.UPSCALE) and inputs.mask is not None:
             raise InvalidCommand(f"/{params.kind.value} takes one image; use /inpaint to repaint only part of it")
         if params.kind is JobKind.OUTPAINT and (command.outpaint is None) == (inputs.mask is None):
             # A new /outpaint makes its own mask; a re-roll brings the canvas and mask its job stored.
@@ -288,7 +288,10 @@ class JobService:
         elif command.size_from_input:
             width, height = fit_size(image.width, image.height, params.width * params.height, limits)
             params = replace(params, width=width, height=height)
-        image, mask = prepare_inputs(image, mask, params.width, params.height)
+        if params.kind is JobKind.UPSCALE:  # the upscale model enlarges the picture as it is
+            image, mask = prepare_inputs(image, mask, image.width, image.height)
+        else:
+            image, mask = prepare_inputs(image, mask, params.width, params.height)
         if not save:
             return params, None, None
         image_sha = self.store.save_input(to_png_bytes(image)).sha256

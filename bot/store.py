@@ -73,7 +73,8 @@ def a1111_parameters(params: GenerationParams, seed: int, hashes: Sequence[tuple
     """The generation parameters as AUTOMATIC1111 writes them, for the image made with `seed`.
 
     LoRAs go back into the prompt as `<lora:NAME:WEIGHT>` tags, as AUTOMATIC1111 keeps them there;
-    `hashes` are its `Lora hashes` and `TI hashes` fields (bot.extra_networks.ExtraNetworks.a1111_hashes).
+    `hashes` are further fields: its `Lora hashes` and `TI hashes` (bot.extra_networks.ExtraNetworks.a1111_hashes),
+    and an upscale's `Hires upscale` and `Hires upscaler` (generation/worker.py).
 
     >>> a1111_parameters(GenerationParams(JobKind.IMAGINE, "a cat", seed=42), seed=42)
     'a cat\\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 42, Size: 512x512, Model: tiny'

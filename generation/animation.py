@@ -22,7 +22,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from bot.animation import camera_move, keyframes, prompt_at
+from bot.animation import GIF_MAX_BYTES, GIF_MAX_SIDE, camera_move, keyframes, prompt_at
 from bot.domain import GenerationParams, JobKind
 from bot.policy import steps_run
 from generation.pipelines import GenerationTask
@@ -84,6 +84,26 @@ def mp4_bytes(frames: Sequence[Image.Image], fps: int) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+def gif_bytes(frames: Sequence[Image.Image], fps: int) -> bytes | None:
+    """The frames as a GIF that loops forever, written by Pillow (each frame its own 256-colour palette),
+    at most GIF_MAX_SIDE pixels a side and GIF_MAX_BYTES long, halving the frames until it fits; None when
+    it does not fit even at 64 pixels a side."""
+    width, height = frames[0].size
+    scale = min(1.0, GIF_MAX_SIDE / max(width, height))
+    while max(width, height) * scale >= 64:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        shown = [frame.convert("RGB").resize(size, Image.Resampling.LANCZOS) if size != frame.size
+                 else frame.convert("RGB") for frame in frames]
+        buffer = io.BytesIO()
+        # GIF counts hundredths of a second, and Pillow cuts milliseconds down to them: round here instead.
+        shown[0].save(buffer, format="GIF", save_all=True, append_images=shown[1:], duration=10 * round(100 / fps),
+                      loop=0, optimize=False)
+        if buffer.tell() <= GIF_MAX_BYTES:
+            return buffer.getvalue()
+        scale /= 2
+    return None
 
 
 def _frame_task(task: GenerationTask, kind: JobKind, index: int, frames: list[Image.Image]) -> GenerationTask:

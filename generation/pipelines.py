@@ -21,10 +21,11 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
@@ -49,7 +50,7 @@ from bot.catalog import (
     looks_like_local_path,
     pickle_refusal,
 )
-from bot.config import GenerationConfig, ModelConfig
+from bot.config import GenerationConfig, ModelConfig, UpscaleConfig
 from bot.domain import SAMPLERS, GenerationParams, JobKind
 from bot.errors import ConfigError, GenerationFailed, first_line
 from bot.extra_networks import ExtraNetworks
@@ -59,6 +60,7 @@ from generation.builtin import ensure_builtin
 from generation.extra_networks import ModelNetworks
 from generation.prompt_embeds import PromptEncoder
 from generation.samplers import make_scheduler
+from generation.upscale import Upscaler, load_upscaler, run_tiled, tile_starts, upscale_image
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +208,10 @@ class DiffusersGenerator:
         cache_dir: Path = DEFAULT_CACHE_DIR,
         options: GenerationConfig | None = None,
         networks: ExtraNetworks | None = None,
+        upscale: UpscaleConfig | None = None,
     ) -> None:
-        """`networks`: the installed LoRAs and embeddings (none when left out)."""
+        """`networks`: the installed LoRAs and embeddings (none when left out); `upscale`: the Upscale
+        button's model and tiles (no model when left out)."""
         self.catalog = models if isinstance(models, ModelCatalog) else ModelCatalog(models)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.cache_dir = Path(cache_dir)
@@ -218,6 +222,10 @@ class DiffusersGenerator:
         self._weights_bytes: OrderedDict[str, int] = OrderedDict()  # loaded models, least recent first
         self.networks = networks or ExtraNetworks(None, None)
         self._loaded_networks: dict[str, ModelNetworks] = {}  # each loaded model's LoRAs and embeddings
+        self.upscale = upscale or UpscaleConfig()
+        # Loaded now (it is small): a file that is not an upscale model stops the worker at start, not a job.
+        self._upscaler: Upscaler | None = load_upscaler(self.upscale.model, self.device) if self.upscale.model \
+            else None
         self._lock = threading.Lock()
 
     def warm(self, model_name: str) -> None:
@@ -249,6 +257,8 @@ class DiffusersGenerator:
 
         with self._lock:
             # 2. Pipeline for this model and kind (loaded on first use), with its LoRAs and embeddings
+            if params.kind is JobKind.UPSCALE:
+                return [self._upscale(task, on_step) for task in tasks]
             pipe = self._pipeline(params.model, params.kind)
             self._prepare_networks(params)
 
@@ -268,6 +278,52 @@ class DiffusersGenerator:
             for task in tasks:
                 results.extend(self._run_alone(pipe, task, on_step))
             return results
+
+    def _upscale(self, task: GenerationTask, on_step: StepCallback | None) -> list[PIL.Image.Image]:
+        """An upscale job: its picture enlarged by the [upscale] model (Lanczos when none is set), then an
+        img2img pass at its strength, if any, in tiles of [upscale] tile pixels blended across their overlap."""
+        params, config = task.params, self.upscale
+        assert task.init_image is not None  # _check_tasks
+        size = (params.width, params.height)
+        if self._upscaler is not None:
+            enlarged = upscale_image(self._upscaler, task.init_image, size, tile=config.tile,
+                                     overlap=config.tile_overlap)
+        else:
+            enlarged = task.init_image.convert("RGB").resize(size, PIL.Image.Resampling.LANCZOS)
+        if params.strength is None:
+            if on_step is not None:
+                on_step(1, 1)
+            return [enlarged]
+        return [self._img2img_in_tiles(task, enlarged, on_step)]
+
+    def _img2img_in_tiles(self, task: GenerationTask, picture: PIL.Image.Image,
+                          on_step: StepCallback | None) -> PIL.Image.Image:
+        """The img2img pass after an upscale: each tile a diffusers call of its own with the job's prompt and
+        seed, so the memory needed is one tile's whatever the picture's size."""
+        config = self.upscale
+        width, height = picture.size
+        tile_size = (min(config.tile, width), min(config.tile, height))
+        tile_params = replace(task.params, kind=JobKind.EDIT, width=tile_size[0], height=tile_size[1], n=1)
+        pipe = self._pipeline(tile_params.model, JobKind.EDIT)
+        self._prepare_networks(tile_params)
+        tiles = len(tile_starts(width, config.tile, config.tile_overlap)) * len(
+            tile_starts(height, config.tile, config.tile_overlap))
+        done = 0
+
+        def repaint(part: np.ndarray) -> np.ndarray:
+            nonlocal done
+            crop = PIL.Image.fromarray((part * 255).round().astype(np.uint8), "RGB")
+            progress = None
+            if on_step is not None:
+                first = done
+                progress = lambda step, total, *_previews: on_step(first * total + step, tiles * total)  # noqa: E731
+            [[image]] = self._run(pipe, [GenerationTask(tile_params, init_image=crop)], progress)
+            done += 1
+            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+
+        pixels = np.asarray(picture, dtype=np.float32) / 255
+        blended = run_tiled(pixels, 1, config.tile, config.tile_overlap, repaint)
+        return PIL.Image.fromarray((blended.clip(0, 1) * 255).round().astype(np.uint8), "RGB")
 
     def _run_alone(
         self, pipe: DiffusionPipeline, task: GenerationTask, on_step: StepCallback | None
@@ -477,7 +533,7 @@ def _check_task(task: GenerationTask) -> None:
         raise ValueError(f"a {params.kind} task needs `init_image`")
     if not wants_image and task.init_image is not None:
         raise ValueError(f"`init_image` is only for edit, inpaint and outpaint tasks, not {params.kind}")
-    if task.init_image is not None and task.init_image.size != size:
+    if task.init_image is not None and task.init_image.size != size and params.kind is not JobKind.UPSCALE:
         raise ValueError(f"`init_image` must be {size[0]}x{size[1]} like the params, but is "
                          f"{task.init_image.size[0]}x{task.init_image.size[1]}")
     wants_mask = params.kind.takes_mask

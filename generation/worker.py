@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from bot.animation import CLIP_NAME, frame_name
+from bot.animation import CLIP_NAME, GIF_NAME, frame_name
 from bot.config import QueueConfig, Settings
 from bot.domain import GenerationParams, JobKind
 from bot.errors import EaselError, GenerationFailed, NotFound
@@ -46,7 +46,7 @@ from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage, write_atomically
 from bot.views import JobView, TrainingView
 from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
-from generation.animation import animate, mp4_bytes
+from generation.animation import animate, gif_bytes, mp4_bytes
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
 from generation.teach import LoraTrainer, SliceResult, TrainingSpec
@@ -402,8 +402,8 @@ class Worker:
     def _animate(self, batch: Sequence[JobView], tasks: list[GenerationTask],
                  on_step: StepCallback) -> list[list[Image.Image]]:
         """Every frame of each animation, resumed from the frames a stopped worker (on any host) left in
-        the store, each kept there as it is made; then each clip's MP4 (on the torch thread: it is the one
-        that holds the frames)."""
+        the store, each kept there as it is made; then each clip's MP4 and GIF (on the torch thread: it is the
+        one that holds the frames)."""
         done = [_finished_frames(self.store, job.id, task.params.motion.frames)
                 for job, task in zip(batch, tasks, strict=True)]
 
@@ -413,6 +413,9 @@ class Worker:
         clips = animate(self.generator.generate, tasks, done, keep, on_step)
         for job, frames in zip(batch, clips, strict=True):
             self.store.put_job_file(job.id, CLIP_NAME, mp4_bytes(frames, job.params.motion.fps))
+            gif = gif_bytes(frames, job.params.motion.fps)
+            if gif is not None:
+                self.store.put_job_file(job.id, GIF_NAME, gif)
         return clips
 
     def _task_for(self, job: JobView) -> GenerationTask:
@@ -450,8 +453,18 @@ class Worker:
     def _save(self, job: JobView, images: list[Image.Image]) -> list[tuple[int, StoredImage]]:
         """Store a job's images (PNG encode, write, fsync), on a thread of its own."""
         hashes = self.networks.a1111_hashes(job.params)  # its LoRAs' and embeddings', as AUTOMATIC1111 writes
-        return [(seed, self.store.save_generated(image, job.params, seed, hashes))
+        fields = [*hashes, *self._upscale_fields(job)]
+        return [(seed, self.store.save_generated(image, job.params, seed, fields))
                 for seed, image in zip(job.params.image_seeds(), images, strict=True)]
+
+    def _upscale_fields(self, job: JobView) -> list[tuple[str, str]]:
+        """An upscale's `Hires upscale` (how many times larger) and `Hires upscaler`, as AUTOMATIC1111 writes
+        them for its hires fix; nothing for other kinds."""
+        if job.params.kind is not JobKind.UPSCALE or job.init_image_sha is None:
+            return []
+        with self.store.open_image(job.init_image_sha) as picture:
+            factor = job.params.width / picture.width
+        return [("Hires upscale", f"{factor:.3g}"), ("Hires upscaler", self.settings.upscale.model or "Lanczos")]
 
     async def _fail(self, job: JobView, error: BaseException) -> None:
         if isinstance(error, TimeLimitExceeded):
@@ -762,7 +775,8 @@ def build_worker(core: CoreParts, generator: Generator | None = None, *, train: 
         catalog = ModelCatalog.from_settings(core.settings)  # the configured models and the checkpoints folder
         generator = DiffusersGenerator(catalog, device=gen.device, dtype=gen.dtype,
                                        cache_dir=core.settings.storage.model_cache, options=gen,
-                                       networks=ExtraNetworks.from_settings(core.settings))
+                                       networks=ExtraNetworks.from_settings(core.settings),
+                                       upscale=core.settings.upscale)
     trainer = None
     if train:
         from bot.catalog import ModelCatalog

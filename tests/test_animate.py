@@ -18,10 +18,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+import PIL.Image
+import PIL.ImageSequence
 import pytest
 
 from adapters.console import ConsoleChat
-from bot.animation import CLIP_NAME, camera_move, frames_done, keyframes, prompt_at
+from bot.animation import CLIP_NAME, GIF_MAX_BYTES, camera_move, frames_done, keyframes, prompt_at
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
 from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
@@ -29,6 +31,7 @@ from bot.errors import InvalidCommand
 from bot.grammar import CommandParser
 from bot.policy import describe_quota
 from bot.views import JobView
+from generation.animation import gif_bytes
 from generation.pipelines import DiffusersGenerator
 from generation.shapes import COLOURS
 from generation.worker import Worker
@@ -90,8 +93,15 @@ async def test_twelve_frames_decode_to_twelve_that_drift_a_little_at_a_time(
                                                 "--zoom 1.04 --pan 1,0 --steps 10 --seed 3", tmp_path / "out")
     assert job is not None and job.status is JobStatus.SUCCEEDED, text
     [video] = (tmp_path / "out").glob("*.mp4")
-    assert f"video  {video}  (12 frames at 6 fps" in text
+    [gif] = (tmp_path / "out").glob("*.gif")
+    assert f"video  {video}  (12 frames at 6 fps" in text and f"gif    {gif}" in text
     frames = decoded(video)
+    with PIL.Image.open(gif) as animation:  # the same clip, as a GIF that loops, for image viewers
+        assert (animation.n_frames, animation.size, animation.info["loop"]) == (12, (64, 64), 0)
+        gif_frames = [np.asarray(frame.convert("RGB"), dtype=np.int16)
+                      for frame in PIL.ImageSequence.Iterator(animation)]
+        assert animation.info["duration"] == 170  # 1/6 s, in GIF's hundredths
+    assert all(np.abs(ours - theirs).mean() < 8 for ours, theirs in zip(gif_frames, frames, strict=True))
     assert len(frames) == 12 and frames[0].shape == (64, 64, 3)
     steps = [float(np.abs(after - before).mean()) for before, after in itertools.pairwise(frames)]
     whole_way = float(np.abs(frames[-1] - frames[0]).mean())
@@ -160,6 +170,14 @@ async def test_a_flagged_frame_withholds_the_whole_clip(core: Core, generator, f
 
 
 # -- the camera, the words, the cost -------------------------------------------------------------------------
+
+
+def test_a_gif_too_large_for_its_bound_is_made_smaller_not_cut_short() -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (36, 512, 512, 3), dtype=np.uint8)  # GIF's worst case
+    gif = gif_bytes([PIL.Image.fromarray(frame) for frame in noise], fps=8)
+    assert gif is not None and len(gif) <= GIF_MAX_BYTES
+    with PIL.Image.open(io.BytesIO(gif)) as animation:
+        assert animation.n_frames == 36 and animation.size == (256, 256)  # halved once: at 512 it was over 8 MiB
 
 
 def test_the_camera_moves_the_frame_and_fills_what_comes_in_from_its_edges() -> None:

@@ -195,12 +195,14 @@ async def test_reframe_zooms_out_or_pans_an_image_of_a_result(server, generator)
 
 
 async def test_an_animation_links_its_clip_beside_its_poster(server, generator) -> None:
+    """As an MP4, and as a GIF for clients that show pictures but play no video."""
     import av
 
     token = await server.new_key()
     async with server.client(token) as client, running_worker(server.core, generator):
         job = await submit_and_wait(client, "/animate a cat --frames 4 --fps 4 --zoom 1.1 --steps 4")
         clip = await client.get(job["video"])
+        gif = await client.get(job["gif"])
         poster = await client.get(job["images"][0]["url"])
     assert job["kind"] == "animate" and job["status"] == "succeeded" and len(job["images"]) == 1
     assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
@@ -208,6 +210,12 @@ async def test_an_animation_links_its_clip_beside_its_poster(server, generator) 
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
     assert poster.status_code == 200  # the last frame, the clip's picture
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    with Image.open(io.BytesIO(gif.content)) as animation:
+        assert (animation.n_frames, animation.size, animation.info["loop"]) == (4, (64, 64), 0)
+        animation.seek(3)  # its last frame is the poster
+        last = np.asarray(animation.convert("RGB"), dtype=int)
+    assert np.abs(last - np.asarray(Image.open(io.BytesIO(poster.content)).convert("RGB"), dtype=int)).mean() < 8
 
 
 async def test_a_dry_run_validates_and_prices_without_queuing(server) -> None:

@@ -185,6 +185,7 @@ async def test_an_animation_keeps_its_frames_and_clip_in_the_bucket_and_the_vide
         job = await wait_done(client, job_id)
         # The link, no key, as a chat or the web page's <video> opens it.
         served = await httpx.AsyncClient(follow_redirects=True).get(job["video"])
+        gif = await httpx.AsyncClient(follow_redirects=True).get(job["gif"])
 
     assert job["status"] == "succeeded", job
     assert served.status_code == 200 and served.headers["content-type"] == "video/mp4"
@@ -194,10 +195,11 @@ async def test_an_animation_keeps_its_frames_and_clip_in_the_bucket_and_the_vide
     assert len(frames) == 6 and frames[0].shape == (64, 64, 3)
     assert share(frames[0], "red") + share(frames[0], "blue") > 0.85  # the prompt, drawn
     stored = job_files(s3, s3_core, job_id)
-    assert sorted(stored) == ["clip.mp4", *(f"frame-{i:04d}.png" for i in range(6))]
+    assert sorted(stored) == ["clip.gif", "clip.mp4", *(f"frame-{i:04d}.png" for i in range(6))]
     assert stored["clip.mp4"] == served.content  # the API host served the worker's clip from the bucket
+    assert gif.headers["content-type"] == "image/gif" and stored["clip.gif"] == gif.content  # and its GIF
     data_dir = s3_core.settings.storage.data_dir
-    assert not [path for path in data_dir.rglob("*") if path.suffix in (".png", ".mp4")]  # nothing on this disk
+    assert not [path for path in data_dir.rglob("*") if path.suffix in (".png", ".mp4", ".gif")]  # nothing on this disk
 
 
 async def test_an_animation_with_frames_in_the_bucket_resumes_after_them(

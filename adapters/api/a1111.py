@@ -57,6 +57,7 @@ from bot.bootstrap import Core
 from bot.domain import GenerateCommand, InputImages, JobKind, JobStatus, Requester
 from bot.errors import InvalidCommand, Unauthorized
 from bot.events import EventKind
+from bot.followups import UPSCALE_FACTOR
 from bot.views import JobView
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -243,8 +244,19 @@ def nothing_to_list(path: str, what: str) -> None:
     router.add_api_route(path, empty, methods=["GET"], responses=ERRORS, name=path.strip("/"))
 
 
-for _path, _what in (("/upscalers", "upscalers (hires fix is not offered)"),
-                     ("/latent-upscale-modes", "latent upscale modes"), ("/sd-vae", "separate VAEs"),
+@router.get("/upscalers", responses=ERRORS)
+async def upscalers(core: CoreDep, requester: Asker) -> list[dict[str, Any]]:
+    """The upscale model of [upscale] model, which the Upscale button (POST /v1/jobs/{id}/upscale) runs;
+    empty when none is set (the button then runs an img2img pass at twice the size)."""
+    model = core.settings.upscale.model
+    if not model:
+        return []
+    path = None if model.startswith("builtin:") else model
+    return [{"name": model, "model_name": "SRVGGNetCompact", "model_path": path, "model_url": None,
+             "scale": UPSCALE_FACTOR}]
+
+
+for _path, _what in (("/latent-upscale-modes", "latent upscale modes"), ("/sd-vae", "separate VAEs"),
                      ("/extensions", "extensions")):
     nothing_to_list(_path, _what)
 

@@ -1,4 +1,5 @@
-"""GET /v1/images/{sha256}: a stored PNG; GET /v1/videos/{sha256}: the /animate clip whose poster that is.
+"""GET /v1/images/{sha256}: a stored PNG; GET /v1/videos/{sha256} and /v1/gifs/{sha256}: the /animate clip
+whose poster that is, as an MP4 and as a GIF.
 The link is the permission, except for a withheld image.
 
 From a folder store the file is sent as is; from an object store the bytes are streamed through, or,
@@ -17,7 +18,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response, Streamin
 
 from adapters.api.deps import CoreDep, Credentials, KeysDep
 from adapters.api.schemas import errors
-from bot.animation import CLIP_NAME
+from bot.animation import CLIP_NAME, GIF_NAME
 from bot.errors import NotFound, Refused
 
 router = APIRouter()
@@ -48,14 +49,30 @@ async def get_image(sha256: str, core: CoreDep, keys: KeysDep, credentials: Cred
 async def get_video(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> Response:
     """The clip of the /animate job whose poster (last frame) has this SHA-256, under the poster's rules:
     the link is the permission, and a withheld clip is served only to a moderator's key."""
+    return await _job_file(core, keys, credentials, sha256, CLIP_NAME, "video/mp4", "video")
+
+
+@router.get("/v1/gifs/{sha256}", tags=["images"], response_class=FileResponse, responses={
+    200: {"description": "the GIF", "content": {"image/gif": {"schema": {"type": "string", "format": "binary"}}}},
+    307: {"description": "with storage.image_links = \"redirect\": the GIF at a presigned object-store URL"},
+    **errors(403, 404, 422)}, openapi_extra={"security": [{}]})
+async def get_gif(sha256: str, core: CoreDep, keys: KeysDep, credentials: Credentials) -> Response:
+    """The clip of the /animate job whose poster has this SHA-256 as a looping GIF, under the poster's rules
+    (as GET /v1/videos/{sha256}); 404 for a clip too large for a GIF."""
+    return await _job_file(core, keys, credentials, sha256, GIF_NAME, "image/gif", "GIF")
+
+
+async def _job_file(core: CoreDep, keys: KeysDep, credentials: Credentials, sha256: str, name: str,
+                    media_type: str, what: str) -> Response:
+    """The file `name` of the job whose result image (an /animate poster) has this SHA-256, under that
+    image's rules."""
     store = core.store
     job = await core.service.job_that_made(sha256)
-    if job is None or not await store.job_file_exists(job.id, CLIP_NAME):
-        raise NotFound(f"No video for image {sha256}")
+    if job is None or not await store.job_file_exists(job.id, name):
+        raise NotFound(f"No {what} for image {sha256}")
     withheld = await _check_allowed(core, keys, credentials, sha256)
-    return _send(core, withheld, "video/mp4", store.job_file_local_path(job.id, CLIP_NAME),
-                 partial(store.job_file_presigned_url, job.id, CLIP_NAME),
-                 partial(store.stream_job_file, job.id, CLIP_NAME))
+    return _send(core, withheld, media_type, store.job_file_local_path(job.id, name),
+                 partial(store.job_file_presigned_url, job.id, name), partial(store.stream_job_file, job.id, name))
 
 
 def _send(core: CoreDep, withheld: bool, media_type: str, path: Path | None,

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from bot.bootstrap import Core
-from bot.delivery import Delivery
+from bot.delivery import Delivery, offers_gif
 from bot.domain import GenerationParams
 from bot.events import EventKind
 from bot.policy import describe_quota
@@ -56,6 +56,8 @@ def job_out(delivery: Delivery, base: str, position: int | None = None) -> dict[
                    "mask": image_url(base, job.mask_image_sha) if job.mask_image_sha else None},
         # An animation's clip goes where its poster may (bot/delivery.py decided that for the poster).
         "video": f"{base}/v1/videos/{delivery.images[0].sha256}" if p.motion is not None and delivery.images else None,
+        "gif": f"{base}/v1/gifs/{delivery.images[0].sha256}"
+        if p.motion is not None and delivery.images and offers_gif("http") else None,
         "error": job.error,
         "created_at": when(job.created_at), "started_at": when(job.started_at),
         "finished_at": when(job.finished_at),

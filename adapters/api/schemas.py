@@ -148,6 +148,8 @@ class JobOut(BaseModel):
     inputs: dict[str, str | None]
     video: str | None = Field(None, description="/animate: the clip, an H.264 MP4, wherever its poster (the "
                               "last frame, in `images`) may be shown")
+    gif: str | None = Field(None, description="/animate: the same clip as a looping GIF (at most 512 pixels a side "
+                            "and 8 MiB), beside `video`; its link answers 404 for a clip too large for one")
     error: str | None
     created_at: str
     started_at: str | None
