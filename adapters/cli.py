@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompt may be left out for an Easel result)", ["image"])
     generation_command("animate", "an MP4 whose frames move and redraw the one before: \"PROMPT --frames 24 "
                        "--zoom 1.05\", or keyframes \"0: a forest | 12: a city\"", [])
+    commands.choices["animate"].add_argument("--image", type=Path,
+                                             help="a picture for the first frame (default: drawn from the prompt)")
     teach = commands.add_parser("teach", help="teach the model a new word from a folder of pictures (a LoRA)",
                                 epilog="example: easel teach mascot pics/ --steps 300 (captions: pics/*.txt)")
     teach.add_argument("name", help="what to call it: <lora:NAME>, and the trigger word unless --trigger")
@@ -200,7 +202,7 @@ async def _generate(core: Core, args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     kind = JobKind(args.command)
     command = core.parser.parse(f"/{kind.value} {args.text}")
-    files = [getattr(args, name) for name in ("image", "mask") if hasattr(args, name)]
+    files = [getattr(args, name) for name in ("image", "mask") if getattr(args, name, None) is not None]
     inputs = InputImages(
         image=read_attachment(str(files[0]), "image") if files else None,
         mask=read_attachment(str(files[1]), "mask") if len(files) > 1 else None,

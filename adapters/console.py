@@ -60,6 +60,8 @@ HELP_FORMS = {
     "inpaint": "/inpaint <image file> <mask file> <prompt> [flags]  repaint the white parts of the mask",
     "outpaint": "/outpaint <image file> [prompt] --zoom X | --left/--right/--up/--down N  paint more around the "
                 "picture",
+    "animate": "/animate [<image file>] <prompt> [--frames N --fps N --zoom X --pan DX,DY --rotate DEG]  an MP4 "
+               "whose frames each move and redraw the last, from the picture in that file if one is named",
     "edit example": "/edit street.png the same street in winter --strength 0.6",
 }
 
@@ -82,10 +84,13 @@ def read_attachment(path: str, what: str) -> bytes:
 
 
 def split_attachments(text: str) -> tuple[str, list[str]]:
-    """'/edit photo.png make it winter' -> ('/edit make it winter', ['photo.png'])."""
+    """'/edit photo.png make it winter' -> ('/edit make it winter', ['photo.png']). /animate's first
+    frame is a file when its first word is one with a picture's suffix, else drawn from the prompt."""
     words = text.strip().split(maxsplit=3)
     command = words[0].lstrip("/").split("@")[0].lower() if words else ""
     count = ATTACHMENTS.get(command, 0)
+    if command == "animate" and len(words) > 1 and words[1].lower().endswith(PICTURE_SUFFIXES):
+        count = 1
     if count == 0 or (len(words) > 1 and words[1].startswith("{")):  # {https://...} links, not files
         return text, []
     if len(words) < count + 1:

@@ -105,7 +105,7 @@ ATTACHMENT_FORMS = {
     "outpaint": "/outpaint [prompt] --zoom X | --left/--right/--up/--down N  paint more around an attached "
                 "picture",
     "animate": "/animate <prompt> [--frames N --fps N --zoom X --pan DX,DY --rotate DEG]  an MP4 whose frames "
-               "each move and redraw the last",
+               "each move and redraw the last (attach a picture to start from it)",
     "edit example": "/edit the same street in winter --strength 0.6   (attach a picture)",
 }
 
@@ -310,7 +310,7 @@ class CommandParser:
         """The /help answer: every command and flag, with the allowed ranges and a few examples.
 
         `forms` replaces the lines of the commands that take pictures, for a platform that takes them
-        otherwise than as attachments (keys "edit", "inpaint", "outpaint" and "edit example", as in
+        otherwise than as attachments (keys "edit", "inpaint", "outpaint", "animate" and "edit example", as in
         ATTACHMENT_FORMS), e.g. the console's file names before the prompt.
         """
         limits = self.limits

@@ -22,7 +22,7 @@ import PIL.Image
 import PIL.ImageSequence
 import pytest
 
-from adapters.console import ConsoleChat
+from adapters.console import ConsoleChat, split_attachments
 from bot.animation import CLIP_NAME, GIF_MAX_BYTES, camera_move, frames_done, keyframes, prompt_at
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
@@ -33,7 +33,7 @@ from bot.policy import describe_quota
 from bot.views import JobView
 from generation.animation import gif_bytes
 from generation.pipelines import DiffusersGenerator
-from generation.shapes import COLOURS
+from generation.shapes import COLOURS, Scene, draw
 from generation.worker import Worker
 from tests.conftest import alice
 
@@ -242,3 +242,26 @@ async def test_an_animation_costs_its_frames(core: Core) -> None:
     assert (await core.service.quota(console, still)).cost == math.ceil(64 * 64 * 20 * 1000 / unit) / 1000
     assert "/animate 64x64, 12 frames, 97 steps in all" in describe_quota(await core.service.quota(console, clip))
     assert clip.params.kind is JobKind.ANIMATE and clip.params.motion == Motion(frames=12, fps=8)
+
+
+def test_easel_animate_with_an_image_starts_the_clip_from_that_picture(tmp_path: Path, models_dir: Path) -> None:
+    start = draw(Scene("yellow", "square", "green", 30, (32, 32)), 64)
+    start.save(tmp_path / "start.png")
+    env = {**os.environ, "EASEL_STORAGE__DATA_DIR": str(tmp_path / "data"),
+           "EASEL_STORAGE__MODELS_DIR": str(models_dir),
+           "EASEL_MODELS": '{"shapes": {"source": "builtin:shapes", "default_width": 64, "default_height": 64}}',
+           "EASEL_GENERATION__DEFAULT_MODEL": "shapes"}
+    made = subprocess.run([sys.executable, "-m", "adapters.cli", "animate", "--image", str(tmp_path / "start.png"),
+                           "a yellow square on a green background --frames 3 --steps 4 --seed 1",
+                           "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    [folder] = (tmp_path / "data" / "images" / "jobs").iterdir()
+    first = np.asarray(PIL.Image.open(folder / "frame-0000.png").convert("RGB"))
+    assert np.array_equal(first, np.asarray(start))  # the picture itself opens the clip
+    assert len(decoded(folder / CLIP_NAME)) == 3 and "video" in made.stdout
+
+
+def test_the_console_takes_a_picture_file_for_animate_when_the_first_word_names_one() -> None:
+    assert split_attachments("/animate start.png a yellow square --frames 3") == \
+        ("/animate a yellow square --frames 3", ["start.png"])
+    assert split_attachments("/animate a yellow square --frames 3") == ("/animate a yellow square --frames 3", [])
