@@ -66,6 +66,13 @@ class RecoveryReport:
 
 
 @dataclass(frozen=True)
+class EndedJob:
+    id: str
+    kind: JobKind
+    status: JobStatus
+
+
+@dataclass(frozen=True)
 class Head:
     """A user's oldest waiting job, as a claim sees it."""
 
@@ -412,11 +419,12 @@ class JobQueue:
             await uow.commit()
         return True
 
-    async def trainings_ended_since(self, since: datetime) -> list[str]:
-        """The trainings (teach jobs) that succeeded, failed or were cancelled at `since` or later."""
+    async def ended_since(self, since: datetime, kinds: Sequence[JobKind]) -> list[EndedJob]:
+        """The jobs of `kinds` that succeeded, failed or were cancelled at `since` or later."""
         async with self.db.unit_of_work(write=False) as uow:
-            return list(await uow.session.scalars(select(Job.id).where(
-                Job.kind == JobKind.TEACH.value, Job.finished_at >= since).order_by(Job.id)))
+            rows = (await uow.session.execute(select(Job.id, Job.kind, Job.status).where(
+                Job.kind.in_([kind.value for kind in kinds]), Job.finished_at >= since).order_by(Job.id))).all()
+        return [EndedJob(job_id, JobKind(kind), JobStatus(status)) for job_id, kind, status in rows]
 
     async def record_training_loss(self, job_id: str, loss: float) -> None:
         """The last slice's mean loss, before the training completes."""

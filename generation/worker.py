@@ -36,7 +36,7 @@ from PIL import Image
 
 from bot.animation import CLIP_NAME, GIF_NAME, frame_name
 from bot.config import QueueConfig, Settings
-from bot.domain import GenerationParams, JobKind
+from bot.domain import GenerationParams, JobKind, JobStatus
 from bot.errors import EaselError, GenerationFailed, NotFound
 from bot.extra_networks import ExtraNetworks
 from bot.images import to_png_bytes
@@ -49,7 +49,7 @@ from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.animation import animate, gif_bytes, mp4_bytes
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
-from generation.teach import LoraTrainer, SliceResult, TrainingSpec
+from generation.teach import CHECKPOINT, LoraTrainer, SliceResult, TrainingSpec
 
 log = logging.getLogger("easel.worker")
 
@@ -158,8 +158,8 @@ class Worker:
         self._claimed: Sequence[JobView] = ()  # the batch from its claim until it is finished
         self.registry = WorkerRegistry(queue.db, queue.clock, settings.queue.worker_expiry_s)
         self._started_at = queue.clock()
-        # Trainings that ended before this look have had their checkpoints deleted (a day back at start).
-        self._trainings_looked_at = self._started_at - timedelta(days=1)
+        # Jobs that ended before this have had their leftover files deleted (a day back at start).
+        self._ended_looked_at = self._started_at - timedelta(days=1)
 
     @property
     def batch_in_hand(self) -> ProgressReporter | None:
@@ -286,8 +286,9 @@ class Worker:
 
     async def _upkeep(self, *, prune: bool) -> None:
         """Take back the jobs of workers that died (on this host) or whose lease ran out (any host),
-        and, with `prune`, delete progress events nobody needs any more and the checkpoints of trainings
-        that ended while queued (cancelled between slices, or failed by the queue), from the store."""
+        and, with `prune`, delete progress events nobody needs any more and the job files nobody will
+        read: a training's checkpoint once it ended, an unfinished clip's frames once it was cancelled or
+        failed (a finished clip keeps its frames and MP4, which the video routes serve)."""
         report = await self.queue.requeue_abandoned(by=self.worker_id)
         if report.requeued:
             log.warning("requeued %d job(s) left running by a stopped worker: %s",
@@ -299,12 +300,18 @@ class Worker:
             await self.queue.prune_progress_events()
             if expired := await self.registry.expire():
                 log.warning("removed %d silent worker(s) from the registry: %s", len(expired), ", ".join(expired))
-            if self.trainer is not None:
-                # Since a little before the last look: a training that ended meanwhile is seen once
-                # or twice, and forgetting a checkpoint twice does nothing.
-                since, self._trainings_looked_at = self._trainings_looked_at, self.queue.clock()
-                for job_id in await self.queue.trainings_ended_since(since - timedelta(minutes=1)):
-                    await asyncio.to_thread(self.trainer.forget, job_id)
+            # Since a little before the last look: a job that ended meanwhile is seen once or twice, and
+            # deleting a file twice does nothing.
+            since, self._ended_looked_at = self._ended_looked_at, self.queue.clock()
+            for ended in await self.queue.ended_since(since - timedelta(minutes=1), (JobKind.TEACH, JobKind.ANIMATE)):
+                if ended.kind is JobKind.TEACH:
+                    await asyncio.to_thread(self.store.delete_job_file, ended.id, CHECKPOINT)
+                elif ended.status is not JobStatus.SUCCEEDED:
+                    await asyncio.to_thread(self._delete_job_files, ended.id)
+
+    def _delete_job_files(self, job_id: str) -> None:
+        for name in self.store.job_file_names(job_id):
+            self.store.delete_job_file(job_id, name)
 
     def _loaded_models(self) -> list[str]:
         """The models the generator holds (a test's fake generator holds none): affinity prefers their jobs."""

@@ -169,6 +169,20 @@ async def test_a_flagged_frame_withholds_the_whole_clip(core: Core, generator, f
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # nothing handed over
 
 
+async def test_a_cancelled_clip_loses_its_frames_and_a_finished_or_waiting_one_keeps_them(core: Core,
+                                                                                       generator) -> None:
+    line = core.parser.parse("/animate a fox --frames 4 --steps 4")
+    finished, cancelled, waiting = [(await core.service.submit(alice(), line)).job for _ in range(3)]
+    for job in (finished, cancelled, waiting):  # what a worker stored before each stopped
+        core.store.put_job_file(job.id, "frame-0000.png", b"a frame")
+    [claimed] = await core.queue.claim_batch("test-worker:1", 1)
+    assert claimed.id == finished.id and await core.queue.complete(finished.id, [], worker_id="test-worker:1")
+    await core.service.cancel(alice(), cancelled.id)
+    await Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:2")._upkeep(prune=True)
+    assert core.store.job_file_names(cancelled.id) == []  # nobody will resume or serve it
+    assert core.store.job_file_names(finished.id) == core.store.job_file_names(waiting.id) == ["frame-0000.png"]
+
+
 # -- the camera, the words, the cost -------------------------------------------------------------------------
 
 
