@@ -203,7 +203,7 @@ class ModelNetworks:
                 ids = tokenizer.convert_tokens_to_ids(_token_names(found.name, len(first)))
                 with torch.no_grad():
                     table = encoder.get_input_embeddings().weight
-                    table[ids] = vectors[part].to(table.dtype, table.device)
+                    table[ids] = vectors[part].to(device=table.device, dtype=table.dtype)
             self.embeddings[found.name] = LoadedEmbedding(key, loaded.tokens)
             return
         for part, (tokenizer, encoder) in encoders.items():
