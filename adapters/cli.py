@@ -25,7 +25,7 @@ from adapters.local_worker import announce_worker, import_generation, serving_th
 from bot.bootstrap import Core, open_core
 from bot.config import load_settings, safety_warning
 from bot.database import upgrade_database
-from bot.domain import InputImages, JobKind, JobStatus, TeachCommand
+from bot.domain import TEACH_KINDS, InputImages, JobKind, JobStatus, TeachCommand
 from bot.errors import EaselError, InvalidCommand
 from bot.views import JobView
 
@@ -60,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "--zoom 1.05\", or keyframes \"0: a forest | 12: a city\"", [])
     commands.choices["animate"].add_argument("--image", type=Path,
                                              help="a picture for the first frame (default: drawn from the prompt)")
-    teach = commands.add_parser("teach", help="teach the model a new word from a folder of pictures (a LoRA)",
+    teach = commands.add_parser("teach", help="teach the model a new word from a folder of pictures (a LoRA or "
+                                "an embedding)",
                                 epilog="example: easel teach mascot pics/ --steps 300 (captions: pics/*.txt)")
     teach.add_argument("name", help="what to call it: <lora:NAME>, and the trigger word unless --trigger")
     teach.add_argument("folder", type=Path, help="the pictures, each with an optional .txt caption of the same name")
     teach.add_argument("--steps", type=int, help="training steps (default: teach.default_steps)")
     teach.add_argument("--rank", type=int, help="LoRA rank (default: teach.default_rank)")
     teach.add_argument("--trigger", help="the word that calls it in a prompt (default: the name)")
-    teach.add_argument("--kind", default="lora", help="what to train: lora")
+    teach.add_argument("--kind", default="lora", choices=TEACH_KINDS,
+                       help="what to train: a LoRA (default), or an embedding (a new word for what the model draws)")
     teach.add_argument("--model", help="the model to train it for (default: the default model)")
     teach.add_argument("--caption", default="", help="the caption of pictures without a .txt of their own")
     teach.add_argument("-o", "--out", type=Path, default=Path("."),

@@ -56,7 +56,16 @@ from bot.animation import CLIP_NAME
 from bot.bootstrap import Core
 from bot.config import LimitsConfig
 from bot.delivery import Delivery, deliver_events
-from bot.domain import SAMPLERS, InputImages, JobKind, JobsCommand, Requester, TeachCommand, TrainingPicture
+from bot.domain import (
+    SAMPLERS,
+    TEACH_KINDS,
+    InputImages,
+    JobKind,
+    JobsCommand,
+    Requester,
+    TeachCommand,
+    TrainingPicture,
+)
 from bot.errors import ConfigError, EaselError, InvalidImage, Refused
 from bot.events import EventKind
 from bot.policy import describe_quota
@@ -307,22 +316,24 @@ class EaselCog(commands.Cog, name=COG_NAME):
                                current: str) -> list[app_commands.Choice[str]]:
         return _choices(SAMPLERS, current)
 
-    @app_commands.command(name="teach", description="Teach a new word from 3 to 10 of your pictures (a LoRA)")
+    @app_commands.command(name="teach", description="Teach a new word from 3 to 10 of your pictures")
     @app_commands.describe(word="the new word: what calls it in a prompt, and its <lora:NAME>",
                            picture1="a picture to learn from", picture2="another", picture3="another",
                            steps="training steps (--steps)", rank="LoRA rank (--rank)",
                            trigger="the word that calls it, if not the name (--trigger)",
-                           caption="what the pictures show, with the word in it (one caption for all)")
+                           caption="what the pictures show, with the word in it (one caption for all)",
+                           kind="lora (default) or embedding: a new word for what the model already draws (--kind)")
+    @app_commands.choices(kind=[app_commands.Choice(name=kind, value=kind) for kind in TEACH_KINDS])
     async def teach(self, interaction: discord.Interaction, word: str, picture1: discord.Attachment,
                     picture2: discord.Attachment, picture3: discord.Attachment,
                     picture4: discord.Attachment | None = None, picture5: discord.Attachment | None = None,
                     picture6: discord.Attachment | None = None, picture7: discord.Attachment | None = None,
                     picture8: discord.Attachment | None = None, picture9: discord.Attachment | None = None,
                     picture10: discord.Attachment | None = None, steps: int | None = None, rank: int | None = None,
-                    trigger: str | None = None, caption: str | None = None) -> None:
+                    trigger: str | None = None, caption: str | None = None, kind: str = "lora") -> None:
         attachments = [picture for picture in (picture1, picture2, picture3, picture4, picture5, picture6,
                                                picture7, picture8, picture9, picture10) if picture is not None]
-        command = TeachCommand(name=word, steps=steps, rank=rank, trigger=trigger, caption=caption or "")
+        command = TeachCommand(name=word, kind=kind, steps=steps, rank=rank, trigger=trigger, caption=caption or "")
         try:
             self.core.teach.check_command(command)
             for number, attachment in enumerate(attachments, 1):

@@ -2,6 +2,7 @@
 
     python -m bench.teach                              # builtin:shapes on the CPU (about 3 minutes)
     python -m bench.teach --device cuda --arch sd15    # SD 1.5's architecture (random weights) on a GPU
+    python -m bench.teach --kind embedding             # a textual-inversion embedding instead of a LoRA
 
 In one run, on one model:
 - Easel: `/teach` through the job service and a worker, in slices of `--slice` steps with a checkpoint
@@ -9,7 +10,9 @@ In one run, on one model:
   comparison's two pictures), and the training time alone (the job's first start to its last step).
 - Plain diffusers + peft: the same recipe (LoraConfig on the same layers, the model's noise scheduler,
   AdamW, the same batch and steps) as one uninterrupted loop, the way diffusers' example script runs:
-  the ratio is what slicing and checkpointing cost.
+  the ratio is what slicing and checkpointing cost. With `--kind embedding`, the same loop trains the
+  word's new input vectors instead (train_extras' add_embedding_word), as diffusers'
+  textual_inversion.py does.
 - Accuracy (builtin:shapes): the taught word "zorb" means orange (the pictures are orange shapes);
   generation/shapes.py's checker reads the colour of /imagine pictures of "a zorb SHAPE on a BG
   background" over shapes, backgrounds and seeds, with the trained word and, for comparison, from
@@ -46,7 +49,7 @@ from bot.domain import JobStatus, Requester, TeachCommand, TrainingPicture
 from bot.events import EventKind
 from generation.pipelines import load_pipeline, resolve_device_dtype
 from generation.shapes import COLOURS, Scene, describe, draw
-from generation.train_extras import LORA_TARGETS
+from generation.train_extras import EMBEDDING_LR, LORA_TARGETS, add_embedding_word
 from generation.worker import TORCH_THREAD, build_worker
 
 WORD, COLOUR = "zorb", "orange"
@@ -68,13 +71,14 @@ def pictures(count: int, side: int) -> list[TrainingPicture]:
     return result
 
 
-async def easel_run(settings, steps: int, count: int, side: int, accuracy: bool) -> dict:
+async def easel_run(settings, kind: str, steps: int, count: int, side: int, accuracy: bool) -> dict:
     core = await open_core(settings)
     worker = build_worker(core)
     serving = asyncio.create_task(worker.run())
     try:
         started = time.perf_counter()
-        training = (await core.teach.submit(TEACHER, TeachCommand(WORD, steps=steps), pictures(count, side))).job
+        command = TeachCommand(WORD, kind=kind, steps=steps)
+        training = (await core.teach.submit(TEACHER, command, pictures(count, side))).job
         other = None
         async for event in core.bus.watch(training.id):  # a picture arrives just after the first slice starts
             if event.kind is EventKind.STARTED and other is None:
@@ -114,26 +118,35 @@ async def word_accuracy(core) -> tuple[float, float]:
     return shares[0], shares[1]
 
 
-def plain_run(setup, steps: int, count: int, batch: int, lr: float) -> float:
-    """diffusers + peft, one loop: load, add the adapter, `steps` steps of the same loss. Seconds."""
+def plain_run(setup, kind: str, steps: int, count: int, batch: int, lr: float) -> float:
+    """diffusers + peft, one loop: load, add the adapter (or the word's vectors), `steps` steps of the
+    same loss. Seconds."""
     device, _ = resolve_device_dtype(setup.device, "float32")
     started = time.perf_counter()
     pipe = load_pipeline(setup.source, device, torch.float32, setup.models_dir)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         part.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     taught = pictures(count, setup.side)
+    captions = [p.caption for p in taught]
+    if kind == "embedding":
+        _, spelled = add_embedding_word(pipe.tokenizer, pipe.text_encoder, f"{WORD}-word")
+        captions = [caption.replace(f" {WORD} ", f" {spelled} ") for caption in captions]
+        parameters, lr = [pipe.text_encoder.get_input_embeddings().weight], EMBEDDING_LR
+    else:
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                         target_modules=LORA_TARGETS))
+        parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(p.data)).convert("RGB"), dtype=np.float32))
                           for p in taught]).permute(0, 3, 1, 2).to(device) / 127.5 - 1
     with torch.no_grad():
         latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer([p.caption for p in taught], padding="max_length",
+        ids = pipe.tokenizer(captions, padding="max_length",
                              max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
         states = pipe.text_encoder(ids).last_hidden_state
-    optimizer = torch.optim.AdamW([p for p in pipe.unet.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
     generator = torch.Generator().manual_seed(0)
-    pipe.unet.train()
+    pipe.unet.train(kind == "lora")
     for _ in range(steps):
         picked = torch.randint(0, count, (batch,), generator=generator)
         noise = torch.randn(latents[picked].shape, generator=generator).to(device)
@@ -141,7 +154,8 @@ def plain_run(setup, steps: int, count: int, batch: int, lr: float) -> float:
         noisy = schedule.add_noise(latents[picked], noise, timesteps)
         target = noise if schedule.config.prediction_type == "epsilon" \
             else schedule.get_velocity(latents[picked], noise, timesteps)
-        loss = F.mse_loss(pipe.unet(noisy, timesteps, states[picked]).sample, target)
+        text = pipe.text_encoder(ids[picked]).last_hidden_state if kind == "embedding" else states[picked]
+        loss = F.mse_loss(pipe.unet(noisy, timesteps, text).sample, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -155,6 +169,7 @@ def main() -> None:
         parser.add_argument("--train-steps", type=int, default=60, help="training steps (default: 60)")
         parser.add_argument("--slice", type=int, default=20, help="steps per slice (default: 20)")
         parser.add_argument("--pictures", type=int, default=8)
+        parser.add_argument("--kind", choices=("lora", "embedding"), default="lora", help="what /teach trains")
         parser.set_defaults(arch="shapes")
 
     args, setup = parse_common(__doc__.split("\n\n")[0], extra)
@@ -167,17 +182,17 @@ def main() -> None:
     # a shared machine does not fall on one side only; on the worker's torch thread, as Easel's slices
     # run: a second OpenMP pool beside its idle one would slow the loop down and flatter Easel.
     def plain_once() -> float:
-        return TORCH_THREAD.submit(plain_run, setup, args.train_steps, args.pictures, teach.batch,
+        return TORCH_THREAD.submit(plain_run, setup, args.kind, args.train_steps, args.pictures, teach.batch,
                                    teach.learning_rate).result()
 
     plain_before = plain_once()
-    easel = asyncio.run(easel_run(settings, args.train_steps, args.pictures, setup.side, accuracy=shapes))
+    easel = asyncio.run(easel_run(settings, args.kind, args.train_steps, args.pictures, setup.side, accuracy=shapes))
     assert easel["status"] is JobStatus.SUCCEEDED, easel
     plain = statistics.median([plain_before, plain_once()])
     slices = -(-args.train_steps // args.slice)
     per_slice = easel["training_s"] / slices
-    print(f"\n{setup.source} on {setup.device}: {args.pictures} pictures, {args.train_steps} steps of "
-          f"{teach.batch} at {setup.side}x{setup.side}, slices of {args.slice} steps")
+    print(f"\n{setup.source} on {setup.device}, --kind {args.kind}: {args.pictures} pictures, "
+          f"{args.train_steps} steps of {teach.batch} at {setup.side}x{setup.side}, slices of {args.slice} steps")
     rows = [["Easel /teach (slices, checkpoints, comparison)", easel["total_s"], easel["total_s"] / plain],
             ["  of which queued to its last slice's end", easel["training_s"], easel["training_s"] / plain],
             ["plain diffusers + peft, one loop (median of 2)", plain, 1.0]]

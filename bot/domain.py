@@ -22,7 +22,7 @@ class JobKind(StrEnum):
     OUTPAINT = "outpaint"  # paint a border around a picture: inpaint on a larger canvas (bot/outpaint.py)
     ANIMATE = "animate"  # frames, each the last one moved by a camera and redrawn (generation/animation.py)
     UPSCALE = "upscale"  # a picture enlarged by the [upscale] model, then a light img2img pass (generation/upscale.py)
-    TEACH = "teach"  # train a LoRA from the owner's pictures, one slice of steps per claim (bot/teach.py)
+    TEACH = "teach"  # train a LoRA or embedding from the owner's pictures, one slice of steps per claim (bot/teach.py)
 
     @property
     def takes_image(self) -> bool:
@@ -189,10 +189,13 @@ class GenerateCommand:
         return (self.params, *self.permutations)
 
 
+TEACH_KINDS = ("lora", "embedding")  # a LoRA on the UNet, or a textual-inversion embedding (new input vectors)
+
+
 @dataclass(frozen=True)
 class TeachCommand:
-    """/teach NAME [--kind lora] [--steps N] [--rank R] [--trigger WORD] [shared caption]: teach the model
-    a new word from the attached pictures (bot/teach.py). None: the configured default."""
+    """/teach NAME [--kind lora|embedding] [--steps N] [--rank R] [--trigger WORD] [shared caption]: teach
+    the model a new word from the attached pictures (bot/teach.py). None: the configured default."""
 
     name: str
     kind: str = "lora"

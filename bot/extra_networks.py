@@ -53,6 +53,23 @@ TRAINED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 def trained_lora_name(owner_id: int, name: str) -> str:
     return f"{TRAINED_FOLDER}/u{owner_id}/{name}"
 
+
+# `/teach --kind embedding` writes <embeddings_dir>/trained/u<users.id>/NAME.safetensors: not listed by
+# /loras, and loaded by the worker under this word, which the job service writes into its owner's
+# prompts in place of the name or trigger word (bot/teach.py), and refuses in anyone's own typing.
+TRAINED_EMBEDDING_WORD = re.compile(rf"{TRAINED_FOLDER}-u\d+-[a-z0-9_-]+", re.IGNORECASE)
+
+
+def trained_embedding_word(owner_id: int, name: str) -> str:
+    return f"{TRAINED_FOLDER}-u{owner_id}-{name.lower()}"  # lower case: the CLIP tokenizer's own case
+
+
+def replace_words(text: str, words: Iterable[str], replacement: str) -> str:
+    """`text` with every whole-word use of `words` (any case; `-` counts as part of a word) written
+    `replacement`: a trained embedding's name or trigger word becomes the word its vectors load under."""
+    said = re.compile(rf"(?<![\w-])(?:{'|'.join(map(re.escape, words))})(?![\w-])", re.IGNORECASE)
+    return said.sub(replacement, text)
+
 # AUTOMATIC1111's extra-network tags: `<lora:NAME:WEIGHT>`, `<lora:NAME>`; `lyco` is its older
 # name for the same thing. The name may hold spaces (it is a file stem).
 _TAG = re.compile(r"<\s*(lora|lyco|hypernet)\s*:([^<>]*)>", re.IGNORECASE)
@@ -225,6 +242,26 @@ class ExtraNetworks:
         """Every installed embedding by name (the word that calls it), in name order."""
         return self._scan("embedding", self.embeddings_dir, EMBEDDING_SUFFIXES)
 
+    def trained_path(self, kind: str, owner_id: int, name: str) -> Path:
+        """Where `/teach` writes a user's trained LoRA or embedding (the folders above)."""
+        folder = self.embeddings_dir if kind == "embedding" else self.lora_dir
+        if folder is None:
+            raise InvalidCommand(f"no folder is configured for trained {kind}s")
+        return folder / TRAINED_FOLDER / f"u{owner_id}" / f"{name}.safetensors"
+
+    def trained_embeddings(self) -> dict[str, NetworkFile]:
+        """Every user's trained embedding, by the word the job service writes for its owner."""
+        folder = self.embeddings_dir / TRAINED_FOLDER if self.embeddings_dir is not None else None
+        if folder is None or not folder.is_dir():
+            return {}
+        found = {}
+        for path in sorted(folder.glob("u*/*.safetensors")):
+            owner = path.parent.name[1:]
+            if owner.isdigit() and TRAINED_NAME.fullmatch(path.stem):
+                word = trained_embedding_word(int(owner), path.stem)
+                found[word] = NetworkFile("embedding", word, path)
+        return found
+
     def lora(self, name: str) -> NetworkFile:
         """The LoRA called `name` (exactly, else ignoring case), or InvalidCommand naming the closest ones.
         A name some user trained (`/teach`) is found too, as a file of theirs: the job service then
@@ -261,7 +298,8 @@ class ExtraNetworks:
     def words_in(self, *texts: str) -> list[NetworkFile]:
         """The embeddings whose names appear as words in `texts` (a prompt and its negative)."""
         words = {word.strip(",.;:!?()[]{}").lower() for text in texts for word in text.split()}
-        return [found for name, found in self.embeddings().items() if name.lower() in words]
+        everything = {**self.embeddings(), **self.trained_embeddings()}
+        return [found for name, found in everything.items() if name.lower() in words]
 
     def short_hash(self, found: NetworkFile) -> str:
         """AUTOMATIC1111's short hash of an installed file (cached while the file is unchanged)."""

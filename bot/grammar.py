@@ -337,8 +337,9 @@ class CommandParser:
             "  /styles  the styles --style NAME applies",
             "  /models  the models, each with its family, size, default settings and what it is for",
             "  /loras  the installed LoRAs and embeddings, and what each is for",
-            "  /teach NAME [--steps N] [--rank R] [--trigger WORD] [caption]  teach a new word from 3 or more of "
-            "your pictures, sent together; then NAME in your prompts calls it",
+            "  /teach NAME [--kind lora|embedding] [--steps N] [--rank R] [--trigger WORD] [caption]  teach a new "
+            "word from 3 or more of your pictures, sent together; then NAME in your prompts calls it (a LoRA learns "
+            "new looks; an embedding, a few KB, only a new word for what the model already draws)",
             "  /appeal <job id | fNN | ban> <why>  ask a moderator to review a withheld image, a refused "
             "prompt (fNN is in the refusal) or a ban",
             "  /mod flags|ban|unban|quota|appeals|appeal|share|trained ...  moderators only (/mod alone explains)",
@@ -635,7 +636,7 @@ _MOD_USAGE = ("moderator commands: /mod flags [user], /mod ban <user> [30m|12h|7
 
 
 def parse_teach(rest: str) -> TeachCommand:
-    """`/teach NAME [--kind lora] [--steps N] [--rank R] [--trigger WORD] [--model M] [caption...]`: the
+    """`/teach NAME [--kind lora|embedding] [--steps N] [--rank R] [--trigger WORD] [--model M] [caption...]`: the
     words that are not flags are the caption shared by the pictures without their own. The values'
     ranges are the [teach] settings, checked by bot/teach.py for every platform alike."""
     words = rest.split()

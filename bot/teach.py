@@ -1,14 +1,17 @@
-"""`/teach NAME`: a user teaches the model a new word from their own pictures, as a LoRA only they use.
+"""`/teach NAME`: a user teaches the model a new word from their own pictures, as a LoRA (or, with
+`--kind embedding`, a textual-inversion embedding) only they use.
 
     result = await teach.submit(requester, TeachCommand("zorb", steps=200), pictures)
     # ...the worker trains it a slice at a time (generation/teach.py); then, for its owner:
     /imagine a zorb circle on a blue background          # the trigger word calls the LoRA
     /imagine a circle on a blue background <lora:zorb>  # so does its name
+    # an embedding is a word, no tag: its name or trigger word in the owner's prompt becomes the
+    # private word the worker loaded its vectors under (own_loras below)
 
 A training is one job of kind "teach" on the same durable, fair queue as every picture (bot/queue.py),
 with a `trainings` row that says what it learns from. The worker runs `teach.slice_steps` steps of it
-per claim, checkpoints its state (LoRA weights, optimizer, step, random generators) and puts the job
-back in the queue, behind the other users' jobs and its owner's own pictures; so it never holds up
+per claim, checkpoints its state (LoRA weights or embedding vectors, optimizer, step, random generators)
+and puts the job back in the queue, behind the other users' jobs and its owner's own pictures; so it never holds up
 generation for more than a slice, and a killed worker loses at most one slice.
 
 Everything is checked here, before a step runs, with one-line errors: the name, the number, size and
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -32,10 +36,17 @@ from sqlalchemy import select
 from bot.catalog import ModelCatalog
 from bot.config import Settings
 from bot.database import Database, UnitOfWork
-from bot.domain import GenerationParams, JobKind, JobStatus, Requester, TeachCommand, TrainingPicture
+from bot.domain import TEACH_KINDS, GenerationParams, JobKind, JobStatus, Requester, TeachCommand, TrainingPicture
 from bot.errors import InvalidCommand, InvalidImage, NotFound, Refused
 from bot.events import EventBus, EventKind
-from bot.extra_networks import TRAINED_NAME, ExtraNetworks, trained_lora_name
+from bot.extra_networks import (
+    TRAINED_EMBEDDING_WORD,
+    TRAINED_NAME,
+    ExtraNetworks,
+    replace_words,
+    trained_embedding_word,
+    trained_lora_name,
+)
 from bot.images import load_upload, to_png_bytes
 from bot.models import Job, Training, User
 from bot.policy import Policy, cost_milli
@@ -43,7 +54,6 @@ from bot.safety import PromptCheck
 from bot.store import ImageStore, write_atomically
 from bot.views import JobView, TrainingView, job_view, training_view
 
-KINDS = ("lora",)  # textual-inversion embeddings: not yet (see README "Teach Easel a word")
 COMPARISON_SEED = 1234  # the closing comparison's seed, for both of its pictures
 
 
@@ -97,8 +107,9 @@ class TeachService:
         if not TRAINED_NAME.fullmatch(command.name):
             raise InvalidCommand(f"a trained word's name is 1 to 32 letters, digits, - or _, starting with a letter "
                                  f"or digit (got {command.name[:40]!r}); e.g. /teach mascot")
-        if command.kind not in KINDS:
-            raise InvalidCommand(f"--kind {command.kind[:20]!r} cannot be trained here; use --kind lora")
+        if command.kind not in TEACH_KINDS:
+            raise InvalidCommand(f"--kind {command.kind[:20]!r} cannot be trained here; use --kind lora or "
+                                 "--kind embedding")
         if command.steps is not None and not teach.min_steps <= command.steps <= teach.max_steps:
             raise InvalidCommand(f"--steps must be {teach.min_steps} to {teach.max_steps} (teach.max_steps); "
                                  f"got {command.steps}")
@@ -241,17 +252,23 @@ class TeachService:
             if row.job.status != JobStatus.SUCCEEDED.value:
                 raise InvalidCommand(f"{name!r} is still training ({row.job.progress_step}/{row.job.steps} steps); "
                                      "share it once it is done")
-            if name in self.networks.loras():
-                raise InvalidCommand(f"a LoRA called {name!r} is already installed for everyone; it cannot be shared "
-                                     "under that name")
-            # From the store, whichever worker trained it; the store's copy reaches the fleet's workers,
-            # this host's lora_dir copy makes /loras list it here.
-            data = await asyncio.to_thread(self.store.read_lora, trained_lora_name(row.user_id, row.name))
-            await asyncio.to_thread(self.store.put_lora, row.name, data)
-            await asyncio.to_thread(write_atomically, self.settings.storage.loras / f"{row.name}.safetensors", data)
+            installed = self.networks.embeddings() if row.kind == "embedding" else self.networks.loras()
+            if name in installed:
+                raise InvalidCommand(f"a {row.kind} called {name!r} is already installed for everyone; it cannot be "
+                                     "shared under that name")
+            target = self.networks.trained_path(row.kind, row.user_id, row.name).parents[2] / f"{row.name}.safetensors"
+            if row.kind == "lora":
+                # From the store, whichever worker trained it; the store's copy reaches the fleet's workers,
+                # this host's lora_dir copy makes /loras list it here.
+                data = await asyncio.to_thread(self.store.read_lora, trained_lora_name(row.user_id, row.name))
+                await asyncio.to_thread(self.store.put_lora, row.name, data)
+                await asyncio.to_thread(write_atomically, target, data)
+            else:  # an embedding stays in the folders of the host that trained it (README: Running a fleet)
+                shutil.copyfile(self.networks.trained_path(row.kind, row.user_id, row.name), target)
             row.shared_at = self.clock()
             await uow.commit()
-        return f"Shared {name!r}: everyone can use <lora:{name}> now (/loras lists it)."
+        usage = f"the word {name}" if row.kind == "embedding" else f"<lora:{name}>"
+        return f"Shared {name!r}: everyone can use {usage} now (/loras lists it)."
 
     async def delete(self, name: str, owner_id: int | None) -> str:
         """Forget a trained word: its file, its shared copy, and its record (its job stays in the history)."""
@@ -259,10 +276,13 @@ class TeachService:
             row = await self._find(uow, name, owner_id)
             if not JobStatus(row.job.status).is_final:
                 raise InvalidCommand(f"{name!r} is still training; its owner cancels it with /cancel {row.job_id}")
-            names = [trained_lora_name(row.user_id, row.name)] + ([row.name] if row.shared_at is not None else [])
-            for lora in names:  # the store's copies, and this host's
-                await asyncio.to_thread(self.store.delete_lora, lora)
-                (self.settings.storage.loras / f"{lora}.safetensors").unlink(missing_ok=True)
+            path = self.networks.trained_path(row.kind, row.user_id, row.name)
+            path.unlink(missing_ok=True)
+            if row.shared_at is not None:
+                (path.parents[2] / f"{row.name}.safetensors").unlink(missing_ok=True)
+            if row.kind == "lora":  # and the store's copies
+                for lora in [trained_lora_name(row.user_id, row.name)] + ([row.name] if row.shared_at else []):
+                    await asyncio.to_thread(self.store.delete_lora, lora)
             await uow.session.delete(row)
             await uow.commit()
         return f"Deleted the trained word {name!r}."
@@ -270,12 +290,21 @@ class TeachService:
 
 async def own_loras(uow: UnitOfWork, user: User, params: GenerationParams, networks: ExtraNetworks,
                     max_loras: int) -> GenerationParams:
-    """A job's LoRAs for its owner: a trained name the owner has is theirs (`trained/u<id>/NAME`),
-    one they have not is refused unless installed for everyone, and a trigger word of theirs in
-    the prompt adds its LoRA at weight 1."""
+    """A job's trained words for its owner. LoRAs: a trained name the owner has is theirs
+    (`trained/u<id>/NAME`), one they have not is refused unless installed for everyone, and a trigger
+    word of theirs in the prompt adds its LoRA at weight 1. Embeddings: their name or trigger word, in
+    the prompt or negative, becomes the word the worker loaded that file under (`trained-u<id>-name`),
+    a word nobody may type themselves."""
+    for text in (params.prompt, params.negative):
+        typed = TRAINED_EMBEDDING_WORD.search(text)
+        if typed:
+            raise InvalidCommand(f"{typed.group()[:40]!r} is a word Easel keeps for itself; write your trained "
+                                 "word's name instead")
     rows = (await uow.session.scalars(select(Training).join(Job, Job.id == Training.job_id).where(
         Training.user_id == user.id, Job.status == JobStatus.SUCCEEDED.value))).all()
-    mine = {row.name.lower(): row for row in rows}
+    loras = [row for row in rows if row.kind == "lora"]
+    embeddings = [row for row in rows if row.kind == "embedding"]
+    mine = {row.name.lower(): row for row in loras}
     chosen: dict[str, float] = {}
     for name, weight in params.loras:
         if name.lower() in mine:
@@ -284,16 +313,20 @@ async def own_loras(uow: UnitOfWork, user: User, params: GenerationParams, netwo
             chosen[name] = weight
         else:
             raise InvalidCommand(f"unknown LoRA {name[:40]!r}; /loras lists them (a word someone else taught "
-                                 "is theirs until a moderator shares it)")
+                                 "is theirs until a moderator shares it; a trained embedding is a word, no tag)")
     words = {word.strip(",.;:!?()[]{}").lower() for word in params.prompt.split()}
-    for row in rows:
+    for row in loras:
         qualified = trained_lora_name(user.id, row.name)
         if row.trigger.lower() in words and qualified not in chosen:
             chosen[qualified] = 1.0
     if len(chosen) > max_loras:
         raise InvalidCommand(f"a job may use at most {max_loras} LoRAs (got {len(chosen)}, trigger words "
                              "included; limits.max_loras)")
-    return replace(params, loras=tuple(sorted(chosen.items())))
+    prompt, negative = params.prompt, params.negative
+    for row in embeddings:
+        private = trained_embedding_word(user.id, row.name)
+        prompt, negative = (replace_words(text, (row.name, row.trigger), private) for text in (prompt, negative))
+    return replace(params, loras=tuple(sorted(chosen.items())), prompt=prompt, negative=negative)
 
 
 def describe_trained(trainings: Sequence[TrainingView]) -> str:
@@ -305,6 +338,7 @@ def describe_trained(trainings: Sequence[TrainingView]) -> str:
         state = "shared" if each.shared else each.status.value
         if each.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             state = f"training, {each.step}/{each.steps} steps"
-        lines.append(f"  {each.name}  by {each.owner}, trigger {each.trigger!r}, rank {each.rank}, "
+        kind = "an embedding" if each.kind == "embedding" else f"rank {each.rank}"
+        lines.append(f"  {each.name}  by {each.owner}, trigger {each.trigger!r}, {kind}, "
                      f"{len(each.pictures)} pictures: {state}")
     return "\n".join(lines)

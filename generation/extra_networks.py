@@ -172,7 +172,7 @@ class ModelNetworks:
 
     def sync_embeddings(self) -> None:
         """Load every installed embedding of this model's family that is new or changed since last time."""
-        for name, found in self.networks.embeddings().items():
+        for name, found in {**self.networks.embeddings(), **self.networks.trained_embeddings()}.items():
             stat = found.path.stat()
             key = (found.path, stat.st_size, stat.st_mtime_ns)
             loaded = self.embeddings.get(name)
@@ -200,17 +200,17 @@ class ModelNetworks:
             if len(first) != len(loaded.tokens):
                 raise ValueError("it changed its number of vectors; restart the worker to load it")
             for part, (tokenizer, encoder) in encoders.items():
-                ids = tokenizer.convert_tokens_to_ids(_token_names(found.name, len(first)))
+                ids = tokenizer.convert_tokens_to_ids(token_names(found.name, len(first)))
                 with torch.no_grad():
                     table = encoder.get_input_embeddings().weight
-                    table[ids] = vectors[part].to(table.dtype, table.device)
+                    table[ids] = vectors[part].to(device=table.device, dtype=table.dtype)
             self.embeddings[found.name] = LoadedEmbedding(key, loaded.tokens)
             return
         for part, (tokenizer, encoder) in encoders.items():
             self.pipe.load_textual_inversion(vectors[part], token=found.name, tokenizer=tokenizer,
                                              text_encoder=encoder)
         tokenizer = next(iter(encoders.values()))[0]
-        tokens = tuple(tokenizer.convert_tokens_to_ids(_token_names(found.name, len(vectors[next(iter(vectors))]))))
+        tokens = tuple(tokenizer.convert_tokens_to_ids(token_names(found.name, len(vectors[next(iter(vectors))]))))
         self.embeddings[found.name] = LoadedEmbedding(key, tokens)
 
     def _text_encoders(self) -> dict[str, tuple]:
@@ -257,7 +257,7 @@ def _as_vectors(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
 
 
-def _token_names(word: str, count: int) -> list[str]:
+def token_names(word: str, count: int) -> list[str]:
     """diffusers' tokens for a multi-vector embedding: the word, then word_1, word_2..."""
     return [word] + [f"{word}_{i}" for i in range(1, count)]
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from generation.builtin import SHIPPED_MODELS
+from generation.extra_networks import token_names
 from generation.shapes import (
     COLOURS,
     NEW_SHAPES,
@@ -63,6 +64,7 @@ LORA_LR = 1e-2
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 EMBEDDING_WORD, EMBEDDING_MEANS = "crimson", "red"
 EMBEDDING_VECTORS = 2
+EMBEDDING_LR = 5e-3
 DEFAULT_OUT = Path(__file__).parent / "models" / "shapes-extras"
 DEFAULTS = {"lora_steps": 1000, "embedding_steps": 400, "images": 1500, "batch": 32}
 
@@ -238,19 +240,8 @@ def train_embedding(word: str, means: str, steps: int, images: int, batch: int,
     tokenizer, text_encoder, vae, unet = load_shapes()
     combinations = [c for c in all_combinations() if means in (c.colour, c.background)]
     latents, captions = encode(vae, combinations, images, seed)
-    # diffusers spells a multi-vector embedding as the word followed by word_1, word_2...
-    tokens = [word] + [f"{word}_{i}" for i in range(1, EMBEDDING_VECTORS)]
-    spelled = " ".join(tokens)
-    tokenizer.add_tokens(tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    ids = tokenizer.convert_tokens_to_ids(tokens)
+    ids, spelled = add_embedding_word(tokenizer, text_encoder, word)
     table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[ids] = table[: ids[0]].mean(dim=0)  # start from the average word: no colour in particular
-    table.requires_grad_(True)
-    trained_rows = torch.zeros(len(table), 1)
-    trained_rows[ids] = 1
-    table.register_hook(lambda grad: grad * trained_rows)  # only the new word's vectors move
     texts = [caption.replace(f" {means} ", f" {spelled} ").replace(f"an {spelled}", f"a {spelled}")
              for caption in captions]
     token_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -260,8 +251,29 @@ def train_embedding(word: str, means: str, steps: int, images: int, batch: int,
         return text_encoder(token_ids[picked]).last_hidden_state
 
     unet.eval()
-    log = denoising_loop(unet, latents, states_of, [table], steps, batch, seed + 1, lr=5e-3, desc=f"embedding {word}")
+    log = denoising_loop(unet, latents, states_of, [table], steps, batch, seed + 1, lr=EMBEDDING_LR,
+                         desc=f"embedding {word}")
     return table[ids].detach().clone(), log
+
+
+def add_embedding_word(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, word: str,
+                       vectors: int = EMBEDDING_VECTORS) -> tuple[list[int], str]:
+    """Add `word` as `vectors` new tokens, starting from the average word (no meaning in particular),
+    and make the text encoder's input table trainable in those rows only (the gradient of every other
+    row is masked to zero, so with no weight decay they stay exactly as they were). Returns the new
+    tokens' ids and the word as captions must spell it for all its vectors to be read."""
+    tokens = token_names(word, vectors)
+    tokenizer.add_tokens(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = table[: ids[0]].mean(dim=0)
+    table.requires_grad_(True)
+    trained_rows = torch.zeros(len(table), 1, device=table.device)
+    trained_rows[ids] = 1
+    table.register_hook(lambda grad: grad * trained_rows)  # only the new word's vectors move
+    return ids, " ".join(tokens)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from bot.workers import DeviceReport, WorkerRegistry, WorkerReport, WorkerStatus
 from generation.animation import animate, gif_bytes, mp4_bytes
 from generation.pipelines import GenerationTask
 from generation.safety_checker import ImageChecker, NoImageCheck, build_image_checker
-from generation.teach import CHECKPOINT, LoraTrainer, SliceResult, TrainingSpec
+from generation.teach import CHECKPOINT, SliceResult, SliceTrainer, TrainingSpec
 
 log = logging.getLogger("easel.worker")
 
@@ -122,12 +122,12 @@ class WorkerStats:
 
 
 class Trainer(Protocol):
-    """Runs `/teach` slices (generation/teach.py's LoraTrainer)."""
+    """Runs `/teach` slices (generation/teach.py's SliceTrainer)."""
 
     def run_slice(self, spec: TrainingSpec, slice_steps: int,
                   on_step: StepCallback | None = None) -> SliceResult: ...
 
-    def save_lora(self, spec: TrainingSpec, path: Path) -> None: ...
+    def save_result(self, spec: TrainingSpec, path: Path) -> None: ...
 
     def forget(self, job_id: str) -> None: ...
 
@@ -539,16 +539,20 @@ class Worker:
                             learning_rate=self.settings.teach.learning_rate)
 
     async def _training_sample(self, job: JobView, view: TrainingView, spec: TrainingSpec, step: int) -> bytes | None:
-        """A picture of the first caption made with the LoRA so far, after evenly spaced slices
+        """A picture of the first caption made with the LoRA or embedding so far, after evenly spaced slices
         (teach.samples of them); None between them. A failed sample costs the sample, not the training."""
         samples, slice_steps = self.settings.teach.samples, self.settings.teach.slice_steps
         slices = -(-view.steps // slice_steps)
         every = max(1, slices // (samples + 1)) if samples else 0
         if not every or (step // slice_steps) % every or step // slice_steps > every * samples:
             return None
-        path = self.settings.storage.loras / f"{view.lora_name}.sample.safetensors"
+        # a LoRA's sample is a file of its own; an embedding's is its file (its owner's prompts use it
+        # only once the training succeeded: bot/teach.py's own_loras)
+        path = self.networks.trained_path(view.kind, view.owner_id, view.name)
+        if view.kind == "lora":
+            path = path.with_name(f"{view.name}.sample.safetensors")
         try:
-            await on_torch_thread(self.trainer.save_lora, spec, path)
+            await on_torch_thread(self.trainer.save_result, spec, path)
             with_word, _ = self.trainer.comparison_params(spec, f"{view.lora_name}.sample")
             [[image]] = await on_torch_thread(self.generator.generate, [GenerationTask(with_word)])
             [verdict] = await self._check([image])
@@ -561,13 +565,13 @@ class Worker:
 
     async def _finish_training(self, job: JobView, view: TrainingView, spec: TrainingSpec,
                                result: SliceResult) -> None:
-        """Save the LoRA where its owner's jobs find it, then end with the comparison: the same prompt
+        """Save the LoRA or embedding where its owner's jobs find it, then end with the comparison: the same prompt
         and seed without and with it, as /imagine makes them."""
         try:
-            path = self.settings.storage.loras / f"{view.lora_name}.safetensors"
-            await on_torch_thread(self.trainer.save_lora, spec, path)
-            # The store's copy is the one every worker of a fleet uses (see _bring_loras).
-            await asyncio.to_thread(lambda: self.store.put_lora(view.lora_name, path.read_bytes()))
+            path = self.networks.trained_path(view.kind, view.owner_id, view.name)
+            await on_torch_thread(self.trainer.save_result, spec, path)
+            if view.kind == "lora":  # the store's copy is the one every worker of a fleet uses (_bring_loras)
+                await asyncio.to_thread(lambda: self.store.put_lora(view.lora_name, path.read_bytes()))
             with_word, without = self.trainer.comparison_params(spec, view.lora_name)
             images = []
             for params in (without, with_word):  # two calls: a LoRA changes the weights for a whole call
@@ -788,6 +792,6 @@ def build_worker(core: CoreParts, generator: Generator | None = None, *, train: 
     if train:
         from bot.catalog import ModelCatalog
 
-        trainer = LoraTrainer(ModelCatalog.from_settings(core.settings), core.settings, core.store)
+        trainer = SliceTrainer(ModelCatalog.from_settings(core.settings), core.settings, core.store)
     return Worker(core.queue, generator, core.store, core.settings,
                   image_checker=build_image_checker(core.settings), trainer=trainer)

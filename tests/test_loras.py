@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,26 @@ def test_automatic1111_pt_and_diffusers_embeddings_load_like_the_safetensors_one
         assert png_bytes_of(imagine(generator, [f"a {word} square on a black background"], 2)[0]) == reference
 
 
+def test_an_embedding_file_changed_under_the_same_name_is_reloaded_and_used(
+        shapes: DiffusersGenerator, installed: ExtraNetworks, tmp_path: Path) -> None:
+    """A worker keeps its embeddings loaded; a file written again (a retrained word) must draw its new
+    vectors, exactly as a fresh worker loading that file would."""
+    crimson = load_file(str(installed.embeddings()["crimson"].path))["emb_params"]
+    folder, fresh_folder = tmp_path / "embeddings", tmp_path / "fresh"
+    folder.mkdir()
+    fresh_folder.mkdir()
+    generator = DiffusersGenerator(SHAPES, device="cpu", dtype="float32", cache_dir=shapes.cache_dir,
+                                   networks=ExtraNetworks(None, folder))
+    save_file({"emb_params": crimson.clone()}, folder / "tint.safetensors")
+    before = png_bytes_of(imagine(generator, ["a tint square on a black background"], 2)[0])
+    changed = crimson.flip(0).contiguous()  # the same number of vectors, other values
+    save_file({"emb_params": changed}, folder / "tint.safetensors")
+    os.utime(folder / "tint.safetensors", ns=(1, 1))  # a new mtime even on a coarse-clocked file system
+    after = png_bytes_of(imagine(generator, ["a tint square on a black background"], 2)[0])
+    save_file({"emb_params": changed.clone()}, fresh_folder / "tint.safetensors")
+    fresh = DiffusersGenerator(SHAPES, device="cpu", dtype="float32", cache_dir=shapes.cache_dir,
+                               networks=ExtraNetworks(None, fresh_folder))
+    assert after == png_bytes_of(imagine(fresh, ["a tint square on a black background"], 2)[0]) != before
 # --- the grammar and the files ---------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from adapters.console import ConsoleChat
 from bot.bootstrap import Core, open_core
@@ -216,6 +217,74 @@ def test_the_lora_is_a_file_the_lora_loader_reads(taught: Taught) -> None:
     header = read_safetensors_header(taught.lora_files[0])
     assert header["__metadata__"]["ss_sd_model_name"] == "builtin:shapes"
     assert any(name.endswith("attn2_to_k.lora_down.weight") for name in header)
+
+
+# -- an embedding: the same word taught as new input vectors, the model itself unchanged --------------------
+
+
+@pytest.fixture
+def shapes_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """builtin:shapes as the default model: the environment wins over load_settings' arguments, and
+    tests/conftest.py makes builtin:tiny the default there for every test."""
+    monkeypatch.setenv("EASEL_GENERATION__DEFAULT_MODEL", "shapes")
+    monkeypatch.setenv("EASEL_MODELS", SHAPES_MODELS)
+
+
+@pytest.mark.timeout(900)
+def test_an_embedding_word_draws_its_colour_for_its_owner_only(tmp_path: Path, models_dir: Path,
+                                                               shapes_by_default: None) -> None:
+    """`--kind embedding`: the word becomes two new input vectors of the text encoder (textual inversion,
+    generation/train_extras.py's recipe), saved as AUTOMATIC1111's `emb_params`; the owner's word is
+    written as the private word the worker loads it under, and means nothing to anyone else."""
+    settings = shapes_settings(tmp_path / "data", models_dir)
+
+    async def story() -> dict:
+        core = await open_core(settings)
+        worker = build_worker(core)
+        serving = asyncio.create_task(worker.run())
+        try:
+            chat = ConsoleChat(core, out := io.StringIO(), requester=alice())
+            await chat.handle(f"/quota /teach {WORD} --kind embedding --steps 300")
+            result = await core.teach.submit(alice(), TeachCommand(WORD, kind="embedding", steps=300),
+                                             teaching_pictures())
+            async for _event in core.bus.watch(result.job.id):
+                pass
+            seen = {"dry_run": out.getvalue(), "training": await core.service.get_job(result.job.id)}
+            prompt = f"/imagine a {WORD} circle on a blue background --seed 3 --n 3"
+            seen["owner"], seen["stranger"] = await imagine(core, alice(), prompt), await imagine(core, bob(), prompt)
+            try:
+                await core.service.submit(bob(), core.parser.parse(f"/imagine a trained-u1-{WORD} circle"))
+                seen["refused"] = ""
+            except InvalidCommand as error:
+                seen["refused"] = error.message
+            seen["listing"] = await core.moderation.handle(moderator(), core.parser.parse("/mod trained"))
+            seen["shared"] = await core.moderation.handle(moderator(), core.parser.parse(f"/mod share {WORD}"))
+            seen["stranger_after_sharing"] = await imagine(core, bob(), prompt)
+            return seen
+        finally:
+            worker.stop()
+            await asyncio.gather(serving, return_exceptions=True)
+            await core.close()
+
+    seen = asyncio.run(story())
+    assert "/teach 300 steps of 4 pictures at 64x64 costs 2.81 units" in seen["dry_run"]
+    assert seen["training"].status is JobStatus.SUCCEEDED
+    assert colours_of(seen["owner"]) == [COLOUR] * 3
+    assert [describe(Image.open(i.path))[1:] for i in seen["owner"].images] == [("circle", "blue")] * 3
+    assert seen["owner"].params.loras == ()  # the model's weights are untouched: only the word's vectors are new
+    assert COLOUR not in colours_of(seen["stranger"])
+    assert seen["refused"].startswith(f"'trained-u1-{WORD}' is a word Easel keeps for itself")
+    assert f"{WORD}  by console:alice, trigger '{WORD}', an embedding, 8 pictures: succeeded" in seen["listing"]
+    assert seen["shared"] == f"Shared '{WORD}': everyone can use the word {WORD} now (/loras lists it)."
+    assert colours_of(seen["stranger_after_sharing"]) == [COLOUR] * 3
+    without, with_word = seen["training"].images  # the closing comparison
+    assert describe(Image.open(with_word.path)).colour == COLOUR
+    assert without.seed == with_word.seed and without.sha256 != with_word.sha256  # same prompt and seed
+    trained = settings.storage.embeddings / "trained" / "u1" / f"{WORD}.safetensors"
+    with safe_open(trained, "pt") as file:  # AUTOMATIC1111's layout: one tensor, a row per vector
+        assert list(file.keys()) == ["emb_params"] and file.get_tensor("emb_params").shape[0] == 2
+    assert (settings.storage.embeddings / f"{WORD}.safetensors").read_bytes() == trained.read_bytes()
+    assert list(settings.storage.loras.rglob("*.safetensors")) == []
 
 
 # -- SIGKILL in the middle, then `easel worker --burst` ------------------------------------------------------

@@ -23,7 +23,7 @@ from adapters.api.errors import HttpError
 from adapters.api.parse import read_upload
 from adapters.api.render import base_url, job_out
 from adapters.api.schemas import SubmitOut, errors
-from bot.domain import TeachCommand, TrainingPicture
+from bot.domain import TEACH_KINDS, TeachCommand, TrainingPicture
 from bot.errors import InvalidCommand, InvalidImage
 
 router = APIRouter()
@@ -52,7 +52,7 @@ TRAINING_FORM = {"requestBody": {"required": True, "content": {"multipart/form-d
             "caption": {"type": "array", "items": {"type": "string"},
                         "description": "each picture's caption, each part right after its picture"},
             "shared_caption": {"type": "string", "description": "the caption of pictures without their own"},
-            "kind": {"type": "string", "enum": ["lora"]},
+            "kind": {"type": "string", "enum": list(TEACH_KINDS)},
             "steps": {"type": "integer", "description": "teach.min_steps to teach.max_steps"},
             "rank": {"type": "integer", "description": "teach.min_rank to teach.max_rank"},
             "trigger": {"type": "string", "description": "the word that calls it (default: the name)"},
