@@ -605,11 +605,13 @@ async def test_help_comes_whole_in_as_many_messages_as_it_needs(core: Core, fake
     async with running(core) as bot:
         token = bot.dispatch(slash("help"))
         first = await fake.wait_for(lambda r: r.method == "PATCH" and token in r.path)
-        rest = await fake.wait_for(lambda r: r.method == "POST" and r.path.endswith(token))
-    text = first.content.removeprefix("```\n").removesuffix("\n```") + "\n" + \
-        rest.json["content"].removeprefix("```\n").removesuffix("\n```")
-    assert text == core.parser.help_text()
-    assert len(first.content) <= 2000 and rest.json["flags"] == 64
+        last_line = core.parser.help_text().splitlines()[-1]
+        await fake.wait_for(lambda r: r.method == "POST" and r.path.endswith(token)
+                            and r.json["content"].removesuffix("\n```").endswith(last_line))
+        rest = [r for r in fake.requests if r.method == "POST" and r.path.endswith(token)]
+    parts = [first.content, *(r.json["content"] for r in rest)]
+    assert "\n".join(part.removeprefix("```\n").removesuffix("\n```") for part in parts) == core.parser.help_text()
+    assert all(len(part) <= 2000 for part in parts) and all(r.json["flags"] == 64 for r in rest)
 
 
 # -- command registration ------------------------------------------------------------------------------

@@ -284,10 +284,10 @@ def test_help_says_what_size_an_edit_comes_out(parser: CommandParser) -> None:
 def test_help_takes_a_platforms_own_form_of_the_picture_commands(parser: CommandParser) -> None:
     forms = {"edit": "/edit <image file> <prompt>  redraw it", "inpaint": "/inpaint <a> <b> <prompt>  repaint",
              "outpaint": "/outpaint <a> [prompt] --zoom X  paint around it",
-             "edit example": "/edit photo.png make it winter"}
+             "animate": "/animate [<a>] <prompt>  a clip", "edit example": "/edit photo.png make it winter"}
     text = parser.help_text(forms)
     assert ("  /edit <image file> <prompt>  redraw it\n  /inpaint <a> <b> <prompt>  repaint\n"
-            "  /outpaint <a> [prompt] --zoom X  paint around it\n") in text
+            "  /outpaint <a> [prompt] --zoom X  paint around it\n  /animate [<a>] <prompt>  a clip\n") in text
     assert text.endswith("\n  /edit photo.png make it winter")
     assert "attach" not in text.split("Reference images")[0]
 
