@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bot.database import Database
 from bot.models import WorkerRow
@@ -101,13 +101,13 @@ class WorkerRegistry:
             "images_done": report.images_done, "batches_done": report.batches_done,
             "busy_seconds": report.busy_seconds, "heartbeat_at": now,
         }
+        # One UPDATE, no read first: a worker reports at every batch's start and end, so at one user a
+        # job pays for two of these; the row is inserted only when the UPDATE finds none.
         async with self.db.unit_of_work() as uow:
-            row = await uow.session.get(WorkerRow, report.worker_id)
-            if row is None:
+            updated = await uow.session.execute(
+                update(WorkerRow).where(WorkerRow.id == report.worker_id).values(**values))
+            if updated.rowcount == 0:
                 uow.session.add(WorkerRow(id=report.worker_id, started_at=report.started_at or now, **values))
-            else:
-                for name, value in values.items():
-                    setattr(row, name, value)
             await uow.commit()
 
     async def forget(self, worker_id: str) -> None:
