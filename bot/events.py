@@ -8,13 +8,16 @@ elsewhere) finds new rows on its next poll.
 
 `notify` names the jobs that changed, and wakes only the watchers of those jobs (plus every platform
 follower and the idle worker): with many users watching their own jobs, one job's progress costs one
-read, not one read per watcher.
+read, not one read per watcher. For the same reason the job watchers share one poll for other processes'
+events (`_poll_for_watchers`): each interval it asks which jobs have new events and wakes their watchers,
+so sixteen people waiting cost one query per interval, not sixteen reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +30,11 @@ from bot.clock import utcnow
 from bot.database import Database, UnitOfWork
 from bot.models import Job, JobEvent
 
+log = logging.getLogger(__name__)
+
 READ_LIMIT = 200  # events per read of a stream
+# A job watcher never waits on the shared poll alone: should it stall, each watcher still reads this often.
+WATCHER_FALLBACK_POLLS = 20
 
 
 class EventKind(StrEnum):
@@ -86,6 +93,9 @@ class EventBus:
         self.poll_interval_s = poll_interval_s  # how often a reader looks for other processes' events
         self._changed = asyncio.Event()  # set (and replaced) on every notify
         self._job_wake_ups: dict[str, set[asyncio.Event]] = {}  # each waiting watcher's, by job id
+        self._job_watchers = 0  # job streams open in this process: the shared poll runs while there are any
+        self._poll: asyncio.Task[None] | None = None  # the shared poll; it ends when the last job watcher leaves
+        self._poll_started: asyncio.Future[None] | None = None  # done once that poll has its start id
 
     def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
         """Add an event to the unit of work; it is published when (and only if) that commits: the
@@ -99,6 +109,9 @@ class EventBus:
         this when it commits events `stage`d on it; a second call for the same change is harmless."""
         self._changed.set()
         self._changed = asyncio.Event()
+        self._wake_watchers(job_ids)
+
+    def _wake_watchers(self, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             for wake_up in self._job_wake_ups.get(job_id, ()):
                 wake_up.set()
@@ -141,21 +154,72 @@ class EventBus:
     async def _stream(self, last_id: int, *, platform: str | None = None,
                       job_id: str | None = None) -> AsyncIterator[Event]:
         """Events after `last_id` of one platform or one job, in order, waiting for new ones when
-        caught up."""
-        while True:
-            # Take the wake-up before reading, so a notify between the read and the wait still wakes us.
-            wake_up = self._wake_up_for(job_id)
+        caught up. A platform follower polls for other processes' events itself; a job watcher is woken
+        by the poll all job watchers share."""
+        if job_id is not None:
+            await self._join_shared_poll()
+        # A job watcher reads by itself only as a fallback (the shared poll wakes it); a follower polls itself.
+        wait_s = self.poll_interval_s * (WATCHER_FALLBACK_POLLS if job_id is not None else 1)
+        try:
+            while True:
+                # Take the wake-up before reading, so a notify between the read and the wait still wakes us.
+                wake_up = self._wake_up_for(job_id)
+                try:
+                    events = await self.read_after(last_id, platform=platform, job_id=job_id, limit=READ_LIMIT)
+                    for event in events:
+                        last_id = event.id
+                        yield event
+                    if len(events) < READ_LIMIT:  # caught up: wait (at once done if notified since the read)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait_s):  # not wait_for: see wait_for_change
+                                await wake_up.wait()
+                finally:
+                    self._forget_wake_up(job_id, wake_up)
+        finally:
+            if job_id is not None:
+                self._job_watchers -= 1
+
+    async def _join_shared_poll(self) -> None:
+        """Count a job watcher in, starting the shared poll if none runs, and return once the poll knows
+        where it starts: the watcher reads after that, so an event the poll does not report is one the
+        watcher has read."""
+        self._job_watchers += 1
+        loop = asyncio.get_running_loop()
+        if self._poll is None or self._poll.done() or self._poll.get_loop() is not loop:
+            self._poll_started = loop.create_future()
+            self._poll = asyncio.create_task(self._poll_for_watchers(self._poll_started), name="easel-events-poll")
+        try:
+            await asyncio.shield(self._poll_started)
+        except BaseException:
+            self._job_watchers -= 1
+            raise
+
+    async def _poll_for_watchers(self, started: asyncio.Future[None]) -> None:
+        """While any job watcher is open: every poll interval, wake the watchers of the jobs that have new
+        events. Those of this process were woken at commit already; this finds other processes' (a worker
+        on another host). A failed look is logged and wakes every watcher, which then reads for itself."""
+        try:
+            after = await self.latest_id()
+        except Exception as error:
+            started.set_exception(error)
+            return
+        started.set_result(None)
+        while self._job_watchers > 0:
+            await asyncio.sleep(self.poll_interval_s)
             try:
-                events = await self.read_after(last_id, platform=platform, job_id=job_id, limit=READ_LIMIT)
-                for event in events:
-                    last_id = event.id
-                    yield event
-                if len(events) < READ_LIMIT:  # caught up: wait (at once done if notified since the read)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.poll_interval_s):  # not wait_for: see wait_for_change
-                            await wake_up.wait()
-            finally:
-                self._forget_wake_up(job_id, wake_up)
+                newest = await self._newest_event_per_job(after)
+            except Exception:
+                log.warning("could not look for new job events; every watcher reads for itself", exc_info=True)
+                self._wake_watchers(list(self._job_wake_ups))
+                continue
+            if newest:
+                after = max(newest.values())
+                self._wake_watchers(newest)
+
+    async def _newest_event_per_job(self, after_id: int) -> dict[str, int]:
+        query = select(JobEvent.job_id, func.max(JobEvent.id)).where(JobEvent.id > after_id).group_by(JobEvent.job_id)
+        async with self._db.unit_of_work(write=False) as uow:
+            return {job_id: newest for job_id, newest in (await uow.session.execute(query)).all()}
 
     def _wake_up_for(self, job_id: str | None) -> asyncio.Event:
         if job_id is None:
