@@ -153,6 +153,7 @@ class Worker:
         self.worker_id = worker_id or this_worker_id()
         self.stats = WorkerStats()
         self._stop = asyncio.Event()
+        self._report_due = asyncio.Event()  # the registry row is out of date: _report_when_due writes it
         self._exit_process = exit_process
         self._in_hand: ProgressReporter | None = None  # the batch being generated or finished
         self._claimed: Sequence[JobView] = ()  # the batch from its claim until it is finished
@@ -177,6 +178,7 @@ class Worker:
         await self._report()
         watchdog = self._start_watchdog()
         upkeep = asyncio.create_task(self._keep_up(), name=f"easel-upkeep-{self.worker_id}")
+        reporter = asyncio.create_task(self._report_when_due(), name=f"easel-report-{self.worker_id}")
         try:
             while not self._stop.is_set():
                 await self._wait_for_a_fuller_batch()
@@ -195,17 +197,18 @@ class Worker:
                     continue
                 started = time.monotonic()
                 self._claimed = batch
-                await self._report()
+                self._report_due.set()
                 try:
                     await self._run_batch(batch)
                 finally:
                     self._claimed = ()
                 self.stats.batches += 1
                 self.stats.busy_seconds += time.monotonic() - started
-                await self._report()
+                self._report_due.set()
         finally:
             upkeep.cancel()
-            await asyncio.gather(upkeep, return_exceptions=True)
+            reporter.cancel()
+            await asyncio.gather(upkeep, reporter, return_exceptions=True)
             await asyncio.shield(self._forget())
             if watchdog is not None:
                 watchdog.stop()
@@ -321,6 +324,15 @@ class Worker:
         if self._stop.is_set():
             return WorkerStatus.DRAINING
         return WorkerStatus.BUSY if self._claimed else WorkerStatus.IDLE
+
+    async def _report_when_due(self) -> None:
+        """Write the registry row each time the batch loop asks (as a batch starts and as it ends), beside
+        the loop rather than in its way: no job waits on the registry. Asks made during a write become
+        one more write, of the newest state."""
+        while True:
+            await self._report_due.wait()
+            self._report_due.clear()
+            await self._report()
 
     async def _report(self) -> None:
         """Write this worker's row of the registry (`easel workers`). A failure is logged, never raised:

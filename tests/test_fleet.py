@@ -95,7 +95,13 @@ async def test_metrics_label_throughput_and_busy_ratio_per_worker(core: Core, ge
     async with running_worker(core, generator):
         result = await core.service.submit(user("ann"), core.parser.parse("/imagine a cat --steps 2 --n 2"))
         await core.service.wait_until_final(result.job.id, timeout_s=120)
-        lines = (await core.metrics.scrape()).decode().splitlines()
+
+        # The worker writes its registry row beside its batch loop, so it may land just after the job's end.
+        async def idle_after_its_images() -> list[str] | None:
+            lines = (await core.metrics.scrape()).decode().splitlines()
+            return lines if 'easel_fleet_workers{status="idle"} 1.0' in lines else None
+
+        lines = await eventually(idle_after_its_images, "the worker to report itself idle again")
 
     def sample(name: str) -> float:
         return float(next(line.split()[1] for line in lines if line.startswith(name)))
