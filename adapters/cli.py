@@ -344,9 +344,12 @@ async def _workers(core: Core, args: argparse.Namespace) -> int:
 
 
 async def _serve(core: Core, args: argparse.Namespace) -> int:
+    adapters = configured_adapters(core)
+    for adapter in adapters:  # the HTTP port: a taken one is refused before torch loads
+        if (listen := getattr(adapter, "listen", None)) is not None:
+            listen()
     # With --no-worker torch is never imported: the jobs wait for `easel worker` processes elsewhere.
     worker = None if args.no_worker else (await import_generation(args.debug)).build_worker(core)
-    adapters = configured_adapters(core)
     stop = asyncio.Event()
 
     def stop_all() -> None:

@@ -89,6 +89,13 @@ class HttpAdapter:
         self.core = core
         self.port: int | None = None  # the bound port, known once `started` is set (port 0 = any free one)
         self.started = asyncio.Event()
+        self._socket: socket.socket | None = None
+
+    def listen(self) -> None:
+        """Take the port now (run() does, if nobody did). `easel serve` calls this before it loads the
+        generation stack, so a taken port is refused in a second, not after torch's ten."""
+        if self._socket is None:
+            self._socket = self._bind()
 
     def _bind(self) -> socket.socket:
         config = self.core.settings.http
@@ -106,7 +113,8 @@ class HttpAdapter:
         return sock
 
     async def run(self, stop: asyncio.Event) -> None:
-        sock = self._bind()
+        self.listen()
+        sock, self._socket = self._socket, None
         self.port = sock.getsockname()[1]
         server = _Server(uvicorn.Config(build_app(self.core), log_level="warning", access_log=False,
                                         lifespan="off", timeout_graceful_shutdown=3))

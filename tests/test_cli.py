@@ -156,12 +156,13 @@ def test_config_check_says_loudly_when_a_real_model_runs_without_the_image_check
 
 
 def test_serve_on_a_taken_port_says_so_in_one_line(env: dict[str, str]) -> None:
+    """... before loading torch: the user reads it at once, not after the generation stack's seconds."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = easel({**env, "EASEL_HTTP__PORT": str(port)}, "serve", check=False)
-    assert result.returncode == 2
+        result, torch_imported = easel_in_python({**env, "EASEL_HTTP__PORT": str(port)}, "serve")
+    assert result.returncode == 2 and not torch_imported
     assert result.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); set "
                                      "another port with http.port or EASEL_HTTP__PORT")
 
