@@ -92,7 +92,8 @@ class EventBus:
         self.clock = clock  # the events' created_at
         self.poll_interval_s = poll_interval_s  # how often a reader looks for other processes' events
         self._changed = asyncio.Event()  # set (and replaced) on every notify
-        self._job_wake_ups: dict[str, set[asyncio.Event]] = {}  # each waiting watcher's, by job id
+        # Each waiting job watcher's wake-up, by job id, with the last event id that watcher has read.
+        self._job_wake_ups: dict[str, dict[asyncio.Event, int]] = {}
         self._job_watchers = 0  # job streams open in this process: the shared poll runs while there are any
         self._poll: asyncio.Task[None] | None = None  # the shared poll; it ends when the last job watcher leaves
         self._poll_started: asyncio.Future[None] | None = None  # done once that poll has its start id
@@ -163,12 +164,14 @@ class EventBus:
         try:
             while True:
                 # Take the wake-up before reading, so a notify between the read and the wait still wakes us.
-                wake_up = self._wake_up_for(job_id)
+                wake_up = self._wake_up_for(job_id, last_id)
                 try:
                     events = await self.read_after(last_id, platform=platform, job_id=job_id, limit=READ_LIMIT)
                     for event in events:
                         last_id = event.id
                         yield event
+                    if job_id is not None:  # the shared poll wakes it only for events after these
+                        self._job_wake_ups[job_id][wake_up] = last_id
                     if len(events) < READ_LIMIT:  # caught up: wait (at once done if notified since the read)
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(wait_s):  # not wait_for: see wait_for_change
@@ -214,24 +217,27 @@ class EventBus:
                 continue
             if newest:
                 after = max(newest.values())
-                self._wake_watchers(newest)
+            for job_id, newest_id in newest.items():  # not the watchers that read them already
+                for wake_up, read_up_to in self._job_wake_ups.get(job_id, {}).items():
+                    if newest_id > read_up_to:
+                        wake_up.set()
 
     async def _newest_event_per_job(self, after_id: int) -> dict[str, int]:
         query = select(JobEvent.job_id, func.max(JobEvent.id)).where(JobEvent.id > after_id).group_by(JobEvent.job_id)
         async with self._db.unit_of_work(write=False) as uow:
             return {job_id: newest for job_id, newest in (await uow.session.execute(query)).all()}
 
-    def _wake_up_for(self, job_id: str | None) -> asyncio.Event:
+    def _wake_up_for(self, job_id: str | None, read_up_to: int) -> asyncio.Event:
         if job_id is None:
             return self._changed
         wake_up = asyncio.Event()
-        self._job_wake_ups.setdefault(job_id, set()).add(wake_up)
+        self._job_wake_ups.setdefault(job_id, {})[wake_up] = read_up_to
         return wake_up
 
     def _forget_wake_up(self, job_id: str | None, wake_up: asyncio.Event) -> None:
         waiting = self._job_wake_ups.get(job_id) if job_id is not None else None
         if waiting is not None:
-            waiting.discard(wake_up)
+            waiting.pop(wake_up, None)
             if not waiting:
                 del self._job_wake_ups[job_id]
 
