@@ -97,6 +97,7 @@ class EventBus:
         self._job_watchers = 0  # job streams open in this process: the shared poll runs while there are any
         self._poll: asyncio.Task[None] | None = None  # the shared poll; it ends when the last job watcher leaves
         self._poll_started: asyncio.Future[None] | None = None  # done once that poll has its start id
+        self._notified_since_poll: set[str] = set()  # jobs whose watchers commits here woke since its last look
 
     def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
         """Add an event to the unit of work; it is published when (and only if) that commits: the
@@ -110,6 +111,8 @@ class EventBus:
         this when it commits events `stage`d on it; a second call for the same change is harmless."""
         self._changed.set()
         self._changed = asyncio.Event()
+        job_ids = list(job_ids)
+        self._notified_since_poll.update(job_ids)
         self._wake_watchers(job_ids)
 
     def _wake_watchers(self, job_ids: Iterable[str]) -> None:
@@ -209,6 +212,13 @@ class EventBus:
         started.set_result(None)
         while self._job_watchers > 0:
             await asyncio.sleep(self.poll_interval_s)
+            notified, self._notified_since_poll = self._notified_since_poll, set()
+            if set(self._job_wake_ups) <= notified:
+                # Every watcher was woken by this process's commits since the last look and read all its job's
+                # events then, other processes' too. What came after those reads the next look finds: another
+                # process's event may reach a watcher one interval later, and with a worker here and one user
+                # waiting, this skips most looks.
+                continue
             try:
                 newest = await self._newest_event_per_job(after)
             except Exception:

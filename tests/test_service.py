@@ -6,10 +6,12 @@ from datetime import timedelta
 
 import pytest
 
-from bot.bootstrap import Core
+from bot import events
+from bot.bootstrap import Core, open_core
 from bot.clock import utcnow
-from bot.domain import InputImages, JobKind, JobStatus
+from bot.domain import InputImages, JobKind, JobStatus, Requester
 from bot.errors import InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
+from bot.events import EventKind
 from tests.conftest import alice, bob, mask_bytes, png_bytes
 
 
@@ -266,3 +268,26 @@ async def test_bad_attachments_are_refused_and_nothing_is_queued(core: Core) -> 
                                                             mask=mask_bytes(128, 64)))
     assert await core.service.list_jobs() == []
     assert (await core.service.quota(alice())).used == 0
+
+
+async def test_watchers_learn_what_another_process_wrote(settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six people wait on their jobs in the bot's process; another process on the same database (a second
+    core, as `easel worker` on another host would be) cancels the jobs. No commit in the watchers' process
+    announces it, and their own fallback reads are turned off: the poll they share must tell each one."""
+    monkeypatch.setattr(events, "WATCHER_FALLBACK_POLLS", 1_000_000)
+    here, elsewhere = await open_core(settings), await open_core(settings)
+    try:
+        people = [Requester(platform="console", user_id=f"user{i}") for i in range(6)]
+        jobs = [(await here.service.submit(who, here.parser.parse("/imagine a cat"))).job.id for who in people]
+
+        async def last_event(job_id: str) -> events.Event:
+            return [event async for event in here.bus.watch(job_id)][-1]
+
+        watching = [asyncio.create_task(last_event(job_id)) for job_id in jobs]
+        for who, job_id in zip(people, jobs, strict=True):
+            await elsewhere.service.cancel(who, job_id)
+        finals = await asyncio.wait_for(asyncio.gather(*watching), timeout=60)
+        assert [(final.job_id, final.kind) for final in finals] == [(job_id, EventKind.CANCELLED) for job_id in jobs]
+    finally:
+        await here.close()
+        await elsewhere.close()
