@@ -56,6 +56,9 @@ log = logging.getLogger("easel.worker")
 StepCallback = Callable[[int, int], None]
 T = TypeVar("T")
 PRUNE_EVERY_S = 30  # progress events are kept an hour: deleting them this often is plenty
+# A busy worker's registry row changes with every batch; people watching `easel workers` or /metrics need
+# it no fresher than this, and each write is a transaction on the event loop beside the torch thread.
+REPORT_AT_MOST_EVERY_S = 1.0
 WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor (systemd, Docker, ...) restarts the worker
 
 # All torch work of the process (generation, warm-up, the output check) runs on this one thread:
@@ -326,13 +329,14 @@ class Worker:
         return WorkerStatus.BUSY if self._claimed else WorkerStatus.IDLE
 
     async def _report_when_due(self) -> None:
-        """Write the registry row each time the batch loop asks (as a batch starts and as it ends), beside
-        the loop rather than in its way: no job waits on the registry. Asks made during a write become
-        one more write, of the newest state."""
+        """Write the registry row when the batch loop asks (as a batch starts and as it ends), beside the
+        loop rather than in its way, and at most every REPORT_AT_MOST_EVERY_S: asks made meanwhile become
+        one write, of the newest state."""
         while True:
             await self._report_due.wait()
             self._report_due.clear()
             await self._report()
+            await asyncio.sleep(REPORT_AT_MOST_EVERY_S)
 
     async def _report(self) -> None:
         """Write this worker's row of the registry (`easel workers`). A failure is logged, never raised:
