@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 from diffusers import StableDiffusionPipeline
+from sqlalchemy import event
 
 from bench.common import BenchSetup, bench_settings, parse_common, print_table
 from bot.bootstrap import open_core
@@ -87,6 +88,12 @@ class EaselService:
     async def __aenter__(self) -> EaselService:
         settings = bench_settings(self.setup, max_batch=self.max_batch)
         self.core = await open_core(settings)
+        self.statements = 0  # SQL statements this service's database has run
+
+        @event.listens_for(self.core.db.engine.sync_engine, "before_cursor_execute")
+        def count(*_: object) -> None:
+            self.statements += 1
+
         self.worker = Worker(self.core.queue, self.generator, self.core.store, settings)
         self.serving = asyncio.create_task(self.worker.run())
         return self
@@ -96,8 +103,10 @@ class EaselService:
         await self.serving
         await self.core.close()
 
-    async def measure(self, users: int, jobs: int) -> tuple[float, float]:
-        """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; and the mean batch."""
+    async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float]:
+        """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; the mean batch; the
+        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads); and
+        SQL statements per job. The last two are steadier than the time ratios on a busy machine."""
         seeds = range(self.next_seed, self.next_seed + jobs)
         self.next_seed += jobs
         batches_before = self.worker.stats.batches
@@ -111,11 +120,14 @@ class EaselService:
                 async for _ in self.core.bus.watch(submitted.job.id):
                     pass
 
-        start = time.perf_counter()
+        statements_before = self.statements
+        start, loop_cpu = time.perf_counter(), time.thread_time()  # the loop runs on this thread
         await asyncio.gather(*(user(i) for i in range(users)))
         _sync(self.setup)
         elapsed = time.perf_counter() - start
-        return elapsed, jobs / max(self.worker.stats.batches - batches_before, 1)
+        loop_ms_per_job = (time.thread_time() - loop_cpu) * 1000 / jobs
+        return (elapsed, jobs / max(self.worker.stats.batches - batches_before, 1), loop_ms_per_job,
+                (self.statements - statements_before) / jobs)
 
 
 def _sync(setup: BenchSetup) -> None:
@@ -125,7 +137,7 @@ def _sync(setup: BenchSetup) -> None:
 
 async def _measure(setup: BenchSetup, generator: DiffusersGenerator, baselines: dict[str, Callable[[int], float]],
                    concurrencies: list[int], images: int, rounds: int,
-                   max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, float]]]]:
+                   max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, ...]]]]:
     """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Each
     concurrency has a service of its own, warmed up (database, statement caches) before the rounds."""
     async with contextlib.AsyncExitStack() as stack:
@@ -134,7 +146,7 @@ async def _measure(setup: BenchSetup, generator: DiffusersGenerator, baselines: 
         for users, service in services.items():
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
-        easel_runs: dict[int, list[tuple[float, float]]] = {users: [] for users in concurrencies}
+        easel_runs: dict[int, list[tuple[float, ...]]] = {users: [] for users in concurrencies}
         for _ in range(rounds):
             for name, timer in baselines.items():
                 baseline_runs[name].append(timer(images))  # blocks the loop: nothing else runs meanwhile
@@ -168,17 +180,19 @@ def main() -> None:
     for (name, runs), batch in zip(baseline_runs.items(), (1, args.max_batch), strict=True):
         seconds = statistics.median(runs)
         rows.append([name, "-", f"{min(batch, images):.1f}", seconds, images / seconds, seconds / images,
-                     seconds / baseline, baseline / seconds, ceiling / seconds])
+                     seconds / baseline, baseline / seconds, ceiling / seconds, "-", "-"])
     results = {}
     for users, runs in easel_runs.items():
         seconds = statistics.median(run[0] for run in runs)
         mean_batch = statistics.median(run[1] for run in runs)
+        loop_ms_per_job = statistics.median(run[2] for run in runs)
+        statements_per_job = statistics.median(run[3] for run in runs)
         results[users] = seconds
         rows.append([f"easel (max_batch {args.max_batch})", users, f"{mean_batch:.1f}", seconds,
                      images / seconds, seconds / images, seconds / baseline, baseline / seconds,
-                     ceiling / seconds])
+                     ceiling / seconds, f"{loop_ms_per_job:.1f}", f"{statements_per_job:.1f}"])
     print_table(["system", "users", "batch", "seconds", "images/s", "s/image", "time ratio", "speed-up",
-                 "of ceiling"], rows)
+                 "of ceiling", "loop ms/job", "SQL/job"], rows)
     lowest, highest = min(results), max(results)
     print(f"headline: concurrency {lowest}: Easel's time per image is {results[lowest] / baseline:.2f}x plain "
           f"diffusers'; concurrency {highest}: Easel's images/s are {baseline / results[highest]:.2f}x, "
