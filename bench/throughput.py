@@ -105,8 +105,8 @@ class EaselService:
 
     async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float]:
         """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; the mean batch; the
-        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads); and
-        SQL statements per job. The last two are steadier than the time ratios on a busy machine."""
+        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads; all
+        the loop's work, the other services' idle polls too); and this service's SQL statements per job."""
         seeds = range(self.next_seed, self.next_seed + jobs)
         self.next_seed += jobs
         batches_before = self.worker.stats.batches
