@@ -213,7 +213,7 @@ class EventBus:
         while self._job_watchers > 0:
             await asyncio.sleep(self.poll_interval_s)
             notified, self._notified_since_poll = self._notified_since_poll, set()
-            if set(self._job_wake_ups) <= notified:
+            if self._job_wake_ups.keys() <= notified:
                 # Every watcher was woken by this process's commits since the last look and read all its job's
                 # events then, other processes' too. What came after those reads the next look finds: another
                 # process's event may reach a watcher one interval later, and with a worker here and one user
@@ -223,7 +223,7 @@ class EventBus:
                 newest = await self._newest_event_per_job(after)
             except Exception:
                 log.warning("could not look for new job events; every watcher reads for itself", exc_info=True)
-                self._wake_watchers(list(self._job_wake_ups))
+                self._wake_watchers(self._job_wake_ups)
                 continue
             if newest:
                 after = max(newest.values())

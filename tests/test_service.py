@@ -9,6 +9,7 @@ import pytest
 from bot import events
 from bot.bootstrap import Core, open_core
 from bot.clock import utcnow
+from bot.config import Settings
 from bot.domain import InputImages, JobKind, JobStatus, Requester
 from bot.errors import InvalidCommand, InvalidImage, NotFound, QueueFull, QuotaExceeded, Refused
 from bot.events import EventKind
@@ -270,7 +271,7 @@ async def test_bad_attachments_are_refused_and_nothing_is_queued(core: Core) -> 
     assert (await core.service.quota(alice())).used == 0
 
 
-async def test_watchers_learn_what_another_process_wrote(settings, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_watchers_learn_what_another_process_wrote(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six people wait on their jobs in the bot's process; another process on the same database (a second
     core, as `easel worker` on another host would be) cancels the jobs. No commit in the watchers' process
     announces it, and their own fallback reads are turned off: the poll they share must tell each one."""
