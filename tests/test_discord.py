@@ -678,9 +678,9 @@ async def test_a_flagged_image_goes_behind_a_spoiler_in_an_nsfw_channel(
 
 async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
         core: Core, generator, fake: FakeDiscord) -> None:
-    """Alice's message answers 429 with retry_after 5 s to every edit; Bob's result still arrives first."""
+    """Alice's message answers 429 with retry_after 3 s to every edit; Bob's result still arrives first."""
     async with running(core) as bot:
-        fake.fail_next("PATCH", "", 429, times=3, retry_after=5, when=lambda r: alice in r.path)
+        fake.fail_next("PATCH", "", 429, times=3, retry_after=3, when=lambda r: alice in r.path)
         alice = bot.dispatch(slash("imagine", prompt="a red fox --seed 1", steps=2))
         # Alice's job is queued and her first edit (its position) is being held up before Bob asks.
         await fake.wait_for(lambda r: alice in r.path and r.status == 429)
@@ -689,7 +689,7 @@ async def test_one_users_rate_limited_edits_never_hold_up_another_users_result(
         alice_result = await work_until(core, generator, fake, is_final_edit(alice))
     order = {id(request): number for number, request in enumerate(fake.requests)}
     limited = [order[id(r)] for r in fake.requests if webhook_path(alice) in r.path and r.status == 429]
-    # Alice was held up (three 429s, 5 s apart) while Bob's whole job ran and his result was shown:
+    # Alice was held up (three 429s, 3 s apart) while Bob's whole job ran and his result was shown:
     # it arrived before Alice's last 429, not after her wait.
     assert len(limited) == 3 and limited[0] < order[id(bob_result)] < limited[-1] < order[id(alice_result)]
 
