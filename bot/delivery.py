@@ -89,6 +89,9 @@ class Delivery:
     images: tuple[ShownImage, ...] = ()
     withheld: tuple[WithheldNotice, ...] = ()
     position: int | None = None  # QUEUED: 1 = next to run
+    # STARTED: images in the diffusers call the job joined, from the event itself: a job read before its
+    # claim (a stream opened while it was queued) has no batch size yet.
+    batch_size: int | None = None
     step: int = 0  # PROGRESS: step of total
     total: int = 0
     preview: str | None = None  # PROGRESS: a data: URL of a rough picture so far, when allowed here
@@ -136,6 +139,8 @@ class Deliveries:
         payload = event.payload
         if event.kind is EventKind.QUEUED:
             return Delivery(event.kind, job, position=int(payload.get("position", 1)))
+        if event.kind is EventKind.STARTED:
+            return Delivery(event.kind, job, batch_size=payload.get("batch_size", job.batch_size))
         if event.kind is EventKind.PROGRESS:
             preview, spoiler = self._preview(job, payload.get("preview"))
             return Delivery(event.kind, job, step=int(payload.get("step", 0)), total=int(payload.get("total", 0)),

@@ -70,6 +70,27 @@ async def test_a_job_is_accepted_with_202_then_streams_its_events_in_order_and_s
     assert "Seed: 42" in read_parameters(png.content) and Image.open(io.BytesIO(png.content)).size == (64, 64)
 
 
+async def test_a_stream_opened_while_the_job_waits_says_how_large_a_batch_it_started_in(server, generator) -> None:
+    """The stream reads the job once, while it is queued; its `started` event still carries the batch size."""
+    token = await server.new_key()
+    async with server.client(token) as client:
+        job = (await client.post("/v1/jobs", json={"kind": "imagine", "prompt": "a cat", "steps": 2, "n": 2})).json()
+        events: list[tuple[str, dict]] = []
+        async with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+            lines = response.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: "):  # the `queued` event: the stream has read the job
+                    break
+            async with running_worker(server.core, generator):
+                kind = ""
+                async for line in lines:
+                    if line.startswith("event: "):
+                        kind = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        events.append((kind, json.loads(line.removeprefix("data: "))))
+    assert events[0] == ("started", {"job_id": job["id"], "batch_size": 2}) and events[-1][0] == "done"
+
+
 async def test_the_chat_grammar_and_the_json_fields_make_the_same_image(server, generator) -> None:
     token = await server.new_key()
     async with server.client(token) as client, running_worker(server.core, generator):

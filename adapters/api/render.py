@@ -82,7 +82,7 @@ def event_data(delivery: Delivery, base: str) -> dict[str, Any]:
     if kind is EventKind.QUEUED:
         data["position"] = delivery.position
     elif kind is EventKind.STARTED:
-        data["batch_size"] = delivery.job.batch_size
+        data["batch_size"] = delivery.batch_size
     elif kind is EventKind.PROGRESS:
         data.update(step=delivery.step, total=delivery.total)
         if delivery.preview is not None:
