@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ from PIL import Image
 
 from bot.bootstrap import Core, open_core
 from bot.config import Settings, load_settings
+from bot.database import upgrade_database
 from bot.domain import Requester
 
 
@@ -47,8 +53,27 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database that Alembic brought to head once for the session. The `settings` fixtures start
+    each test's database as a copy: migrating a new file takes some 50 ms, and over 300 tests open one.
+    A new database's own migration is tested in test_migrations.py and test_migration_lock.py."""
+    path = tmp_path_factory.mktemp("migrated") / "easel.db"
+    upgrade_database(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+def copy_database(template: Path, data_dir: Path) -> None:
+    """Make `data_dir`'s database (easel.db, where settings look by default) a copy of `template`."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # SQLite's backup copies a consistent snapshot, whatever the template's write-ahead log holds.
+    with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(data_dir / "easel.db")) as copy:
+        source.backup(copy)
+
+
 @pytest.fixture
-def settings(tmp_path: Path, models_dir: Path) -> Settings:
+def settings(tmp_path: Path, models_dir: Path, migrated_sqlite: Path) -> Settings:
+    copy_database(migrated_sqlite, tmp_path / "data")
     return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir},
                          generation={"poll_interval_ms": 50, "progress_every_s": 0})
 
@@ -76,23 +101,41 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+async def new_postgres_database(server_url: str, template: str = "template1") -> str:
+    """The URL of a new database on the test server, made as a copy of `template` (by default, empty)."""
+    import asyncpg
+
+    name = f"easel_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await connection.close()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres(postgres_url: str) -> str:
+    """A database on the test server that Alembic brought to head once for the session: PostgreSQL copies
+    it for `any_core`, as `migrated_sqlite` is copied for SQLite."""
+    def migrate_a_new_database() -> str:
+        url = asyncio.run(new_postgres_database(postgres_url))
+        upgrade_database(url)  # its engine is gone afterwards: PostgreSQL copies only a database nobody uses
+        return url
+
+    # In a thread: `any_core` asks for this from inside a running event loop, and both asyncio.run and
+    # Alembic (alembic/env.py) start loops of their own.
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(migrate_a_new_database).result().rsplit("/", 1)[1]
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def any_core(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Core]:
-    """The core on each supported database: a SQLite file, and a new database on PostgreSQL."""
-    if request.param == "sqlite":
-        core = await open_core(settings)
-    else:
-        import uuid
-
-        import asyncpg
-
-        server_url = request.getfixturevalue("postgres_url")
-        name = f"easel_{uuid.uuid4().hex[:12]}"
-        connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
-        await connection.execute(f'CREATE DATABASE "{name}"')
-        await connection.close()
-        settings.database.url = server_url.rsplit("/", 1)[0] + f"/{name}"
-        core = await open_core(settings)
+    """The core on each supported database: a SQLite file, and a database of its own on PostgreSQL."""
+    if request.param == "postgresql":
+        settings.database.url = await new_postgres_database(request.getfixturevalue("postgres_url"),
+                                                            template=request.getfixturevalue("migrated_postgres"))
+    core = await open_core(settings)
     try:
         yield core
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from bot.database import alembic_config, create_engine
+from tests.conftest import new_postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 4
@@ -33,14 +33,7 @@ upgrade_database(sys.argv[1])
 async def new_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'easel.db'}"
-    import asyncpg
-
-    server_url = request.getfixturevalue("postgres_url")
-    name = f"easel_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server_url.replace("postgresql+asyncpg", "postgresql"))
-    await connection.execute(f'CREATE DATABASE "{name}"')
-    await connection.close()
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
+    return await new_postgres_database(request.getfixturevalue("postgres_url"))
 
 
 async def test_processes_upgrading_a_new_database_at_once_all_succeed(new_database_url: str) -> None:
