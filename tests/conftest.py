@@ -63,18 +63,21 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def copy_database(template: Path, data_dir: Path) -> None:
-    """Make `data_dir`'s database (easel.db, where settings look by default) a copy of `template`."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+@pytest.fixture
+def data_dir(tmp_path: Path, migrated_sqlite: Path) -> Path:
+    """A test's data folder, its database (easel.db, where settings look by default) a copy of the
+    migrated one: what every `settings` fixture points storage.data_dir at."""
+    folder = tmp_path / "data"
+    folder.mkdir()
     # SQLite's backup copies a consistent snapshot, whatever the template's write-ahead log holds.
-    with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(data_dir / "easel.db")) as copy:
+    with closing(sqlite3.connect(migrated_sqlite)) as source, closing(sqlite3.connect(folder / "easel.db")) as copy:
         source.backup(copy)
+    return folder
 
 
 @pytest.fixture
-def settings(tmp_path: Path, models_dir: Path, migrated_sqlite: Path) -> Settings:
-    copy_database(migrated_sqlite, tmp_path / "data")
-    return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir},
+def settings(data_dir: Path, models_dir: Path) -> Settings:
+    return load_settings(None, storage={"data_dir": data_dir, "models_dir": models_dir},
                          generation={"poll_interval_ms": 50, "progress_every_s": 0})
 
 
@@ -127,6 +130,14 @@ def migrated_postgres(postgres_url: str) -> str:
     # Alembic (alembic/env.py) start loops of their own.
     with ThreadPoolExecutor(max_workers=1) as thread:
         return thread.submit(migrate_a_new_database).result().rsplit("/", 1)[1]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def new_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database on each supported engine, for the tests of the migrations themselves."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'easel.db'}"
+    return await new_postgres_database(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,15 +19,13 @@ from adapters.http import HttpAdapter
 from bot.bootstrap import Core
 from bot.config import Settings, load_settings
 from generation.worker import Worker
-from tests.conftest import copy_database
 
 MAX_UPLOAD = 300_000  # small, so an oversize upload is cheap to send
 
 
 @pytest.fixture
-def settings(tmp_path: Path, models_dir: Path, migrated_sqlite: Path) -> Settings:
-    copy_database(migrated_sqlite, tmp_path / "data")
-    return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir},
+def settings(data_dir: Path, models_dir: Path) -> Settings:
+    return load_settings(None, storage={"data_dir": data_dir, "models_dir": models_dir},
                          generation={"poll_interval_ms": 50, "progress_every_s": 0},
                          limits={"max_upload_bytes": MAX_UPLOAD},
                          http={"port": 0, "allow_private_webhooks": True, "webhook_backoff_s": 0.05,

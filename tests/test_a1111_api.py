@@ -23,7 +23,7 @@ from bot.config import GenerationConfig, ModelConfig, Settings, load_settings
 from bot.domain import JobStatus
 from bot.events import EventKind
 from tests import http_fixtures
-from tests.conftest import copy_database, mask_bytes
+from tests.conftest import mask_bytes
 from tests.http_fixtures import MAX_UPLOAD, running_worker
 
 server = http_fixtures.server  # this module's server, on its own settings below
@@ -36,12 +36,11 @@ TIERS = {"user": {}, "owner": {"daily_units": float("inf"), "per_minute_units": 
 
 
 @pytest.fixture
-def settings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-             models_dir: Path, migrated_sqlite: Path) -> Settings:
+def settings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, data_dir: Path,
+             models_dir: Path) -> Settings:
     """Two models, live previews every step, the image check as the test's parameter says (default off)."""
     monkeypatch.setenv("EASEL_MODELS", json.dumps(MODELS))
-    copy_database(migrated_sqlite, tmp_path / "data")
-    return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir},
+    return load_settings(None, storage={"data_dir": data_dir, "models_dir": models_dir},
                          generation={"poll_interval_ms": 50, "progress_every_s": 0, "previews": True,
                                      "preview_every_steps": 1},
                          limits={"max_upload_bytes": MAX_UPLOAD}, http={"port": 0},

@@ -33,7 +33,7 @@ from bot.config import Settings, load_settings
 from bot.domain import JobKind, JobStatus
 from bot.store import read_parameters
 from generation.worker import Worker
-from tests.conftest import copy_database, png_bytes
+from tests.conftest import png_bytes
 from tests.fake_discord import APPLICATION_ID, FakeDiscord, Request, snowflake
 
 GUILD_ID = 700000000000000001
@@ -66,9 +66,8 @@ async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, models_dir: Path, migrated_sqlite: Path) -> Settings:
-    copy_database(migrated_sqlite, tmp_path / "data")
-    return load_settings(None, storage={"data_dir": tmp_path / "data", "models_dir": models_dir},
+def settings(data_dir: Path, models_dir: Path) -> Settings:
+    return load_settings(None, storage={"data_dir": data_dir, "models_dir": models_dir},
                          generation={"poll_interval_ms": 50, "progress_every_s": 0},
                          discord={"token": BOT_TOKEN, "progress_edit_every_s": 0})
 

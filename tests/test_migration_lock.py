@@ -6,12 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
 from bot.database import alembic_config, create_engine
-from tests.conftest import new_postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESSES = 4
@@ -27,13 +25,6 @@ print("ready", flush=True)
 sys.stdin.readline()
 upgrade_database(sys.argv[1])
 """
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def new_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'easel.db'}"
-    return await new_postgres_database(request.getfixturevalue("postgres_url"))
 
 
 async def test_processes_upgrading_a_new_database_at_once_all_succeed(new_database_url: str) -> None:

@@ -12,17 +12,14 @@ from bot.bootstrap import Core, open_core
 from bot.config import load_settings
 from bot.database import current_revision
 from bot.models import Base
-from tests.conftest import new_postgres_database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def new_core(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Core]:
+@pytest.fixture
+async def new_core(new_database_url: str, tmp_path: Path) -> AsyncIterator[Core]:
     """The core opened on a new, empty database, so open_core runs every migration (the other tests'
     databases are copies of one that conftest migrated once)."""
-    settings = load_settings(None, storage={"data_dir": tmp_path / "new"})
-    if request.param == "postgresql":
-        settings.database.url = await new_postgres_database(request.getfixturevalue("postgres_url"))
-    core = await open_core(settings)
+    core = await open_core(load_settings(None, storage={"data_dir": tmp_path / "data"},
+                                         database={"url": new_database_url}))
     try:
         yield core
     finally:

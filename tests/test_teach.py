@@ -38,7 +38,7 @@ from bot.grammar import CommandParser
 from bot.views import JobView
 from generation.shapes import COLOURS, Scene, describe, draw
 from generation.worker import build_worker
-from tests.conftest import alice, bob, copy_database, png_bytes
+from tests.conftest import alice, bob, png_bytes
 
 WORD, COLOUR = "zorb", "orange"
 SHAPES_MODELS = '{"shapes": {"source": "builtin:shapes", "default_width": 64, "default_height": 64}}'
@@ -336,9 +336,8 @@ def test_a_training_killed_mid_way_finishes_with_the_same_lora(tmp_path: Path, m
 
 
 @pytest.fixture
-def teach_core_settings(tmp_path: Path, models_dir: Path, migrated_sqlite: Path) -> Settings:
-    copy_database(migrated_sqlite, tmp_path / "data")
-    return shapes_settings(tmp_path / "data", models_dir)
+def teach_core_settings(data_dir: Path, models_dir: Path) -> Settings:
+    return shapes_settings(data_dir, models_dir)
 
 
 @pytest.fixture
