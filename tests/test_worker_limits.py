@@ -4,10 +4,12 @@ is renewed only while steps advance, the takeover of a killed worker's job, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -211,6 +213,21 @@ async def test_a_worker_whose_steps_advance_keeps_its_job_past_many_leases(core:
     assert job.status is JobStatus.SUCCEEDED and job.attempts == 1
 
 
+def pause_outside_a_write(process: subprocess.Popen[bytes], database: Path) -> None:
+    """SIGSTOP `process` at a moment it holds no SQLite write lock. A worker writes every lease_s/4 (its
+    heartbeat and registry row); stopped inside such a transaction it would lock everyone else out until
+    SIGCONT. So: stop it, see whether a write can begin at once, and if not let it finish and try again."""
+    while True:
+        process.send_signal(signal.SIGSTOP)
+        with contextlib.closing(sqlite3.connect(database, timeout=0.5, isolation_level=None)) as connection:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("ROLLBACK")
+                return
+            except sqlite3.OperationalError:  # database is locked: by the process just stopped
+                process.send_signal(signal.SIGCONT)
+
+
 def test_a_killed_workers_job_is_finished_by_another_live_worker(tmp_path: Path, models_dir: Path) -> None:
     """Two `easel worker` processes; SIGKILL the one running a job, and the other, already serving,
     takes the job back and finishes it. SIGSTOP only decides which worker claims which job."""
@@ -236,11 +253,11 @@ def test_a_killed_workers_job_is_finished_by_another_live_worker(tmp_path: Path,
             first = start_worker("first")
             assert (await finished(core, await submit(core, "/imagine warm up --steps 2"))).status \
                 is JobStatus.SUCCEEDED
-            first.send_signal(signal.SIGSTOP)
+            pause_outside_a_write(first, tmp_path / "data" / "easel.db")
             second = start_worker("second")
             probe = await finished(core, await submit(core, "/imagine probe --steps 2", who=bob))
             assert probe.status is JobStatus.SUCCEEDED  # the second worker is up and serving
-            second.send_signal(signal.SIGSTOP)
+            pause_outside_a_write(second, tmp_path / "data" / "easel.db")
             first.send_signal(signal.SIGCONT)
             job_id = await submit(core, "/imagine a slow one --steps 50 --seed 9")
             await reached_step(core, job_id)
