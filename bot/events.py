@@ -98,6 +98,7 @@ class EventBus:
         self._poll: asyncio.Task[None] | None = None  # the shared poll; it ends when the last job watcher leaves
         self._poll_started: asyncio.Future[None] | None = None  # done once that poll has its start id
         self._notified_since_poll: set[str] = set()  # jobs whose watchers commits here woke since its last look
+        self.submissions_under_way = 0  # JobService.submit calls running in this process
 
     def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
         """Add an event to the unit of work; it is published when (and only if) that commits: the
@@ -250,6 +251,17 @@ class EventBus:
             waiting.pop(wake_up, None)
             if not waiting:
                 del self._job_wake_ups[job_id]
+
+    @contextlib.asynccontextmanager
+    async def submission_under_way(self) -> AsyncIterator[None]:
+        """Count a job submission under way in this process: a worker about to claim a batch waits for
+        those (usually milliseconds from the queue) rather than start one a moment too early."""
+        self.submissions_under_way += 1
+        try:
+            yield
+        finally:
+            self.submissions_under_way -= 1
+            self.notify(())  # one refused wakes a waiting worker as one queued does (by its commit)
 
     def change_marker(self) -> asyncio.Event:
         """A marker of "now": `wait_for_change(since=marker)` returns at once if anything was

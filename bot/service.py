@@ -101,7 +101,14 @@ class JobService:
 
         With an `idempotency_key`, a repeat of the same request (same `fingerprint`, e.g. a hash of
         it) by the same user returns the job the first one queued instead of queuing another.
+
+        While it runs it counts as under way: a worker of this process about to claim waits for it.
         """
+        async with self.bus.submission_under_way():
+            return await self._submit(requester, command, inputs, idempotency_key, fingerprint)
+
+    async def _submit(self, requester: Requester, command: GenerateCommand, inputs: InputImages | None,
+                      idempotency_key: str | None, fingerprint: str) -> SubmitResult:
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
         # On a thread: decoding the upload and storing it (a PUT, with an object store) must not hold up

@@ -59,6 +59,9 @@ PRUNE_EVERY_S = 30  # progress events are kept an hour: deleting them this often
 # A busy worker's registry row changes with every batch; people watching `easel workers` or /metrics need
 # it no fresher than this, and each write is a transaction on the event loop beside the torch thread.
 REPORT_AT_MOST_EVERY_S = 1.0
+# The longest a worker about to claim waits for the next of the submissions under way in its process to
+# land (one takes a few milliseconds; one held up longer, fetching a reference picture say, is not waited for).
+SUBMISSIONS_WAIT_S = 0.1
 WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor (systemd, Docker, ...) restarts the worker
 
 # All torch work of the process (generation, warm-up, the output check) runs on this one thread:
@@ -226,11 +229,13 @@ class Worker:
         return watchdog
 
     async def _wait_for_a_fuller_batch(self) -> None:
-        """With `generation.batch_wait_ms`, give a part-full queue a moment to fill a batch.
+        """Give a part-full queue a moment to fill a batch: always for the submissions already under way in
+        this process, and with `generation.batch_wait_ms` for jobs that may yet come.
 
-        No job waits longer than batch_wait_ms past its submission for this: a larger batch costs
+        No job waits longer than batch_wait_ms past its submission for the latter: a larger batch costs
         each image less, but only a short wait is worth it.
         """
+        await self._wait_for_submissions_under_way()
         wait = timedelta(milliseconds=self.settings.generation.batch_wait_ms)
         while wait and not self._stop.is_set():
             images, oldest = await self.queue.waiting()
@@ -240,6 +245,25 @@ class Worker:
             if left <= 0:
                 return
             await self.queue.bus.wait_for_change(left)
+
+    async def _wait_for_submissions_under_way(self) -> None:
+        """Wait while submissions in this process are under way and the queue holds less than a batch: a
+        burst of people submitting at one moment then shares the first batch, instead of the first job
+        going alone and the rest waiting a whole batch behind it. Nothing is waited for that is not
+        already on its way, and no longer than SUBMISSIONS_WAIT_S for the next of them to land."""
+        bus, max_batch = self.queue.bus, self.settings.generation.max_batch
+        landed, deadline = -1, 0.0
+        while bus.submissions_under_way and not self._stop.is_set():
+            marker = bus.change_marker()  # before the count: a submission landing meanwhile ends the wait
+            images, _oldest = await self.queue.waiting()
+            if images >= max_batch:
+                return
+            if images > landed:  # one landed (or this is the first look): the next gets the full allowance
+                landed, deadline = images, time.monotonic() + SUBMISSIONS_WAIT_S
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await bus.wait_for_change(left, since=marker)
 
     async def _idle(self, poll_s: float, since: asyncio.Event) -> None:
         """Sleep until a job is submitted in this process (woken at once), stop() is called, or

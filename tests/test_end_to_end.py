@@ -15,7 +15,7 @@ from PIL import Image
 
 from adapters.console import ConsoleChat
 from bot.bootstrap import Core
-from bot.domain import JobStatus
+from bot.domain import JobStatus, Requester
 from bot.store import read_parameters
 from generation.worker import Worker
 from tests.conftest import alice, bob, mask_bytes, png_bytes
@@ -205,6 +205,41 @@ async def test_progress_events_carry_live_previews_when_switched_on(core: Core, 
         assert preview.startswith("data:image/jpeg;base64,")
         with Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))) as picture:
             assert picture.size == (16, 16)
+
+
+async def test_people_who_submit_at_the_same_moment_share_the_first_batch(core: Core, generator,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No batch wait is set: the worker waits only for submissions already under way, and four people
+    pressing enter together get one diffusers call, not the first alone and the rest a batch later."""
+    import asyncio
+
+    import generation.worker
+
+    # An allowance far longer than the test, for a slow machine: the batch filling ends the wait, not a clock.
+    monkeypatch.setattr(generation.worker, "SUBMISSIONS_WAIT_S", 60)
+    core.settings.generation.max_batch = 4
+    idle, wait_for_change = asyncio.Event(), core.bus.wait_for_change
+
+    async def wait_noted(*args, **kwargs) -> None:
+        idle.set()
+        await wait_for_change(*args, **kwargs)
+
+    core.bus.wait_for_change = wait_noted
+    worker = worker_for(core, generator)
+    serving = asyncio.create_task(worker.run())
+    await asyncio.wait_for(idle.wait(), timeout=30)  # the worker waits for work: the first commit wakes it
+    people = [Requester(platform="console", user_id=name) for name in ("ann", "ben", "cat", "dan")]
+    submitted = await asyncio.gather(*(core.service.submit(person, core.parser.parse(f"/imagine a {thing} --steps 2"))
+                                       for person, thing in zip(people, ("cat", "dog", "fox", "owl"), strict=True)))
+    for result in submitted:
+        async for _event in core.bus.watch(result.job.id):
+            pass
+    worker.stop()
+    await serving
+    jobs = [await core.service.get_job(result.job.id) for result in submitted]
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED] * 4
+    assert [job.batch_size for job in jobs] == [4] * 4
+    assert worker.stats.batches == 1
 
 
 async def test_a_short_batch_wait_gathers_a_job_submitted_just_after(core: Core, generator) -> None:
