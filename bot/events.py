@@ -99,6 +99,7 @@ class EventBus:
         self._poll_started: asyncio.Future[None] | None = None  # done once that poll has its start id
         self._notified_since_poll: set[str] = set()  # jobs whose watchers commits here woke since its last look
         self.submissions_under_way = 0  # JobService.submit calls running in this process
+        self._submission_ended = asyncio.Event()  # set (and replaced) as each of them ends
 
     def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
         """Add an event to the unit of work; it is published when (and only if) that commits: the
@@ -261,7 +262,18 @@ class EventBus:
             yield
         finally:
             self.submissions_under_way -= 1
-            self.notify(())  # one refused wakes a waiting worker as one queued does (by its commit)
+            # Its own wake-up, not notify(): that would make every platform follower read again for nothing.
+            self._submission_ended.set()
+            self._submission_ended = asyncio.Event()
+
+    def submission_marker(self) -> asyncio.Event:
+        """Like change_marker, for submissions ending (queued or refused): `wait_for_a_submission(since=
+        marker)` returns at once if one ended after the marker was taken."""
+        return self._submission_ended
+
+    async def wait_for_a_submission(self, timeout_s: float, since: asyncio.Event | None = None) -> None:
+        """Return when a submission in this process ends (or the first since `since`), or after `timeout_s`."""
+        await _wait_until_set(since or self._submission_ended, timeout_s)
 
     def change_marker(self) -> asyncio.Event:
         """A marker of "now": `wait_for_change(since=marker)` returns at once if anything was
@@ -271,8 +283,13 @@ class EventBus:
     async def wait_for_change(self, timeout_s: float, since: asyncio.Event | None = None) -> None:
         """Return on the next `notify` in this process (or the first since `since`), or after
         `timeout_s` (changes made by other processes are found by polling)."""
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that arrives as the
-        # event is set, and the cancelled caller (a stopping worker's loop) would carry on for ever.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await (since or self._changed).wait()
+        await _wait_until_set(since or self._changed, timeout_s)
+
+
+async def _wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
+    """Return when `event` is set, or after `timeout_s`."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that arrives as the
+    # event is set, and the cancelled caller (a stopping worker's loop) would carry on for ever.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()

@@ -254,7 +254,7 @@ class Worker:
         bus, max_batch = self.queue.bus, self.settings.generation.max_batch
         landed, deadline = -1, 0.0
         while bus.submissions_under_way and not self._stop.is_set():
-            marker = bus.change_marker()  # before the count: a submission landing meanwhile ends the wait
+            marker = bus.submission_marker()  # before the count: one ending meanwhile ends the wait at once
             images, _oldest = await self.queue.waiting()
             if images >= max_batch:
                 return
@@ -263,7 +263,7 @@ class Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            await bus.wait_for_change(left, since=marker)
+            await bus.wait_for_a_submission(left, since=marker)
 
     async def _idle(self, poll_s: float, since: asyncio.Event) -> None:
         """Sleep until a job is submitted in this process (woken at once), stop() is called, or
