@@ -21,14 +21,13 @@ if not __package__:  # run as `python bench/machinery.py`: import from the repos
     import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
 
 import asyncio
-import contextlib
 import statistics
 
 import torch
 from PIL import Image
 
-from bench.common import BenchSetup, parse_common, print_table
-from bench.throughput import EaselService, plain_diffusers
+from bench.common import parse_common, print_table
+from bench.throughput import measure_rounds, plain_diffusers
 from generation.pipelines import GenerationTask
 
 
@@ -43,21 +42,6 @@ class InstantGenerator:
         pass
 
 
-async def _measure(setup: BenchSetup, concurrencies: list[int], jobs: int,
-                   rounds: int) -> dict[int, list[tuple[float, float, float, float]]]:
-    """Each concurrency's rounds, interleaved: (seconds, mean batch, loop CPU ms per job, SQL per job)."""
-    async with contextlib.AsyncExitStack() as stack:
-        services = {users: await stack.enter_async_context(EaselService(setup, InstantGenerator(), max_batch=4))
-                    for users in concurrencies}
-        for users, service in services.items():  # warm up: statement caches, the first PNG encoder
-            await service.measure(users, max(users, 8))
-        runs: dict[int, list[tuple[float, float, float, float]]] = {users: [] for users in concurrencies}
-        for _ in range(rounds):
-            for users, service in services.items():
-                runs[users].append(await service.measure(users, jobs))
-    return runs
-
-
 def main() -> None:
     args, setup = parse_common(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--jobs", type=int, default=48, help="one-image jobs per measurement (default 48)"),
@@ -70,7 +54,8 @@ def main() -> None:
           f"{args.jobs} jobs per measurement, median of {args.rounds} rounds, torch {torch.__version__}")
     plain = plain_diffusers(setup)
     image_s = statistics.median(plain(args.images) / args.images for _ in range(3))
-    runs = asyncio.run(_measure(setup, concurrencies, args.jobs, args.rounds))
+    _, runs = asyncio.run(measure_rounds(setup, InstantGenerator(), {}, concurrencies, args.jobs, args.rounds,
+                                         max_batch=4))
 
     rows = [["plain diffusers, one image", "-", "-", image_s * 1000, "-", "-", "-", 1.0]]
     per_job = {}

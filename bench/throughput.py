@@ -38,7 +38,7 @@ from bot.domain import JobKind, Requester
 from generation.builtin import ensure_builtin
 from generation.pipelines import DTYPE_KEYWORD, DiffusersGenerator
 from generation.samplers import make_scheduler
-from generation.worker import TORCH_THREAD, Worker
+from generation.worker import TORCH_THREAD, Generator, Worker
 
 PROMPT = "a lighthouse at dusk, oil painting"
 
@@ -79,7 +79,7 @@ class EaselService:
     """Easel as it runs in production: one core (database, job service) and one worker serving it,
     kept up across measurements like a long-running bot, so the figures are steady-state ones."""
 
-    def __init__(self, setup: BenchSetup, generator: DiffusersGenerator, max_batch: int) -> None:
+    def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int) -> None:
         self.setup = setup
         self.generator = generator
         self.max_batch = max_batch
@@ -135,11 +135,12 @@ def _sync(setup: BenchSetup) -> None:
         torch.cuda.synchronize()
 
 
-async def _measure(setup: BenchSetup, generator: DiffusersGenerator, baselines: dict[str, Callable[[int], float]],
-                   concurrencies: list[int], images: int, rounds: int,
-                   max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, ...]]]]:
+async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dict[str, Callable[[int], float]],
+                         concurrencies: list[int], images: int, rounds: int,
+                         max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, ...]]]]:
     """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Each
-    concurrency has a service of its own, warmed up (database, statement caches) before the rounds."""
+    concurrency has a service of its own, warmed up (database, statement caches) before the rounds.
+    Each Easel run is EaselService.measure's (seconds, mean batch, loop CPU ms per job, SQL per job)."""
     async with contextlib.AsyncExitStack() as stack:
         services = {users: await stack.enter_async_context(EaselService(setup, generator, max_batch))
                     for users in concurrencies}
@@ -172,7 +173,7 @@ def main() -> None:
                                    cache_dir=setup.models_dir)
     TORCH_THREAD.submit(generator.warm, "bench").result()
     baseline_runs, easel_runs = asyncio.run(
-        _measure(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch))
+        measure_rounds(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch))
 
     # Every row against plain diffusers (time ratio, speed-up) and against the ceiling (images/s).
     baseline, ceiling = (statistics.median(runs) for runs in baseline_runs.values())
