@@ -3,6 +3,7 @@ builtin:tiny diffusers pipeline → image store → events → what the console 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import struct
@@ -25,10 +26,20 @@ def worker_for(core: Core, generator) -> Worker:
     return Worker(core.queue, generator, core.store, core.settings, worker_id="test-worker:1")
 
 
+def note_waits_for_change(core: Core) -> asyncio.Event:
+    """An event set once anything (the worker, idle or holding back a claim) waits for a change on the bus."""
+    waited, wait_for_change = asyncio.Event(), core.bus.wait_for_change
+
+    async def wait_noted(*args, **kwargs) -> None:
+        waited.set()
+        await wait_for_change(*args, **kwargs)
+
+    core.bus.wait_for_change = wait_noted
+    return waited
+
+
 async def run_chat(core: Core, generator, line: str, who=alice) -> tuple[str, object]:
     """Type one line into a console chat while a burst worker drains the queue."""
-    import asyncio
-
     out = io.StringIO()
     chat = ConsoleChat(core, out, requester=who(), progress=False)
     handled = asyncio.create_task(chat.handle(line))
@@ -69,8 +80,6 @@ async def test_every_event_reaches_the_owner_in_order(core: Core, generator) -> 
 
 
 async def test_cancelling_a_running_job_stops_its_generation_early(core: Core, generator) -> None:
-    import asyncio
-
     steps_run: list[int] = []
 
     class CountingSteps:
@@ -211,20 +220,12 @@ async def test_people_who_submit_at_the_same_moment_share_the_first_batch(core: 
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """No batch wait is set: the worker waits only for submissions already under way, and four people
     pressing enter together get one diffusers call, not the first alone and the rest a batch later."""
-    import asyncio
-
     import generation.worker
 
     # An allowance far longer than the test, for a slow machine: the batch filling ends the wait, not a clock.
     monkeypatch.setattr(generation.worker, "SUBMISSIONS_WAIT_S", 60)
     core.settings.generation.max_batch = 4
-    idle, wait_for_change = asyncio.Event(), core.bus.wait_for_change
-
-    async def wait_noted(*args, **kwargs) -> None:
-        idle.set()
-        await wait_for_change(*args, **kwargs)
-
-    core.bus.wait_for_change = wait_noted
+    idle = note_waits_for_change(core)
     worker = worker_for(core, generator)
     serving = asyncio.create_task(worker.run())
     await asyncio.wait_for(idle.wait(), timeout=30)  # the worker waits for work: the first commit wakes it
@@ -243,19 +244,11 @@ async def test_people_who_submit_at_the_same_moment_share_the_first_batch(core: 
 
 
 async def test_a_short_batch_wait_gathers_a_job_submitted_just_after(core: Core, generator) -> None:
-    import asyncio
-
     # A wait far longer than the test, ended by the second job filling the batch: nothing hangs on timing.
     core.settings.generation.batch_wait_ms = 60_000
     core.settings.generation.max_batch = 2
     first = await core.service.submit(alice(), core.parser.parse("/imagine a cat --steps 2"))
-    waiting, wait_for_change = asyncio.Event(), core.bus.wait_for_change
-
-    async def wait_noted(*args, **kwargs) -> None:
-        waiting.set()  # the worker holds back its claim, for a fuller batch
-        await wait_for_change(*args, **kwargs)
-
-    core.bus.wait_for_change = wait_noted
+    waiting = note_waits_for_change(core)  # set as the worker holds back its claim, for a fuller batch
     draining = asyncio.create_task(worker_for(core, generator).run(burst=True))
     await asyncio.wait_for(waiting.wait(), timeout=30)
     second = await core.service.submit(bob(), core.parser.parse("/imagine a dog --steps 2"))
