@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy import event, make_url
+from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from bot.errors import ConfigError
 from bot.repositories import JobRepository, UserRepository
+from bot.sqlite_driver import OneTripDriver
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 AUTOCHECKPOINT_PAGES = 10_000  # SQLite checks this itself only if the background checkpoints fall behind
@@ -42,9 +45,12 @@ def create_engine(url: str, busy_timeout_ms: int = 5000) -> AsyncEngine:
         raise ConfigError(f"database.url {url!r} is not a database URL; "
                           "use e.g. sqlite+aiosqlite:///data/easel.db") from None
     if parsed.get_backend_name() == "sqlite":
+        options: dict[str, Any] = {}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(parsed, connect_args={"timeout": busy_timeout_ms / 1000})
+        if parsed.get_driver_name() == "aiosqlite":  # one trip to its thread per statement, not four
+            options["module"] = AsyncAdapt_aiosqlite_dbapi(OneTripDriver(), sqlite3)
+        engine = create_async_engine(parsed, connect_args={"timeout": busy_timeout_ms / 1000}, **options)
         _tune_sqlite(engine, busy_timeout_ms)
         return engine
     return create_async_engine(parsed, pool_pre_ping=True)

@@ -81,3 +81,32 @@ async def test_sqlite_checkpoints_in_the_background_so_the_wal_stays_small(core:
 
         from bot.models import Job
         assert await uow.session.scalar(select(func.count()).select_from(Job)) == 150
+
+
+async def test_a_sqlite_statement_is_one_trip_to_the_connection_thread(core: Core,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """bot/sqlite_driver.py: each statement is made, run and read in one trip (aiosqlite as SQLAlchemy
+    drives it takes four), and sqlite's own errors still reach the caller as SQLAlchemy's."""
+    from sqlalchemy import exc, text
+
+    from bot.sqlite_driver import OneTripConnection
+
+    trips = []
+    real_execute = OneTripConnection._execute
+
+    async def counted(self: OneTripConnection, function, *args, **kwargs):
+        trips.append(function)
+        return await real_execute(self, function, *args, **kwargs)
+
+    async with core.db.engine.connect() as connection:
+        await connection.exec_driver_sql("SELECT 1")  # the connection is made, and its setup done, first
+        monkeypatch.setattr(OneTripConnection, "_execute", counted)
+        await connection.execute(text("CREATE TEMP TABLE names (id INTEGER PRIMARY KEY, name TEXT)"))
+        assert len(trips) == 1
+        await connection.execute(text("INSERT INTO names VALUES (7, 'ann')"))
+        rows = (await connection.execute(text("SELECT id, name FROM names WHERE id > :id"), {"id": 0})).all()
+        assert len(trips) == 3 and rows == [(7, "ann")]
+        with pytest.raises(exc.IntegrityError):  # the same id again
+            await connection.execute(text("INSERT INTO names VALUES (7, 'bob')"))
+        updated = await connection.execute(text("UPDATE names SET name = 'ann2' WHERE id = 7"))
+        assert updated.rowcount == 1  # the ORM checks this on every UPDATE it flushes
