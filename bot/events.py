@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, Select, bindparam, func, select
 
 from bot.clock import utcnow
 from bot.database import Database, UnitOfWork
@@ -81,6 +82,18 @@ class Event:
         return self.kind.is_final
 
 
+@functools.cache  # built once per shape: every follower and every job watcher asks for it, many times a second
+def _events_after(*, by_platform: bool, by_job: bool) -> Select[tuple[JobEvent]]:
+    """Events after :last_id, oldest first, at most :limit; of one :platform, of one :job_id."""
+    query = select(JobEvent).where(JobEvent.id > bindparam("last_id")).order_by(JobEvent.id) \
+        .limit(bindparam("limit", type_=Integer))
+    if by_platform:
+        query = query.where(JobEvent.platform == bindparam("platform"))
+    if by_job:
+        query = query.where(JobEvent.job_id == bindparam("job_id"))
+    return query
+
+
 def _to_event(row: JobEvent) -> Event:
     return Event(row.id, row.job_id, row.platform, EventKind(row.kind), dict(row.payload or {}), row.created_at)
 
@@ -124,13 +137,10 @@ class EventBus:
 
     async def read_after(self, last_id: int, *, platform: str | None = None, job_id: str | None = None,
                          limit: int = READ_LIMIT) -> list[Event]:
-        query = select(JobEvent).where(JobEvent.id > last_id).order_by(JobEvent.id).limit(limit)
-        if platform is not None:
-            query = query.where(JobEvent.platform == platform)
-        if job_id is not None:
-            query = query.where(JobEvent.job_id == job_id)
+        query = _events_after(by_platform=platform is not None, by_job=job_id is not None)
+        values = {"last_id": last_id, "limit": limit, "platform": platform, "job_id": job_id}
         async with self._db.unit_of_work(write=False) as uow:
-            return [_to_event(row) for row in (await uow.session.scalars(query)).all()]
+            return [_to_event(row) for row in (await uow.session.scalars(query, values)).all()]
 
     async def latest_of(self, job_id: str, kind: EventKind) -> Event | None:
         """A job's newest event of one kind (e.g. its last progress, with the newest preview), or None."""

@@ -19,11 +19,13 @@ decision is a `SafetyFlag` row.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select
 
 from bot.config import QuotaTier, Settings
 from bot.database import UnitOfWork
@@ -66,9 +68,27 @@ def cost_milli(params: GenerationParams) -> int:
     return max(1, -(-work * 1000 // UNIT_WORK))
 
 
+@functools.cache  # built once: every submission's quota check asks for it
 def is_charged() -> ColumnElement[bool]:
     """The jobs whose cost_milli counts against their owner's quota."""
     return or_(Job.status.in_(CHARGED), and_(Job.kind == JobKind.TEACH.value, Job.status.in_(PARTLY_CHARGED)))
+
+
+@functools.cache  # built once, run with its values bound: every submission's quota check runs it
+def _usage_query() -> Select[Any]:
+    """Policy.usage's statement: :user_id's charges since :day and since :minute_ago (reading from
+    :since, the earlier of the two), and their grant of the :date."""
+    today, last_minute = Job.created_at >= bindparam("day"), Job.created_at > bindparam("minute_ago")
+    granted = select(QuotaGrant.extra_milli).where(
+        QuotaGrant.user_id == bindparam("user_id"), QuotaGrant.day == bindparam("date")).scalar_subquery()
+    return select(
+        func.coalesce(func.sum(Job.cost_milli).filter(today), 0),
+        func.coalesce(func.sum(Job.n).filter(today, Job.kind != JobKind.TEACH.value), 0),  # images
+        func.coalesce(func.sum(Job.cost_milli).filter(today, Job.status != JobStatus.SUCCEEDED.value), 0),
+        func.coalesce(func.sum(Job.cost_milli).filter(last_minute), 0),
+        func.min(Job.created_at).filter(last_minute),
+        func.coalesce(granted, 0),
+    ).where(Job.user_id == bindparam("user_id"), is_charged(), Job.created_at >= bindparam("since"))
 
 
 def used_part_milli(cost: int, steps_done: int, steps: int) -> int:
@@ -262,19 +282,10 @@ class Policy:
 
     async def usage(self, uow: UnitOfWork, user: User, now: datetime) -> Usage:
         """The day's and the last minute's charges and today's grant, in one statement."""
-        charged = and_(Job.user_id == user.id, is_charged())
         day, minute_ago = start_of_day(now), now - MINUTE
-        today, last_minute = Job.created_at >= day, Job.created_at > minute_ago
-        granted = select(QuotaGrant.extra_milli).where(
-            QuotaGrant.user_id == user.id, QuotaGrant.day == now.date()).scalar_subquery()
-        row = (await uow.session.execute(select(
-            func.coalesce(func.sum(Job.cost_milli).filter(today), 0),
-            func.coalesce(func.sum(Job.n).filter(today, Job.kind != JobKind.TEACH.value), 0),  # images
-            func.coalesce(func.sum(Job.cost_milli).filter(today, Job.status != JobStatus.SUCCEEDED.value), 0),
-            func.coalesce(func.sum(Job.cost_milli).filter(last_minute), 0),
-            func.min(Job.created_at).filter(last_minute),
-            func.coalesce(granted, 0),
-        ).where(charged, Job.created_at >= min(day, minute_ago)))).one()
+        row = (await uow.session.execute(_usage_query(), {
+            "user_id": user.id, "day": day, "date": now.date(), "minute_ago": minute_ago,
+            "since": min(day, minute_ago)})).one()
         daily_milli, daily_images, reserved, minute_milli, minute_oldest, granted_milli = row
         return Usage(int(daily_milli), int(daily_images), int(reserved), int(minute_milli), minute_oldest,
                      int(granted_milli))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, case, delete, func, or_, select, update
+from sqlalchemy import Integer, Select, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -152,6 +152,36 @@ def _fill_from(free: Sequence[Job], order: list[int], max_images: int) -> list[J
     return batch
 
 
+# Statements every batch runs, each built once (functools.cache) and run with its values bound: putting
+# one together costs the event loop more than running it.
+
+@functools.cache
+def _job_without_images() -> Select[tuple[Job]]:
+    """The job :job_id, its images not read (a running job has none yet)."""
+    return select(Job).where(Job.id == bindparam("job_id")).options(lazyload(Job.images))
+
+
+@functools.cache
+def _jobs_without_images() -> Select[tuple[Job]]:
+    """The jobs of the list :job_ids, their images not read."""
+    return select(Job).where(Job.id.in_(bindparam("job_ids", expanding=True))).options(lazyload(Job.images))
+
+
+@functools.cache
+def _queued_jobs_to_lock() -> Select[tuple[Job]]:
+    """The jobs of the list :seqs still queued, oldest first, locked; rows another worker locked are skipped."""
+    return (select(Job).where(Job.seq.in_(bindparam("seqs", expanding=True)), Job.status == JobStatus.QUEUED.value)
+            .order_by(Job.seq).options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))
+
+
+@functools.cache
+def _idle_workers_models() -> Select[tuple[list[str]]]:
+    """The models of the idle workers other than :other_than with a heartbeat since :alive_since."""
+    return select(WorkerRow.models).where(WorkerRow.status == WorkerStatus.IDLE.value,
+                                          WorkerRow.id != bindparam("other_than"),
+                                          WorkerRow.heartbeat_at >= bindparam("alive_since"))
+
+
 class JobQueue:
     # How long progress events stay readable (a reader that fell further behind skips them).
     PROGRESS_KEPT = timedelta(hours=1)
@@ -227,13 +257,12 @@ class JobQueue:
         """The jobs of `seqs` still queued, locked; those another worker has locked are left out. With
         `fairest`, only that many, the first in the order of `seqs`: the others stay free for the other
         workers claiming at the same moment."""
-        query = select(Job).where(Job.seq.in_(seqs), Job.status == JobStatus.QUEUED.value)
         if fairest is None:
-            query = query.order_by(Job.seq)
-        else:
-            query = query.order_by(case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
-        return list((await session.scalars(
-            query.options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))).unique().all())
+            query = _queued_jobs_to_lock()
+        else:  # rarely: only when workers claim at the same moment
+            query = _queued_jobs_to_lock().order_by(None).order_by(
+                case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
+        return list((await session.scalars(query, {"seqs": seqs})).unique().all())
 
     async def _choose_batch(self, session: AsyncSession, max_images: int, loaded_models: Collection[str] = (),
                             leave_for_others_than: str | None = None, train: bool = False) -> BatchChoice:
@@ -248,7 +277,7 @@ class JobQueue:
         they are all there and each user waits for one job, there is nothing else to look for.
         """
         limit = 16 * max_images  # enough spare heads for workers that claim at the same moment (_start)
-        heads = (await session.execute(self._fair_heads(train).limit(limit))).all()
+        heads = (await session.execute(self._fair_heads(train), {"limit": limit})).all()
         if not heads:
             return BatchChoice([])
         now = self.clock()
@@ -266,18 +295,20 @@ class JobQueue:
         spare = [row.seq for row in heads if row.seq != head.seq and row.kind != JobKind.TEACH.value]
         if head.kind == JobKind.TEACH.value:
             return BatchChoice([head.seq], passed)  # one training slice at a time: no diffusers call to share
-        same_key = [column == value if value is not None else column.is_(None)
-                    for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
         chosen, images = [head.seq], head.n
         every_waiting_job_seen = len(heads) < limit and all(row.waiting == 1 for row in heads)
         # Fill: other users' first jobs in fair order, then anyone's in submission order.
         fair = [row for row in heads if row.seq != head.seq and _batch_key(row) == key]
-        queries = [] if every_waiting_job_seen else [
-            select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key).order_by(Job.seq)]
-        if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
-            fair, queries = [], [self._fair_heads(train).where(*same_key), *queries]
+        queries = []
+        if not every_waiting_job_seen:
+            same_key = [column == value if value is not None else column.is_(None)
+                        for column, value in zip(BATCH_KEY_COLUMNS, key, strict=True)]
+            queries = [select(Job.seq, Job.n).where(Job.status == JobStatus.QUEUED.value, *same_key)
+                       .order_by(Job.seq).limit(bindparam("limit", type_=Integer))]
+            if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
+                fair, queries = [], [self._fair_heads(train).where(*same_key), *queries]
         for query in (None, *queries):
-            rows = fair if query is None else (await session.execute(query.limit(limit))).all()
+            rows = fair if query is None else (await session.execute(query, {"limit": limit})).all()
             for seq, n, *_ in rows:
                 if images >= max_images:
                     return BatchChoice(chosen, passed, [seq for seq in spare if seq not in chosen])
@@ -288,10 +319,8 @@ class JobQueue:
 
     async def _models_on_idle_workers(self, session: AsyncSession, other_than: str) -> set[str]:
         """The models loaded on workers the registry shows idle and alive (a heartbeat within the lease)."""
-        alive_since = self.clock() - self.LEASE
-        rows = await session.scalars(select(WorkerRow.models).where(
-            WorkerRow.status == WorkerStatus.IDLE.value, WorkerRow.id != other_than,
-            WorkerRow.heartbeat_at >= alive_since))
+        rows = await session.scalars(_idle_workers_models(),
+                                     {"other_than": other_than, "alive_since": self.clock() - self.LEASE})
         return {model for models in rows for model in models}
 
     @staticmethod
@@ -300,7 +329,7 @@ class JobQueue:
         """Each user's oldest waiting job (seq, n, the user's waiting jobs, its passes, when it was
         submitted, batch key), the least recently served user first. A user's generation jobs go before
         their own waiting training slice (which was queued before them), and trainings not at all unless
-        `train`. (A statement is never changed in place: `.limit()` and `.where()` make new ones.)"""
+        `train`. At most :limit of them. (A statement is never changed in place: `.where()` makes a new one.)"""
         other = aliased(Job)
         generation_waits = select(other.seq).where(
             other.user_id == Job.user_id, other.status == JobStatus.QUEUED.value,
@@ -312,7 +341,8 @@ class JobQueue:
         return (select(Job.seq, Job.n, heads.c.waiting, Job.passed_over, Job.created_at, *BATCH_KEY_COLUMNS)
                 .join(heads, Job.seq == heads.c.seq)
                 .join(User, User.id == Job.user_id)
-                .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq))
+                .order_by(User.last_served_at.is_not(None), User.last_served_at, Job.seq)
+                .limit(bindparam("limit", type_=Integer)))
 
     async def report_progress(self, job_ids: Sequence[str], step: int, total: int,
                               previews: Sequence[bytes] | None = None, worker_id: str | None = None) -> set[str]:
@@ -323,8 +353,7 @@ class JobQueue:
         now = self.clock()
         preview_of = dict(zip(job_ids, previews, strict=True)) if previews else {}
         async with self.db.unit_of_work() as uow:
-            jobs = (await uow.session.scalars(
-                select(Job).where(Job.id.in_(job_ids)).options(lazyload(Job.images)))).unique().all()
+            jobs = (await uow.session.scalars(_jobs_without_images(), {"job_ids": list(job_ids)})).unique().all()
             gone = set()
             for job in jobs:
                 if job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
@@ -361,7 +390,7 @@ class JobQueue:
         now = self.clock()
         async with self.db.unit_of_work() as uow:
             # The images are not read: a running job has none yet, and its rows are added below.
-            job = await uow.session.scalar(select(Job).where(Job.id == job_id).options(lazyload(Job.images)))
+            job = await uow.session.scalar(_job_without_images(), {"job_id": job_id})
             if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
                 return False
             verdicts = list(verdicts) or [None] * len(images)
@@ -404,7 +433,7 @@ class JobQueue:
         (step, loss, seconds left, maybe a sample picture). False if it was cancelled or taken back."""
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            job = await uow.session.scalar(select(Job).where(Job.id == job_id).options(lazyload(Job.images)))
+            job = await uow.session.scalar(_job_without_images(), {"job_id": job_id})
             if job is None or job.status != JobStatus.RUNNING.value or job.worker != worker_id:
                 return False
             training = await uow.session.scalar(select(Training).where(Training.job_id == job_id))

@@ -7,11 +7,12 @@ made by two requests at once is one row) is decided here, once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Integer, Select, bindparam, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,7 +30,7 @@ class UserRepository:
         self.session = session
 
     async def get_by_platform(self, platform: str, user_id: str) -> User | None:
-        return await self.session.scalar(_by_platform(platform, user_id))
+        return await self.session.scalar(_by_platform(), {"platform": platform, "user_id": user_id})
 
     async def get_or_create(self, platform: str, user_id: str, *, now: datetime, display_name: str = "") -> User:
         """The user, made (flushed, so it has an id) if new; a new non-empty `display_name` renames it."""
@@ -123,33 +124,50 @@ class JobRepository:
         """
         ahead_own = await self.session.scalar(select(func.count()).select_from(Job).where(
             Job.user_id == job.user_id, Job.status == JobStatus.QUEUED.value, Job.seq < job.seq))
-        row = (await self.session.execute(_load_query(job.user_id, ahead_own=ahead_own))).one()
+        row = (await self.session.execute(_position_query(), {"user_id": job.user_id, "ahead_own": ahead_own})).one()
         return 1 + ahead_own + int(row.others_ahead)
 
     async def queue_load(self, user_id: int | None) -> QueueLoad:
         """The queue's load and the position a new job of `user_id` (None: a newcomer) would take, in one
         read: every submission pays for this, so it is one statement, not four."""
-        own_waiting = select(func.count()).select_from(Job).where(
-            Job.user_id == user_id, Job.status == JobStatus.QUEUED.value).scalar_subquery()
-        own_unfinished = select(func.count()).select_from(Job).where(
-            Job.user_id == user_id, Job.status.in_(UNFINISHED)).scalar_subquery()
-        # A new job is its owner's newest: all of the owner's waiting jobs are ahead of it.
-        row = (await self.session.execute(_load_query(user_id, ahead_own=own_waiting)
-                                          .add_columns(own_waiting.label("own_waiting"),
-                                                       own_unfinished.label("own_unfinished")))).one()
+        row = (await self.session.execute(_queue_load_query(), {"user_id": user_id})).one()
         return QueueLoad(waiting=int(row.waiting), mine=int(row.own_unfinished),
                          position=1 + int(row.own_waiting) + int(row.others_ahead))
 
 
-def _by_platform(platform: str, user_id: str) -> Select[tuple[User]]:
-    return select(User).where(User.platform == platform, User.platform_user_id == user_id)
+# The statements below are each built once (functools.cache) and run with their values bound: putting
+# one together costs more of the event loop's time than running it, and every submission runs these.
+
+@functools.cache
+def _by_platform() -> Select[tuple[User]]:
+    """The user :user_id of :platform."""
+    return select(User).where(User.platform == bindparam("platform"), User.platform_user_id == bindparam("user_id"))
 
 
-def _load_query(user_id: int | None, ahead_own: Any) -> Select[Any]:
-    """All waiting jobs, and the turns other users take before a job of `user_id` that has
-    `ahead_own` of its owner's jobs ahead of it (each other user: up to ahead_own + 1)."""
+@functools.cache
+def _queue_load_query() -> Select[Any]:
+    """_load_query for a new job of :user_id (None: a newcomer), with that user's waiting and unfinished jobs."""
+    own_waiting = select(func.count()).select_from(Job).where(
+        Job.user_id == bindparam("user_id"), Job.status == JobStatus.QUEUED.value).scalar_subquery()
+    own_unfinished = select(func.count()).select_from(Job).where(
+        Job.user_id == bindparam("user_id"), Job.status.in_(UNFINISHED)).scalar_subquery()
+    # A new job is its owner's newest: all of the owner's waiting jobs are ahead of it.
+    return _load_query(ahead_own=own_waiting).add_columns(own_waiting.label("own_waiting"),
+                                                          own_unfinished.label("own_unfinished"))
+
+
+@functools.cache
+def _position_query() -> Select[Any]:
+    """_load_query for a job of :user_id that has :ahead_own of its owner's jobs ahead of it."""
+    return _load_query(ahead_own=bindparam("ahead_own", type_=Integer))
+
+
+def _load_query(ahead_own: Any) -> Select[Any]:
+    """All waiting jobs, and the turns other users take before a job of :user_id that has `ahead_own`
+    of its owner's jobs ahead of it (each other user: up to ahead_own + 1)."""
     per_user = (select(Job.user_id, func.count().label("waiting")).select_from(Job)
                 .where(Job.status == JobStatus.QUEUED.value).group_by(Job.user_id).subquery())
     turns = case((per_user.c.waiting < ahead_own + 1, per_user.c.waiting), else_=ahead_own + 1)
+    others = per_user.c.user_id.is_distinct_from(bindparam("user_id"))  # a newcomer (None): every user is other
     return select(func.coalesce(func.sum(per_user.c.waiting), 0).label("waiting"),
-                  func.coalesce(func.sum(turns).filter(per_user.c.user_id != user_id), 0).label("others_ahead"))
+                  func.coalesce(func.sum(turns).filter(others), 0).label("others_ahead"))

@@ -25,13 +25,14 @@ that fails or is cancelled keeps charging only the steps it ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 
 from bot.catalog import ModelCatalog
 from bot.config import Settings
@@ -288,6 +289,13 @@ class TeachService:
         return f"Deleted the trained word {name!r}."
 
 
+@functools.cache  # built once, run with its values bound: every submission reads it
+def _finished_trainings() -> Select[tuple[Training]]:
+    """The trainings of :user_id that finished (their words are theirs to use)."""
+    return select(Training).join(Job, Job.id == Training.job_id).where(
+        Training.user_id == bindparam("user_id"), Job.status == JobStatus.SUCCEEDED.value)
+
+
 async def own_loras(uow: UnitOfWork, user: User, params: GenerationParams, networks: ExtraNetworks,
                     max_loras: int) -> GenerationParams:
     """A job's trained words for its owner. LoRAs: a trained name the owner has is theirs
@@ -300,8 +308,7 @@ async def own_loras(uow: UnitOfWork, user: User, params: GenerationParams, netwo
         if typed:
             raise InvalidCommand(f"{typed.group()[:40]!r} is a word Easel keeps for itself; write your trained "
                                  "word's name instead")
-    rows = (await uow.session.scalars(select(Training).join(Job, Job.id == Training.job_id).where(
-        Training.user_id == user.id, Job.status == JobStatus.SUCCEEDED.value))).all()
+    rows = (await uow.session.scalars(_finished_trainings(), {"user_id": user.id})).all()
     loras = [row for row in rows if row.kind == "lora"]
     embeddings = [row for row in rows if row.kind == "embedding"]
     mine = {row.name.lower(): row for row in loras}
