@@ -111,9 +111,12 @@ class JobService:
                       idempotency_key: str | None, fingerprint: str) -> SubmitResult:
         inputs = await self._fetch_references(command, inputs or InputImages())
         command = await self._prompt_of_picture(command, inputs)
-        # On a thread: decoding the upload and storing it (a PUT, with an object store) must not hold up
-        # every other request this process serves.
-        first, image_sha, mask_sha = await asyncio.to_thread(self._prepare, command, inputs)
+        # On a thread when a picture came: decoding the upload and storing it (a PUT, with an object store)
+        # must not hold up every other request this process serves. Without one there is nothing to wait on.
+        if inputs.image is not None:
+            first, image_sha, mask_sha = await asyncio.to_thread(self._prepare, command, inputs)
+        else:
+            first, image_sha, mask_sha = self._prepare(command, inputs)
         jobs = _each_job(command, first)
         # Only the prompt: a negative prompt names what to keep *out* of the picture.
         decisions = [self.prompt_check.check(params.prompt).decide(requester.nsfw_allowed_here) for params in jobs]

@@ -420,8 +420,11 @@ class Worker:
         """Copy into this host's lora_dir, from the store, the trained LoRAs the batch names (made by
         /teach on whichever worker finished the training) and any shared copy this host lacks. A trained
         one is compared every time: deleted and taught again, the same name holds new weights."""
+        named = {name for job in batch for name, _ in job.params.loras}
+        if not named:
+            return
         installed = self.networks.loras()  # the files of lora_dir itself; trained ones are in a subfolder
-        for name in sorted({name for job in batch for name, _ in job.params.loras} - set(installed)):
+        for name in sorted(named - set(installed)):
             try:
                 data = self.store.read_lora(name)
             except NotFound:
@@ -431,9 +434,10 @@ class Worker:
                 write_atomically(path, data)
 
     async def _generate(self, batch: Sequence[JobView]) -> list[list[Image.Image]]:
-        # On a thread: an init image or mask may come from an object store, a GET the loop must not wait on.
-        await asyncio.to_thread(self._bring_loras, batch)
-        tasks = await asyncio.to_thread(lambda: [self._task_for(job) for job in batch])
+        # On a thread when something is read first: a LoRA, an init image or a mask may come from an object
+        # store, a GET the loop must not wait on. A plain prompt's task is made here, without the trip.
+        reads = any(job.params.loras or job.init_image_sha or job.mask_image_sha for job in batch)
+        tasks = await asyncio.to_thread(self._tasks_for, batch) if reads else self._tasks_for(batch)
         progress = ProgressReporter(self.queue, [job.id for job in batch],
                                     self.settings.generation.progress_every_s,
                                     TimeLimit.of(tasks, self.settings.queue), worker_id=self.worker_id)
@@ -464,6 +468,10 @@ class Worker:
             if gif is not None:
                 self.store.put_job_file(job.id, GIF_NAME, gif)
         return clips
+
+    def _tasks_for(self, batch: Sequence[JobView]) -> list[GenerationTask]:
+        self._bring_loras(batch)
+        return [self._task_for(job) for job in batch]
 
     def _task_for(self, job: JobView) -> GenerationTask:
         def load(sha: str | None, mode: str) -> Image.Image | None:
