@@ -110,3 +110,54 @@ async def test_a_sqlite_statement_is_one_trip_to_the_connection_thread(core: Cor
             await connection.execute(text("INSERT INTO names VALUES (7, 'bob')"))
         updated = await connection.execute(text("UPDATE names SET name = 'ann2' WHERE id = 7"))
         assert updated.rowcount == 1  # the ORM checks this on every UPDATE it flushes
+
+
+async def test_writers_of_one_process_take_turns_and_a_held_turn_times_out_clearly(settings) -> None:
+    """bot/database.py WriteTurns: a second writer waits for the first instead of failing; one kept
+    waiting past database.busy_timeout_ms gets an error naming that setting, and the next writer after
+    the first finishes goes ahead; a unit of work opened inside another's block does not wait for itself."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from bot.database import Database
+
+    db = Database(settings.database_url, busy_timeout_ms=300)
+    try:
+        first_holds, release = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with db.unit_of_work() as uow:
+                await uow.session.execute(text("CREATE TABLE IF NOT EXISTS notes (body TEXT)"))
+                await uow.session.execute(text("INSERT INTO notes VALUES ('first')"))
+                first_holds.set()
+                await release.wait()
+                await uow.commit()
+
+        holder = asyncio.create_task(first())
+        await first_holds.wait()
+        with pytest.raises(TimeoutError, match=r"database\.busy_timeout_ms"):
+            async with db.unit_of_work() as uow:
+                await uow.session.execute(text("INSERT INTO notes VALUES ('too late')"))
+        waiting = asyncio.create_task(_insert(db, "second"))  # queued behind the first, not refused
+        release.set()
+        await holder
+        await waiting
+
+        async with db.unit_of_work() as outer:  # nothing written yet: the inner one may write and commit
+            await _insert(db, "inner")
+            await outer.session.execute(text("INSERT INTO notes VALUES ('outer')"))
+            await outer.commit()
+        async with db.unit_of_work(write=False) as uow:
+            notes = (await uow.session.scalars(text("SELECT body FROM notes"))).all()
+        assert notes == ["first", "second", "inner", "outer"]
+    finally:
+        await db.dispose()
+
+
+async def _insert(db, body: str) -> None:
+    from sqlalchemy import text
+
+    async with db.unit_of_work() as uow:
+        await uow.session.execute(text("INSERT INTO notes VALUES (:body)"), {"body": body})
+        await uow.commit()
