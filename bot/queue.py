@@ -30,7 +30,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from bot.clock import Clock
 from bot.config import Settings
-from bot.database import Database
+from bot.database import Database, UnitOfWork
 from bot.domain import JobKind, JobStatus
 from bot.events import EventBus, EventKind
 from bot.models import Image, Job, JobEvent, Training, User, WorkerRow
@@ -135,6 +135,15 @@ class BatchChoice:
     chosen: list[int]  # the seqs of the batch
     passed: list[int] = field(default_factory=list)  # fairer heads passed over for model affinity
     spare: list[int] = field(default_factory=list)  # the other heads, fairest first: taken if `chosen` is gone
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A generated job's stored images, (seed, image) each, and the output check's verdict on each
+    (None = not flagged; empty: none was flagged)."""
+    job_id: str
+    images: Sequence[tuple[int, StoredImage]]
+    verdicts: Sequence[ImageVerdict | None] = ()
 
 
 def _fill_from(free: Sequence[Job], order: list[int], max_images: int) -> list[Job]:
@@ -387,35 +396,49 @@ class JobQueue:
         spoilered where the job's place allows NSFW, else withheld; each is recorded on the image and
         as a safety flag row (a withheld one may be a strike, see moderation.strike_actions).
         """
+        return job_id in await self.complete_batch([Finished(job_id, images, verdicts)], worker_id=worker_id)
+
+    async def complete_batch(self, finished: Sequence[Finished], worker_id: str | None = None) -> set[str]:
+        """`complete` for the jobs of one batch, in one unit of work: the ids of those completed (the
+        others were cancelled or taken back meanwhile)."""
         now = self.clock()
         async with self.db.unit_of_work() as uow:
             # The images are not read: a running job has none yet, and its rows are added below.
-            job = await uow.session.scalar(_job_without_images(), {"job_id": job_id})
-            if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
-                return False
-            verdicts = list(verdicts) or [None] * len(images)
-            rows = []
-            for index, ((seed, stored), verdict) in enumerate(zip(images, verdicts, strict=True)):
-                action = image_action(job.nsfw_allowed) if verdict is not None else None
-                rows.append(Image(job_id=job.id, index=index, seed=seed, sha256=stored.sha256, width=stored.width,
-                                  height=stored.height, size_bytes=stored.size_bytes,
-                                  safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
-                                  created_at=now))
-                uow.session.add(rows[-1])
-                if verdict is not None:
-                    await self.policy.record(uow, job.user, subject=f"image:{stored.sha256}",
-                                             category=verdict.category, reason_code=verdict.reason_code,
-                                             source="image_check", action=action, now=now, job_id=job.id,
-                                             detail=f"image {index + 1} of job {job.id}: {job.prompt}")
-            if any(flagged_category(image.safety_flags, WITHHOLD) is not None for image in rows) \
-                    and WITHHOLD in self.settings.moderation.strike_actions:
-                await self.policy.strike(uow, job.user, now)
-            await uow.session.flush()
-            job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
-            # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
-            await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
+            jobs = {job.id: job for job in (await uow.session.scalars(
+                _jobs_without_images(), {"job_ids": [each.job_id for each in finished]})).unique()}
+            completed = set()
+            for each in finished:
+                job = jobs.get(each.job_id)
+                if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
+                    continue
+                await self._store_results(uow, job, each, now)
+                completed.add(job.id)
             await uow.commit()
-        return True
+        return completed
+
+    async def _store_results(self, uow: UnitOfWork, job: Job, finished: Finished, now: datetime) -> None:
+        """A running job's image rows, its safety flags (and strike), and its move to SUCCEEDED."""
+        verdicts = list(finished.verdicts) or [None] * len(finished.images)
+        rows = []
+        for index, ((seed, stored), verdict) in enumerate(zip(finished.images, verdicts, strict=True)):
+            action = image_action(job.nsfw_allowed) if verdict is not None else None
+            rows.append(Image(job_id=job.id, index=index, seed=seed, sha256=stored.sha256, width=stored.width,
+                              height=stored.height, size_bytes=stored.size_bytes,
+                              safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
+                              created_at=now))
+            uow.session.add(rows[-1])
+            if verdict is not None:
+                await self.policy.record(uow, job.user, subject=f"image:{stored.sha256}",
+                                         category=verdict.category, reason_code=verdict.reason_code,
+                                         source="image_check", action=action, now=now, job_id=job.id,
+                                         detail=f"image {index + 1} of job {job.id}: {job.prompt}")
+        if any(flagged_category(image.safety_flags, WITHHOLD) is not None for image in rows) \
+                and WITHHOLD in self.settings.moderation.strike_actions:
+            await self.policy.strike(uow, job.user, now)
+        await uow.session.flush()
+        job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
+        # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
+        await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
 
     # -- trainings (bot/teach.py): one queue entry, claimed once per slice of steps ------------------
 

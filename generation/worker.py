@@ -41,7 +41,7 @@ from bot.errors import EaselError, GenerationFailed, NotFound
 from bot.extra_networks import ExtraNetworks
 from bot.images import to_png_bytes
 from bot.policy import TRAINING_STEP_FACTOR, steps_run
-from bot.queue import JobQueue, this_worker_id
+from bot.queue import Finished, JobQueue, this_worker_id
 from bot.safety import ImageVerdict
 from bot.store import ImageStore, StoredImage, write_atomically
 from bot.views import JobView, TrainingView
@@ -411,10 +411,9 @@ class Worker:
             for job in batch:
                 await self._fail(job, error)
             return
-        for job, images in zip(batch, results, strict=True):
-            await asyncio.shield(self._finish(job, images))
-            if self._in_hand is not None:
-                self._in_hand.progressed()
+        await asyncio.shield(self._finish(batch, results))
+        if self._in_hand is not None:
+            self._in_hand.progressed()
 
     def _bring_loras(self, batch: Sequence[JobView]) -> None:
         """Copy into this host's lora_dir, from the store, the trained LoRAs the batch names (made by
@@ -483,22 +482,56 @@ class Worker:
         return GenerationTask(params=job.params, init_image=load(job.init_image_sha, "RGB"),
                               mask_image=load(job.mask_image_sha, "L"))
 
-    async def _finish(self, job: JobView, images: list[Image.Image]) -> None:
-        try:
-            # A checker that fails fails the job (below): an unchecked image is never delivered.
-            verdicts = await self._check(images)
-            if job.params.kind is JobKind.ANIMATE:
-                # The clip is shown through its last frame, its poster: one flagged frame flags the whole clip.
-                verdicts = [next((verdict for verdict in verdicts if verdict is not None), None)]
-                images = images[-1:]
-            stored = await asyncio.to_thread(self._save, job, images)
-            if await self.queue.complete(job.id, stored, verdicts, worker_id=self.worker_id):
-                self.stats.succeeded += 1
-                self.stats.images += len(stored)
+    async def _finish(self, batch: Sequence[JobView], results: list[list[Image.Image]]) -> None:
+        """Check each job's images, store them all at once (their PNG writes and fsyncs overlap), then
+        complete the batch's jobs in one unit of work. A job whose check or store fails fails alone."""
+        checked = []
+        for job, images in zip(batch, results, strict=True):
+            try:
+                checked.append((job, *await self._checked(job, images)))
+            except Exception as error:
+                await self._fail(job, error)
+        stored = await asyncio.gather(*(asyncio.to_thread(self._save, job, images) for job, images, _ in checked),
+                                      return_exceptions=True)
+        finished = []
+        for (job, _, verdicts), saved in zip(checked, stored, strict=True):
+            if isinstance(saved, BaseException):
+                await self._fail(job, saved)
             else:
-                self.stats.cancelled += 1
+                finished.append((job, Finished(job.id, saved, verdicts)))
+        if finished:
+            await self._complete(finished)
+
+    async def _checked(self, job: JobView, images: list[Image.Image]) -> tuple[list[Image.Image],
+                                                                              list[ImageVerdict | None]]:
+        """The images a job keeps and the output check's verdict on each. A checker that fails fails the
+        job (its caller): an unchecked image is never delivered."""
+        verdicts = await self._check(images)
+        if job.params.kind is JobKind.ANIMATE:
+            # The clip is shown through its last frame, its poster: one flagged frame flags the whole clip.
+            verdicts = [next((verdict for verdict in verdicts if verdict is not None), None)]
+            images = images[-1:]
+        return images, verdicts
+
+    async def _complete(self, finished: list[tuple[JobView, Finished]]) -> None:
+        """Complete stored jobs together; should that fail, each on its own (one bad row must not cost
+        the others their pictures), and a job that fails alone fails."""
+        try:
+            completed = await self.queue.complete_batch([each for _, each in finished], worker_id=self.worker_id)
         except Exception as error:
-            await self._fail(job, error)
+            if len(finished) == 1:
+                await self._fail(finished[0][0], error)
+                return
+            log.warning("completing a batch of %d failed (%r); completing its jobs one at a time", len(finished), error)
+            for one in finished:
+                await self._complete([one])
+            return
+        for job, each in finished:
+            if job.id in completed:
+                self.stats.succeeded += 1
+                self.stats.images += len(each.images)
+            else:  # cancelled meanwhile, or taken back by another worker
+                self.stats.cancelled += 1
 
     async def _check(self, images: list[Image.Image]) -> list[ImageVerdict | None]:
         if isinstance(self.image_checker, NoImageCheck):  # no torch work: not worth a trip to its thread

@@ -256,3 +256,32 @@ async def test_a_short_batch_wait_gathers_a_job_submitted_just_after(core: Core,
     jobs = [await core.service.get_job(result.job.id) for result in (first, second)]
     assert [job.status for job in jobs] == [JobStatus.SUCCEEDED] * 2
     assert [job.batch_size for job in jobs] == [2, 2]  # one diffusers call for both users
+
+
+async def test_a_batch_is_completed_together_and_one_bad_completion_costs_only_its_job(
+        core: Core, generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker completes a batch's jobs in one unit of work; if that fails because of one job, it
+    completes each alone: the others keep their pictures and the one job fails with a message."""
+    core.settings.generation.max_batch = 3
+    people = [Requester(platform="console", user_id=name) for name in ("ann", "ben", "cat")]
+    submitted = [await core.service.submit(person, core.parser.parse(f"/imagine a {thing} --steps 2"))
+                 for person, thing in zip(people, ("cat", "dog", "fox"), strict=True)]
+    bad_id, store_results = submitted[1].job.id, core.queue._store_results
+    completions = []
+
+    async def one_bad_row(uow, job, finished, now) -> None:
+        completions.append(job.id)
+        if job.id == bad_id:
+            raise ValueError("a row the database refused")
+        await store_results(uow, job, finished, now)
+
+    monkeypatch.setattr(core.queue, "_store_results", one_bad_row)
+    worker = worker_for(core, generator)
+    await worker.run(burst=True)
+    jobs = [await core.service.get_job(result.job.id) for result in submitted]
+    assert worker.stats.batches == 1 and [job.batch_size for job in jobs] == [3] * 3
+    assert completions[:2] == [submitted[0].job.id, bad_id]  # together first, stopped at the bad one
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+    assert len(jobs[0].images) == len(jobs[2].images) == 1 and not jobs[1].images
+    assert "internal error (ValueError)" in jobs[1].error
+    assert worker.stats.succeeded == 2 and worker.stats.failed == 1
