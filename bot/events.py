@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Integer, Select, bindparam, func, select
+from sqlalchemy import Integer, Row, Select, bindparam, func, select
 
 from bot.clock import utcnow
 from bot.database import Database, UnitOfWork
@@ -83,9 +83,10 @@ class Event:
 
 
 @functools.cache  # built once per shape: every follower and every job watcher asks for it, many times a second
-def _events_after(*, by_platform: bool, by_job: bool) -> Select[tuple[JobEvent]]:
-    """Events after :last_id, oldest first, at most :limit; of one :platform, of one :job_id."""
-    query = select(JobEvent).where(JobEvent.id > bindparam("last_id")).order_by(JobEvent.id) \
+def _events_after(*, by_platform: bool, by_job: bool) -> Select[Any]:
+    """Events after :last_id, oldest first, at most :limit; of one :platform, of one :job_id. The table's
+    rows, not ORM objects: they are read for Event values, never changed."""
+    query = select(JobEvent.__table__).where(JobEvent.id > bindparam("last_id")).order_by(JobEvent.id) \
         .limit(bindparam("limit", type_=Integer))
     if by_platform:
         query = query.where(JobEvent.platform == bindparam("platform"))
@@ -94,7 +95,7 @@ def _events_after(*, by_platform: bool, by_job: bool) -> Select[tuple[JobEvent]]
     return query
 
 
-def _to_event(row: JobEvent) -> Event:
+def _to_event(row: JobEvent | Row[Any]) -> Event:
     return Event(row.id, row.job_id, row.platform, EventKind(row.kind), dict(row.payload or {}), row.created_at)
 
 
@@ -139,8 +140,7 @@ class EventBus:
                          limit: int = READ_LIMIT) -> list[Event]:
         query = _events_after(by_platform=platform is not None, by_job=job_id is not None)
         values = {"last_id": last_id, "limit": limit, "platform": platform, "job_id": job_id}
-        async with self._db.unit_of_work(write=False) as uow:
-            return [_to_event(row) for row in (await uow.session.scalars(query, values)).all()]
+        return [_to_event(row) for row in await self._db.read(query, values)]
 
     async def latest_of(self, job_id: str, kind: EventKind) -> Event | None:
         """A job's newest event of one kind (e.g. its last progress, with the newest preview), or None."""
