@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Executable, Row, event, make_url
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from bot.errors import ConfigError
 from bot.repositories import JobRepository, UserRepository
@@ -103,11 +103,16 @@ class Database:
                               turns=self._write_turns)
         return UnitOfWork(self._read_sessions)
 
+    def reading(self) -> AsyncConnection:
+        """A connection for read-only Core statements (`async with db.reading() as connection:`): no
+        session and no ORM objects, for the reads made most often (each job's watchers reading its
+        events, a worker choosing its batch), where a unit of work's session cost the event loop twice
+        what the statements did. Leaving the block ends its transaction."""
+        return self.engine.connect()
+
     async def read(self, statement: Executable, values: dict[str, Any]) -> Sequence[Row[Any]]:
-        """The rows of one read-only Core statement, on a connection of its own: no session and no ORM
-        objects, for the reads made most often (each job's watchers read its events as they come), where
-        a unit of work's session cost the event loop twice what the statement did."""
-        async with self.engine.connect() as connection:
+        """The rows of one read-only Core statement (see `reading`)."""
+        async with self.reading() as connection:
             return (await connection.execute(statement, values)).all()
 
     def _committed(self) -> None:

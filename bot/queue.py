@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, Select, bindparam, case, delete, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -221,8 +221,8 @@ class JobQueue:
         while True:
             # Choose in a read-only transaction: an idle worker's empty claims never take the write
             # lock that submissions need.
-            async with self.db.unit_of_work(write=False) as uow:
-                choice = await self._choose_batch(uow.session, max_images, loaded_models,
+            async with self.db.reading() as connection:
+                choice = await self._choose_batch(connection, max_images, loaded_models,
                                                   leave_for_others_than=worker_id if may_leave else None, train=train)
             if not choice.chosen:
                 return []
@@ -273,7 +273,7 @@ class JobQueue:
                 case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
         return list((await session.scalars(query, {"seqs": seqs})).unique().all())
 
-    async def _choose_batch(self, session: AsyncSession, max_images: int, loaded_models: Collection[str] = (),
+    async def _choose_batch(self, connection: AsyncConnection, max_images: int, loaded_models: Collection[str] = (),
                             leave_for_others_than: str | None = None, train: bool = False) -> BatchChoice:
         """The seqs of the next batch: the fairest head job (or, with affinity, a head for a model the
         worker has loaded: choose_head), then compatible jobs to fill it; and the seqs of the fairer
@@ -286,7 +286,7 @@ class JobQueue:
         they are all there and each user waits for one job, there is nothing else to look for.
         """
         limit = 16 * max_images  # enough spare heads for workers that claim at the same moment (_start)
-        heads = (await session.execute(self._fair_heads(train), {"limit": limit})).all()
+        heads = (await connection.execute(self._fair_heads(train), {"limit": limit})).all()
         if not heads:
             return BatchChoice([])
         now = self.clock()
@@ -295,7 +295,7 @@ class JobQueue:
         max_wait_s = self.settings.queue.affinity_max_wait_s
         if leave_for_others_than is not None and max_wait_s and candidates[index].model not in loaded_models \
                 and candidates[index].waited_s < max_wait_s:
-            idle_elsewhere = await self._models_on_idle_workers(session, leave_for_others_than)
+            idle_elsewhere = await self._models_on_idle_workers(connection, leave_for_others_than)
             if leave_to_idle_worker(candidates[index], loaded_models, idle_elsewhere, max_wait_s):
                 return BatchChoice([])
         head, key = heads[index], _batch_key(heads[index])
@@ -317,7 +317,7 @@ class JobQueue:
             if len(heads) == limit:  # more users wait than were read: ask for their heads of this key
                 fair, queries = [], [self._fair_heads(train).where(*same_key), *queries]
         for query in (None, *queries):
-            rows = fair if query is None else (await session.execute(query, {"limit": limit})).all()
+            rows = fair if query is None else (await connection.execute(query, {"limit": limit})).all()
             for seq, n, *_ in rows:
                 if images >= max_images:
                     return BatchChoice(chosen, passed, [seq for seq in spare if seq not in chosen])
@@ -326,9 +326,9 @@ class JobQueue:
                     images += n
         return BatchChoice(chosen, passed, [seq for seq in spare if seq not in chosen])
 
-    async def _models_on_idle_workers(self, session: AsyncSession, other_than: str) -> set[str]:
+    async def _models_on_idle_workers(self, connection: AsyncConnection, other_than: str) -> set[str]:
         """The models loaded on workers the registry shows idle and alive (a heartbeat within the lease)."""
-        rows = await session.scalars(_idle_workers_models(),
+        rows = await connection.scalars(_idle_workers_models(),
                                      {"other_than": other_than, "alive_since": self.clock() - self.LEASE})
         return {model for models in rows for model in models}
 
@@ -554,8 +554,6 @@ class JobQueue:
 
     async def waiting(self) -> tuple[int, datetime | None]:
         """Images waiting in the queue, and when the oldest waiting job was submitted."""
-        async with self.db.unit_of_work(write=False) as uow:
-            images, oldest = (await uow.session.execute(
-                select(func.coalesce(func.sum(Job.n), 0), func.min(Job.created_at))
-                .where(Job.status == JobStatus.QUEUED.value))).one()
+        [(images, oldest)] = await self.db.read(select(func.coalesce(func.sum(Job.n), 0), func.min(Job.created_at))
+                                                .where(Job.status == JobStatus.QUEUED.value), {})
         return int(images), oldest  # MIN keeps the column's type: an aware datetime
