@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,11 +37,11 @@ class OneTripCursor:
         self.lastrowid: int | None = None
 
     async def execute(self, sql: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> OneTripCursor:
-        self._take(await self._connection.run_on_thread(_execute, sql, parameters))
+        self._take(await self._connection.run_on_thread(_run, sqlite3.Cursor.execute, sql, parameters))
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> OneTripCursor:
-        self._take(await self._connection.run_on_thread(_executemany, sql, list(parameters)))
+        self._take(await self._connection.run_on_thread(_run, sqlite3.Cursor.executemany, sql, list(parameters)))
         return self
 
     def _take(self, result: tuple[Any, list[Any], int, int | None]) -> None:
@@ -80,23 +80,14 @@ class OneTripCursor:
         await self.close()
 
 
-def _execute(connection: sqlite3.Connection, sql: str,
-             parameters: Sequence[Any] | dict[str, Any]) -> tuple[Any, list[Any], int, int | None]:
+def _run(connection: sqlite3.Connection, run: Callable[[sqlite3.Cursor, str, Any], object], sql: str,
+         parameters: Any) -> tuple[Any, list[Any], int, int | None]:
+    """On the connection's thread: `run` (Cursor.execute or Cursor.executemany) on a new cursor, its rows
+    (a SELECT's, or an INSERT ... RETURNING's), description, rowcount and lastrowid; then close it."""
     cursor = connection.cursor()
     try:
-        cursor.execute(sql, parameters)
+        run(cursor, sql, parameters)
         rows = cursor.fetchall() if cursor.description else []
-        return cursor.description, rows, cursor.rowcount, cursor.lastrowid
-    finally:
-        cursor.close()
-
-
-def _executemany(connection: sqlite3.Connection, sql: str,
-                 parameters: list[Sequence[Any]]) -> tuple[Any, list[Any], int, int | None]:
-    cursor = connection.cursor()
-    try:
-        cursor.executemany(sql, parameters)
-        rows = cursor.fetchall() if cursor.description else []  # INSERT ... RETURNING
         return cursor.description, rows, cursor.rowcount, cursor.lastrowid
     finally:
         cursor.close()
