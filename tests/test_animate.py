@@ -23,7 +23,7 @@ import PIL.ImageSequence
 import pytest
 
 from adapters.console import ConsoleChat, split_attachments
-from bot.animation import CLIP_NAME, GIF_MAX_BYTES, camera_move, frames_done, keyframes, prompt_at
+from bot.animation import CLIP_NAME, camera_move, frames_done, keyframes, prompt_at
 from bot.bootstrap import Core, open_core
 from bot.config import LimitsConfig, ModelConfig, Settings, load_settings
 from bot.domain import GenerationParams, InputImages, JobKind, JobStatus, Motion, Requester
@@ -187,12 +187,18 @@ async def test_a_cancelled_clip_loses_its_frames_and_a_finished_or_waiting_one_k
 # -- the camera, the words, the cost -------------------------------------------------------------------------
 
 
-def test_a_gif_too_large_for_its_bound_is_made_smaller_not_cut_short() -> None:
-    noise = np.random.default_rng(0).integers(0, 256, (36, 512, 512, 3), dtype=np.uint8)  # GIF's worst case
-    gif = gif_bytes([PIL.Image.fromarray(frame) for frame in noise], fps=8)
-    assert gif is not None and len(gif) <= GIF_MAX_BYTES
+def test_a_gif_too_large_for_its_bound_is_made_smaller_not_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Noise is GIF's worst case: about a byte a pixel. The bound is lowered from its 8 MiB so that the same
+    # halving shows on 128-pixel frames (the 512-pixel clip it was made for takes seconds to encode twice).
+    noise = np.random.default_rng(0).integers(0, 256, (12, 128, 128, 3), dtype=np.uint8)
+    frames = [PIL.Image.fromarray(frame) for frame in noise]
+    monkeypatch.setattr("generation.animation.GIF_MAX_BYTES", 100_000)  # 12 x 128 x 128 is over, 12 x 64 x 64 fits
+    gif = gif_bytes(frames, fps=8)
+    assert gif is not None and len(gif) <= 100_000
     with PIL.Image.open(io.BytesIO(gif)) as animation:
-        assert animation.n_frames == 36 and animation.size == (256, 256)  # halved once: at 512 it was over 8 MiB
+        assert animation.n_frames == 12 and animation.size == (64, 64)  # halved once, every frame kept
+    monkeypatch.setattr("generation.animation.GIF_MAX_BYTES", 10_000)  # over even at 64 pixels a side
+    assert gif_bytes(frames, fps=8) is None
 
 
 def test_the_camera_moves_the_frame_and_fills_what_comes_in_from_its_edges() -> None:
