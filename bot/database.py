@@ -75,9 +75,10 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         options = connection.get_execution_options()
-        if options.get("isolation_level") == "AUTOCOMMIT":
+        begin = options.get("sqlite_begin", "DEFERRED")  # None: one statement, atomic without a BEGIN
+        if options.get("isolation_level") == "AUTOCOMMIT" or begin is None:
             return
-        connection.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'DEFERRED')}")
+        connection.exec_driver_sql(f"BEGIN {begin}")
 
 
 class Database:
@@ -91,6 +92,9 @@ class Database:
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # `read`'s one statement needs no BEGIN on SQLite: a single SELECT reads one snapshot, and then
+        # neither a BEGIN nor a rollback has to reach the connection's thread (bot/sqlite_driver.py).
+        self._single_reads = self.engine.execution_options(sqlite_begin=None)
         in_a_file = make_url(url).database not in (None, "", ":memory:")
         self._checkpoints = self.engine.dialect.name == "sqlite" and in_a_file
         self._write_commits = 0
@@ -111,8 +115,8 @@ class Database:
         return self.engine.connect()
 
     async def read(self, statement: Executable, values: dict[str, Any]) -> Sequence[Row[Any]]:
-        """The rows of one read-only Core statement (see `reading`)."""
-        async with self.reading() as connection:
+        """The rows of one read-only Core statement (see `reading`), with no BEGIN on SQLite."""
+        async with self._single_reads.connect() as connection:
             return (await connection.execute(statement, values)).all()
 
     def _committed(self) -> None:

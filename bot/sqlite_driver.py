@@ -8,6 +8,13 @@ over a hundred trips for one image job, a tenth of what the bot costs beyond the
 rows, description, rowcount and lastrowid come back together. SQLAlchemy is handed this driver in place
 of the aiosqlite module (bot/database.py) and uses it as it would aiosqlite: transactions, errors and
 results are sqlite3's own, unchanged.
+
+Two more trips are saved where sqlite3 itself would do nothing on the thread. A BEGIN is held back and
+run in the trip of the statement after it: BEGIN DEFERRED takes no lock before its first statement
+anyway, and BEGIN IMMEDIATE takes the write lock right before that statement runs, so no other writer
+can come in between. And a commit or rollback with no transaction open (a pool's rollback as it takes
+back a connection whose work was committed; a single read run without BEGIN) makes no trip: sqlite3's
+own commit and rollback return at once then. Each trip reports whether a transaction is open after it.
 """
 
 from __future__ import annotations
@@ -37,14 +44,18 @@ class OneTripCursor:
         self.lastrowid: int | None = None
 
     async def execute(self, sql: str, parameters: Sequence[Any] | dict[str, Any] = ()) -> OneTripCursor:
-        self._take(await self._connection.run_on_thread(_run, sqlite3.Cursor.execute, sql, parameters))
+        if not parameters and sql.lstrip()[:5].upper() == "BEGIN":
+            self._connection.begin_with_next_statement(sql)
+            self._take((None, [], -1, None))
+        else:
+            self._take(await self._connection.run_statement(sqlite3.Cursor.execute, sql, parameters))
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> OneTripCursor:
-        self._take(await self._connection.run_on_thread(_run, sqlite3.Cursor.executemany, sql, list(parameters)))
+        self._take(await self._connection.run_statement(sqlite3.Cursor.executemany, sql, list(parameters)))
         return self
 
-    def _take(self, result: tuple[Any, list[Any], int, int | None]) -> None:
+    def _take(self, result: Outcome) -> None:
         description, rows, self.rowcount, self.lastrowid = result
         self.description, self._rows = description, deque(rows)
 
@@ -80,28 +91,59 @@ class OneTripCursor:
         await self.close()
 
 
-def _run(connection: sqlite3.Connection, run: Callable[[sqlite3.Cursor, str, Any], object], sql: str,
-         parameters: Any) -> tuple[Any, list[Any], int, int | None]:
-    """On the connection's thread: `run` (Cursor.execute or Cursor.executemany) on a new cursor, its rows
-    (a SELECT's, or an INSERT ... RETURNING's), description, rowcount and lastrowid; then close it."""
+Outcome = tuple[Any, list[Any], int, int | None]  # a statement's description, rows, rowcount, lastrowid
+
+
+def _run(connection: sqlite3.Connection, begin: str | None, run: Callable[[sqlite3.Cursor, str, Any], object],
+         sql: str, parameters: Any) -> tuple[Outcome, bool]:
+    """On the connection's thread: the held-back `begin`, if any, then `run` (Cursor.execute or
+    Cursor.executemany) on a new cursor, closed after; the statement's rows (a SELECT's, or an INSERT ...
+    RETURNING's), description, rowcount and lastrowid, and whether a transaction is open after it."""
+    if begin is not None:
+        connection.execute(begin).close()
     cursor = connection.cursor()
     try:
         run(cursor, sql, parameters)
         rows = cursor.fetchall() if cursor.description else []
-        return cursor.description, rows, cursor.rowcount, cursor.lastrowid
+        return (cursor.description, rows, cursor.rowcount, cursor.lastrowid), connection.in_transaction
     finally:
         cursor.close()
 
 
 class OneTripConnection(aiosqlite.Connection):
-    """An aiosqlite connection whose cursors cost no trip of their own (see OneTripCursor)."""
+    """An aiosqlite connection whose cursors cost no trip of their own (see OneTripCursor), whose BEGIN
+    goes with the statement after it, and whose commit or rollback with nothing open costs no trip."""
+
+    _begin: str | None = None  # a BEGIN held back for the next statement's trip
+    # Whether sqlite3 may have a transaction open, as the last trip left it. When a trip fails, its outcome
+    # is unknown: True, so the commit or rollback that follows is sent and sqlite3 does what it must.
+    _in_transaction = False
 
     def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
 
-    async def run_on_thread(self, function: Any, *args: Any) -> Any:
-        """`function(sqlite3_connection, *args)` on the connection's thread, in one trip."""
-        return await self._execute(lambda: function(self._conn, *args))
+    def begin_with_next_statement(self, begin: str) -> None:
+        self._begin = begin
+
+    async def run_statement(self, run: Callable[[sqlite3.Cursor, str, Any], object], sql: str,
+                            parameters: Any) -> Outcome:
+        """One statement (and the BEGIN held back for it) in one trip to the connection's thread."""
+        begin, self._begin = self._begin, None
+        self._in_transaction = True
+        outcome, self._in_transaction = await self._execute(lambda: _run(self._conn, begin, run, sql, parameters))
+        return outcome
+
+    async def commit(self) -> None:
+        await self._end(sqlite3.Connection.commit)
+
+    async def rollback(self) -> None:
+        await self._end(sqlite3.Connection.rollback)
+
+    async def _end(self, end: Callable[[sqlite3.Connection], None]) -> None:
+        self._begin = None  # a BEGIN that no statement followed began nothing
+        if self._in_transaction:
+            await self._execute(end, self._conn)
+            self._in_transaction = False
 
 
 class OneTripDriver:

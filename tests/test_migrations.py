@@ -112,6 +112,51 @@ async def test_a_sqlite_statement_is_one_trip_to_the_connection_thread(core: Cor
         assert updated.rowcount == 1  # the ORM checks this on every UPDATE it flushes
 
 
+async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_rollback_costs_no_trip(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bot/sqlite_driver.py: a unit of work that writes one row is two trips (BEGIN IMMEDIATE with the
+    INSERT, then COMMIT; no BEGIN of its own, no pool rollback after), a single read one; BEGIN IMMEDIATE
+    still keeps every other writer out from its first statement on, and a statement that fails right after
+    its BEGIN still has its transaction rolled back, so the next writer gets in."""
+    import sqlite3
+
+    from sqlalchemy import exc, text
+
+    from bot.sqlite_driver import OneTripConnection
+
+    async with core.db.unit_of_work() as uow:  # the pool's connection is made, and its setup done, first
+        await uow.session.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY)"))
+        await uow.commit()
+    trips: list[str] = []
+    real_execute = OneTripConnection._execute
+
+    async def counted(self: OneTripConnection, function, *args, **kwargs):
+        trips.append("commit" if function is sqlite3.Connection.commit else
+                     "rollback" if function is sqlite3.Connection.rollback else "statement")
+        return await real_execute(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(OneTripConnection, "_execute", counted)
+    another_process = sqlite3.connect(core.settings.storage.data_dir / "easel.db", timeout=0, isolation_level=None)
+    try:
+        async with core.db.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO notes VALUES (1)"))
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                another_process.execute("BEGIN IMMEDIATE")  # the write lock is held from the first statement
+            await uow.commit()
+        assert trips == ["statement", "commit"]
+        trips.clear()
+        assert await core.db.read(text("SELECT count(*) FROM notes"), {}) == [(1,)]
+        assert trips == ["statement"]
+
+        with pytest.raises(exc.IntegrityError):  # the BEGIN ran, the INSERT after it failed
+            async with core.db.unit_of_work() as uow:
+                await uow.session.execute(text("INSERT INTO notes VALUES (1)"))
+        another_process.execute("BEGIN IMMEDIATE")  # so the rollback was sent, and the lock let go
+        another_process.execute("ROLLBACK")
+    finally:
+        another_process.close()
+
+
 async def test_writers_of_one_process_take_turns_and_a_held_turn_times_out_clearly(settings) -> None:
     """bot/database.py WriteTurns: a second writer waits for the first instead of failing; one kept
     waiting past database.busy_timeout_ms gets an error naming that setting, and the next writer after
