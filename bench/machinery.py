@@ -32,9 +32,15 @@ from generation.pipelines import GenerationTask
 
 
 class InstantGenerator:
-    """A generator that returns at once: a blank image of the job's size per seed, in a colour of its own."""
+    """A generator that returns at once: a blank image of the job's size per seed, in a colour of its own.
+    Like the real one, it holds each model it was asked for from then on (the worker's claims read
+    `loaded_models`: a job for a model not loaded makes them look for idle workers that have it)."""
+
+    def __init__(self) -> None:
+        self.loaded_models: list[str] = []
 
     def generate(self, tasks: list[GenerationTask], on_step: object = None) -> list[list[Image.Image]]:
+        self.loaded_models = sorted({*self.loaded_models, *(task.params.model for task in tasks)})
         return [[Image.new("RGB", (task.params.width, task.params.height), (seed % 256, seed // 256 % 256, 0))
                  for seed in task.params.image_seeds()] for task in tasks]
 
