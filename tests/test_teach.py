@@ -294,7 +294,7 @@ def easel_env(data_dir: Path, models_dir: Path) -> dict[str, str]:
     return {**os.environ, "EASEL_STORAGE__DATA_DIR": str(data_dir), "EASEL_STORAGE__MODELS_DIR": str(models_dir),
             "EASEL_GENERATION__PROGRESS_EVERY_S": "0", "EASEL_GENERATION__POLL_INTERVAL_MS": "50",
             "EASEL_GENERATION__DEFAULT_MODEL": "shapes", "EASEL_MODELS": SHAPES_MODELS,
-            "EASEL_TEACH__SLICE_STEPS": "10", "EASEL_TEACH__SAMPLES": "0"}
+            "EASEL_TEACH__SLICE_STEPS": "5", "EASEL_TEACH__SAMPLES": "0"}
 
 
 @pytest.mark.timeout(900)
@@ -305,13 +305,14 @@ def test_a_training_killed_mid_way_finishes_with_the_same_lora(tmp_path: Path, m
     run did (same machine, same thread count); the file's header is written in sorted order, since
     safetensors' own order of its metadata changes from process to process."""
     folder = write_folder(tmp_path / "pictures", teaching_pictures(4))
-    # Four slices: the kill comes within one poll of the first checkpoint, three slices before the last.
-    command = [sys.executable, "-m", "adapters.cli", "teach", "kept", str(folder), "--steps", "40",
+    # Four slices of 5 steps: the kill comes within one poll of the first checkpoint, three slices before
+    # the last.
+    command = [sys.executable, "-m", "adapters.cli", "teach", "kept", str(folder), "--steps", "20",
                "-o", str(tmp_path / "out")]
     whole = subprocess.run(command, env=easel_env(tmp_path / "whole", models_dir), capture_output=True, text=True,
                            timeout=600)
     assert whole.returncode == 0, whole.stdout + whole.stderr
-    assert "step 10/40" in whole.stdout and "step 30/40" in whole.stdout
+    assert "step 5/20" in whole.stdout and "step 15/20" in whole.stdout
 
     env = easel_env(tmp_path / "killed", models_dir)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
