@@ -9,7 +9,7 @@ rows, description, rowcount and lastrowid come back together. SQLAlchemy is hand
 of the aiosqlite module (bot/database.py) and uses it as it would aiosqlite: transactions, errors and
 results are sqlite3's own, unchanged.
 
-Two more trips are saved where sqlite3 itself would do nothing on the thread. A BEGIN is held back and
+Trips are saved, too, where sqlite3 itself would do nothing on the thread. A BEGIN is held back and
 run in the trip of the statement after it: BEGIN DEFERRED takes no lock before its first statement
 anyway, and BEGIN IMMEDIATE takes the write lock right before that statement runs, so no other writer
 can come in between. And a commit or rollback with no transaction open (a pool's rollback as it takes
