@@ -92,9 +92,10 @@ class Database:
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write_sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # `read`'s one statement needs no BEGIN on SQLite: a single SELECT reads one snapshot, and then
-        # neither a BEGIN nor a rollback has to reach the connection's thread (bot/sqlite_driver.py).
-        self._single_reads = self.engine.execution_options(sqlite_begin=None)
+        # `reading` runs each statement on its own, with no BEGIN on SQLite: a SELECT reads what was
+        # committed when it runs (as each statement of a PostgreSQL transaction does at READ COMMITTED),
+        # and neither a BEGIN nor a rollback has to reach the connection's thread (bot/sqlite_driver.py).
+        self._reads = self.engine.execution_options(sqlite_begin=None)
         in_a_file = make_url(url).database not in (None, "", ":memory:")
         self._checkpoints = self.engine.dialect.name == "sqlite" and in_a_file
         self._write_commits = 0
@@ -111,12 +112,14 @@ class Database:
         """A connection for read-only Core statements (`async with db.reading() as connection:`): no
         session and no ORM objects, for the reads made most often (each job's watchers reading its
         events, a worker choosing its batch), where a unit of work's session cost the event loop twice
-        what the statements did. Leaving the block ends its transaction."""
-        return self.engine.connect()
+        what the statements did. Each statement reads what is committed when it runs, not a snapshot
+        shared with the statements before it: what a caller acts on, it checks again in a unit of work
+        (a worker's claim takes the jobs it chose only if they are still queued)."""
+        return self._reads.connect()
 
     async def read(self, statement: Executable, values: dict[str, Any]) -> Sequence[Row[Any]]:
-        """The rows of one read-only Core statement (see `reading`), with no BEGIN on SQLite."""
-        async with self._single_reads.connect() as connection:
+        """The rows of one read-only Core statement (see `reading`)."""
+        async with self.reading() as connection:
             return (await connection.execute(statement, values)).all()
 
     def _committed(self) -> None:

@@ -219,8 +219,8 @@ class JobQueue:
         nothing this time. A slice of a training (kind teach) is claimed alone, and only by a worker
         that `train`s."""
         while True:
-            # Choose in a read-only transaction: an idle worker's empty claims never take the write
-            # lock that submissions need.
+            # Choose on a read connection: an idle worker's empty claims never take the write lock that
+            # submissions need. _start takes the chosen jobs only if they are still queued.
             async with self.db.reading() as connection:
                 choice = await self._choose_batch(connection, max_images, loaded_models,
                                                   leave_for_others_than=worker_id if may_leave else None, train=train)

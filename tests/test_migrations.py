@@ -115,7 +115,7 @@ async def test_a_sqlite_statement_is_one_trip_to_the_connection_thread(core: Cor
 async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_rollback_costs_no_trip(
         core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
     """bot/sqlite_driver.py: a unit of work that writes one row is two trips (BEGIN IMMEDIATE with the
-    INSERT, then COMMIT; no BEGIN of its own, no pool rollback after), a single read one; BEGIN IMMEDIATE
+    INSERT, then COMMIT; no BEGIN of its own, no pool rollback after), a read one a statement; BEGIN IMMEDIATE
     still keeps every other writer out from its first statement on, and a statement that fails right after
     its BEGIN still has its transaction rolled back, so the next writer gets in."""
     import sqlite3
@@ -147,6 +147,11 @@ async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_roll
         trips.clear()
         assert await core.db.read(text("SELECT count(*) FROM notes"), {}) == [(1,)]
         assert trips == ["statement"]
+        trips.clear()
+        async with core.db.reading() as connection:  # a worker's claim: its choice is read statement by statement
+            await connection.execute(text("SELECT count(*) FROM notes"))
+            await connection.execute(text("SELECT max(id) FROM notes"))
+        assert trips == ["statement", "statement"]
 
         with pytest.raises(exc.IntegrityError):  # the BEGIN ran, the INSERT after it failed
             async with core.db.unit_of_work() as uow:
