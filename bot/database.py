@@ -75,7 +75,7 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         options = connection.get_execution_options()
-        begin = options.get("sqlite_begin", "DEFERRED")  # None: one statement, atomic without a BEGIN
+        begin = options.get("sqlite_begin", "DEFERRED")  # None: no BEGIN, each statement on its own (`reading`)
         if options.get("isolation_level") == "AUTOCOMMIT" or begin is None:
             return
         connection.exec_driver_sql(f"BEGIN {begin}")
