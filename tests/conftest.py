@@ -7,7 +7,7 @@ import io
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from adapters.local_worker import garbage_collection_paused
 from bot.bootstrap import Core, open_core
 from bot.config import Settings, load_settings
 from bot.database import upgrade_database
@@ -30,9 +31,20 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, threads)
-        import torch
+        with garbage_collection_paused():
+            import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Generator[None, object, object]:
+    """Collecting imports torch, diffusers, transformers and every test module: with the garbage
+    collector paused and what they made frozen afterwards, as `easel` does for the generation stack
+    (adapters/local_worker.py), collection takes half the CPU, and the tests' own collections no longer
+    walk those objects."""
+    with garbage_collection_paused():
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from adapters.local_worker import garbage_collection_paused
 from bot.bootstrap import open_core
 from bot.config import load_settings
 from bot.domain import JobStatus
@@ -212,6 +214,27 @@ def test_a_bad_file_is_refused_before_torch_is_loaded(env: dict[str, str], tmp_p
                           (str(text_file), "error: the image is not a PNG, JPEG, WebP, GIF or BMP file")):
         result, torch_imported = easel_in_python(env, "edit", path, "a cat")
         assert result.returncode == 2 and result.stderr.startswith(message) and not torch_imported
+
+
+def test_the_collector_pauses_for_the_generation_stack_import_and_collects_again_after_it() -> None:
+    """The pause makes the import cheaper; a collector left off would let every reference cycle the
+    worker makes afterwards pile up for as long as it runs, even when the import failed."""
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    for failing in (False, True):
+        try:
+            with garbage_collection_paused():
+                assert not gc.isenabled()
+                if failing:
+                    raise ImportError("no module named 'torch'")
+        except ImportError:
+            assert failing
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # what the import made is frozen
+        Cycle()
+        assert gc.collect() > 0  # made afterwards: collected
 
 
 def test_imagine_leaves_its_job_to_the_running_worker(env: dict[str, str], tmp_path: Path) -> None:
