@@ -15,6 +15,15 @@ anyway, and BEGIN IMMEDIATE takes the write lock right before that statement run
 can come in between. And a commit or rollback with no transaction open (a pool's rollback as it takes
 back a connection whose work was committed; a single read run without BEGIN) makes no trip: sqlite3's
 own commit and rollback return at once then. Each trip reports whether a transaction is open after it.
+
+And once a connection holds SQLite's write lock (its BEGIN IMMEDIATE or EXCLUSIVE ran with the first
+statement), the statements after it make no trip at all: they run on the calling thread, in microseconds,
+since none of them can wait for another connection (a write transaction in WAL mode waits for nobody;
+the commit, which may run a checkpoint, still goes to the thread). A trip is some 100 us of handing over
+and waking up, and a job's submission, claim and finish ran three to five statements each under the
+lock: 11 trips a one-image job instead of 22. Reads stay on the thread: a reader may meet a lock for a
+moment (a closing connection's checkpoint), and the event loop must never sleep in SQLite's busy
+handler, nor wait out a long listing.
 """
 
 from __future__ import annotations
@@ -118,6 +127,9 @@ class OneTripConnection(aiosqlite.Connection):
     # Whether sqlite3 may have a transaction open, as the last trip left it. When a trip fails, its outcome
     # is unknown: True, so the commit or rollback that follows is sent and sqlite3 does what it must.
     _in_transaction = False
+    # Whether this connection holds the write lock, so that its statements run without a trip. When one
+    # fails, SQLite may have rolled back (a full disk, say): False, and the rest go to the thread.
+    _writing = False
 
     def cursor(self) -> OneTripCursor:  # type: ignore[override]
         return OneTripCursor(self)
@@ -127,10 +139,18 @@ class OneTripConnection(aiosqlite.Connection):
 
     async def run_statement(self, run: Callable[[sqlite3.Cursor, str, Any], object], sql: str,
                             parameters: Any) -> Outcome:
-        """One statement (and the BEGIN held back for it) in one trip to the connection's thread."""
+        """One statement (and the BEGIN held back for it) in one trip to the connection's thread, or none
+        while this connection holds the write lock."""
         begin, self._begin = self._begin, None
         self._in_transaction = True
+        if self._writing:
+            self._writing = False  # until this statement is known to have succeeded
+            outcome, self._in_transaction = _run(self._conn, None, run, sql, parameters)
+            self._writing = self._in_transaction
+            return outcome
         outcome, self._in_transaction = await self._execute(lambda: _run(self._conn, begin, run, sql, parameters))
+        self._writing = self._in_transaction and begin is not None and begin.split()[1:2] in (["IMMEDIATE"],
+                                                                                             ["EXCLUSIVE"])
         return outcome
 
     async def commit(self) -> None:
@@ -141,6 +161,7 @@ class OneTripConnection(aiosqlite.Connection):
 
     async def _end(self, end: Callable[[sqlite3.Connection], None]) -> None:
         self._begin = None  # a BEGIN that no statement followed began nothing
+        self._writing = False
         if self._in_transaction:
             await self._execute(end, self._conn)
             self._in_transaction = False
@@ -156,4 +177,7 @@ class OneTripDriver:
 
     @staticmethod
     def connect(database: str, *, iter_chunk_size: int = 64, **kwargs: Any) -> OneTripConnection:
-        return OneTripConnection(partial(sqlite3.connect, database, **kwargs), iter_chunk_size)
+        # Made on aiosqlite's thread, used there and, under the write lock, by the event loop's thread: one
+        # at a time, since each statement is awaited before the next is sent.
+        return OneTripConnection(partial(sqlite3.connect, database, **{**kwargs, "check_same_thread": False}),
+                                 iter_chunk_size)

@@ -114,10 +114,11 @@ async def test_a_sqlite_statement_is_one_trip_to_the_connection_thread(core: Cor
 
 async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_rollback_costs_no_trip(
         core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bot/sqlite_driver.py: a unit of work that writes one row is two trips (BEGIN IMMEDIATE with the
-    INSERT, then COMMIT; no BEGIN of its own, no pool rollback after), a read one a statement; BEGIN IMMEDIATE
-    still keeps every other writer out from its first statement on, and a statement that fails right after
-    its BEGIN still has its transaction rolled back, so the next writer gets in."""
+    """bot/sqlite_driver.py: a unit of work that writes is two trips whatever its statements (BEGIN
+    IMMEDIATE with the first, then COMMIT; those after the first run under the write lock without a trip;
+    no BEGIN of its own, no pool rollback after), a read one a statement; BEGIN IMMEDIATE still keeps every
+    other writer out from its first statement on, and a statement that fails, right after its BEGIN or
+    under the lock, still has its transaction rolled back, so the next writer gets in."""
     import sqlite3
 
     from sqlalchemy import exc, text
@@ -142,6 +143,11 @@ async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_roll
             await uow.session.execute(text("INSERT INTO notes VALUES (1)"))
             with pytest.raises(sqlite3.OperationalError, match="database is locked"):
                 another_process.execute("BEGIN IMMEDIATE")  # the write lock is held from the first statement
+            await uow.session.execute(text("INSERT INTO notes VALUES (2)"))
+            assert (await uow.session.execute(text("SELECT max(id) FROM notes"))).all() == [(2,)]
+            await uow.session.execute(text("DELETE FROM notes WHERE id = 2"))
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                another_process.execute("BEGIN IMMEDIATE")  # and after those, until the commit
             await uow.commit()
         assert trips == ["statement", "commit"]
         trips.clear()
@@ -158,6 +164,14 @@ async def test_a_begin_rides_with_the_next_statement_and_an_empty_commit_or_roll
                 await uow.session.execute(text("INSERT INTO notes VALUES (1)"))
         another_process.execute("BEGIN IMMEDIATE")  # so the rollback was sent, and the lock let go
         another_process.execute("ROLLBACK")
+
+        with pytest.raises(exc.IntegrityError):  # an INSERT under the lock failed: all of it is undone
+            async with core.db.unit_of_work() as uow:
+                await uow.session.execute(text("INSERT INTO notes VALUES (3)"))
+                await uow.session.execute(text("INSERT INTO notes VALUES (1)"))
+        another_process.execute("BEGIN IMMEDIATE")
+        another_process.execute("ROLLBACK")
+        assert await core.db.read(text("SELECT id FROM notes"), {}) == [(1,)]
     finally:
         another_process.close()
 
