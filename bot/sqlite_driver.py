@@ -17,8 +17,8 @@ back a connection whose work was committed; a single read run without BEGIN) mak
 own commit and rollback return at once then. Each trip reports whether a transaction is open after it.
 
 And once a connection holds SQLite's write lock (its BEGIN IMMEDIATE or EXCLUSIVE ran with the first
-statement), the statements after it make no trip at all: they run on the calling thread, in microseconds,
-since none of them can wait for another connection (a write transaction in WAL mode waits for nobody;
+statement), the statements after it make no trip at all: they run on the calling thread at once, since
+none of them can wait for another connection (a write transaction in WAL mode waits for nobody;
 the commit, which may run a checkpoint, still goes to the thread). A trip is some 100 us of handing over
 and waking up, and a job's submission, claim and finish ran three to five statements each under the
 lock: 11 trips a one-image job instead of 22. Reads stay on the thread: a reader may meet a lock for a
@@ -143,7 +143,7 @@ class OneTripConnection(aiosqlite.Connection):
         while this connection holds the write lock."""
         begin, self._begin = self._begin, None
         self._in_transaction = True
-        if self._writing:
+        if self._writing and begin is None:
             self._writing = False  # until this statement is known to have succeeded
             outcome, self._in_transaction = _run(self._conn, None, run, sql, parameters)
             self._writing = self._in_transaction
