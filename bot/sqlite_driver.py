@@ -101,6 +101,7 @@ class OneTripCursor:
 
 
 Outcome = tuple[Any, list[Any], int, int | None]  # a statement's description, rows, rowcount, lastrowid
+WRITE_LOCK_BEGINS = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")  # the BEGINs that take the write lock at once
 
 
 def _run(connection: sqlite3.Connection, begin: str | None, run: Callable[[sqlite3.Cursor, str, Any], object],
@@ -149,8 +150,7 @@ class OneTripConnection(aiosqlite.Connection):
             self._writing = self._in_transaction
             return outcome
         outcome, self._in_transaction = await self._execute(lambda: _run(self._conn, begin, run, sql, parameters))
-        self._writing = self._in_transaction and begin is not None and begin.split()[1:2] in (["IMMEDIATE"],
-                                                                                             ["EXCLUSIVE"])
+        self._writing = self._in_transaction and begin is not None and begin.upper().startswith(WRITE_LOCK_BEGINS)
         return outcome
 
     async def commit(self) -> None:
