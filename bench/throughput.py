@@ -10,7 +10,9 @@ so Easel's images/s under load are also given as a fraction of it. Easel is meas
 submit jobs through the job service (one at a time, waiting for each result, like a person in a
 chat), and the clock stops when every image is stored and its `done` event published. Each
 concurrency gets a service of its own (database, job service, worker) that stays up across the
-rounds, as a bot does; both systems are warmed up before the first round.
+rounds, as a bot does; both systems are warmed up before the first round. The headline compares
+each Easel run with the baseline run right beside it in its round and gives the median of those
+ratios over the rounds (see measure_rounds).
 """
 
 from __future__ import annotations
@@ -138,9 +140,13 @@ def _sync(setup: BenchSetup) -> None:
 async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dict[str, Callable[[int], float]],
                          concurrencies: list[int], images: int, rounds: int,
                          max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, ...]]]]:
-    """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Each
-    concurrency has a service of its own, warmed up (database, statement caches) before the rounds.
-    Each Easel run is EaselService.measure's (seconds, mean batch, loop CPU ms per job, SQL per job)."""
+    """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Within a round
+    the first baseline (plain diffusers) runs first, then Easel from the fewest users to the most, then
+    the other baselines (the ceiling); every other round runs in the reverse order. So each round's
+    baselines run right beside the Easel rows compared with them, and a machine whose speed drifts
+    steadily favours neither side over two rounds. Each concurrency has a service of its own, warmed up
+    (database, statement caches) before the rounds. Each Easel run is EaselService.measure's
+    (seconds, mean batch, loop CPU ms per job, SQL per job)."""
     async with contextlib.AsyncExitStack() as stack:
         services = {users: await stack.enter_async_context(EaselService(setup, generator, max_batch))
                     for users in concurrencies}
@@ -148,21 +154,25 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
         easel_runs: dict[int, list[tuple[float, ...]]] = {users: [] for users in concurrencies}
-        for _ in range(rounds):
-            for name, timer in baselines.items():
-                baseline_runs[name].append(timer(images))  # blocks the loop: nothing else runs meanwhile
-            for users, service in services.items():
-                easel_runs[users].append(await service.measure(users, images))
+        names = list(baselines)
+        order: list[str | int] = [*names[:1], *sorted(concurrencies), *names[1:]]
+        for index in range(rounds):
+            for system in reversed(order) if index % 2 else order:
+                if isinstance(system, str):  # blocks the loop: nothing else runs meanwhile
+                    baseline_runs[system].append(baselines[system](images))
+                else:
+                    easel_runs[system].append(await services[system].measure(system, images))
     return baseline_runs, easel_runs
 
 
 def main() -> None:
     args, setup = parse_common(__doc__.splitlines()[0], lambda p: (
-        p.add_argument("--images", type=int, default=32, help="images per measurement (default 32)"),
+        p.add_argument("--images", type=int, default=24, help="images per measurement (default 24)"),
         p.add_argument("--max-batch", type=int, default=4, help="Easel's generation.max_batch"),
         p.add_argument("--concurrency", default="1,4,16", help="simulated users, comma-separated"),
-        p.add_argument("--rounds", type=int, default=3,
-                       help="measure everything this often, interleaved; the table shows medians"),
+        p.add_argument("--rounds", type=int, default=9,
+                       help="measure everything this often, interleaved (default 9); the table shows medians, "
+                            "the headline the median of each round's ratios"),
     ))
     images, concurrencies = args.images, [int(u) for u in args.concurrency.split(",")]
     print(f"# {setup.arch} ({setup.source}) on {setup.device}, {setup.side}x{setup.side}, {setup.steps} steps, "
@@ -194,10 +204,23 @@ def main() -> None:
                      ceiling / seconds, f"{loop_ms_per_job:.1f}", f"{statements_per_job:.1f}"])
     print_table(["system", "users", "batch", "seconds", "images/s", "s/image", "time ratio", "speed-up",
                  "of ceiling", "loop ms/job", "SQL/job"], rows)
+    # The headline takes each ratio within a round, where Easel ran right beside its baseline, and gives
+    # the median over the rounds: this machine's speed drifts by a fifth within minutes, and a ratio of
+    # the table's medians, taken from different rounds, carries that drift in. The rounds' own ratios
+    # show how far one round can be trusted.
     lowest, highest = min(results), max(results)
-    print(f"headline: concurrency {lowest}: Easel's time per image is {results[lowest] / baseline:.2f}x plain "
-          f"diffusers'; concurrency {highest}: Easel's images/s are {baseline / results[highest]:.2f}x, "
-          f"{ceiling / results[highest]:.2f} of the ceiling (plain diffusers, {args.max_batch} prompts a call)")
+    plain_runs, ceiling_runs = baseline_runs.values()
+    one_user = [run[0] / plain for run, plain in zip(easel_runs[lowest], plain_runs, strict=True)]
+    speed_up = [plain / run[0] for run, plain in zip(easel_runs[highest], plain_runs, strict=True)]
+    of_ceiling = [best / run[0] for run, best in zip(easel_runs[highest], ceiling_runs, strict=True)]
+    print(f"headline (median of the rounds' own ratios): concurrency {lowest}: Easel's time per image is "
+          f"{statistics.median(one_user):.2f}x plain diffusers' (rounds {_listed(one_user)}); concurrency "
+          f"{highest}: Easel's images/s are {statistics.median(speed_up):.2f}x plain diffusers', "
+          f"{statistics.median(of_ceiling):.2f} of the ceiling (rounds {_listed(of_ceiling)})")
+
+
+def _listed(ratios: list[float]) -> str:
+    return " ".join(f"{ratio:.2f}" for ratio in ratios)
 
 
 if __name__ == "__main__":
