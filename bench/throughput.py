@@ -32,15 +32,16 @@ from collections.abc import Callable
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from sqlalchemy import event
 
 from bench.common import BenchSetup, bench_settings, parse_common, print_table
 from bot.bootstrap import open_core
 from bot.domain import JobKind, Requester
 from generation.builtin import ensure_builtin
-from generation.pipelines import DTYPE_KEYWORD, DiffusersGenerator
+from generation.pipelines import DTYPE_KEYWORD, DiffusersGenerator, GenerationTask
 from generation.samplers import make_scheduler
-from generation.worker import TORCH_THREAD, Generator, Worker
+from generation.worker import TORCH_THREAD, Generator, StepCallback, Worker
 
 PROMPT = "a lighthouse at dusk, oil painting"
 
@@ -77,13 +78,33 @@ def plain_diffusers(setup: BenchSetup, batch: int = 1) -> Callable[[int], float]
     return on_thread
 
 
+class TimedGenerator:
+    """A generator that adds up the seconds its diffusers calls take. Easel's calls timed beside the
+    baselines' split a row's difference into the call itself (slowed, or not, by the bookkeeping that
+    runs beside it) and the bookkeeping between calls."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.seconds = 0.0
+
+    def generate(self, tasks: list[GenerationTask], on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+        start = time.perf_counter()
+        try:
+            return self.generator.generate(tasks, on_step)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def warm(self, model_name: str) -> None:
+        self.generator.warm(model_name)
+
+
 class EaselService:
     """Easel as it runs in production: one core (database, job service) and one worker serving it,
     kept up across measurements like a long-running bot, so the figures are steady-state ones."""
 
     def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int) -> None:
         self.setup = setup
-        self.generator = generator
+        self.generator = TimedGenerator(generator)
         self.max_batch = max_batch
         self.next_seed = 0  # every image of the session is a new one (the store keeps duplicates once)
 
@@ -105,10 +126,11 @@ class EaselService:
         await self.serving
         await self.core.close()
 
-    async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float]:
+    async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float, float]:
         """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; the mean batch; the
         event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads; all
-        the loop's work, the other services' idle polls too); and this service's SQL statements per job."""
+        the loop's work, the other services' idle polls too); this service's SQL statements per job; and
+        the seconds of those spent in the worker's diffusers calls."""
         seeds = range(self.next_seed, self.next_seed + jobs)
         self.next_seed += jobs
         batches_before = self.worker.stats.batches
@@ -122,14 +144,14 @@ class EaselService:
                 async for _ in self.core.bus.watch(submitted.job.id):
                     pass
 
-        statements_before = self.statements
+        statements_before, calls_before = self.statements, self.generator.seconds
         start, loop_cpu = time.perf_counter(), time.thread_time()  # the loop runs on this thread
         await asyncio.gather(*(user(i) for i in range(users)))
         _sync(self.setup)
         elapsed = time.perf_counter() - start
         loop_ms_per_job = (time.thread_time() - loop_cpu) * 1000 / jobs
         return (elapsed, jobs / max(self.worker.stats.batches - batches_before, 1), loop_ms_per_job,
-                (self.statements - statements_before) / jobs)
+                (self.statements - statements_before) / jobs, self.generator.seconds - calls_before)
 
 
 def _sync(setup: BenchSetup) -> None:
@@ -146,7 +168,7 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
     baselines run right beside the Easel rows compared with them, and a machine whose speed drifts
     steadily favours neither side over two rounds. Each concurrency has a service of its own, warmed up
     (database, statement caches) before the rounds. Each Easel run is EaselService.measure's
-    (seconds, mean batch, loop CPU ms per job, SQL per job)."""
+    (seconds, mean batch, loop CPU ms per job, SQL per job, seconds in diffusers calls)."""
     async with contextlib.AsyncExitStack() as stack:
         services = {users: await stack.enter_async_context(EaselService(setup, generator, max_batch))
                     for users in concurrencies}
@@ -191,19 +213,20 @@ def main() -> None:
     for (name, runs), batch in zip(baseline_runs.items(), (1, args.max_batch), strict=True):
         seconds = statistics.median(runs)
         rows.append([name, "-", f"{min(batch, images):.1f}", seconds, images / seconds, seconds / images,
-                     seconds / baseline, baseline / seconds, ceiling / seconds, "-", "-"])
+                     seconds / baseline, baseline / seconds, ceiling / seconds, seconds / images, "-", "-"])
     results = {}
     for users, runs in easel_runs.items():
         seconds = statistics.median(run[0] for run in runs)
         mean_batch = statistics.median(run[1] for run in runs)
         loop_ms_per_job = statistics.median(run[2] for run in runs)
         statements_per_job = statistics.median(run[3] for run in runs)
+        call_s_per_image = statistics.median(run[4] for run in runs) / images
         results[users] = seconds
         rows.append([f"easel (max_batch {args.max_batch})", users, f"{mean_batch:.1f}", seconds,
                      images / seconds, seconds / images, seconds / baseline, baseline / seconds,
-                     ceiling / seconds, f"{loop_ms_per_job:.1f}", f"{statements_per_job:.1f}"])
+                     ceiling / seconds, call_s_per_image, f"{loop_ms_per_job:.1f}", f"{statements_per_job:.1f}"])
     print_table(["system", "users", "batch", "seconds", "images/s", "s/image", "time ratio", "speed-up",
-                 "of ceiling", "loop ms/job", "SQL/job"], rows)
+                 "of ceiling", "call s/image", "loop ms/job", "SQL/job"], rows)
     # The headline takes each ratio within a round, where Easel ran right beside its baseline, and gives
     # the median over the rounds: this machine's speed drifts by a fifth within minutes, and a ratio of
     # the table's medians, taken from different rounds, carries that drift in. The rounds' own ratios
@@ -217,6 +240,17 @@ def main() -> None:
           f"{statistics.median(one_user):.2f}x plain diffusers' (rounds {_listed(one_user)}); concurrency "
           f"{highest}: Easel's images/s are {statistics.median(speed_up):.2f}x plain diffusers', "
           f"{statistics.median(of_ceiling):.2f} of the ceiling (rounds {_listed(of_ceiling)})")
+
+    # Easel's diffusers calls against the same baselines, and what the rest costs an image: a call
+    # slower than the baseline's is slowed by the bookkeeping running beside it; the rest is the
+    # bookkeeping between calls.
+    def split(runs: list[tuple[float, ...]], baselines: list[float]) -> str:
+        calls = statistics.median(run[4] / best for run, best in zip(runs, baselines, strict=True))
+        rest_ms = statistics.median((run[0] - run[4]) * 1000 / images for run in runs)
+        return f"its diffusers calls {calls:.2f}x the time, the rest {rest_ms:.1f} ms an image"
+
+    print(f"where it goes: concurrency {lowest} against plain diffusers: {split(easel_runs[lowest], plain_runs)}; "
+          f"concurrency {highest} against the ceiling: {split(easel_runs[highest], ceiling_runs)}")
 
 
 def _listed(ratios: list[float]) -> str:
