@@ -241,11 +241,11 @@ def main() -> None:
           f"{highest}: Easel's images/s are {statistics.median(speed_up):.2f}x plain diffusers', "
           f"{statistics.median(of_ceiling):.2f} of the ceiling (rounds {_listed(of_ceiling)})")
 
-    # Easel's diffusers calls against the same baselines, and what the rest costs an image: a call
-    # slower than the baseline's is slowed by the bookkeeping running beside it; the rest is the
-    # bookkeeping between calls.
-    def split(runs: list[tuple[float, ...]], baselines: list[float]) -> str:
-        calls = statistics.median(run[4] / best for run, best in zip(runs, baselines, strict=True))
+    # Easel's diffusers calls against the same baselines, and what the rest (the time no call ran) costs
+    # an image: a call slower than the baseline's is slowed by the bookkeeping running beside it; the
+    # rest is the bookkeeping between calls.
+    def split(runs: list[tuple[float, ...]], references: list[float]) -> str:
+        calls = statistics.median(run[4] / reference for run, reference in zip(runs, references, strict=True))
         rest_ms = statistics.median((run[0] - run[4]) * 1000 / images for run in runs)
         return f"its diffusers calls {calls:.2f}x the time, the rest {rest_ms:.1f} ms an image"
 
