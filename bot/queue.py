@@ -234,7 +234,7 @@ class JobQueue:
         """Mark the chosen jobs running, leaving out any another worker took after they were chosen; count
         a pass on each fairer job passed over for them (model affinity)."""
         now = self.clock()
-        async with self.db.unit_of_work() as uow:
+        async with self.db.unit_of_work(first=True) as uow:  # the device waits for it; submissions can wait
             batch, passed = await self._lock_queued(uow.session, choice.chosen), choice.passed
             if not batch and choice.spare:
                 # Workers that claim at once read the same fair heads, and all but one find theirs taken.

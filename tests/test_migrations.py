@@ -219,6 +219,68 @@ async def test_writers_of_one_process_take_turns_and_a_held_turn_times_out_clear
         await db.dispose()
 
 
+async def test_a_first_writer_goes_before_the_writers_already_waiting_and_one_giving_up_passes_its_turn_on(
+        settings) -> None:
+    """bot/database.py WriteTurns: a worker's claim (`first`) waits only for the writer holding the turn, not
+    for the submissions queued before it; the others keep their order; a writer cancelled just as the turn
+    reached it hands the turn on instead of keeping it."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from bot.database import Database
+
+    db = Database(settings.database_url, busy_timeout_ms=2000)
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(text("CREATE TABLE notes (body TEXT)"))
+            await uow.commit()
+        holds, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with db.unit_of_work() as uow:
+                holds.set()
+                await release.wait()
+                await uow.session.execute(text("INSERT INTO notes VALUES ('holder')"))
+                await uow.commit()
+
+        async def write(body: str, *, first: bool = False) -> None:
+            async with db.unit_of_work(first=first) as uow:
+                await uow.session.execute(text("INSERT INTO notes VALUES (:body)"), {"body": body})
+                await uow.commit()
+
+        async def waiting(count: int) -> None:  # until `count` writers wait for their turn
+            while db._write_turns.waiting < count:
+                await asyncio.sleep(0)
+
+        holding = asyncio.create_task(holder())
+        await holds.wait()
+        writers = [asyncio.create_task(write(f"submission {i}")) for i in range(3)]
+        await waiting(3)
+        claim = asyncio.create_task(write("claim", first=True))
+        await waiting(4)
+        release.set()
+        await asyncio.gather(holding, claim, *writers)
+        async with db.unit_of_work(write=False) as uow:
+            notes = (await uow.session.scalars(text("SELECT body FROM notes"))).all()
+        assert notes == ["holder", "claim", "submission 0", "submission 1", "submission 2"]
+
+        # A writer cancelled while the turn was on its way to it (given, its task not yet run) passes it on.
+        turns = db._write_turns
+        assert await turns.take()
+        on_its_way, behind = asyncio.create_task(turns.take()), asyncio.create_task(turns.take())
+        await waiting(2)
+        turns.give_back()
+        on_its_way.cancel()
+        assert await asyncio.wait_for(behind, 5) is True
+        with pytest.raises(asyncio.CancelledError):
+            await on_its_way
+        turns.give_back()
+        await write("after")  # and the turn is free again
+    finally:
+        await db.dispose()
+
+
 async def _insert(db, body: str) -> None:
     from sqlalchemy import text
 
