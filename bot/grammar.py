@@ -429,8 +429,8 @@ class CommandParser:
     def _check_text(self, kind: JobKind, prompt: str, negative: str) -> None:
         limit = self.limits.max_prompt_chars
         if not prompt:
-            raise InvalidCommand(f"/{kind} needs a prompt describing the picture, e.g. /{kind} a red fox in "
-                                 "the snow")
+            raise InvalidCommand(f"/{kind} needs a prompt describing the picture, e.g. /{kind} "
+                                 f"{self.example_prompts()[0]}")
         if len(prompt) > limit:
             raise InvalidCommand(f"the prompt is {len(prompt)} characters; the limit is {limit}")
         if len(negative) > limit:

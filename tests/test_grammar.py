@@ -21,7 +21,7 @@ from bot.domain import (
     QuotaCommand,
 )
 from bot.errors import ConfigError, InvalidCommand
-from bot.grammar import FLAGS, MAX_SEED, CommandParser, fit_size, split_command
+from bot.grammar import FLAGS, MAX_SEED, SHAPES_EXAMPLES, CommandParser, fit_size, split_command
 
 LIMITS = LimitsConfig()  # steps 1..50 (20), cfg 1..20 (7), n 1..4 (1), sides 64..1024, strength 0.05..1
 MODELS = {
@@ -150,6 +150,19 @@ def test_empty_and_too_long_prompts(parser: CommandParser) -> None:
     assert "needs a prompt" in error_of(parser, "/imagine (-only negatives)")
     message = error_of(parser, "/imagine " + "a" * 1001)
     assert "1001" in message and "1000" in message
+
+
+def test_a_missing_prompt_is_met_with_an_example_the_default_model_draws() -> None:
+    """builtin:shapes knows only its captions' words: its users are shown one of those, not a fox."""
+    shapes = CommandParser(LIMITS, {"shapes": ModelConfig(source="builtin:shapes", default_width=64,
+                                                          default_height=64)},
+                           default_model="shapes", default_sampler="euler")
+    assert error_of(shapes, "/imagine --seed 4") == ("/imagine needs a prompt describing the picture, e.g. "
+                                                      "/imagine a red circle on a blue background")
+    suggested = error_of(shapes, "/edit").rsplit("e.g. /edit ", 1)[1]
+    assert suggested in SHAPES_EXAMPLES and imagine(shapes, suggested).params.prompt == suggested
+    assert error_of(CommandParser(LIMITS, MODELS, default_model="sd15", default_sampler="euler"),
+                    "/imagine").endswith("e.g. /imagine a lighthouse at dusk, oil painting")
 
 
 # -- mistakes and their messages ----------------------------------------------------------------------

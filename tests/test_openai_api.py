@@ -130,6 +130,8 @@ async def test_bad_requests_are_refused_naming_the_field_and_queue_nothing(serve
         await client.images.generate(prompt="a fox", model="tinny")
     with pytest.raises(openai.BadRequestError) as unknown_field:
         await client.images.generate(prompt="a fox", extra_body={"colour": "red"})
+    with pytest.raises(openai.BadRequestError) as no_prompt:
+        await client.images.generate(prompt="  ")
     with pytest.raises(openai.AuthenticationError):
         await sdk(server, "not-a-key").images.generate(prompt="a fox")
 
@@ -138,6 +140,9 @@ async def test_bad_requests_are_refused_naming_the_field_and_queue_nothing(serve
     assert too_many.value.param == "n" and "from 1 to 4" in too_many.value.message
     assert unknown_model.value.param == "model" and "one of tiny" in unknown_model.value.message
     assert "`colour`: unknown parameter" in unknown_field.value.message
+    # An example the default model (builtin:tiny here) is suggested with, as /imagine's own error does.
+    assert no_prompt.value.param == "prompt" and no_prompt.value.message.endswith(
+        f'e.g. "{server.core.parser.example_prompts()[0]}"')
     assert await server.core.service.list_jobs() == []
 
 

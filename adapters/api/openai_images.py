@@ -378,7 +378,7 @@ def command_of(core: Core, kind: JobKind, body: ImageGenerationRequest | ImageEd
         raise InvalidCommand("`stream`: streaming is not offered here; leave it out, and the answer comes "
                              "once the images are done")
     if not body.prompt.strip():
-        raise InvalidCommand("`prompt` is empty: describe the picture, e.g. \"a red fox in the snow\"")
+        raise InvalidCommand(f"`prompt` is empty: describe the picture, e.g. \"{core.parser.example_prompts()[0]}\"")
     typed = flags_in(body.prompt)
     size = body.size
     if size is not None and size != "auto" and _SIZE.fullmatch(size) is None:
