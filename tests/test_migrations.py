@@ -244,20 +244,15 @@ async def test_a_first_writer_goes_before_the_writers_already_waiting_and_one_gi
                 await uow.session.execute(text("INSERT INTO notes VALUES ('holder')"))
                 await uow.commit()
 
-        async def write(body: str, *, first: bool = False) -> None:
-            async with db.unit_of_work(first=first) as uow:
-                await uow.session.execute(text("INSERT INTO notes VALUES (:body)"), {"body": body})
-                await uow.commit()
-
         async def waiting(count: int) -> None:  # until `count` writers wait for their turn
             while db._write_turns.waiting < count:
                 await asyncio.sleep(0)
 
         holding = asyncio.create_task(holder())
         await holds.wait()
-        writers = [asyncio.create_task(write(f"submission {i}")) for i in range(3)]
+        writers = [asyncio.create_task(_insert(db, f"submission {i}")) for i in range(3)]
         await waiting(3)
-        claim = asyncio.create_task(write("claim", first=True))
+        claim = asyncio.create_task(_insert(db, "claim", first=True))
         await waiting(4)
         release.set()
         await asyncio.gather(holding, claim, *writers)
@@ -276,14 +271,14 @@ async def test_a_first_writer_goes_before_the_writers_already_waiting_and_one_gi
         with pytest.raises(asyncio.CancelledError):
             await on_its_way
         turns.give_back()
-        await write("after")  # and the turn is free again
+        await _insert(db, "after")  # and the turn is free again
     finally:
         await db.dispose()
 
 
-async def _insert(db, body: str) -> None:
+async def _insert(db, body: str, *, first: bool = False) -> None:
     from sqlalchemy import text
 
-    async with db.unit_of_work() as uow:
+    async with db.unit_of_work(first=first) as uow:
         await uow.session.execute(text("INSERT INTO notes VALUES (:body)"), {"body": body})
         await uow.commit()
