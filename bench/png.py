@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from bench.common import print_table
 from bot.images import PNG_COMPRESS_LEVEL
@@ -46,14 +46,6 @@ def photo_like(side: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def square(picture: Image.Image, side: int) -> Image.Image:
-    width, height = picture.size
-    edge = min(width, height)
-    left, top = (width - edge) // 2, (height - edge) // 2
-    return picture.convert("RGB").crop((left, top, left + edge, top + edge)).resize(
-        (side, side), Image.Resampling.LANCZOS)
-
-
 def encode(picture: Image.Image, level: int) -> tuple[float, int]:
     """Seconds and bytes for one PNG encoding, as to_png_bytes does it (no optimize pass)."""
     buffer = io.BytesIO()
@@ -68,7 +60,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512, help="width and height in pixels (default 512)")
     parser.add_argument("--rounds", type=int, default=15, help="encodings per level, taking turns (default 15)")
     args = parser.parse_args()
-    picture = square(Image.open(args.picture), args.side) if args.picture else photo_like(args.side)
+    picture = (ImageOps.fit(Image.open(args.picture).convert("RGB"), (args.side, args.side), Image.Resampling.LANCZOS)
+               if args.picture else photo_like(args.side))
     levels = {f"PIL's default (level {PIL_DEFAULT_LEVEL})": PIL_DEFAULT_LEVEL,
               f"Easel (level {PNG_COMPRESS_LEVEL})": PNG_COMPRESS_LEVEL}
     seconds: dict[str, list[float]] = {name: [] for name in levels}
