@@ -60,8 +60,14 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=512, help="width and height in pixels (default 512)")
     parser.add_argument("--rounds", type=int, default=15, help="encodings per level, taking turns (default 15)")
     args = parser.parse_args()
-    picture = (ImageOps.fit(Image.open(args.picture).convert("RGB"), (args.side, args.side), Image.Resampling.LANCZOS)
-               if args.picture else photo_like(args.side))
+    if args.picture:
+        try:
+            with Image.open(args.picture) as opened:
+                picture = ImageOps.fit(opened.convert("RGB"), (args.side, args.side), Image.Resampling.LANCZOS)
+        except (OSError, ValueError) as error:  # missing, unreadable, or not a picture PIL can open
+            parser.error(f"--picture {args.picture}: {error}")
+    else:
+        picture = photo_like(args.side)
     levels = {f"PIL's default (level {PIL_DEFAULT_LEVEL})": PIL_DEFAULT_LEVEL,
               f"Easel (level {PNG_COMPRESS_LEVEL})": PNG_COMPRESS_LEVEL}
     seconds: dict[str, list[float]] = {name: [] for name in levels}
