@@ -97,6 +97,12 @@ class TimedGenerator:
     def warm(self, model_name: str) -> None:
         self.generator.warm(model_name)
 
+    def __getattr__(self, name: str) -> object:
+        # The rest is the real generator's: the worker reads which models it holds (`loaded_models`) to
+        # prefer their jobs and registers its device. Without this the worker took the bench's model for
+        # unloaded and asked the worker registry for idle workers holding it at every claim.
+        return getattr(self.generator, name)
+
 
 class EaselService:
     """Easel as it runs in production: one core (database, job service) and one worker serving it,
