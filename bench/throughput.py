@@ -8,9 +8,9 @@ serves one job at a time behind a lock would. The ceiling is plain diffusers cal
 `max_batch` prompts at a time: the most images/s any scheduler can get from batches of that size,
 so Easel's images/s under load are also given as a fraction of it. Easel is measured end to end: K simulated users each
 submit jobs through the job service (one at a time, waiting for each result, like a person in a
-chat), and the clock stops when every image is stored and its `done` event published. Each
-concurrency gets a service of its own (database, job service, worker) that stays up across the
-rounds, as a bot does; both systems are warmed up before the first round. The headline compares
+chat), and the clock stops when every image is stored and its `done` event published. One service
+(database, job service, worker) serves every concurrency and stays up across the rounds, as a bot
+does; both systems are warmed up before the first round. The headline compares
 each Easel run with the baseline run right beside it in its round and gives the median of those
 ratios over the rounds (see measure_rounds).
 """
@@ -25,7 +25,6 @@ if not __package__:  # run as `python bench/throughput.py`: import from the repo
     import bench  # noqa: F401  (and set up first, as `python -m` does: bench/__init__.py quiets transformers)
 
 import asyncio
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -134,9 +133,8 @@ class EaselService:
 
     async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float, float]:
         """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; the mean batch; the
-        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads; all
-        the loop's work, the other services' idle polls too); this service's SQL statements per job; and
-        the seconds of those spent in the worker's diffusers calls."""
+        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads); the
+        SQL statements per job; and the seconds of those spent in the worker's diffusers calls."""
         seeds = range(self.next_seed, self.next_seed + jobs)
         self.next_seed += jobs
         batches_before = self.worker.stats.batches
@@ -172,13 +170,14 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
     the first baseline (plain diffusers) runs first, then Easel from the fewest users to the most, then
     the other baselines (the ceiling); every other round runs in the reverse order. So each round's
     baselines run right beside the Easel rows compared with them, and a machine whose speed drifts
-    steadily favours neither side over two rounds. Each concurrency has a service of its own, warmed up
-    (database, statement caches) before the rounds. Each Easel run is EaselService.measure's
-    (seconds, mean batch, loop CPU ms per job, SQL per job, seconds in diffusers calls)."""
-    async with contextlib.AsyncExitStack() as stack:
-        services = {users: await stack.enter_async_context(EaselService(setup, generator, max_batch))
-                    for users in concurrencies}
-        for users, service in services.items():
+    steadily favours neither side over two rounds. One service serves every concurrency, as one bot
+    serves however many people come; it is warmed up (database, statement caches) at each concurrency
+    before the rounds. (A service per concurrency, as before 2026-12-07, left the idle workers of the
+    others polling the queue beside the one measured: a cost no bot pays.) Each Easel run is
+    EaselService.measure's (seconds, mean batch, loop CPU ms per job, SQL per job, seconds in
+    diffusers calls)."""
+    async with EaselService(setup, generator, max_batch) as service:
+        for users in concurrencies:
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
         easel_runs: dict[int, list[tuple[float, ...]]] = {users: [] for users in concurrencies}
@@ -189,7 +188,7 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
                 if isinstance(system, str):  # blocks the loop: nothing else runs meanwhile
                     baseline_runs[system].append(baselines[system](images))
                 else:
-                    easel_runs[system].append(await services[system].measure(system, images))
+                    easel_runs[system].append(await service.measure(system, images))
     return baseline_runs, easel_runs
 
 
