@@ -66,11 +66,12 @@ def main() -> None:
     rows = [["plain diffusers, one image", "-", "-", image_s * 1000, "-", "-", "-", 1.0]]
     per_job = {}
     for users, measured in runs.items():
-        seconds = statistics.median(run[0] for run in measured)
+        seconds = statistics.median(run.seconds for run in measured)
         per_job[users] = seconds / args.jobs
-        rows.append([f"easel machinery, {users} user(s)", users, f"{statistics.median(run[1] for run in measured):.1f}",
-                     per_job[users] * 1000, f"{statistics.median(run[2] for run in measured):.1f}",
-                     f"{statistics.median(run[3] for run in measured):.1f}",
+        rows.append([f"easel machinery, {users} user(s)", users,
+                     f"{statistics.median(run.mean_batch for run in measured):.1f}", per_job[users] * 1000,
+                     f"{statistics.median(run.loop_ms_per_job for run in measured):.1f}",
+                     f"{statistics.median(run.statements_per_job for run in measured):.1f}",
                      f"{1 + per_job[users] / image_s:.3f}x" if users == 1 else "-", per_job[users] / image_s])
     print_table(["what", "users", "batch", "ms/job", "loop ms/job", "SQL/job", "best 1-user ratio", "of an image"],
                 rows)

@@ -28,6 +28,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -93,14 +94,21 @@ class TimedGenerator:
         finally:
             self.seconds += time.perf_counter() - start
 
-    def warm(self, model_name: str) -> None:
-        self.generator.warm(model_name)
-
     def __getattr__(self, name: str) -> object:
-        # The rest is the real generator's: the worker reads which models it holds (`loaded_models`) to
-        # prefer their jobs and registers its device. Without this the worker took the bench's model for
-        # unloaded and asked the worker registry for idle workers holding it at every claim.
+        # The rest is the real generator's: `warm`, and what the worker reads, such as which models it holds
+        # (`loaded_models`) to prefer their jobs. Without this the worker took the bench's model for unloaded
+        # and asked the worker registry for idle workers holding it at every claim.
         return getattr(self.generator, name)
+
+
+class EaselRun(NamedTuple):
+    """One measurement of Easel (EaselService.measure)."""
+
+    seconds: float  # for every job to be done
+    mean_batch: float
+    loop_ms_per_job: float  # the event loop's CPU: the bookkeeping (SQL, events, PNGs handed to threads)
+    statements_per_job: float  # SQL
+    call_seconds: float  # of `seconds`, spent in the worker's diffusers calls
 
 
 class EaselService:
@@ -131,10 +139,8 @@ class EaselService:
         await self.serving
         await self.core.close()
 
-    async def measure(self, users: int, jobs: int) -> tuple[float, float, float, float, float]:
-        """Seconds for `users` closed-loop users to get `jobs` one-image jobs done; the mean batch; the
-        event loop's CPU milliseconds per job (the bookkeeping: SQL, events, PNGs handed to threads); the
-        SQL statements per job; and the seconds of those spent in the worker's diffusers calls."""
+    async def measure(self, users: int, jobs: int) -> EaselRun:
+        """`users` closed-loop users getting `jobs` one-image jobs done."""
         seeds = range(self.next_seed, self.next_seed + jobs)
         self.next_seed += jobs
         batches_before = self.worker.stats.batches
@@ -154,8 +160,8 @@ class EaselService:
         _sync(self.setup)
         elapsed = time.perf_counter() - start
         loop_ms_per_job = (time.thread_time() - loop_cpu) * 1000 / jobs
-        return (elapsed, jobs / max(self.worker.stats.batches - batches_before, 1), loop_ms_per_job,
-                (self.statements - statements_before) / jobs, self.generator.seconds - calls_before)
+        return EaselRun(elapsed, jobs / max(self.worker.stats.batches - batches_before, 1), loop_ms_per_job,
+                        (self.statements - statements_before) / jobs, self.generator.seconds - calls_before)
 
 
 def _sync(setup: BenchSetup) -> None:
@@ -165,7 +171,7 @@ def _sync(setup: BenchSetup) -> None:
 
 async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dict[str, Callable[[int], float]],
                          concurrencies: list[int], images: int, rounds: int,
-                         max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[tuple[float, ...]]]]:
+                         max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[EaselRun]]]:
     """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Within a round
     the first baseline (plain diffusers) runs first, then Easel from the fewest users to the most, then
     the other baselines (the ceiling); every other round runs in the reverse order. So each round's
@@ -173,14 +179,12 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
     steadily favours neither side over two rounds. One service serves every concurrency, as one bot
     serves however many people come; it is warmed up (database, statement caches) at each concurrency
     before the rounds. (A service per concurrency, as before 2026-12-07, left the idle workers of the
-    others polling the queue beside the one measured: a cost no bot pays.) Each Easel run is
-    EaselService.measure's (seconds, mean batch, loop CPU ms per job, SQL per job, seconds in
-    diffusers calls)."""
+    others polling the queue beside the one measured: a cost no bot pays.)"""
     async with EaselService(setup, generator, max_batch) as service:
         for users in concurrencies:
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
-        easel_runs: dict[int, list[tuple[float, ...]]] = {users: [] for users in concurrencies}
+        easel_runs: dict[int, list[EaselRun]] = {users: [] for users in concurrencies}
         names = list(baselines)
         order: list[str | int] = [*names[:1], *sorted(concurrencies), *names[1:]]
         for index in range(rounds):
@@ -221,11 +225,11 @@ def main() -> None:
                      seconds / baseline, baseline / seconds, ceiling / seconds, seconds / images, "-", "-"])
     results = {}
     for users, runs in easel_runs.items():
-        seconds = statistics.median(run[0] for run in runs)
-        mean_batch = statistics.median(run[1] for run in runs)
-        loop_ms_per_job = statistics.median(run[2] for run in runs)
-        statements_per_job = statistics.median(run[3] for run in runs)
-        call_s_per_image = statistics.median(run[4] for run in runs) / images
+        seconds = statistics.median(run.seconds for run in runs)
+        mean_batch = statistics.median(run.mean_batch for run in runs)
+        loop_ms_per_job = statistics.median(run.loop_ms_per_job for run in runs)
+        statements_per_job = statistics.median(run.statements_per_job for run in runs)
+        call_s_per_image = statistics.median(run.call_seconds for run in runs) / images
         results[users] = seconds
         rows.append([f"easel (max_batch {args.max_batch})", users, f"{mean_batch:.1f}", seconds,
                      images / seconds, seconds / images, seconds / baseline, baseline / seconds,
@@ -238,9 +242,9 @@ def main() -> None:
     # show how far one round can be trusted.
     lowest, highest = min(results), max(results)
     plain_runs, ceiling_runs = baseline_runs.values()
-    one_user = [run[0] / plain for run, plain in zip(easel_runs[lowest], plain_runs, strict=True)]
-    speed_up = [plain / run[0] for run, plain in zip(easel_runs[highest], plain_runs, strict=True)]
-    of_ceiling = [best / run[0] for run, best in zip(easel_runs[highest], ceiling_runs, strict=True)]
+    one_user = [run.seconds / plain for run, plain in zip(easel_runs[lowest], plain_runs, strict=True)]
+    speed_up = [plain / run.seconds for run, plain in zip(easel_runs[highest], plain_runs, strict=True)]
+    of_ceiling = [best / run.seconds for run, best in zip(easel_runs[highest], ceiling_runs, strict=True)]
     print(f"headline (median of the rounds' own ratios): concurrency {lowest}: Easel's time per image is "
           f"{statistics.median(one_user):.2f}x plain diffusers' (rounds {_listed(one_user)}); concurrency "
           f"{highest}: Easel's images/s are {statistics.median(speed_up):.2f}x plain diffusers', "
@@ -249,9 +253,10 @@ def main() -> None:
     # Easel's diffusers calls against the same baselines, and what the rest (the time no call ran) costs
     # an image: a call slower than the baseline's is slowed by the bookkeeping running beside it; the
     # rest is the bookkeeping between calls.
-    def split(runs: list[tuple[float, ...]], references: list[float]) -> str:
-        calls = statistics.median(run[4] / reference for run, reference in zip(runs, references, strict=True))
-        rest_ms = statistics.median((run[0] - run[4]) * 1000 / images for run in runs)
+    def split(runs: list[EaselRun], references: list[float]) -> str:
+        calls = statistics.median(run.call_seconds / reference
+                                  for run, reference in zip(runs, references, strict=True))
+        rest_ms = statistics.median((run.seconds - run.call_seconds) * 1000 / images for run in runs)
         return f"its diffusers calls {calls:.2f}x the time, the rest {rest_ms:.1f} ms an image"
 
     print(f"where it goes: concurrency {lowest} against plain diffusers: {split(easel_runs[lowest], plain_runs)}; "
