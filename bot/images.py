@@ -94,11 +94,13 @@ def prepare_inputs(
     return resized_image, resized_mask.point(lambda value: 255 if value >= 128 else 0)
 
 
-def to_png_bytes(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
+def to_png_bytes(image: Image.Image, text: Mapping[str, str] | None = None, *,
+                 compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """Encode as PNG, deterministically: the same pixels (and text) always give the same bytes.
 
     Nothing from `image.info` is carried over (no ICC profile, EXIF or time chunk); `text` becomes
-    tEXt chunks, in the given order.
+    tEXt chunks, in the given order. `compress_level` is there for bench/png.py, which times other
+    levels against Easel's; everything Easel stores is written at PNG_COMPRESS_LEVEL.
     """
     clean = image.copy()
     clean.info = {}
@@ -106,7 +108,7 @@ def to_png_bytes(image: Image.Image, text: Mapping[str, str] | None = None) -> b
     for key, value in (text or {}).items():
         png_info.add_text(key, value)
     buffer = io.BytesIO()
-    clean.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False, pnginfo=png_info)
+    clean.save(buffer, format="PNG", compress_level=compress_level, optimize=False, pnginfo=png_info)
     return buffer.getvalue()
 
 
