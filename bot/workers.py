@@ -14,11 +14,13 @@ looks once its heartbeat is `queue.worker_expiry_s` old. `easel workers` and /me
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Update, bindparam, delete, select, update
 
 from bot.database import Database
 from bot.models import WorkerRow
@@ -101,11 +103,13 @@ class WorkerRegistry:
             "images_done": report.images_done, "batches_done": report.batches_done,
             "busy_seconds": report.busy_seconds, "heartbeat_at": now,
         }
-        # One UPDATE, no read first: a worker reports at every batch's start and end, so at one user a
-        # job pays for two of these; the row is inserted only when the UPDATE finds none.
+        # One UPDATE, no read first, of a statement built once: a busy worker reports about once a second,
+        # beside its diffusers call, and putting this UPDATE of 14 columns together cost the event loop
+        # twice what running it does. The row is inserted only when the UPDATE finds none.
         async with self.db.unit_of_work() as uow:
             updated = await uow.session.execute(
-                update(WorkerRow).where(WorkerRow.id == report.worker_id).values(**values))
+                _update_reported(), {"worker_id": report.worker_id,
+                                     **{f"reported_{name}": value for name, value in values.items()}})
             if updated.rowcount == 0:
                 uow.session.add(WorkerRow(id=report.worker_id, started_at=report.started_at or now, **values))
             await uow.commit()
@@ -133,6 +137,16 @@ class WorkerRegistry:
         async with self.db.unit_of_work(write=False) as uow:
             rows = (await uow.session.scalars(select(WorkerRow).order_by(WorkerRow.host, WorkerRow.id))).all()
             return [_view(row) for row in rows]
+
+
+@functools.cache
+def _update_reported() -> Update:
+    """The row of worker :worker_id, each column a report sets (all but the id and started_at) from the
+    parameter reported_<column>. (Not named after their columns: SQLAlchemy keeps those names for itself.)"""
+    values: dict[str, Any] = {column.name: bindparam(f"reported_{column.name}", type_=column.type)
+                              for column in WorkerRow.__table__.c if column.name not in ("id", "started_at")}
+    return update(WorkerRow).where(WorkerRow.id == bindparam("worker_id")).values(values) \
+        .execution_options(synchronize_session=False)
 
 
 def _view(row: WorkerRow) -> WorkerView:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import logging
@@ -618,6 +619,7 @@ def device_report(device: torch.device) -> DeviceReport:
                         memory_total_mb=int(total // mb))
 
 
+@functools.cache  # read at every registry report; the CPU does not change while the process runs
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
