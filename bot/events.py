@@ -95,6 +95,21 @@ def _events_after(*, by_platform: bool, by_job: bool) -> Select[Any]:
     return query
 
 
+# Read with Database.read, no session: the shared poll asks every poll interval while people wait on jobs
+# another process runs, and a session cost the event loop twice what the statement did.
+
+@functools.cache
+def _latest_event_id() -> Select[Any]:
+    return select(func.max(JobEvent.id))
+
+
+@functools.cache
+def _newest_event_per_job() -> Select[Any]:
+    """Each job with events after :after_id, and the id of its newest."""
+    return select(JobEvent.job_id, func.max(JobEvent.id)).where(JobEvent.id > bindparam("after_id")) \
+        .group_by(JobEvent.job_id)
+
+
 def _to_event(row: JobEvent | Row[Any]) -> Event:
     return Event(row.id, row.job_id, row.platform, EventKind(row.kind), dict(row.payload or {}), row.created_at)
 
@@ -151,8 +166,8 @@ class EventBus:
             return _to_event(row) if row is not None else None
 
     async def latest_id(self) -> int:
-        async with self._db.unit_of_work(write=False) as uow:
-            return (await uow.session.scalar(select(func.max(JobEvent.id)))) or 0
+        [(latest,)] = await self._db.read(_latest_event_id(), {})
+        return latest or 0
 
     async def watch(self, job_id: str) -> AsyncIterator[Event]:
         """Every event of one job from its first, ending after the final one (done, failed, cancelled)."""
@@ -245,9 +260,8 @@ class EventBus:
                         wake_up.set()
 
     async def _newest_event_per_job(self, after_id: int) -> dict[str, int]:
-        query = select(JobEvent.job_id, func.max(JobEvent.id)).where(JobEvent.id > after_id).group_by(JobEvent.job_id)
-        async with self._db.unit_of_work(write=False) as uow:
-            return {job_id: newest for job_id, newest in (await uow.session.execute(query)).all()}
+        rows = await self._db.read(_newest_event_per_job(), {"after_id": after_id})
+        return {job_id: newest for job_id, newest in rows}
 
     def _wake_up_for(self, job_id: str | None, read_up_to: int) -> asyncio.Event:
         if job_id is None:

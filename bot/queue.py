@@ -184,6 +184,12 @@ def _queued_jobs_to_lock() -> Select[tuple[Job]]:
 
 
 @functools.cache
+def _running_jobs() -> Select[Any]:
+    """Every running job's seq, worker and last heartbeat."""
+    return select(Job.seq, Job.worker, Job.heartbeat_at).where(Job.status == JobStatus.RUNNING.value)
+
+
+@functools.cache
 def _idle_workers_models() -> Select[tuple[list[str]]]:
     """The models of the idle workers other than :other_than with a heartbeat since :alive_since."""
     return select(WorkerRow.models).where(WorkerRow.status == WorkerStatus.IDLE.value,
@@ -515,11 +521,9 @@ class JobQueue:
             stale = heartbeat_at is None or now - heartbeat_at > self.LEASE
             return stale or bool(worker and is_dead(worker))
 
-        # Every worker asks this every lease_s/4: look in a read-only transaction first, so that the
-        # usual answer (nothing abandoned) never takes the write lock submissions need.
-        async with self.db.unit_of_work(write=False) as uow:
-            running = (await uow.session.execute(select(Job.seq, Job.worker, Job.heartbeat_at)
-                                                 .where(Job.status == JobStatus.RUNNING.value))).all()
+        # Every worker asks this every lease_s/4: look with a read first (no session, no transaction), so
+        # that the usual answer (nothing abandoned) never takes the write lock submissions need.
+        running = await self.db.read(_running_jobs(), {})
         candidates = [seq for seq, worker, heartbeat_at in running if abandoned(worker, heartbeat_at)]
         if not candidates:
             return report
