@@ -441,8 +441,8 @@ class JobQueue:
         if any(flagged_category(image.safety_flags, WITHHOLD) is not None for image in rows) \
                 and WITHHOLD in self.settings.moderation.strike_actions:
             await self.policy.strike(uow, job.user, now)
-        await uow.session.flush()
-        job.progress_step = job.progress_total  # after the flush: one UPDATE with the status below
+        # No flush here: the commit's one flush writes every job's image rows, updates and events together.
+        job.progress_step = job.progress_total
         # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
         await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
 
