@@ -104,7 +104,7 @@ def _latest_event_id() -> Select[Any]:
 
 
 @functools.cache
-def _newest_event_per_job() -> Select[Any]:
+def _newest_event_id_by_job() -> Select[Any]:
     """Each job with events after :after_id, and the id of its newest."""
     return select(JobEvent.job_id, func.max(JobEvent.id)).where(JobEvent.id > bindparam("after_id")) \
         .group_by(JobEvent.job_id)
@@ -260,7 +260,7 @@ class EventBus:
                         wake_up.set()
 
     async def _newest_event_per_job(self, after_id: int) -> dict[str, int]:
-        rows = await self._db.read(_newest_event_per_job(), {"after_id": after_id})
+        rows = await self._db.read(_newest_event_id_by_job(), {"after_id": after_id})
         return {job_id: newest for job_id, newest in rows}
 
     def _wake_up_for(self, job_id: str | None, read_up_to: int) -> asyncio.Event:
