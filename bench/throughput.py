@@ -2,11 +2,15 @@
 
     python -m bench.throughput                       # builtin:tiny on the CPU
     python -m bench.throughput --device cuda --arch sd15
+    python -m bench.throughput --compile             # every UNet through torch.compile, Easel's too
 
 Plain diffusers is the baseline: one pipeline call per image, one after another, as a bot that
 serves one job at a time behind a lock would. The ceiling is plain diffusers called with
 `max_batch` prompts at a time: the most images/s any scheduler can get from batches of that size,
-so Easel's images/s under load are also given as a fraction of it. Easel is measured end to end: K simulated users each
+so Easel's images/s under load are also given as a fraction of it. With --compile every side's UNet goes
+through torch.compile (Easel's by `[generation] compile`), so the ratios still compare like with like, and
+plain diffusers uncompiled ("eager") is timed as well: what turning the switch on gains. Easel is
+measured end to end: K simulated users each
 submit jobs through the job service (one at a time, waiting for each result, like a person in a
 chat), and the clock stops when every image is stored and its `done` event published. One service
 (database, job service, worker) serves every concurrency and stays up across the rounds, as a bot
@@ -28,7 +32,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -46,15 +50,17 @@ from generation.worker import TORCH_THREAD, Generator, StepCallback, Worker
 PROMPT = "a lighthouse at dusk, oil painting"
 
 
-def plain_diffusers(setup: BenchSetup, batch: int = 1) -> Callable[[int], float]:
+def plain_diffusers(setup: BenchSetup, batch: int = 1, compile: bool = False) -> Callable[[int], float]:
     """A timer: seconds for N images from sequential pipeline calls of `batch` prompts each (the last
-    call takes what is left), warmed up once first."""
+    call takes what is left), warmed up once first (with `compile`, the UNet is compiled then)."""
     source = setup.source.removeprefix("builtin:")
     folder = ensure_builtin(source, setup.models_dir)
     dtype = torch.float16 if setup.dtype == "float16" else torch.float32
     pipe = TORCH_THREAD.submit(lambda: StableDiffusionPipeline.from_pretrained(
         folder, **{DTYPE_KEYWORD: dtype}).to(setup.device)).result()
     pipe.set_progress_bar_config(disable=True)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
 
     def call(seeds: range) -> None:
         pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)  # the sampler Easel uses
@@ -115,14 +121,15 @@ class EaselService:
     """Easel as it runs in production: one core (database, job service) and one worker serving it,
     kept up across measurements like a long-running bot, so the figures are steady-state ones."""
 
-    def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int) -> None:
+    def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int, compile: bool = False) -> None:
         self.setup = setup
         self.generator = TimedGenerator(generator)
         self.max_batch = max_batch
+        self.compile = compile
         self.next_seed = 0  # every image of the session is a new one (the store keeps duplicates once)
 
     async def __aenter__(self) -> EaselService:
-        settings = bench_settings(self.setup, max_batch=self.max_batch)
+        settings = bench_settings(self.setup, max_batch=self.max_batch, **compile_switches(self.setup, self.compile))
         self.core = await open_core(settings)
         self.statements = 0  # SQL statements this service's database has run
 
@@ -164,14 +171,19 @@ class EaselService:
                         (self.statements - statements_before) / jobs, self.generator.seconds - calls_before)
 
 
+def compile_switches(setup: BenchSetup, compile: bool) -> dict[str, Any]:
+    """Easel's [generation] settings for `--compile`: its UNet compiled, and warmed up at the benchmark's size."""
+    return {"compile": True, "compile_sizes": [f"{setup.side}x{setup.side}"]} if compile else {}
+
+
 def _sync(setup: BenchSetup) -> None:
     if setup.device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dict[str, Callable[[int], float]],
-                         concurrencies: list[int], images: int, rounds: int,
-                         max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[EaselRun]]]:
+                         concurrencies: list[int], images: int, rounds: int, max_batch: int,
+                         compile: bool = False) -> tuple[dict[str, list[float]], dict[int, list[EaselRun]]]:
     """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Within a round
     the first baseline (plain diffusers) runs first, then Easel from the fewest users to the most, then
     the other baselines (the ceiling); every other round runs in the reverse order. So each round's
@@ -180,7 +192,7 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
     serves however many people come; it is warmed up (database, statement caches) at each concurrency
     before the rounds. (A service per concurrency, as before 2026-12-07, left the idle workers of the
     others polling the queue beside the one measured: a cost no bot pays.)"""
-    async with EaselService(setup, generator, max_batch) as service:
+    async with EaselService(setup, generator, max_batch, compile) as service:
         for users in concurrencies:
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
@@ -201,25 +213,34 @@ def main() -> None:
         p.add_argument("--images", type=int, default=24, help="images per measurement (default 24)"),
         p.add_argument("--max-batch", type=int, default=4, help="Easel's generation.max_batch"),
         p.add_argument("--concurrency", default="1,4,16", help="simulated users, comma-separated"),
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile every UNet (plain diffusers', the ceiling's and Easel's), and time "
+                            "plain diffusers uncompiled as well"),
         p.add_argument("--rounds", type=int, default=9,
                        help="measure everything this often, interleaved (default 9); the table shows medians, "
                             "the headline the median of each round's ratios"),
     ))
     images, concurrencies = args.images, [int(u) for u in args.concurrency.split(",")]
+    compiled = ", every UNet compiled" if args.compile else ""
     print(f"# {setup.arch} ({setup.source}) on {setup.device}, {setup.side}x{setup.side}, {setup.steps} steps, "
-          f"{images} images per measurement, median of {args.rounds} interleaved rounds, torch {torch.__version__}")
-    baselines = {"plain diffusers": plain_diffusers(setup),
-                 f"ceiling (batch {args.max_batch})": plain_diffusers(setup, batch=args.max_batch)}
-    generator = DiffusersGenerator(bench_settings(setup).models, device=setup.device, dtype=setup.dtype,
-                                   cache_dir=setup.models_dir)
+          f"{images} images per measurement, median of {args.rounds} interleaved rounds, torch {torch.__version__}"
+          f"{compiled}")
+    baselines = {"plain diffusers": plain_diffusers(setup, compile=args.compile),
+                 f"ceiling (batch {args.max_batch})": plain_diffusers(setup, batch=args.max_batch,
+                                                                       compile=args.compile)}
+    if args.compile:
+        baselines["plain diffusers, eager"] = plain_diffusers(setup)
+    settings = bench_settings(setup, **compile_switches(setup, args.compile))
+    generator = DiffusersGenerator(settings.models, device=setup.device, dtype=setup.dtype,
+                                   cache_dir=setup.models_dir, options=settings.generation)
     TORCH_THREAD.submit(generator.warm, "bench").result()
     baseline_runs, easel_runs = asyncio.run(
-        measure_rounds(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch))
+        measure_rounds(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch, args.compile))
 
     # Every row against plain diffusers (time ratio, speed-up) and against the ceiling (images/s).
-    baseline, ceiling = (statistics.median(runs) for runs in baseline_runs.values())
+    baseline, ceiling = (statistics.median(runs) for runs in list(baseline_runs.values())[:2])
     rows = []
-    for (name, runs), batch in zip(baseline_runs.items(), (1, args.max_batch), strict=True):
+    for (name, runs), batch in zip(baseline_runs.items(), (1, args.max_batch, 1)[:len(baseline_runs)], strict=True):
         seconds = statistics.median(runs)
         rows.append([name, "-", f"{min(batch, images):.1f}", seconds, images / seconds, seconds / images,
                      seconds / baseline, baseline / seconds, ceiling / seconds, seconds / images, "-", "-"])
@@ -241,7 +262,7 @@ def main() -> None:
     # the table's medians, taken from different rounds, carries that drift in. The rounds' own ratios
     # show how far one round can be trusted.
     lowest, highest = min(results), max(results)
-    plain_runs, ceiling_runs = baseline_runs.values()
+    plain_runs, ceiling_runs, *eager_runs = baseline_runs.values()
     one_user = [run.seconds / plain for run, plain in zip(easel_runs[lowest], plain_runs, strict=True)]
     speed_up = [plain / run.seconds for run, plain in zip(easel_runs[highest], plain_runs, strict=True)]
     of_ceiling = [best / run.seconds for run, best in zip(easel_runs[highest], ceiling_runs, strict=True)]
@@ -261,6 +282,13 @@ def main() -> None:
 
     print(f"where it goes: concurrency {lowest} against plain diffusers: {split(easel_runs[lowest], plain_runs)}; "
           f"concurrency {highest} against the ceiling: {split(easel_runs[highest], ceiling_runs)}")
+    if eager_runs:  # --compile: what turning the switch on gains, each round against its own eager run
+        [eager] = eager_runs
+        easel = [run.seconds / plain for run, plain in zip(easel_runs[lowest], eager, strict=True)]
+        plain = [compiled / plain for compiled, plain in zip(plain_runs, eager, strict=True)]
+        print(f"against plain diffusers uncompiled (eager): concurrency {lowest}: Easel's time per image is "
+              f"{statistics.median(easel):.2f}x (rounds {_listed(easel)}); plain diffusers compiled "
+              f"{statistics.median(plain):.2f}x")
 
 
 def _listed(ratios: list[float]) -> str:
