@@ -4,19 +4,18 @@
     python -m bench.throughput --device cuda --arch sd15
     python -m bench.throughput --compile             # every UNet through torch.compile, Easel's too
 
-Plain diffusers is the baseline: one pipeline call per image, one after another, as a bot that
-serves one job at a time behind a lock would. The ceiling is plain diffusers called with
-`max_batch` prompts at a time: the most images/s any scheduler can get from batches of that size,
-so Easel's images/s under load are also given as a fraction of it. With --compile every side's UNet goes
-through torch.compile (Easel's by `[generation] compile`), so the ratios still compare like with like, and
-plain diffusers uncompiled ("eager") is timed as well: what turning the switch on gains. Easel is
-measured end to end: K simulated users each
-submit jobs through the job service (one at a time, waiting for each result, like a person in a
-chat), and the clock stops when every image is stored and its `done` event published. One service
-(database, job service, worker) serves every concurrency and stays up across the rounds, as a bot
-does; both systems are warmed up before the first round. The headline compares
-each Easel run with the baseline run right beside it in its round and gives the median of those
-ratios over the rounds (see measure_rounds).
+Plain diffusers is the baseline: one pipeline call per image, one after another, as a bot that serves
+one job at a time behind a lock would. The ceiling is plain diffusers called with `max_batch` prompts at
+a time: the most images/s any scheduler can get from batches of that size, so Easel's images/s under
+load are also given as a fraction of it. With --compile every side's UNet goes through torch.compile
+(Easel's by `[generation] compile`), so the ratios still compare like with like, and plain diffusers
+uncompiled ("eager") is timed as well: what turning the switch on gains. Easel is measured end to end: K
+simulated users each submit jobs through the job service (one at a time, waiting for each result, like a
+person in a chat), and the clock stops when every image is stored and its `done` event published. One
+service (database, job service, worker) serves every concurrency and stays up across the rounds, as a
+bot does; both systems are warmed up before the first round. The headline compares each Easel run with
+the baseline run right beside it in its round and gives the median of those ratios over the rounds (see
+measure_rounds).
 """
 
 from __future__ import annotations
