@@ -234,11 +234,14 @@ class DiffusersGenerator:
         self._check_model(model_name)
         with self._lock:
             self._pipeline(model_name, JobKind.IMAGINE)
-        # torch.compile traces on first use of each shape: pay that now, not in a user's first job.
+        # torch.compile traces on first use of each shape: pay that now, not in a user's first job. A batch
+        # of several images is a second shape, traced with its batch size left free: after it, no batch up
+        # to max_batch compiles again (without it, the first such batch did, for half a minute on a CPU).
         for width, height in self.compile_sizes if self.options.compile else []:
-            params = GenerationParams(JobKind.IMAGINE, "warm-up", width=width, height=height, steps=2,
-                                      model=model_name, seed=0)
-            self.generate([GenerationTask(params)])
+            for images in sorted({1, self.options.max_batch}):
+                params = GenerationParams(JobKind.IMAGINE, "warm-up", width=width, height=height, steps=2,
+                                          model=model_name, seed=0, n=images)
+                self.generate([GenerationTask(params)])
 
     def generate(
         self, tasks: list[GenerationTask], on_step: StepCallback | None = None

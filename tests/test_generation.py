@@ -299,3 +299,29 @@ def test_memory_format_and_tiling_switches_still_draw_the_same_picture(generator
 def test_bad_compile_sizes_are_refused_naming_the_key(models_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"generation\.compile_sizes holds '512'"):
         _generator_with(models_dir, compile_sizes=["512"])
+
+
+def test_after_the_warm_up_a_compiled_unet_serves_every_batch_size_without_compiling(
+        models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With generation.compile, the worker's warm-up compiles what its jobs will need: the first batch of
+    several images at a warmed size must not stop for another compile (half a minute on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    # Dynamo decides what to trace and when to trace again; the backend only turns each trace into code.
+    # The eager backend does that at once, so the test pays for the traces and not for inductor's C++.
+    compile_unet = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compile_unet(module, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        generator = _generator_with(models_dir, compile=True, compile_sizes=["64x64"], max_batch=4)
+        generator.warm("tiny")
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled >= 1  # the warm-up compiled the UNet
+        two_jobs = [GenerationTask(params(n=2, steps=2)), GenerationTask(params(n=2, steps=2, seed=9))]
+        for batch in (two_jobs, [GenerationTask(params(n=3, steps=2))], [GenerationTask(params(steps=2))]):
+            results = generator.generate(batch)
+            assert [len(images) for images in results] == [task.params.n for task in batch]
+        assert counters["stats"]["unique_graphs"] == compiled
+    finally:
+        torch._dynamo.reset()  # no compiled UNet outlives the test
