@@ -31,7 +31,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -120,15 +120,14 @@ class EaselService:
     """Easel as it runs in production: one core (database, job service) and one worker serving it,
     kept up across measurements like a long-running bot, so the figures are steady-state ones."""
 
-    def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int, compile: bool = False) -> None:
+    def __init__(self, setup: BenchSetup, generator: Generator, max_batch: int) -> None:
         self.setup = setup
         self.generator = TimedGenerator(generator)
         self.max_batch = max_batch
-        self.compile = compile
         self.next_seed = 0  # every image of the session is a new one (the store keeps duplicates once)
 
     async def __aenter__(self) -> EaselService:
-        settings = bench_settings(self.setup, max_batch=self.max_batch, **compile_switches(self.setup, self.compile))
+        settings = bench_settings(self.setup, max_batch=self.max_batch)
         self.core = await open_core(settings)
         self.statements = 0  # SQL statements this service's database has run
 
@@ -170,19 +169,14 @@ class EaselService:
                         (self.statements - statements_before) / jobs, self.generator.seconds - calls_before)
 
 
-def compile_switches(setup: BenchSetup, compile: bool) -> dict[str, Any]:
-    """Easel's [generation] settings for `--compile`: its UNet compiled, and warmed up at the benchmark's size."""
-    return {"compile": True, "compile_sizes": [f"{setup.side}x{setup.side}"]} if compile else {}
-
-
 def _sync(setup: BenchSetup) -> None:
     if setup.device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dict[str, Callable[[int], float]],
-                         concurrencies: list[int], images: int, rounds: int, max_batch: int,
-                         compile: bool = False) -> tuple[dict[str, list[float]], dict[int, list[EaselRun]]]:
+                         concurrencies: list[int], images: int, rounds: int,
+                         max_batch: int) -> tuple[dict[str, list[float]], dict[int, list[EaselRun]]]:
     """Rounds interleave the systems, so a busy moment on the machine hurts all alike. Within a round
     the first baseline (plain diffusers) runs first, then Easel from the fewest users to the most, then
     the other baselines (the ceiling); every other round runs in the reverse order. So each round's
@@ -191,7 +185,7 @@ async def measure_rounds(setup: BenchSetup, generator: Generator, baselines: dic
     serves however many people come; it is warmed up (database, statement caches) at each concurrency
     before the rounds. (A service per concurrency, as before 2026-12-07, left the idle workers of the
     others polling the queue beside the one measured: a cost no bot pays.)"""
-    async with EaselService(setup, generator, max_batch, compile) as service:
+    async with EaselService(setup, generator, max_batch) as service:
         for users in concurrencies:
             await service.measure(users, users)
         baseline_runs: dict[str, list[float]] = {name: [] for name in baselines}
@@ -220,26 +214,31 @@ def main() -> None:
                             "the headline the median of each round's ratios"),
     ))
     images, concurrencies = args.images, [int(u) for u in args.concurrency.split(",")]
-    compiled = ", every UNet compiled" if args.compile else ""
+    compiled_note = ", every UNet compiled" if args.compile else ""
     print(f"# {setup.arch} ({setup.source}) on {setup.device}, {setup.side}x{setup.side}, {setup.steps} steps, "
           f"{images} images per measurement, median of {args.rounds} interleaved rounds, torch {torch.__version__}"
-          f"{compiled}")
-    baselines = {"plain diffusers": plain_diffusers(setup, compile=args.compile),
-                 f"ceiling (batch {args.max_batch})": plain_diffusers(setup, batch=args.max_batch,
-                                                                       compile=args.compile)}
+          f"{compiled_note}")
+    plain_name, ceiling_name = "plain diffusers", f"ceiling (batch {args.max_batch})"
+    eager_name = "plain diffusers, eager"  # with --compile: plain diffusers uncompiled
+    baselines = {plain_name: plain_diffusers(setup, compile=args.compile),
+                 ceiling_name: plain_diffusers(setup, batch=args.max_batch, compile=args.compile)}
     if args.compile:
-        baselines["plain diffusers, eager"] = plain_diffusers(setup)
-    settings = bench_settings(setup, **compile_switches(setup, args.compile))
+        baselines[eager_name] = plain_diffusers(setup)
+    # Easel's switch compiles the generator's UNet; its warm-up here (which loads the model anyway) is the
+    # compile, so the worker, whose own settings leave the switch off, does not warm it a second time.
+    switches = {"compile": True, "compile_sizes": [f"{setup.side}x{setup.side}"]} if args.compile else {}
+    settings = bench_settings(setup, **switches)
     generator = DiffusersGenerator(settings.models, device=setup.device, dtype=setup.dtype,
                                    cache_dir=setup.models_dir, options=settings.generation)
     TORCH_THREAD.submit(generator.warm, "bench").result()
     baseline_runs, easel_runs = asyncio.run(
-        measure_rounds(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch, args.compile))
+        measure_rounds(setup, generator, baselines, concurrencies, images, args.rounds, args.max_batch))
 
     # Every row against plain diffusers (time ratio, speed-up) and against the ceiling (images/s).
-    baseline, ceiling = (statistics.median(runs) for runs in list(baseline_runs.values())[:2])
+    baseline, ceiling = statistics.median(baseline_runs[plain_name]), statistics.median(baseline_runs[ceiling_name])
     rows = []
-    for (name, runs), batch in zip(baseline_runs.items(), (1, args.max_batch, 1)[:len(baseline_runs)], strict=True):
+    for name, runs in baseline_runs.items():
+        batch = args.max_batch if name == ceiling_name else 1
         seconds = statistics.median(runs)
         rows.append([name, "-", f"{min(batch, images):.1f}", seconds, images / seconds, seconds / images,
                      seconds / baseline, baseline / seconds, ceiling / seconds, seconds / images, "-", "-"])
@@ -261,7 +260,7 @@ def main() -> None:
     # the table's medians, taken from different rounds, carries that drift in. The rounds' own ratios
     # show how far one round can be trusted.
     lowest, highest = min(results), max(results)
-    plain_runs, ceiling_runs, *eager_runs = baseline_runs.values()
+    plain_runs, ceiling_runs = baseline_runs[plain_name], baseline_runs[ceiling_name]
     one_user = [run.seconds / plain for run, plain in zip(easel_runs[lowest], plain_runs, strict=True)]
     speed_up = [plain / run.seconds for run, plain in zip(easel_runs[highest], plain_runs, strict=True)]
     of_ceiling = [best / run.seconds for run, best in zip(easel_runs[highest], ceiling_runs, strict=True)]
@@ -281,13 +280,13 @@ def main() -> None:
 
     print(f"where it goes: concurrency {lowest} against plain diffusers: {split(easel_runs[lowest], plain_runs)}; "
           f"concurrency {highest} against the ceiling: {split(easel_runs[highest], ceiling_runs)}")
-    if eager_runs:  # --compile: what turning the switch on gains, each round against its own eager run
-        [eager] = eager_runs
+    if eager_name in baseline_runs:  # --compile: what turning the switch on gains, each round against its eager run
+        eager = baseline_runs[eager_name]
         easel = [run.seconds / plain for run, plain in zip(easel_runs[lowest], eager, strict=True)]
-        plain = [compiled / plain for compiled, plain in zip(plain_runs, eager, strict=True)]
+        compiled = [plain / uncompiled for plain, uncompiled in zip(plain_runs, eager, strict=True)]
         print(f"against plain diffusers uncompiled (eager): concurrency {lowest}: Easel's time per image is "
               f"{statistics.median(easel):.2f}x (rounds {_listed(easel)}); plain diffusers compiled "
-              f"{statistics.median(plain):.2f}x")
+              f"{statistics.median(compiled):.2f}x")
 
 
 def _listed(ratios: list[float]) -> str:
