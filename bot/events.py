@@ -130,9 +130,10 @@ class EventBus:
         self.submissions_under_way = 0  # JobService.submit calls running in this process
         self._submission_ended = asyncio.Event()  # set (and replaced) as each of them ends
 
-    def stage(self, uow: UnitOfWork, job: Job, kind: EventKind, payload: dict[str, Any] | None = None) -> None:
-        """Add an event to the unit of work; it is published when (and only if) that commits: the
-        commit then notifies this process's readers of the job."""
+    def stage(self, uow: UnitOfWork, job: Job | Row[Any], kind: EventKind,
+              payload: dict[str, Any] | None = None) -> None:
+        """Add an event of `job` (an ORM object or a row of its table) to the unit of work; it is published
+        when (and only if) that commits: the commit then notifies this process's readers of the job."""
         uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=str(kind), payload=payload or {},
                                  created_at=self.clock()))
         uow.after_commit(self.notify, job.id)

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, Select, bindparam, case, delete, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import Integer, Row, Select, Update, bindparam, case, delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased, lazyload
-from sqlalchemy.orm.attributes import set_committed_value
 
 from bot.clock import Clock
 from bot.config import Settings
@@ -38,7 +37,7 @@ from bot.policy import Policy
 from bot.safety import WITHHOLD, ImageVerdict, flagged_category, image_action
 from bot.service import finish_job
 from bot.store import ImageStore, StoredImage
-from bot.views import JobView, TrainingView, job_view, training_view
+from bot.views import JobView, TrainingView, job_view_of, training_view
 from bot.workers import WorkerStatus
 
 
@@ -146,7 +145,7 @@ class Finished:
     verdicts: Sequence[ImageVerdict | None] = ()
 
 
-def _fill_from(free: Sequence[Job], order: list[int], max_images: int) -> list[Job]:
+def _fill_from(free: Sequence[Row[Any]], order: list[int], max_images: int) -> list[Row[Any]]:
     """The fairest of the `free` jobs (by their place in `order`), and those of its batch key after it,
     up to `max_images` images."""
     ranked = sorted(free, key=lambda job: order.index(job.seq))
@@ -177,10 +176,41 @@ def _jobs_without_images() -> Select[tuple[Job]]:
 
 
 @functools.cache
-def _queued_jobs_to_lock() -> Select[tuple[Job]]:
-    """The jobs of the list :seqs still queued, oldest first, locked; rows another worker locked are skipped."""
-    return (select(Job).where(Job.seq.in_(bindparam("seqs", expanding=True)), Job.status == JobStatus.QUEUED.value)
-            .order_by(Job.seq).options(lazyload(Job.images)).with_for_update(skip_locked=True, of=Job))
+def _queued_jobs_to_lock() -> Select[Any]:
+    """Of the jobs of the list :seqs still queued, oldest first, locked (rows another worker locked are
+    skipped): the columns a claim chooses by, and the owners' platform user ids and names for the views."""
+    return (select(Job.seq, Job.n, Job.user_id, User.platform_user_id.label("owner_id"),
+                   User.display_name.label("owner_name"), *BATCH_KEY_COLUMNS)
+            .join(User, User.id == Job.user_id)
+            .where(Job.seq.in_(bindparam("seqs", expanding=True)), Job.status == JobStatus.QUEUED.value)
+            .order_by(Job.seq).with_for_update(skip_locked=True, of=Job.__table__))
+
+
+@functools.cache
+def _mark_running() -> Update:
+    """Start the jobs of the list :seqs for worker :worker_id at :now, in a batch of :images images, and
+    return their rows as they are then. A training goes on from the steps its earlier slices ran."""
+    return (update(Job.__table__).where(Job.seq.in_(bindparam("seqs", expanding=True)))
+            .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1, worker=bindparam("worker_id"),
+                    started_at=bindparam("now"), heartbeat_at=bindparam("now"),
+                    progress_step=case((Job.kind == JobKind.TEACH.value, Job.progress_step), else_=0),
+                    progress_total=Job.steps, batch_size=bindparam("images"))
+            .returning(*Job.__table__.columns))
+
+
+@functools.cache
+def _mark_served() -> Update:
+    """The users of the list :user_ids were served at :now (round-robin goes by this)."""
+    return update(User.__table__).where(User.id.in_(bindparam("user_ids", expanding=True))) \
+        .values(last_served_at=bindparam("now"))
+
+
+@functools.cache
+def _count_passes() -> Update:
+    """One more pass over each job of the list :seqs still queued (model affinity, choose_head)."""
+    return update(Job.__table__).where(Job.seq.in_(bindparam("seqs", expanding=True)),
+                                       Job.status == JobStatus.QUEUED.value) \
+        .values(passed_over=Job.passed_over + 1)
 
 
 @functools.cache
@@ -238,37 +268,37 @@ class JobQueue:
 
     async def _start(self, worker_id: str, choice: BatchChoice, max_images: int) -> list[JobView]:
         """Mark the chosen jobs running, leaving out any another worker took after they were chosen; count
-        a pass on each fairer job passed over for them (model affinity)."""
+        a pass on each fairer job passed over for them (model affinity).
+
+        In SQLAlchemy Core, with no ORM objects: a claim waits for this while the device stands idle,
+        and loading the jobs as objects and flushing their changes cost the event loop twice as much."""
         now = self.clock()
         async with self.db.unit_of_work(first=True) as uow:  # the device waits for it; submissions can wait
-            batch, passed = await self._lock_queued(uow.session, choice.chosen), choice.passed
+            connection = await uow.session.connection()
+            batch, passed = await self._lock_queued(connection, choice.chosen), choice.passed
             if not batch and choice.spare:
                 # Workers that claim at once read the same fair heads, and all but one find theirs taken.
                 # Rather than choosing again (the costly query), take the fairest spare heads still free.
-                free = await self._lock_queued(uow.session, choice.spare, fairest=max_images)
+                free = await self._lock_queued(connection, choice.spare, fairest=max_images)
                 batch = _fill_from(free, choice.spare, max_images)
                 passed = []  # those passes were for the jobs another worker took
+            if not batch:
+                return []
             images = sum(job.n for job in batch)
-            for job in batch:
-                set_committed_value(job, "images", [])  # not read: a queued job has no images yet
-                job.status = JobStatus.RUNNING.value
-                job.attempts += 1
-                job.worker = worker_id
-                job.started_at = job.heartbeat_at = now
-                # A training goes on from the steps its earlier slices ran.
-                job.progress_step = job.progress_step if job.kind == JobKind.TEACH.value else 0
-                job.progress_total = job.steps
-                job.batch_size = images
-                job.user.last_served_at = now
+            started = sorted((await connection.execute(_mark_running(), {
+                "seqs": [job.seq for job in batch], "worker_id": worker_id, "now": now, "images": images})).all(),
+                key=lambda job: job.seq)
+            await connection.execute(_mark_served(), {"user_ids": sorted({job.user_id for job in batch}), "now": now})
+            if passed:
+                await connection.execute(_count_passes(), {"seqs": passed})
+            for job in started:
                 self.bus.stage(uow, job, EventKind.STARTED, {"batch_size": images})
-            if batch and passed:
-                await uow.session.execute(update(Job).where(Job.seq.in_(passed), Job.status == JobStatus.QUEUED.value)
-                                          .values(passed_over=Job.passed_over + 1))
             await uow.commit()
-            return [job_view(job, self.store.location_of) for job in batch]
+        owners = {job.seq: (job.owner_id, job.owner_name) for job in batch}
+        return [job_view_of(job, *owners[job.seq]) for job in started]  # no images: a queued job has none yet
 
     @staticmethod
-    async def _lock_queued(session: AsyncSession, seqs: list[int], fairest: int | None = None) -> list[Job]:
+    async def _lock_queued(connection: AsyncConnection, seqs: list[int], fairest: int | None = None) -> list[Row[Any]]:
         """The jobs of `seqs` still queued, locked; those another worker has locked are left out. With
         `fairest`, only that many, the first in the order of `seqs`: the others stay free for the other
         workers claiming at the same moment."""
@@ -277,7 +307,7 @@ class JobQueue:
         else:  # rarely: only when workers claim at the same moment
             query = _queued_jobs_to_lock().order_by(None).order_by(
                 case({seq: place for place, seq in enumerate(seqs)}, value=Job.seq)).limit(fairest)
-        return list((await session.scalars(query, {"seqs": seqs})).unique().all())
+        return list((await connection.execute(query, {"seqs": seqs})).all())
 
     async def _choose_batch(self, connection: AsyncConnection, max_images: int, loaded_models: Collection[str] = (),
                             leave_for_others_than: str | None = None, train: bool = False) -> BatchChoice:

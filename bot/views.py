@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from bot.domain import GenerationParams, JobKind, JobStatus, Motion, loras_of_text
 from bot.models import Image, Job, Training
 from bot.safety import WITHHOLD, flagged_category
@@ -119,7 +121,7 @@ class QuotaStatus:
         return max(0, self.limit - self.used)
 
 
-def params_of(job: Job) -> GenerationParams:
+def params_of(job: Job | Row[Any]) -> GenerationParams:
     return GenerationParams(
         kind=JobKind(job.kind), prompt=job.prompt, negative=job.negative, width=job.width,
         height=job.height, steps=job.steps, cfg=job.cfg, n=job.n, sampler=job.sampler, model=job.model,
@@ -134,15 +136,21 @@ def image_view(image: Image, path: str) -> ImageView:
 
 def job_view(job: Job, image_path: Any) -> JobView:
     """`image_path` maps a sha256 to where the image lives (the image store's `location_of`)."""
+    images = tuple(image_view(image, str(image_path(image.sha256))) for image in job.images)
+    return job_view_of(job, job.user.platform_user_id, job.user.display_name, images)
+
+
+def job_view_of(job: Job | Row[Any], owner_id: str, owner_name: str, images: tuple[ImageView, ...] = ()) -> JobView:
+    """The view of a job's columns, whether read as an ORM object or as a row (a worker's claim reads
+    rows); the owner's platform user id and display name and the images are given apart."""
     return JobView(
         id=job.id, status=JobStatus(job.status), params=params_of(job), platform=job.platform,
-        user_id=job.user.platform_user_id, display_name=job.user.display_name,
+        user_id=owner_id, display_name=owner_name,
         reply_to=dict(job.reply_to or {}), attempts=job.attempts, progress_step=job.progress_step,
         progress_total=job.progress_total, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, delivered_at=job.delivered_at, batch_size=job.batch_size,
         error=job.error, init_image_sha=job.init_image_sha, mask_image_sha=job.mask_image_sha,
-        images=tuple(image_view(image, str(image_path(image.sha256))) for image in job.images),
-        nsfw_allowed=bool(job.nsfw_allowed), cost_milli=job.cost_milli or 0,
+        images=images, nsfw_allowed=bool(job.nsfw_allowed), cost_milli=job.cost_milli or 0,
     )
 
 
