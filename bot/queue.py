@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, Row, Select, Update, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Integer, Row, Select, Update, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased, lazyload
 
@@ -211,6 +211,19 @@ def _count_passes() -> Update:
     return update(Job.__table__).where(Job.seq.in_(bindparam("seqs", expanding=True)),
                                        Job.status == JobStatus.QUEUED.value) \
         .values(passed_over=Job.passed_over + 1)
+
+
+@functools.cache
+def _mark_succeeded(*, by_worker: bool) -> Update:
+    """Move the jobs of the list :job_ids still running (`by_worker`: and still :worker_id's) to SUCCEEDED
+    at :now, every step done, and return what completing them needs of each."""
+    running = [Job.id.in_(bindparam("job_ids", expanding=True)), Job.status == JobStatus.RUNNING.value]
+    if by_worker:
+        running.append(Job.worker == bindparam("worker_id"))
+    return (update(Job.__table__).where(*running)
+            .values(status=JobStatus.SUCCEEDED.value, progress_step=Job.progress_total, finished_at=bindparam("now"),
+                    error=None)
+            .returning(Job.id, Job.platform, Job.user_id, Job.nsfw_allowed, Job.prompt))
 
 
 @functools.cache
@@ -436,45 +449,48 @@ class JobQueue:
 
     async def complete_batch(self, finished: Sequence[Finished], worker_id: str | None = None) -> set[str]:
         """`complete` for the jobs of one batch, in one unit of work: the ids of those completed (the
-        others were cancelled or taken back meanwhile)."""
+        others were cancelled or taken back meanwhile).
+
+        In SQLAlchemy Core, like the claim (`_start`): one UPDATE moves every job still running (and still
+        this worker's) to SUCCEEDED and says which those are, and one INSERT writes all their image rows.
+        Only a flagged image's safety flag and strike go through the ORM (bot/policy.py), rarely."""
         now = self.clock()
         async with self.db.unit_of_work() as uow:
-            # The images are not read: a running job has none yet, and its rows are added below.
-            jobs = {job.id: job for job in (await uow.session.scalars(
-                _jobs_without_images(), {"job_ids": [each.job_id for each in finished]})).unique()}
-            completed = set()
-            for each in finished:
-                job = jobs.get(each.job_id)
-                if job is None or job.status != JobStatus.RUNNING.value or worker_id not in (None, job.worker):
-                    continue
-                await self._store_results(uow, job, each, now)
-                completed.add(job.id)
+            connection = await uow.session.connection()
+            succeeded = {job.id: job for job in await connection.execute(
+                _mark_succeeded(by_worker=worker_id is not None),
+                {"job_ids": [each.job_id for each in finished], "worker_id": worker_id, "now": now})}
+            image_rows = []
+            for each in finished:  # in the batch's order: its jobs' done events are read in this order
+                if (job := succeeded.get(each.job_id)) is not None:
+                    image_rows += await self._image_rows(uow, job, each, now)
+                    # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
+                    self.bus.stage(uow, job, EventKind.DONE)
+            if image_rows:
+                await connection.execute(insert(Image.__table__), image_rows)
             await uow.commit()
-        return completed
+        return set(succeeded)
 
-    async def _store_results(self, uow: UnitOfWork, job: Job, finished: Finished, now: datetime) -> None:
-        """A running job's image rows, its safety flags (and strike), and its move to SUCCEEDED."""
+    async def _image_rows(self, uow: UnitOfWork, job: Row[Any], finished: Finished,
+                          now: datetime) -> list[dict[str, Any]]:
+        """A succeeded job's image rows, to insert; its safety flags (and strike) are recorded here."""
         verdicts = list(finished.verdicts) or [None] * len(finished.images)
-        rows = []
+        rows, owner = [], None
         for index, ((seed, stored), verdict) in enumerate(zip(finished.images, verdicts, strict=True)):
             action = image_action(job.nsfw_allowed) if verdict is not None else None
-            rows.append(Image(job_id=job.id, index=index, seed=seed, sha256=stored.sha256, width=stored.width,
-                              height=stored.height, size_bytes=stored.size_bytes,
-                              safety_flags=[f"{verdict.category}:{action}"] if verdict else [],
-                              created_at=now))
-            uow.session.add(rows[-1])
+            rows.append({"job_id": job.id, "index": index, "seed": seed, "sha256": stored.sha256,
+                         "width": stored.width, "height": stored.height, "size_bytes": stored.size_bytes,
+                         "safety_flags": [f"{verdict.category}:{action}"] if verdict else [], "created_at": now})
             if verdict is not None:
-                await self.policy.record(uow, job.user, subject=f"image:{stored.sha256}",
+                owner = owner or await uow.session.get(User, job.user_id)
+                await self.policy.record(uow, owner, subject=f"image:{stored.sha256}",
                                          category=verdict.category, reason_code=verdict.reason_code,
                                          source="image_check", action=action, now=now, job_id=job.id,
                                          detail=f"image {index + 1} of job {job.id}: {job.prompt}")
-        if any(flagged_category(image.safety_flags, WITHHOLD) is not None for image in rows) \
-                and WITHHOLD in self.settings.moderation.strike_actions:
-            await self.policy.strike(uow, job.user, now)
-        # No flush here: the commit's one flush writes every job's image rows, updates and events together.
-        job.progress_step = job.progress_total
-        # What may be shown of the images is decided at delivery (bot/delivery.py), from these rows.
-        await finish_job(uow, self.bus, job, JobStatus.SUCCEEDED)
+        if owner is not None and WITHHOLD in self.settings.moderation.strike_actions \
+                and any(flagged_category(row["safety_flags"], WITHHOLD) is not None for row in rows):
+            await self.policy.strike(uow, owner, now)
+        return rows
 
     # -- trainings (bot/teach.py): one queue entry, claimed once per slice of steps ------------------
 

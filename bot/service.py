@@ -410,19 +410,19 @@ class JobService:
 async def finish_job(uow: UnitOfWork, bus: EventBus, job: Job, status: JobStatus,
                      error: str | None = None, payload: dict[str, Any] | None = None, *,
                      now: datetime | None = None) -> None:
-    """Move a job to a final state and stage the event (at `now`, else the bus's clock's time).
+    """End a job that did not succeed (`status` FAILED or CANCELLED) and stage the event (at `now`, else
+    the bus's clock's time). A job succeeds only with its images, in JobQueue.complete_batch.
 
     The status is also the quota's bookkeeping (bot/policy.py): SUCCEEDED commits the job's charge,
     FAILED and CANCELLED refund it (a charge counts only while queued, running or succeeded), except
     the steps a training ran (its progress_step), which stay charged.
     """
-    if job.kind == JobKind.TEACH.value and status is not JobStatus.SUCCEEDED:
+    if job.kind == JobKind.TEACH.value:
         job.cost_milli = used_part_milli(job.cost_milli, job.progress_step, job.steps)  # refund the rest
     job.status = status.value
     job.finished_at = now or bus.clock()
     job.error = error
-    kind = {JobStatus.SUCCEEDED: EventKind.DONE, JobStatus.FAILED: EventKind.FAILED,
-            JobStatus.CANCELLED: EventKind.CANCELLED}[status]
+    kind = {JobStatus.FAILED: EventKind.FAILED, JobStatus.CANCELLED: EventKind.CANCELLED}[status]
     bus.stage(uow, job, kind, payload or ({"error": error} if error else {}))
 
 

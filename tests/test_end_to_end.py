@@ -266,16 +266,16 @@ async def test_a_batch_is_completed_together_and_one_bad_completion_costs_only_i
     people = [Requester(platform="console", user_id=name) for name in ("ann", "ben", "cat")]
     submitted = [await core.service.submit(person, core.parser.parse(f"/imagine a {thing} --steps 2"))
                  for person, thing in zip(people, ("cat", "dog", "fox"), strict=True)]
-    bad_id, store_results = submitted[1].job.id, core.queue._store_results
+    bad_id, image_rows = submitted[1].job.id, core.queue._image_rows
     completions = []
 
-    async def one_bad_row(uow, job, finished, now) -> None:
+    async def one_bad_row(uow, job, finished, now) -> list[dict]:
         completions.append(job.id)
         if job.id == bad_id:
             raise ValueError("a row the database refused")
-        await store_results(uow, job, finished, now)
+        return await image_rows(uow, job, finished, now)
 
-    monkeypatch.setattr(core.queue, "_store_results", one_bad_row)
+    monkeypatch.setattr(core.queue, "_image_rows", one_bad_row)
     worker = worker_for(core, generator)
     await worker.run(burst=True)
     jobs = [await core.service.get_job(result.job.id) for result in submitted]

@@ -12,6 +12,7 @@ from adapters.console import ConsoleChat
 from bot.bootstrap import Core
 from bot.domain import JobStatus, Requester
 from bot.errors import InvalidCommand, NotFound, Refused
+from generation.worker import Worker
 from tests.conftest import alice, bob
 
 OWNER = Requester("console", "boss", display_name="Boss")
@@ -193,3 +194,22 @@ async def test_mod_and_appeal_mistakes_get_a_one_line_error_naming_the_fix(core:
     with pytest.raises(InvalidCommand) as raised:
         core.parser.parse(text)
     assert error in raised.value.message and "\n" not in raised.value.message
+
+
+async def test_a_withheld_image_is_a_strike_only_where_configured_and_bans_at_the_limit(
+        any_core: Core, generator, flag_all_checker) -> None:
+    any_core.settings.moderation.strikes_to_ban = 1
+    worker = Worker(any_core.queue, generator, any_core.store, any_core.settings, worker_id="test-worker:1",
+                    image_checker=flag_all_checker)
+    # By default only a blocked prompt is a strike: Bob's withheld picture leaves him free to go on.
+    await submit(any_core, "/imagine a red circle --steps 2", bob())
+    await worker.run(burst=True)
+    await submit(any_core, "/imagine a blue square --steps 2", bob())
+    # With "withhold" among the strike actions, Alice's withheld picture is her one allowed strike.
+    any_core.settings.moderation.strike_actions = ["block", "withhold"]
+    first = await submit(any_core, "/imagine a red circle --steps 2")
+    await worker.run(burst=True)
+    job = await any_core.service.get_job(first.job.id)
+    assert job.status is JobStatus.SUCCEEDED and any_core.deliveries.of_job(job).images == ()
+    with pytest.raises(Refused, match="You are banned"):
+        await submit(any_core, "/imagine a blue square --steps 2")
