@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 
 from bot.catalog import ModelCatalog
 from bot.config import Settings
@@ -38,7 +38,7 @@ from bot.repositories import QueueLoad
 from bot.safety import WITHHOLD, Decision, PromptCheck, flagged_category
 from bot.store import ImageStore
 from bot.teach import own_loras
-from bot.views import JobView, QuotaStatus, job_view
+from bot.views import JobView, QuotaStatus, job_view, job_view_of
 
 MAX_SEED = 2**32 - 1
 # Short ids users can type: no 0/O or 1/l look-alikes.
@@ -146,7 +146,7 @@ class JobService:
                     reply_to = requester.reply_to_others if i else None
                     job, position = await self._queue(uow, user, requester, params, decision, (image_sha, mask_sha),
                                                       at, now, reply_to, job_is_first=not i)
-                    queued.append(SubmitResult(job_view(job, self.store.location_of), position))
+                    queued.append(SubmitResult(job_view_of(job, user.platform_user_id, user.display_name), position))
             except (QuotaExceeded, QueueFull) as error:
                 if len(jobs) > 1:
                     error.message = f"This prompt makes {len(jobs)} jobs (one per {{...}} option). {error.message}"
@@ -160,24 +160,24 @@ class JobService:
 
     async def _queue(self, uow: UnitOfWork, user: User, requester: Requester, params: GenerationParams,
                      decision: Decision, inputs: tuple[str | None, str | None], load: QueueLoad, now: datetime,
-                     reply_to: dict[str, Any] | None = None, job_is_first: bool = True) -> tuple[Job, int]:
+                     reply_to: dict[str, Any] | None = None, job_is_first: bool = True) -> tuple[Row[Any], int]:
         """Check the queue room and quota for one job, then add it, its prompt flags and its `queued` event.
         Returns the job and its queue position."""
         await self.policy.check_queue_room(uow, params, now, mine=load.mine, waiting=load.waiting)
         cost = await self.policy.reserve(uow, user, requester, params, now)
         image_sha, mask_sha = inputs
-        job = Job(
-            id=new_job_id(), user=user, kind=params.kind.value, status=JobStatus.QUEUED.value,
+        # The job row first: flags and the event refer to it.
+        job = await uow.jobs.add(
+            id=new_job_id(), user_id=user.id, kind=params.kind.value, status=JobStatus.QUEUED.value,
             prompt=params.prompt, negative=params.negative, width=params.width, height=params.height,
             steps=params.steps, cfg=params.cfg, n=params.n, sampler=params.sampler, model=params.model,
             seed=params.seed, strength=params.strength, loras=loras_text(params.loras),
             motion=params.motion.to_text() if params.motion else None, init_image_sha=image_sha,
             mask_image_sha=mask_sha, platform=requester.platform,
             reply_to=dict(requester.reply_to if reply_to is None else reply_to),
-            attempts=0, progress_step=0, progress_total=0, created_at=now, images=[], cost_milli=cost,
+            attempts=0, progress_step=0, progress_total=0, created_at=now, cost_milli=cost,
             nsfw_allowed=requester.nsfw_allowed_here,
         )
-        await uow.jobs.add(job)  # the job row first: flags and the event refer to it
         for match, action in decision.records:  # allowed, but recorded: flag and allow_nsfw
             await self.policy.record(uow, user, subject="prompt", category=match.category,
                                      reason_code=match.reason_code, source="prompt_check", action=action,

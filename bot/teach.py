@@ -53,7 +53,7 @@ from bot.models import Job, Training, User
 from bot.policy import Policy, cost_milli
 from bot.safety import PromptCheck
 from bot.store import ImageStore, write_atomically
-from bot.views import JobView, TrainingView, job_view, training_view
+from bot.views import JobView, TrainingView, job_view_of, training_view
 
 COMPARISON_SEED = 1234  # the closing comparison's seed, for both of its pictures
 
@@ -184,21 +184,20 @@ class TeachService:
             shas = [self.store.save_input(png).sha256 for png in pngs]
             from bot.service import new_job_id  # here: bot.service imports this module (own_loras)
 
-            job = Job(id=new_job_id(), user=user, kind=JobKind.TEACH.value, status=JobStatus.QUEUED.value,
-                      prompt=command.name, negative="", width=params.width, height=params.height, steps=params.steps,
-                      # n: the two pictures it ends with (the same prompt and seed without and with the word)
-                      cfg=params.cfg, n=2, sampler=params.sampler, model=params.model, seed=COMPARISON_SEED,
-                      platform=requester.platform, reply_to=dict(requester.reply_to), attempts=0, progress_step=0,
-                      progress_total=params.steps, created_at=now, images=[], cost_milli=cost,
-                      nsfw_allowed=requester.nsfw_allowed_here)
-            await uow.jobs.add(job)
+            job = await uow.jobs.add(
+                id=new_job_id(), user_id=user.id, kind=JobKind.TEACH.value, status=JobStatus.QUEUED.value,
+                prompt=command.name, negative="", width=params.width, height=params.height, steps=params.steps,
+                # n: the two pictures it ends with (the same prompt and seed without and with the word)
+                cfg=params.cfg, n=2, sampler=params.sampler, model=params.model, seed=COMPARISON_SEED,
+                platform=requester.platform, reply_to=dict(requester.reply_to), attempts=0, progress_step=0,
+                progress_total=params.steps, created_at=now, cost_milli=cost, nsfw_allowed=requester.nsfw_allowed_here)
             described = [{"sha": sha, "caption": caption} for sha, caption in zip(shas, captions, strict=True)]
             uow.session.add(Training(job_id=job.id, user_id=user.id, name=command.name, kind=command.kind,
                                      trigger=command.trigger_word, pictures=described, losses=[], created_at=now,
                                      rank=command.rank or self.settings.teach.default_rank))
             self.bus.stage(uow, job, EventKind.QUEUED, {"position": load.position, "training": command.name})
             await uow.commit()
-            return TeachResult(job_view(job, self.store.location_of), load.position, cost / 1000)
+            return TeachResult(job_view_of(job, user.platform_user_id, user.display_name), load.position, cost / 1000)
 
     async def _check_name_is_free(self, uow: UnitOfWork, user: User, name: str) -> None:
         """Names are unique per owner among trainings that did not fail or get cancelled (those are
