@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Executable, Row, event, make_url
+from sqlalchemy import Executable, Row, Table, event, insert, make_url
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -239,6 +239,7 @@ class UnitOfWork:
         self._first = first
         self._took_turn = False
         self._after_commit: dict[Callable[[list[str]], None], list[str]] = {}
+        self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self.session: AsyncSession
 
     async def __aenter__(self) -> UnitOfWork:
@@ -253,6 +254,7 @@ class UnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._after_commit.clear()  # what was not committed must not be announced
+        self._inserts.clear()
         try:
             await self.session.rollback()
         finally:
@@ -269,7 +271,22 @@ class UnitOfWork:
         if job_id not in job_ids:
             job_ids.append(job_id)
 
+    def insert_at_commit(self, table: Table, row: dict[str, Any]) -> None:
+        """Insert `row` (its columns by name) into `table` when `commit()` runs, after the session's own
+        changes, in one statement with the other rows for that table: the event outbox's rows, of which
+        every job has several. An ORM object each cost the event loop a flush plan."""
+        self._inserts.setdefault(table, []).append(row)
+
     async def commit(self) -> None:
+        if self._inserts:
+            inserts, self._inserts = self._inserts, {}
+            # What the rows may refer to goes first (a flush with nothing to write still costs a trip
+            # through the session's greenlet: the claim and the completion change no ORM object).
+            if self.session.dirty or self.session.new or self.session.deleted:
+                await self.session.flush()
+            connection = await self.session.connection()
+            for table, rows in inserts.items():
+                await connection.execute(insert(table), rows)
         await self.session.commit()
         if self._on_commit is not None:
             self._on_commit()

@@ -134,8 +134,8 @@ class EventBus:
               payload: dict[str, Any] | None = None) -> None:
         """Add an event of `job` (an ORM object or a row of its table) to the unit of work; it is published
         when (and only if) that commits: the commit then notifies this process's readers of the job."""
-        uow.session.add(JobEvent(job_id=job.id, platform=job.platform, kind=str(kind), payload=payload or {},
-                                 created_at=self.clock()))
+        uow.insert_at_commit(JobEvent.__table__, {"job_id": job.id, "platform": job.platform, "kind": str(kind),
+                                                   "payload": payload or {}, "created_at": self.clock()})
         uow.after_commit(self.notify, job.id)
 
     def notify(self, job_ids: Iterable[str]) -> None:

@@ -45,8 +45,7 @@ class FakeJobs:
 class FakeUnitOfWork:
     def __init__(self, jobs: FakeJobs) -> None:
         self.jobs = jobs
-        self.session = self  # bus.stage adds its event row here
-        self.added: list[Any] = []
+        self.inserted: list[tuple[str, dict[str, Any]]] = []  # (table, row): bus.stage adds its event row here
         self.committed = False
         self._after_commit: dict[Callable[[list[str]], None], list[str]] = {}
 
@@ -56,8 +55,8 @@ class FakeUnitOfWork:
     async def __aexit__(self, *exc: object) -> None:
         self._after_commit.clear()
 
-    def add(self, row: Any) -> None:
-        self.added.append(row)
+    def insert_at_commit(self, table: Any, row: dict[str, Any]) -> None:
+        self.inserted.append((table.name, row))
 
     def after_commit(self, hook: Callable[[list[str]], None], job_id: str) -> None:
         self._after_commit.setdefault(hook, []).append(job_id)
@@ -111,8 +110,8 @@ async def test_cancelling_finishes_the_newest_unfinished_job_and_announces_it_on
     assert older.status == JobStatus.QUEUED.value
     [uow] = db.units
     assert uow.committed and marker.is_set()
-    assert [(e.job_id, e.kind, e.created_at) for e in uow.added if isinstance(e, JobEvent)] == [
-        ("bbbbbbbb", EventKind.CANCELLED, NOW)]
+    assert [(row["job_id"], row["kind"], row["created_at"]) for table, row in uow.inserted
+            if table == JobEvent.__tablename__] == [("bbbbbbbb", EventKind.CANCELLED, NOW)]
 
 
 async def test_only_the_owner_cancels_and_only_what_is_unfinished(settings: Settings, alices: User) -> None:
