@@ -117,7 +117,7 @@ class JobRepository:
             select(Job).where(Job.platform == platform, Job.status.in_(final),
                               Job.delivered_at.is_(None)).order_by(Job.seq))).unique().all())
 
-    async def queue_position(self, job: Job) -> int:
+    async def queue_position(self, job: Job | Row[Any]) -> int:
         """Where a queued job stands under round-robin scheduling (1 = next).
 
         If the job is its owner's k-th waiting job (k = 0 for the oldest), every other user with waiting
