@@ -146,15 +146,15 @@ class Finished:
 
 
 def _fill_from(free: Sequence[Row[Any]], order: list[int], max_images: int) -> list[Row[Any]]:
-    """The fairest of the `free` jobs (by their place in `order`), and those of its batch key after it,
-    up to `max_images` images."""
+    """The fairest of the `free` jobs (rows that end with BATCH_KEY_COLUMNS, by their place in `order`),
+    and those of its batch key after it, up to `max_images` images."""
     ranked = sorted(free, key=lambda job: order.index(job.seq))
     if not ranked:
         return []
-    key = [getattr(ranked[0], column.key) for column in BATCH_KEY_COLUMNS]
+    key = _batch_key(ranked[0])
     batch, images = [ranked[0]], ranked[0].n
     for job in ranked[1:]:
-        if [getattr(job, column.key) for column in BATCH_KEY_COLUMNS] == key and images + job.n <= max_images:
+        if _batch_key(job) == key and images + job.n <= max_images:
             batch.append(job)
             images += job.n
     return batch
@@ -178,7 +178,8 @@ def _jobs_without_images() -> Select[tuple[Job]]:
 @functools.cache
 def _queued_jobs_to_lock() -> Select[Any]:
     """Of the jobs of the list :seqs still queued, oldest first, locked (rows another worker locked are
-    skipped): the columns a claim chooses by, and the owners' platform user ids and names for the views."""
+    skipped): the owners' platform user ids and names for the views, and the columns a claim chooses by,
+    BATCH_KEY_COLUMNS last (_batch_key)."""
     return (select(Job.seq, Job.n, Job.user_id, User.platform_user_id.label("owner_id"),
                    User.display_name.label("owner_name"), *BATCH_KEY_COLUMNS)
             .join(User, User.id == Job.user_id)
