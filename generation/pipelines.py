@@ -349,7 +349,7 @@ class DiffusersGenerator:
 
         Prompts become embeddings the AUTOMATIC1111 way (weights, long prompts: generation/prompt_embeds.py);
         prompts of different lengths in 75-token chunks run as separate calls."""
-        encoder = PromptEncoder(pipe)
+        encoder = PromptEncoder(pipe, self.device)
         chunk_counts = [encoder.chunk_count(task.params.prompt, task.params.negative) for task in tasks]
         if len(set(chunk_counts)) > 1:
             return self._run_by_chunk_count(pipe, tasks, chunk_counts, on_step)
