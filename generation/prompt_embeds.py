@@ -82,10 +82,11 @@ class PromptEncoder:
                              f"{len(negatives)}")
         # Each distinct text is encoded once: the images of one `--n 4` job share their prompt, and most
         # images of a batch share the empty negative prompt.
+        # Padding too runs without autograd: it may compute compel's empty-prompt embedding for the first time.
         with torch.no_grad():
             encoded = {text: self._encode(text) for text in dict.fromkeys([*prompts, *negatives])}
-        rows = [self._paired(encoded[prompt], encoded[negative])
-                for prompt, negative in zip(prompts, negatives, strict=True)]
+            rows = [self._paired(encoded[prompt], encoded[negative])
+                    for prompt, negative in zip(prompts, negatives, strict=True)]
         lengths = {row[0].shape[1] for row in rows}
         if len(lengths) > 1:
             raise ValueError(f"prompts of different chunk counts cannot share one call ({sorted(lengths)} tokens); "

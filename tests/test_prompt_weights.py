@@ -182,3 +182,12 @@ def test_every_family_reads_weights_and_long_prompts(models_dir: Path, recipe: s
     images = pipe(**both, num_inference_steps=2, width=64, height=64, output_type="np",
                   generator=torch.Generator("cpu").manual_seed(0)).images
     assert images.shape == (2, 64, 64, 3) and not np.allclose(images[0], images[1])
+
+
+def test_long_prompt_embeddings_hold_no_autograd_graph_through_the_call(models_dir: Path) -> None:
+    # Padding a long prompt's empty negative computes compel's empty-prompt embedding on first use; with
+    # autograd on, every embedding handed to the pipeline would keep a text-encoder graph in memory for
+    # the whole generation (on SDXL, both encoders').
+    pipe = AutoPipelineForText2Image.from_pretrained(ensure_builtin("tiny", models_dir))
+    arguments = PromptEncoder(pipe).encode(["a red fox in the snow, " * 10], [""])
+    assert [name for name, embeds in arguments.items() if embeds.requires_grad] == []
