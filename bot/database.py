@@ -31,6 +31,9 @@ from bot.repositories import JobRepository, UserRepository
 from bot.sqlite_driver import OneTripDriver
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+# A job is stored, claimed and finished with INSERT/UPDATE ... RETURNING (bot/queue.py, bot/repositories.py),
+# which SQLite has since 3.35 (2021). Python's sqlite3 module links whichever SQLite its build found.
+MIN_SQLITE_VERSION = (3, 35)
 AUTOCHECKPOINT_PAGES = 10_000  # SQLite checks this itself only if the background checkpoints fall behind
 # The PostgreSQL advisory lock every Easel process takes around migrations (alembic/env.py): any fixed
 # bigint will do, as long as it is the same everywhere; this one is "Easel" in ASCII, then 1.
@@ -48,6 +51,11 @@ def create_engine(url: str, busy_timeout_ms: int = 5000) -> AsyncEngine:
         raise ConfigError(f"database.url {url!r} is not a database URL; "
                           "use e.g. sqlite+aiosqlite:///data/easel.db") from None
     if parsed.get_backend_name() == "sqlite":
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            needed = ".".join(map(str, MIN_SQLITE_VERSION))
+            raise ConfigError(f"Easel needs SQLite {needed} or newer, and this Python's sqlite3 module has "
+                              f"{sqlite3.sqlite_version}; run Easel with a newer Python build, or set "
+                              "database.url to a PostgreSQL database")
         options: dict[str, Any] = {}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

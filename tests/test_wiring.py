@@ -2,14 +2,17 @@
 events announced by the commit that saves them (real SQLite; no model needed)."""
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from bot.bootstrap import Core, open_core
 from bot.config import SafetyConfig, Settings
+from bot.database import create_engine
 from bot.errors import ConfigError, NotFound
 from bot.events import EventKind
 from bot.safety import PromptCheck
@@ -105,3 +108,13 @@ def test_the_core_imports_no_torch() -> None:
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'generation'))\n"
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_sqlite_too_old_for_returning_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    # Python builds link whichever SQLite they found; before 3.35 every submission would fail mid-way
+    # with an internal error about RETURNING.
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(ConfigError, match=r"SQLite 3\.35 or newer.* has 3\.31\.1; .*PostgreSQL"):
+        create_engine(f"sqlite+aiosqlite:///{tmp_path}/easel.db")
