@@ -67,6 +67,9 @@ class PromptEncoder:
                                              returned_embeddings_type=hidden, device=device)
                           for tokenizer, encoder in pairs if tokenizer is not None and encoder is not None]
         self.device = device
+        # Each text's chunks, by encoder: chunk_count and _encode both read them, for every image of a batch.
+        # An encoder serves one pipeline call, so the tokenizers (and their textual inversions) cannot change.
+        self._chunked: dict[tuple[int, str], list[_Chunk]] = {}
 
     def chunk_count(self, prompt: str, negative: str) -> int:
         """How many 77-token chunks an image's embeddings take: its prompt's or its negative's, the longer."""
@@ -81,8 +84,8 @@ class PromptEncoder:
             raise ValueError(f"`prompts` and `negatives` must pair up, but there are {len(prompts)} and "
                              f"{len(negatives)}")
         # Each distinct text is encoded once: the images of one `--n 4` job share their prompt, and most
-        # images of a batch share the empty negative prompt.
-        # Padding too runs without autograd: it may compute compel's empty-prompt embedding for the first time.
+        # images of a batch share the empty negative prompt. The padding runs without autograd too: it may
+        # compute compel's empty-prompt embedding for the first time.
         with torch.no_grad():
             encoded = {text: self._encode(text) for text in dict.fromkeys([*prompts, *negatives])}
             rows = [self._paired(encoded[prompt], encoded[negative])
@@ -142,11 +145,14 @@ class PromptEncoder:
 
     def _chunks(self, provider: EmbeddingsProvider, text: str) -> list[_Chunk]:
         """The text's tokens in 77-token chunks (start token, up to 75 tokens, end token, padding)."""
-        comma = provider.tokenizer.convert_tokens_to_ids(",</w>")
-        chunks: list[_Chunk] = []
-        for section in parse_attention(text):
-            chunks.extend(self._section_chunks(provider, section, comma))
-        return [self._closed(provider, chunk) for chunk in chunks]
+        key = (self.providers.index(provider), text)
+        if key not in self._chunked:
+            comma = provider.tokenizer.convert_tokens_to_ids(",</w>")
+            chunks: list[_Chunk] = []
+            for section in parse_attention(text):
+                chunks.extend(self._section_chunks(provider, section, comma))
+            self._chunked[key] = [self._closed(provider, chunk) for chunk in chunks]
+        return self._chunked[key]
 
     def _section_chunks(self, provider: EmbeddingsProvider, section: list[Fragment], comma: int) -> list[_Chunk]:
         """The chunks of one BREAK-free section: full ones end after a comma within COMMA_BACKTRACK tokens."""
