@@ -352,12 +352,7 @@ def describe_job(delivery: Delivery) -> str:
         m = p.motion
         lines.append(f"  motion    {m.frames} frames at {m.fps} fps   zoom {m.zoom:g}   "
                      f"pan {m.pan[0]:g},{m.pan[1]:g}   rotate {m.rotate:g}")
-    timing = f"  created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC"
-    if job.queue_wait_s is not None:
-        timing += f"   waited {job.queue_wait_s:.1f} s"
-    if job.generation_s is not None:
-        timing += f"   generated in {job.generation_s:.1f} s (batch of {job.batch_size} images)"
-    lines.append(timing)
+    lines.append("   ".join([f"  created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC", *job.timings()]))
     lines.append(f"  attempts  {job.attempts}")
     if job.status.value == "running":
         lines.append(f"  progress  step {job.progress_step}/{job.progress_total}")

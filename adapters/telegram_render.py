@@ -186,12 +186,7 @@ def describe_job(delivery: Delivery) -> str:
         lines.append(f"strength {p.strength:g}")
     if job.status is JobStatus.RUNNING and job.progress_total:
         lines.append(f"step {job.progress_step}/{job.progress_total}")
-    timings = []
-    if job.queue_wait_s is not None:
-        timings.append(f"waited {job.queue_wait_s:.1f} s")
-    if job.generation_s is not None:
-        timings.append(f"generated in {job.generation_s:.1f} s")
-    if timings:
+    if timings := job.timings():
         lines.append(" · ".join(timings))
     if delivery.notice:
         lines.append(delivery.notice)

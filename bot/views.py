@@ -74,6 +74,19 @@ class JobView:
             return (self.finished_at - self.started_at).total_seconds()
         return None
 
+    def timings(self) -> list[str]:
+        """How long the job waited and ran, in words every surface shows as they are. Only a job that
+        succeeded was "generated"; a cancelled or failed one says how long it ran before it stopped."""
+        timings = [] if self.queue_wait_s is None else [f"waited {self.queue_wait_s:.1f} s"]
+        ran = self.generation_s
+        if ran is not None:
+            batch = f" (batch of {self.batch_size} images)" if (self.batch_size or 1) > 1 else ""
+            if self.status is JobStatus.SUCCEEDED:
+                timings.append(f"generated in {ran:.1f} s{batch}")
+            else:
+                timings.append(f"{self.status.value} after {ran:.1f} s running{batch}")
+        return timings
+
 
 @dataclass(frozen=True)
 class TrainingView:

@@ -34,6 +34,18 @@ async def test_jobs_lists_my_recent_jobs_newest_first(core: Core) -> None:
     assert lines[2].endswith("a red fox") and len(lines) == 3
 
 
+async def test_job_says_a_cancelled_job_ran_and_stopped_not_that_it_was_generated(core: Core) -> None:
+    cancelled = (await core.service.submit(alice(), core.parser.parse("/imagine a red fox"))).job  # type: ignore[arg-type]
+    done = (await core.service.submit(alice(), core.parser.parse("/imagine a blue whale"))).job  # type: ignore[arg-type]
+    await core.queue.claim_batch("test:1", 4)  # both start, in one batch of two
+    await core.service.cancel(alice(), cancelled.id)
+    assert await core.queue.complete(done.id, [])
+    shown = await answer(core, f"/job {cancelled.id}", alice())
+    assert "cancelled after" in shown and "running (batch of 2 images)" in shown and "generated" not in shown
+    shown = await answer(core, f"/job {done.id}", alice())
+    assert "generated in" in shown and "(batch of 2 images)" in shown
+
+
 async def test_help_gives_the_console_form_of_edit_and_inpaint(core: Core) -> None:
     text = await answer(core, "/help")
     assert "/edit <image file> <prompt> [flags]" in text
