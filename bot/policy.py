@@ -307,6 +307,12 @@ class Policy:
         return user.daily_images_limit if user.daily_images_limit is not None \
             else self.settings.queue.daily_images_per_user
 
+    @staticmethod
+    def images_limit_setting(user: User) -> str:
+        """Where `images_limit` comes from: what a user reads to know who can raise it."""
+        return "this API key's --quota (easel apikey create)" if user.daily_images_limit is not None \
+            else "queue.daily_images_per_user"
+
     async def reserve(self, uow: UnitOfWork, user: User, requester: Requester,
                       params: GenerationParams, now: datetime) -> int:
         """Check every window for this job's cost; return the charge to store on the job (which is
@@ -356,12 +362,10 @@ class Policy:
         images_cap = self.images_limit(user)
         if images_cap and usage.daily_images + params.n > images_cap:
             lifts = next_midnight(now)
-            setting = "this API key's --quota (easel apikey create)" if user.daily_images_limit is not None \
-                else "queue.daily_images_per_user"
             raise QuotaExceeded(
                 f"Daily image limit reached: {usage.daily_images} of {images_cap} images used today, this "
                 f"job needs {params.n}. It resets at {lifts:%H:%M} UTC (in {humanize(lifts - now)}). "
-                + _raised_by(setting),
+                + _raised_by(self.images_limit_setting(user)),
                 retry_after_s=None if params.n > images_cap else (lifts - now).total_seconds())
         return cost
 
@@ -380,7 +384,7 @@ class Policy:
             used=usage.daily_milli / 1000, limit=daily / 1000, resets_at=next_midnight(now), tier=name,
             reserved=usage.reserved_milli / 1000, minute_used=usage.minute_milli / 1000,
             minute_limit=tier.per_minute_units, images_used=usage.daily_images,
-            images_limit=self.images_limit(user),
+            images_limit=self.images_limit(user), images_limit_setting=self.images_limit_setting(user),
             minute_resets_at=usage.minute_oldest + MINUTE if usage.minute_oldest else None,
             cost=cost_milli(params) / 1000 if params is not None else None,
             cost_of=describe_params(params) if params is not None else "",
@@ -424,7 +428,7 @@ def describe_quota(status: QuotaStatus, now: datetime | None = None) -> str:
     lines = []
     reserved = f" ({units(status.reserved * 1000)} reserved by jobs in progress)" if status.reserved else ""
     if math.isinf(status.limit):
-        lines.append(f"Quota ({status.tier} tier): no daily limit; {units(status.used * 1000)} units used "
+        lines.append(f"Quota ({status.tier} tier): no daily limit on units; {units(status.used * 1000)} units used "
                      f"today{reserved}.")
     else:
         lines.append(f"Quota ({status.tier} tier): {units(status.remaining * 1000)} of {units(status.limit * 1000)} "
@@ -436,7 +440,10 @@ def describe_quota(status: QuotaStatus, now: datetime | None = None) -> str:
                      + (f" (more from {status.minute_resets_at:%H:%M:%S} UTC)."
                         if status.minute_resets_at and left < status.minute_limit else "."))
     if status.images_limit:
-        lines.append(f"Images today: {status.images_used} of {status.images_limit}.")
+        # A cap of its own, apart from the tier's units: say which setting it is, so "no daily limit on units"
+        # and "2 of 200" do not read as a contradiction.
+        lines.append(f"Images today: {status.images_used} of {status.images_limit} "
+                     f"(the daily image cap, {status.images_limit_setting}).")
     if status.cost is not None:
         lines.append(f"{status.cost_of} costs {units_of(status.cost * 1000)} "
                      "(512x512, 20 steps, 1 image = 1 unit).")

@@ -269,4 +269,4 @@ def test_the_console_prompts_at_once_and_answers_while_torch_loads(env: dict[str
                                       timeout=60)
     assert chat.returncode == 0, stdout + stderr
     assert "/edit <image file> <prompt> [flags]" in stdout and "You have no jobs yet" in stdout
-    assert "Quota (owner tier): no daily limit" in stdout and "costs 6 units" in stdout
+    assert "Quota (owner tier): no daily limit on units" in stdout and "costs 6 units" in stdout

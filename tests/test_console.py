@@ -56,7 +56,10 @@ async def test_help_gives_the_console_form_of_edit_and_inpaint(core: Core) -> No
 async def test_the_person_at_the_keyboard_has_the_owner_tier(core: Core) -> None:
     big: GenerateCommand = core.parser.parse(BIG)  # type: ignore[assignment]
     assert (await core.service.estimate(console_requester(), big)).cost == 6
-    assert "Quota (owner tier)" in await answer(core, "/quota", console_requester())
+    quota = await answer(core, "/quota", console_requester())
+    assert "Quota (owner tier): no daily limit on units" in quota
+    # The images-per-day cap is apart from the tier, for the owner too: it says which setting it is.
+    assert "Images today: 0 of 200 (the daily image cap, queue.daily_images_per_user)." in quota
     with pytest.raises(QuotaExceeded) as refused:
         await core.service.estimate(Requester("discord", "42"), big)
     assert refused.value.message.endswith("(Set by the operator: quota.tiers.user.per_minute_units.)")
