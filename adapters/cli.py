@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--caption", default="", help="the caption of pictures without a .txt of their own")
     teach.add_argument("-o", "--out", type=Path, default=Path("."),
                        help="folder for the sample and comparison PNGs (default: .)")
-    commands.add_parser("chat", help="a console chat that takes the same commands as Discord or Telegram")
+    # `console` as well: the README and /help call it the console chat.
+    commands.add_parser("chat", aliases=["console"],
+                        help="a console chat that takes the same commands as Discord or Telegram"
+                        ).set_defaults(command="chat")
     jobs = commands.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20)
     job = commands.add_parser("job", help="show one job: parameters, seeds, status, timings, errors")
@@ -407,17 +410,19 @@ def configured_adapters(core: Core) -> list[Adapter]:
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
-    """First Ctrl+C: finish the batch in hand, then stop. Second: stop now (the job is requeued later)."""
+    """First Ctrl+C or SIGTERM: finish the batch in hand, then stop. Second: stop now (the job is requeued later)."""
     loop = asyncio.get_running_loop()
 
-    def first_signal() -> None:
-        print("stopping after the current batch (Ctrl+C again to stop now)", file=sys.stderr, flush=True)
+    def first_signal(received: signal.Signals) -> None:
+        # A service manager stops it with SIGTERM, a person with Ctrl+C: each is told what it would send again.
+        again = "Ctrl+C again" if received is signal.SIGINT else "another SIGTERM"
+        print(f"stopping after the current batch ({again} to stop now)", file=sys.stderr, flush=True)
         stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, first_signal)
+        loop.add_signal_handler(sig, first_signal, sig)
 
 
 COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {

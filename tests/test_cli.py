@@ -254,12 +254,15 @@ def test_imagine_leaves_its_job_to_the_running_worker(env: dict[str, str], tmp_p
         worker.communicate(timeout=60)
 
 
-def test_the_console_prompts_at_once_and_answers_while_torch_loads(env: dict[str, str], tmp_path: Path) -> None:
-    """A torch that never finishes importing: the chat still prompts, answers and ends."""
+@pytest.mark.parametrize("command", ["chat", "console"])
+def test_the_console_prompts_at_once_and_answers_while_torch_loads(env: dict[str, str], tmp_path: Path,
+                                                                   command: str) -> None:
+    """A torch that never finishes importing: the chat still prompts, answers and ends. `easel console`
+    is the same chat (the README calls it the console chat)."""
     stub = tmp_path / "stub" / "torch"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("import time\ntime.sleep(3600)\n")
-    chat = subprocess.Popen([sys.executable, "-m", "adapters.cli", "chat"], stdin=subprocess.PIPE,
+    chat = subprocess.Popen([sys.executable, "-m", "adapters.cli", command], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**env, "PYTHONPATH": str(stub.parent)})
     assert chat.stdout is not None and chat.stdin is not None

@@ -83,7 +83,7 @@ async def test_easel_workers_lists_a_worker_process_and_sigterm_drains_its_batch
         if worker.poll() is None:
             worker.kill()
             worker.communicate()
-    assert "stopping after the current batch" in err
+    assert "stopping after the current batch (another SIGTERM to stop now)" in err
     assert (await core.service.get_job(slow.job.id)).status is JobStatus.SUCCEEDED  # the batch was finished
     assert [(await core.service.get_job(r.job.id)).status for r in waiting] == [JobStatus.QUEUED] * 2  # not claimed
     assert await core.workers.list() == []  # it left the registry
