@@ -360,6 +360,7 @@ BAD_PAYLOADS = [  # (request, status, code, words the message must contain)
     ({"json": {"command": "/imagine a cat --steps 500"}}, 400, "invalid_command", "--steps must be a whole number"),
     ({"json": {"command": "/imagine a cat", "prompt": "a dog"}}, 400, "invalid_command", "not both"),
     ({"json": {"prompt": "a dog"}}, 400, "invalid_command", "`kind`"),
+    ({"json": {}}, 400, "invalid_command", "(imagine, edit, inpaint, outpaint, animate, upscale)"),  # every kind
     ({"json": {"command": "/quota"}}, 400, "invalid_command", "GET /v1/quota"),
     ({"json": {"command": "/edit winter", "image": "!!!not base64!!!"}}, 400, "invalid_image", "not valid base64"),
     ({"json": {"command": "/edit winter", "image": "A" * (MAX_UPLOAD * 2)}}, 413, "invalid_image", "over"),

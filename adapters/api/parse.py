@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 
 from adapters.api.errors import HttpError, describe_errors
 from adapters.api.schemas import JobRequest
-from bot.domain import InputImages
+from bot.domain import InputImages, JobKind
 from bot.errors import InvalidCommand, InvalidImage
 
 
@@ -28,8 +28,9 @@ def generation_text(body: JobRequest) -> str:
                                  f"(also got: {', '.join(sorted(fields - {'command'}))})")
         return body.command
     if body.kind is None or body.prompt is None:
-        raise InvalidCommand("a job needs `command` (e.g. \"/imagine a red fox --seed 4\"), or `kind` "
-                             "(imagine, edit, inpaint, outpaint) and `prompt`")
+        kinds = ", ".join(kind.value for kind in JobKind if kind is not JobKind.TEACH)  # teaching is POST /v1/trainings
+        raise InvalidCommand(f"a job needs `command` (e.g. \"/imagine a red fox --seed 4\"), or `kind` ({kinds}) "
+                             "and `prompt`")
     words = [f"/{body.kind.value}", body.prompt]
     for flag in ("seed", "steps", "cfg", "size", "ar", "n", "sampler", "model", "strength", "zoom", "left", "right",
                  "up", "down"):
