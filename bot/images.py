@@ -125,7 +125,7 @@ def _open_header(data: bytes, limits: LimitsConfig, what: str) -> Image.Image:
                            f"scale it down and send it again") from None
     except UnidentifiedImageError:
         raise InvalidImage(f"the {what} is not a {_FORMATS_IN_WORDS} file; "
-                           f"attach a picture in one of those formats") from None
+                           f"use a picture in one of those formats") from None
     except _DECODE_ERRORS as e:
         raise InvalidImage(f"the {what} file is damaged or incomplete ({e}); "
                            f"send the original file again") from None

@@ -50,7 +50,7 @@ def test_a_text_file_is_not_an_image() -> None:
     with pytest.raises(InvalidImage) as caught:
         load_upload(b"these are my holiday notes, not a picture\n", LIMITS)
     assert str(caught.value) == ("the image is not a PNG, JPEG, WebP, GIF or BMP file; "
-                                 "attach a picture in one of those formats")
+                                 "use a picture in one of those formats")
 
 
 def test_the_message_names_the_mask() -> None:
