@@ -128,7 +128,7 @@ class QuotaStatus:
     cost_of: str = ""  # that command, described
     images_used: int = 0
     images_limit: int = 0  # the plain images-per-day cap; 0 = none
-    images_limit_setting: str = "queue.daily_images_per_user"  # what sets that cap (Policy.images_limit_setting)
+    images_limit_setting: str = ""  # the setting behind that cap, as Policy.images_limit_setting names it
 
     @property
     def remaining(self) -> int:
